@@ -1,0 +1,51 @@
+"""cluster-tracking: how clusterable a neural network is, as live metrics in MLflow and W&B.
+
+Implements Filan et al. (2021), "Clusterability in Neural Networks" (arXiv:2103.03386):
+
+>>> import cluster_tracking as ct
+>>> graph = ct.weight_graph(model)                  # neurons as nodes, |weights| as edges
+>>> report = ct.measure(model, k=12, shuffles=50)   # spectral partition, n-cut, null model
+>>> report.ncut, report.baseline.z_score, report.baseline.p_value
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+from cluster_tracking.errors import ClusterTrackingError, ConfigError, GraphError, SourceError
+from cluster_tracking.graph import EdgeBlock, WeightGraph, weight_graph
+from cluster_tracking.measure import measure
+from cluster_tracking.report import (
+    METRIC_KEYS,
+    Baseline,
+    ClusterabilityReport,
+    ClusterSummary,
+    Partition,
+)
+from cluster_tracking.spectral import SpectralPartition, ncut, spectral_partition
+
+try:
+    __version__ = _version("cluster-tracking")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "METRIC_KEYS",
+    "Baseline",
+    "ClusterSummary",
+    "ClusterTrackingError",
+    "ClusterabilityReport",
+    "ConfigError",
+    "EdgeBlock",
+    "GraphError",
+    "Partition",
+    "SourceError",
+    "SpectralPartition",
+    "WeightGraph",
+    "__version__",
+    "measure",
+    "ncut",
+    "spectral_partition",
+    "weight_graph",
+]

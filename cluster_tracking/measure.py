@@ -1,0 +1,481 @@
+"""``measure``: the clusterability of a network, with its null-model comparison, as one report.
+
+Data flows one way: model -> weight graph -> spectral partition and n-cut -> null models and
+statistics -> :class:`~cluster_tracking.report.ClusterabilityReport`.
+
+Reproducibility: every random draw comes from a :class:`numpy.random.SeedSequence` keyed by the
+report's ``seed`` and the draw's role, never from a shared stream. The observed partition at k uses
+key ``(0, ...)``, null network i's weights ``(1, i)`` and its partition ``(2, i, ...)``; so the same
+seed gives the same numbers whatever the number of workers or the joblib backend.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any, Literal, overload
+
+import numpy as np
+import scipy
+import sklearn
+import torch
+from threadpoolctl import threadpool_limits
+
+from cluster_tracking import baselines
+from cluster_tracking.errors import ConfigError
+from cluster_tracking.graph import WeightGraph, weight_graph
+from cluster_tracking.report import (
+    ClusterabilityReport,
+    ClusterSummary,
+    LayerSummary,
+    NodeCounts,
+    Partition,
+    ave_in_out,
+)
+from cluster_tracking.spectral import (
+    DEFAULT_N_INIT,
+    SpectralPartition,
+    child_seed,
+    cluster_cuts,
+    laplacian_eigenvalues,
+    spectral_partitions,
+)
+
+#: The range ``k="auto"`` searches for the largest eigengap.
+AUTO_K_RANGE = (2, 32)
+
+ProgressCallback = Callable[[int, int], None]
+ModelLike = torch.nn.Module | dict[str, Any] | WeightGraph
+
+
+@overload
+def measure(
+    model: ModelLike,
+    k: int | Literal["auto"] = ...,
+    shuffles: int = ...,
+    shuffle: str = ...,
+    seed: int | None = ...,
+    *,
+    n_init: int = ...,
+    n_jobs: int | None = ...,
+    backend: str | None = ...,
+    scheduler: str | None = ...,
+    norm: Literal["l1", "l2"] = ...,
+    preset: Literal["default", "filan2021"] = ...,
+    layers: Sequence[str] | None = ...,
+    init: str | None = ...,
+    progress: ProgressCallback | None = ...,
+) -> ClusterabilityReport: ...
+
+
+@overload
+def measure(
+    model: ModelLike,
+    k: Sequence[int],
+    shuffles: int = ...,
+    shuffle: str = ...,
+    seed: int | None = ...,
+    *,
+    n_init: int = ...,
+    n_jobs: int | None = ...,
+    backend: str | None = ...,
+    scheduler: str | None = ...,
+    norm: Literal["l1", "l2"] = ...,
+    preset: Literal["default", "filan2021"] = ...,
+    layers: Sequence[str] | None = ...,
+    init: str | None = ...,
+    progress: ProgressCallback | None = ...,
+) -> list[ClusterabilityReport]: ...
+
+
+def measure(
+    model: ModelLike,
+    k: int | Sequence[int] | Literal["auto"] = 12,
+    shuffles: int = 50,
+    shuffle: str = "layer",
+    seed: int | None = None,
+    *,
+    n_init: int = DEFAULT_N_INIT,
+    n_jobs: int | None = -1,
+    backend: str | None = None,
+    scheduler: str | None = None,
+    norm: Literal["l1", "l2"] = "l1",
+    preset: Literal["default", "filan2021"] = "default",
+    layers: Sequence[str] | None = None,
+    init: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> ClusterabilityReport | list[ClusterabilityReport]:
+    """Measure how clusterable a network is (Filan et al. 2021).
+
+    Builds the weight graph, partitions it into ``k`` clusters by normalised spectral clustering,
+    and compares its n-cut with ``shuffles`` null networks of method ``shuffle``.
+
+    Args:
+        model: a ``torch.nn.Module``, a state_dict of a chain of layers, or a ready
+            :class:`~cluster_tracking.graph.WeightGraph`.
+        k: number of clusters (default 12, as in the paper); a list of k sweeps them and returns
+            one report per k; ``"auto"`` picks the k in :data:`AUTO_K_RANGE` with the largest
+            eigengap of the normalised Laplacian and records the choice in ``config["k_auto"]``.
+        shuffles: number of null networks; 0 skips the null model (``report.baseline is None``).
+        shuffle: the null model: ``layer``, ``layer_nonzero``, ``layer_nonzero_distribution``,
+            ``layer_all_distribution`` or ``random_init`` (needs a ``torch.nn.Module``).
+        seed: seed of every random draw; ``None`` draws one and records it in ``config["seed"]``.
+        n_init: k-means restarts per partition (the lowest n-cut is kept).
+        n_jobs: parallel workers for the null networks (joblib; -1 = all cores).
+        backend: joblib backend (``loky`` by default, ``threading``, ``multiprocessing``, ``dask``).
+        scheduler: address of a Dask scheduler, with ``backend="dask"`` (e.g.
+            ``"tcp://127.0.0.1:8786"``); without it the current Dask client is used.
+        norm: kernel-slice norm for convolutions (``l1`` or ``l2``).
+        preset: ``default`` or ``filan2021`` (the published code's conventions).
+        layers: names of the Linear/Conv modules that make the graph, for models that cannot be
+            traced or where only some layers matter.
+        init: for ``random_init``: a named ``torch.nn.init`` scheme instead of
+            ``reset_parameters()``.
+        progress: called as ``progress(done, total)`` while null networks are measured.
+
+    Returns:
+        A :class:`~cluster_tracking.report.ClusterabilityReport` (a list of them for a list of k).
+    """
+    started = time.perf_counter()
+    method = baselines.check_method(shuffle)
+    shuffles = _check_shuffles(shuffles)
+    seed = _resolve_seed(seed)
+    if method == "random_init" and shuffles and not isinstance(model, torch.nn.Module):
+        raise ConfigError(
+            "shuffle='random_init' re-initialises the model's modules, so it needs a "
+            "torch.nn.Module, not a state_dict; use shuffle='layer' for bare weights."
+        )
+
+    graph_options: dict[str, Any] = {
+        "norm": norm,
+        "preset": preset,
+        "layers": list(layers) if layers else None,
+    }
+    graph = model if isinstance(model, WeightGraph) else weight_graph(model, **graph_options)
+    graph_seconds = time.perf_counter() - started
+    root = np.random.SeedSequence(seed)
+
+    ks, k_auto = _resolve_ks(k, graph, root)
+    tick = time.perf_counter()
+    observed = spectral_partitions(graph, ks, seed=child_seed(root, 0), n_init=n_init)
+    partition_seconds = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    null_ncuts: np.ndarray | None = None
+    if shuffles:
+        if method != "random_init":
+            baselines.check_shuffle_preconditions(graph.weights(), method)
+        null_ncuts = _null_ncuts(
+            graph,
+            model if isinstance(model, torch.nn.Module) and method == "random_init" else None,
+            method=method,
+            n=shuffles,
+            ks=ks,
+            root=root,
+            n_init=n_init,
+            graph_options=graph_options,
+            init=init,
+            n_jobs=n_jobs,
+            backend=backend,
+            scheduler=scheduler,
+            progress=progress,
+        )
+    baseline_seconds = time.perf_counter() - tick
+
+    config: dict[str, Any] = {
+        "k": ks[0] if len(ks) == 1 else ks,
+        "shuffles": shuffles,
+        "method": method,
+        "seed": seed,
+        "n_init": n_init,
+        "norm": norm,
+        "preset": preset,
+        "layers": graph_options["layers"],
+        "init": init,
+        "n_jobs": n_jobs,
+        "backend": backend or "loky",
+    }
+    if k_auto is not None:
+        config["k_auto"] = k_auto
+    timings = {
+        "graph": graph_seconds,
+        "partition": partition_seconds,
+        "baseline": baseline_seconds,
+        "total": time.perf_counter() - started,
+    }
+    reports = [
+        _report(
+            graph,
+            part,
+            None
+            if null_ncuts is None
+            else baselines.null_statistics(part.ncut, null_ncuts[:, index], method),
+            timings,
+            {**config, "k": part.k},
+        )
+        for index, part in enumerate(observed)
+    ]
+    return reports if isinstance(k, (list, tuple)) else reports[0]
+
+
+def _check_shuffles(shuffles: int) -> int:
+    if isinstance(shuffles, bool) or not isinstance(shuffles, (int, np.integer)):
+        raise ConfigError(f"shuffles must be an integer, got {shuffles!r}.")
+    if shuffles == 1 or shuffles < 0:
+        raise ConfigError(
+            f"shuffles={shuffles}: a null model needs at least 2 networks to have a spread "
+            "(the paper uses 50-100); pass shuffles=0 to skip it."
+        )
+    return int(shuffles)
+
+
+def _resolve_seed(seed: int | None) -> int:
+    if seed is None:
+        return secrets.randbits(32)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer or None, got {seed!r}.")
+    return int(seed)
+
+
+def _resolve_ks(
+    k: int | Sequence[int] | str, graph: WeightGraph, root: np.random.SeedSequence
+) -> tuple[list[int], dict[str, Any] | None]:
+    if isinstance(k, str):
+        if k != "auto":
+            raise ConfigError(f"k must be an integer, a list of integers or 'auto', got {k!r}.")
+        low, high = AUTO_K_RANGE
+        eigenvalues = laplacian_eigenvalues(graph, high + 1, seed=child_seed(root, 3))
+        high = min(high, len(eigenvalues) - 1)
+        if high < low:
+            raise ConfigError("k='auto' needs a graph with at least 3 connected nodes.")
+        # gaps[i] = lambda_{i+1} - lambda_i in 0-based order: a gap after the k-th eigenvalue
+        # (index k - 1) says the graph has k well-separated clusters.
+        gaps = np.diff(eigenvalues)
+        candidates = np.arange(low, high + 1)
+        chosen = int(candidates[np.argmax(gaps[candidates - 1])])
+        return [chosen], {
+            "range": [low, high],
+            "chosen": chosen,
+            "eigengap": float(gaps[chosen - 1]),
+            "eigenvalues": [float(v) for v in eigenvalues],
+        }
+    if isinstance(k, (list, tuple)):
+        if not k:
+            raise ConfigError("k is an empty list; give at least one number of clusters.")
+        if len(set(k)) != len(k):
+            raise ConfigError(f"k lists a value twice: {list(k)}.")
+        return [int(value) for value in k], None
+    return [k], None  # type: ignore[list-item]  # validated by spectral_partitions
+
+
+def _null_ncuts(
+    graph: WeightGraph,
+    model: torch.nn.Module | None,
+    *,
+    method: str,
+    n: int,
+    ks: list[int],
+    root: np.random.SeedSequence,
+    n_init: int,
+    graph_options: dict[str, Any],
+    init: str | None,
+    n_jobs: int | None,
+    backend: str | None,
+    scheduler: str | None,
+    progress: ProgressCallback | None,
+) -> np.ndarray:
+    """n-cuts of ``n`` null networks at every k: ``[n, len(ks)]``, in null-index order."""
+    import joblib
+
+    workers = _effective_jobs(n_jobs, backend)
+    # A few chunks per worker: the graph travels once per chunk, progress stays smooth.
+    n_chunks = min(n, max(1, workers * 4)) if workers > 1 else min(n, 10)
+    chunks = [list(chunk) for chunk in np.array_split(np.arange(n), n_chunks) if len(chunk)]
+    task_args = (graph, model, method, ks, root, n_init, graph_options, init, workers > 1)
+    results: dict[int, np.ndarray] = {}
+    done = 0
+    with _parallel_context(backend, scheduler):
+        parallel = joblib.Parallel(n_jobs=workers, return_as="generator")
+        for chunk, values in zip(
+            chunks,
+            parallel(joblib.delayed(_null_chunk)(chunk, *task_args) for chunk in chunks),
+            strict=True,
+        ):
+            for index, row in zip(chunk, values, strict=True):
+                results[index] = row
+            done += len(chunk)
+            if progress is not None:
+                progress(done, n)
+    return np.stack([results[i] for i in range(n)])
+
+
+def _null_chunk(
+    indices: list[int],
+    graph: WeightGraph,
+    model: torch.nn.Module | None,
+    method: str,
+    ks: list[int],
+    root: np.random.SeedSequence,
+    n_init: int,
+    graph_options: dict[str, Any],
+    init: str | None,
+    pin_threads: bool,
+) -> list[np.ndarray]:
+    """Measure the null networks ``indices`` (runs in a worker)."""
+    limits = threadpool_limits(1) if pin_threads else nullcontext()
+    rows = []
+    with limits:
+        for index in indices:
+            if model is not None:
+                torch_seed = int(child_seed(root, 1, index).generate_state(1)[0])
+                fresh = baselines.reinitialised_copy(model, torch_seed, init)
+                null_graph = weight_graph(fresh, **graph_options)
+            else:
+                rng = np.random.default_rng(child_seed(root, 1, index))
+                null_graph = graph.with_weights(
+                    baselines.shuffle_weights(graph.weights(), method, rng)
+                )
+            parts = spectral_partitions(
+                null_graph, ks, seed=child_seed(root, 2, index), n_init=n_init
+            )
+            rows.append(np.array([part.ncut for part in parts]))
+    return rows
+
+
+def _effective_jobs(n_jobs: int | None, backend: str | None) -> int:
+    if backend == "dask":
+        return n_jobs if n_jobs and n_jobs > 0 else 8
+    cores = os.cpu_count() or 1
+    if n_jobs is None or n_jobs == 0:
+        return 1
+    if n_jobs < 0:
+        return max(1, cores + 1 + n_jobs)
+    return int(n_jobs)
+
+
+@contextmanager
+def _parallel_context(backend: str | None, scheduler: str | None) -> Iterator[None]:
+    """joblib's backend for the null networks; for Dask, a client on ``scheduler``."""
+    import joblib
+
+    if backend is None or backend == "loky":
+        if scheduler is not None:
+            raise ConfigError("scheduler is only used with backend='dask'.")
+        with joblib.parallel_config(backend="loky"):
+            yield
+        return
+    if backend != "dask":
+        if scheduler is not None:
+            raise ConfigError("scheduler is only used with backend='dask'.")
+        with joblib.parallel_config(backend=backend):
+            yield
+        return
+    try:
+        from distributed import Client, get_client
+    except ImportError as error:
+        raise ConfigError(
+            "backend='dask' needs Dask's distributed scheduler: "
+            "pip install 'cluster-tracking[dask]'."
+        ) from error
+    client = None
+    if scheduler is not None:
+        try:
+            client = Client(scheduler, timeout="5s", set_as_default=False)
+        except OSError as error:
+            raise ConfigError(
+                f"cannot reach the Dask scheduler at {scheduler!r} ({error}); start one with "
+                "`dask scheduler` or pass the right address."
+            ) from error
+    else:
+        try:
+            get_client()
+        except ValueError as error:
+            raise ConfigError(
+                "backend='dask' without scheduler= needs a running dask.distributed Client; "
+                "pass scheduler='tcp://HOST:PORT'."
+            ) from error
+    try:
+        if client is not None:
+            with client.as_current(), joblib.parallel_config(backend="dask"):
+                yield
+        else:
+            with joblib.parallel_config(backend="dask"):
+                yield
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _report(
+    graph: WeightGraph,
+    part: SpectralPartition,
+    baseline: Any,
+    timings: dict[str, float],
+    config: dict[str, Any],
+) -> ClusterabilityReport:
+    labels = part.labels
+    offsets = graph.offsets
+    cuts, volumes = cluster_cuts(graph, labels, part.k)
+    node_layer = graph.node_layer
+    clusters = []
+    for cluster in range(part.k):
+        members = labels == cluster
+        per_layer = np.bincount(node_layer[members], minlength=len(graph.widths))
+        clusters.append(
+            ClusterSummary(
+                cluster=cluster,
+                size=int(members.sum()),
+                cut=float(cuts[cluster]),
+                volume=float(volumes[cluster]),
+                ncut_term=float(cuts[cluster] / volumes[cluster]) if volumes[cluster] > 0 else 0.0,
+                per_layer={
+                    name: int(count)
+                    for name, count in zip(graph.layer_names, per_layer, strict=True)
+                },
+            )
+        )
+    return ClusterabilityReport(
+        ncut=part.ncut,
+        ave_in_out=ave_in_out(part.ncut, part.k),
+        k=part.k,
+        partition=Partition(
+            labels=[int(label) for label in labels],
+            by_layer={
+                name: [int(label) for label in labels[offsets[i] : offsets[i + 1]]]
+                for i, name in enumerate(graph.layer_names)
+            },
+            clusters=clusters,
+        ),
+        baseline=baseline,
+        nodes=NodeCounts(
+            total=graph.n_nodes,
+            removed=part.n_isolated,
+            clustered=graph.n_nodes - part.n_isolated,
+        ),
+        layers=[
+            LayerSummary(name=name, width=int(width))
+            for name, width in zip(graph.layer_names, graph.widths, strict=True)
+        ],
+        eigenvalues=[float(value) for value in part.eigenvalues],
+        timings=dict(timings),
+        config=dict(config),
+        versions=versions(),
+    )
+
+
+def versions() -> dict[str, str]:
+    """Versions of cluster-tracking and of what its numbers depend on."""
+    from cluster_tracking import __version__
+
+    return {
+        "cluster_tracking": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "scikit-learn": sklearn.__version__,
+    }

@@ -1,0 +1,1 @@
+"""Integrations with tracking platforms and training frameworks (imported lazily)."""

@@ -1,0 +1,207 @@
+"""Null models and their statistics: what each shuffle keeps, calibration, power, seeds."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cluster_tracking as ct
+from cluster_tracking.baselines import null_statistics, shuffle_tensor
+
+
+def planted_mlp(
+    widths: list[int], modules: int, contrast: float = 30.0, seed: int = 0
+) -> nn.Module:
+    """An MLP whose weights are strong inside ``modules`` planted groups and weak across them."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for n_in, n_out in itertools.pairwise(widths):
+        linear = nn.Linear(n_in, n_out)
+        same = (torch.arange(n_out)[:, None] % modules) == (torch.arange(n_in)[None, :] % modules)
+        with torch.no_grad():
+            linear.weight.mul_(torch.where(same, contrast, 1.0))
+        layers += [linear, nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def small_mlp(seed: int, widths: tuple[int, ...] = (8, 16, 16, 4)) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for n_in, n_out in itertools.pairwise(widths):
+        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+@pytest.fixture
+def pruned_weight() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(20, 30))
+    weight[rng.random(weight.shape) < 0.6] = 0.0
+    return weight
+
+
+def test_layer_shuffle_keeps_the_multiset_of_values(pruned_weight: np.ndarray) -> None:
+    shuffled = shuffle_tensor(pruned_weight, "layer", np.random.default_rng(1))
+    assert shuffled.shape == pruned_weight.shape
+    np.testing.assert_array_equal(np.sort(shuffled.ravel()), np.sort(pruned_weight.ravel()))
+    assert not np.array_equal(shuffled, pruned_weight)
+    # zeros moved: the mask is not kept
+    assert not np.array_equal(shuffled != 0, pruned_weight != 0)
+
+
+def test_layer_nonzero_keeps_the_mask_exactly(pruned_weight: np.ndarray) -> None:
+    shuffled = shuffle_tensor(pruned_weight, "layer_nonzero", np.random.default_rng(1))
+    np.testing.assert_array_equal(shuffled != 0, pruned_weight != 0)
+    np.testing.assert_array_equal(
+        np.sort(shuffled[shuffled != 0]), np.sort(pruned_weight[pruned_weight != 0])
+    )
+    assert not np.array_equal(shuffled, pruned_weight)
+
+
+def test_distribution_variants_keep_the_mask_and_draw_new_values(pruned_weight: np.ndarray) -> None:
+    nonzero = shuffle_tensor(pruned_weight, "layer_nonzero_distribution", np.random.default_rng(2))
+    np.testing.assert_array_equal(nonzero != 0, pruned_weight != 0)
+    assert not np.isin(nonzero[nonzero != 0], pruned_weight[pruned_weight != 0]).any()
+    # the fitted density keeps the scale of the values
+    assert nonzero[nonzero != 0].std() == pytest.approx(
+        pruned_weight[pruned_weight != 0].std(), rel=0.3
+    )
+
+    dense = np.random.default_rng(3).normal(size=(30, 30))
+    resampled = shuffle_tensor(dense, "layer_all_distribution", np.random.default_rng(2))
+    assert resampled.shape == dense.shape
+    assert not np.isin(resampled, dense).any()
+    assert resampled.std() == pytest.approx(dense.std(), rel=0.2)
+
+
+def test_statistics_match_their_definitions() -> None:
+    nulls = [4.0, 5.0, 6.0, 7.0]
+    baseline = null_statistics(5.0, nulls, "layer")
+    assert baseline.mean == 5.5
+    assert baseline.std == pytest.approx(np.sqrt(1.25))  # population std
+    assert baseline.z_score == pytest.approx(-0.5 / np.sqrt(1.25))
+    assert baseline.p_value == pytest.approx((1 + 1) / (4 + 1))  # one null strictly below
+    assert baseline.percentile == pytest.approx(100 * (1 + 0.5) / 4)
+    assert baseline.diff == pytest.approx(-0.5)
+    assert baseline.rel_diff == pytest.approx(-0.5 / 5.5)
+    floor = null_statistics(1.0, nulls, "layer")
+    assert floor.p_value == pytest.approx(1 / 5)
+    flat = null_statistics(1.0, [3.0, 3.0, 3.0], "layer")
+    assert flat.degenerate and flat.z_score is None and flat.std == 0.0
+
+
+def test_bad_null_settings_are_clear_errors() -> None:
+    model = small_mlp(0)
+    with pytest.raises(ct.ConfigError, match="at least 2 networks"):
+        ct.measure(model, k=3, shuffles=1, seed=0)
+    with pytest.raises(ct.ConfigError, match="unknown null model 'rows'"):
+        ct.measure(model, k=3, shuffles=5, shuffle="rows", seed=0)
+    sparse = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        sparse[2].weight.zero_()
+        sparse[2].weight[0, 0] = 1.0
+    with pytest.raises(ct.ConfigError, match="at least 2 non-zero weights"):
+        ct.measure(sparse, k=2, shuffles=5, shuffle="layer_nonzero", seed=0)
+    with pytest.raises(ct.ConfigError, match=r"needs a torch\.nn\.Module"):
+        ct.measure(model.state_dict(), k=3, shuffles=5, shuffle="random_init", seed=0)
+
+
+def test_planted_modules_reach_the_p_value_floor() -> None:
+    model = planted_mlp([24, 32, 32, 24], modules=4)
+    report = ct.measure(model, k=4, shuffles=20, seed=0, n_jobs=1)
+    assert report.baseline is not None
+    assert report.baseline.p_value == pytest.approx(1 / 21)
+    assert report.baseline.z_score is not None and report.baseline.z_score < -10
+    assert report.baseline.percentile == 0.0
+    assert report.ncut < report.baseline.mean
+
+
+@pytest.mark.slow
+def test_p_values_are_calibrated_on_networks_without_structure() -> None:
+    """An observed network that is itself a shuffle: p is uniform, 5% false positives at 0.05."""
+    from cluster_tracking.baselines import shuffle_weights
+
+    base = ct.weight_graph(small_mlp(0, (10, 16, 16, 6)))
+    p_values = []
+    for trial in range(160):
+        rng = np.random.default_rng(1000 + trial)
+        observed = base.with_weights(shuffle_weights(base.weights(), "layer", rng))
+        report = ct.measure(observed, k=4, shuffles=19, seed=trial, n_init=8, n_jobs=1)
+        assert report.baseline is not None
+        p_values.append(report.baseline.p_value)
+    p = np.array(p_values)
+    false_positive_rate = float(np.mean(p <= 0.05))
+    # Binomial(160, 0.05): mean 8 (5%), sd 2.8; 0-16 rejections is within 3 sd
+    assert false_positive_rate <= 0.10, false_positive_rate
+    assert 0.4 <= p.mean() <= 0.6, p.mean()  # a uniform p on {1/20..1} has mean 0.525
+
+
+def test_same_seed_same_numbers_whatever_the_workers() -> None:
+    model = small_mlp(1, (12, 24, 24, 6))
+    reports = [
+        ct.measure(model, k=4, shuffles=12, seed=5, n_jobs=1),
+        ct.measure(model, k=4, shuffles=12, seed=5, n_jobs=2),
+        ct.measure(model, k=4, shuffles=12, seed=5, n_jobs=2, backend="threading"),
+    ]
+    first = reports[0]
+    assert first.baseline is not None
+    for other in reports[1:]:
+        assert other.baseline is not None
+        assert other.ncut == first.ncut
+        assert other.baseline.ncuts == first.baseline.ncuts
+        assert other.partition.labels == first.partition.labels
+    different = ct.measure(model, k=4, shuffles=12, seed=6, n_jobs=1)
+    assert different.baseline is not None and different.baseline.ncuts != first.baseline.ncuts
+
+
+def test_random_init_null_uses_fresh_networks() -> None:
+    model = planted_mlp([16, 24, 24, 8], modules=4)
+    report = ct.measure(model, k=4, shuffles=8, shuffle="random_init", seed=0, n_jobs=1)
+    assert report.baseline is not None and report.baseline.method == "random_init"
+    assert report.baseline.p_value == pytest.approx(1 / 9)
+    again = ct.measure(model, k=4, shuffles=8, shuffle="random_init", seed=0, n_jobs=2)
+    assert again.baseline is not None and again.baseline.ncuts == report.baseline.ncuts
+    xavier = ct.measure(
+        model, k=4, shuffles=8, shuffle="random_init", init="xavier_normal", seed=0, n_jobs=1
+    )
+    assert xavier.baseline is not None and xavier.baseline.ncuts != report.baseline.ncuts
+    with pytest.raises(ct.ConfigError, match="unknown init"):
+        ct.measure(model, k=4, shuffles=4, shuffle="random_init", init="zeros", seed=0)
+
+
+def test_every_shuffle_method_runs_through_measure() -> None:
+    model = small_mlp(2)
+    for method in (
+        "layer",
+        "layer_nonzero",
+        "layer_nonzero_distribution",
+        "layer_all_distribution",
+    ):
+        report = ct.measure(model, k=3, shuffles=4, shuffle=method, seed=0, n_jobs=1)
+        assert report.baseline is not None
+        assert report.baseline.method == method and report.baseline.n == 4
+
+
+def test_k_sweep_and_auto_k() -> None:
+    model = planted_mlp([24, 32, 32, 24], modules=4)
+    reports = ct.measure(model, k=[2, 4, 8], shuffles=4, seed=0, n_jobs=1)
+    assert [r.k for r in reports] == [2, 4, 8]
+    assert all(r.baseline is not None and r.baseline.n == 4 for r in reports)
+    assert reports[0].ncut < reports[2].ncut  # more clusters, more cut
+    auto = ct.measure(model, k="auto", shuffles=0, seed=0)
+    assert auto.k == 4
+    assert auto.config["k_auto"]["chosen"] == 4
+    assert auto.config["k_auto"]["range"] == [2, 32]
+
+
+def test_progress_callback_reaches_the_total() -> None:
+    seen: list[tuple[int, int]] = []
+    ct.measure(
+        small_mlp(3), k=3, shuffles=6, seed=0, n_jobs=1, progress=lambda d, t: seen.append((d, t))
+    )
+    assert seen[-1] == (6, 6)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)

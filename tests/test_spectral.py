@@ -1,0 +1,147 @@
+"""Spectral partition and n-cut: exact values, and quality at least scikit-learn's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.cluster import SpectralClustering
+from sklearn.metrics import adjusted_rand_score
+
+import cluster_tracking as ct
+from cluster_tracking.spectral import laplacian_embedding, spectral_partitions
+
+
+def _symmetric(n: int, edges: dict[tuple[int, int], float]) -> sp.csr_array:
+    rows, cols, values = [], [], []
+    for (i, j), w in edges.items():
+        rows += [i, j]
+        cols += [j, i]
+        values += [w, w]
+    return sp.csr_array((values, (rows, cols)), shape=(n, n))
+
+
+def layered_graph(
+    widths: list[int], seed: int, modules: int = 0, contrast: float = 25.0
+) -> sp.csr_array:
+    """Adjacency of a random MLP-shaped weight graph; with ``modules``, planted blocks."""
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(widths)])
+    n = int(offsets[-1])
+    rows, cols, values = [], [], []
+    for layer in range(len(widths) - 1):
+        n_in, n_out = widths[layer], widths[layer + 1]
+        weight = np.abs(rng.normal(size=(n_out, n_in)))
+        if modules:
+            same = (np.arange(n_out)[:, None] % modules) == (np.arange(n_in)[None, :] % modules)
+            weight *= np.where(same, contrast, 1.0)
+        out_idx, in_idx = np.nonzero(weight)
+        rows += [offsets[layer + 1] + out_idx, offsets[layer] + in_idx]
+        cols += [offsets[layer] + in_idx, offsets[layer + 1] + out_idx]
+        values += [weight[out_idx, in_idx]] * 2
+    return sp.csr_array(
+        (np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)
+    )
+
+
+def _sklearn_ncut(adjacency: sp.csr_array, k: int, seed: int) -> float:
+    matrix = sp.csr_matrix(adjacency)
+    matrix.indices = matrix.indices.astype(np.int32)
+    matrix.indptr = matrix.indptr.astype(np.int32)
+    model = SpectralClustering(
+        n_clusters=k, affinity="precomputed", assign_labels="kmeans", random_state=seed
+    )
+    return ct.ncut(adjacency, model.fit(matrix).labels_)
+
+
+def test_ncut_matches_hand_computation() -> None:
+    # 0 -2- 1 -1- 2 -3- 3 ; clusters {0,1} and {2,3}
+    adjacency = _symmetric(4, {(0, 1): 2.0, (1, 2): 1.0, (2, 3): 3.0})
+    # cut = 1 for both; vol({0,1}) = 2 + 3 = 5, vol({2,3}) = 4 + 3 = 7
+    assert ct.ncut(adjacency, np.array([0, 0, 1, 1])) == pytest.approx(1 / 5 + 1 / 7)
+    # {0} alone: cut 2 / vol 2; {1,2,3}: cut 2 / vol 3 + 4 + 3
+    assert ct.ncut(adjacency, np.array([0, 1, 1, 1])) == pytest.approx(1.0 + 2 / 10)
+    # one cluster: nothing is cut
+    assert ct.ncut(adjacency, np.zeros(4, dtype=int)) == 0.0
+    # every node alone: every cluster cuts all of its volume
+    assert ct.ncut(adjacency, np.arange(4)) == pytest.approx(4.0)
+
+
+def test_ncut_ignores_unclustered_isolated_nodes_and_rejects_bad_labels() -> None:
+    adjacency = _symmetric(5, {(0, 1): 2.0, (1, 2): 1.0, (2, 3): 3.0})  # node 4 isolated
+    assert ct.ncut(adjacency, np.array([0, 0, 1, 1, -1])) == pytest.approx(1 / 5 + 1 / 7)
+    with pytest.raises(ct.ConfigError, match="one label per node"):
+        ct.ncut(adjacency, np.array([0, 0, 1, 1]))
+    with pytest.raises(ct.ConfigError, match="zero-degree"):
+        ct.ncut(adjacency, np.array([-1, 0, 1, 1, 0]))
+
+
+def test_partition_is_at_least_as_good_as_sklearn_over_several_graphs() -> None:
+    ours, theirs = [], []
+    for seed, widths in enumerate([[30, 40, 40, 10], [64, 64, 64, 10], [100, 80, 60, 40, 20]]):
+        for shift in range(2):
+            adjacency = layered_graph(widths, seed=10 * seed + shift)
+            ours.append(ct.spectral_partition(adjacency, k=6, seed=shift).ncut)
+            theirs.append(_sklearn_ncut(adjacency, k=6, seed=shift))
+    ours_arr, theirs_arr = np.array(ours), np.array(theirs)
+    assert ours_arr.mean() <= theirs_arr.mean()
+    assert np.all(ours_arr <= theirs_arr * 1.002), (ours, theirs)
+
+
+def test_planted_modules_are_recovered() -> None:
+    widths = [40, 60, 60, 40]
+    adjacency = layered_graph(widths, seed=3, modules=4)
+    truth = np.concatenate([np.arange(w) % 4 for w in widths])
+    partition = ct.spectral_partition(adjacency, k=4, seed=0)
+    assert adjusted_rand_score(truth, partition.labels) > 0.95
+    assert partition.ncut < 0.6  # 4 clusters; a random split of this graph cuts about 3
+
+
+def test_disconnected_graph_splits_along_components_and_isolated_nodes_are_removed() -> None:
+    left = {(i, j): 1.0 for i in range(5) for j in range(i + 1, 5)}
+    right = {(i + 5, j + 5): 1.0 for i in range(5) for j in range(i + 1, 5)}
+    adjacency = _symmetric(12, {**left, **right})  # nodes 10 and 11 have no edge
+    partition = ct.spectral_partition(adjacency, k=2, seed=0)
+    assert partition.ncut == pytest.approx(0.0, abs=1e-12)
+    assert partition.n_isolated == 2
+    assert list(partition.labels[10:]) == [-1, -1]
+    assert len(set(partition.labels[:5])) == 1 and len(set(partition.labels[5:10])) == 1
+    assert partition.labels[0] != partition.labels[5]
+
+
+def test_fewer_nodes_than_k_is_a_clear_error() -> None:
+    adjacency = _symmetric(4, {(0, 1): 1.0, (1, 2): 1.0, (2, 3): 1.0})
+    with pytest.raises(ct.ConfigError, match=r"k=12 .* only 4 connected nodes; choose k <= 4"):
+        ct.spectral_partition(adjacency, k=12)
+    with pytest.raises(ct.ConfigError, match="k must be an integer >= 2"):
+        ct.spectral_partition(adjacency, k=1)
+
+
+def test_same_seed_same_partition() -> None:
+    adjacency = layered_graph([50, 50, 50], seed=1)
+    first = ct.spectral_partition(adjacency, k=5, seed=7)
+    second = ct.spectral_partition(adjacency, k=5, seed=7)
+    np.testing.assert_array_equal(first.labels, second.labels)
+    assert first.ncut == second.ncut
+
+
+def test_bipartite_fast_path_gives_the_laplacian_eigenpairs() -> None:
+    adjacency = layered_graph([30, 40, 50, 20], seed=2)
+    degrees = np.asarray(adjacency.sum(axis=1)).ravel()
+    values, embedding = laplacian_embedding(adjacency, 6, rng=np.random.default_rng(0))
+    laplacian = np.eye(adjacency.shape[0]) - adjacency.toarray() / np.sqrt(
+        np.outer(degrees, degrees)
+    )
+    expected = np.linalg.eigvalsh(laplacian)[:6]
+    np.testing.assert_allclose(values, expected, atol=1e-8)
+    # embedding = D^-1/2 v with L v = lambda v
+    vectors = embedding * np.sqrt(degrees)[:, None]
+    np.testing.assert_allclose(laplacian @ vectors, vectors * values, atol=1e-7)
+
+
+def test_sweep_shares_the_embedding_and_matches_single_k_runs() -> None:
+    adjacency = layered_graph([40, 40, 40], seed=5, modules=3)
+    sweep = spectral_partitions(adjacency, [3, 5], seed=np.random.SeedSequence(11))
+    single = spectral_partitions(adjacency, [5], seed=np.random.SeedSequence(11))
+    assert [p.k for p in sweep] == [3, 5]
+    assert sweep[1].ncut == pytest.approx(single[0].ncut, rel=1e-9)
