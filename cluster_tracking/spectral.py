@@ -320,44 +320,54 @@ def _kmeans_restarts(
     rng: np.random.Generator,
     n_init: int,
     max_iter: int = 300,
+    tol: float = 1e-4,
 ) -> np.ndarray:
     """Lloyd's k-means from ``n_init`` k-means++ starts, all restarts at once.
 
-    Returns the labels of every restart, shape ``[n_init, n_points]``; no cluster is left empty.
+    A restart stops when its labels no longer change or its centers move less than ``tol`` times
+    the mean variance of the points (scikit-learn's criterion); the others go on. Returns the
+    labels of every restart, shape ``[n_init, n_points]``; no cluster is left empty.
     """
     n, _ = points.shape
     norms = (points**2).sum(axis=1)  # [n]
-    restarts = np.arange(n_init)
-    # k-means++ seeding (Arthur & Vassilvitskii 2007), vectorised over restarts.
+    threshold = tol * float(np.mean(np.var(points, axis=0)))
+    centers = _kmeans_plus_plus(points, norms, k, rng, n_init)
+    labels = np.full((n_init, n), -1, dtype=np.int64)
+    active = np.arange(n_init)
+    for _ in range(max_iter):
+        distances = _sq_distances(points, norms, centers[active])  # [R, n, k]
+        new_labels = _fill_empty_clusters(distances.argmin(axis=2), distances, k)
+        new_centers = _cluster_means(points, new_labels, k)
+        shift = ((new_centers - centers[active]) ** 2).sum(axis=(1, 2))
+        unchanged = (new_labels == labels[active]).all(axis=1)
+        labels[active] = new_labels
+        centers[active] = new_centers
+        active = active[~(unchanged | (shift <= threshold))]
+        if active.size == 0:
+            break
+    return labels
+
+
+def _kmeans_plus_plus(
+    points: np.ndarray, norms: np.ndarray, k: int, rng: np.random.Generator, n_init: int
+) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) for every restart: ``[R, k, d]``."""
+    n = points.shape[0]
     centers = np.empty((n_init, k, points.shape[1]))
-    first = rng.integers(0, n, size=n_init)
-    centers[:, 0] = points[first]
+    centers[:, 0] = points[rng.integers(0, n, size=n_init)]
     closest = _sq_distances(points, norms, centers[:, :1])[:, :, 0]  # [R, n]
     for c in range(1, k):
         weights = np.maximum(closest, 0.0)
-        totals = weights.sum(axis=1)
         cumulative = np.cumsum(weights, axis=1)
+        totals = cumulative[:, -1]
         draws = rng.uniform(0.0, 1.0, n_init) * totals
-        chosen = np.array(
-            [
-                np.searchsorted(cumulative[r], draws[r]) if totals[r] > 0 else rng.integers(0, n)
-                for r in restarts
-            ]
-        )
-        chosen = np.minimum(chosen, n - 1)
+        chosen = (cumulative < draws[:, None]).sum(axis=1)
+        # a restart whose points all coincide with chosen centers draws uniformly
+        uniform = rng.integers(0, n, size=n_init)
+        chosen = np.where(totals > 0, np.minimum(chosen, n - 1), uniform)
         centers[:, c] = points[chosen]
-        new = _sq_distances(points, norms, centers[:, c : c + 1])[:, :, 0]
-        closest = np.minimum(closest, new)
-    labels = np.full((n_init, n), -1, dtype=np.int64)
-    for _ in range(max_iter):
-        distances = _sq_distances(points, norms, centers)  # [R, n, k]
-        new_labels = distances.argmin(axis=2)
-        new_labels = _fill_empty_clusters(new_labels, distances, k)
-        if np.array_equal(new_labels, labels):
-            break
-        labels = new_labels
-        centers = _cluster_means(points, labels, k)
-    return labels
+        closest = np.minimum(closest, _sq_distances(points, norms, centers[:, c : c + 1])[:, :, 0])
+    return centers
 
 
 def _sq_distances(points: np.ndarray, norms: np.ndarray, centers: np.ndarray) -> np.ndarray:
