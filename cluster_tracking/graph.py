@@ -40,7 +40,9 @@ class EdgeBlock:
     for ``flatten`` (a linear layer reading a flattened ``[C, *spatial]`` feature map,
     channel-major, so flattened input i comes from channel ``i // S``). ``src`` holds the node
     index of each input unit/channel and ``dst`` that of each output unit/channel, in the graph's
-    node numbering.
+    node numbering. ``name`` is the layer's name (``"name#2"`` for a module's second call) and
+    ``batchnorm`` the qualified name of the BatchNorm folded into ``weight``, if any (the
+    regulariser recomputes the effective weight from both modules' live parameters).
     Null models (shuffles) replace ``weight`` and keep everything else.
     """
 
@@ -51,6 +53,7 @@ class EdgeBlock:
     dst: np.ndarray
     groups: int = 1
     norm: KernelNorm = "l1"
+    batchnorm: str | None = None
 
     def edge_weights(self) -> np.ndarray:
         """Dense ``[len(dst), len(src)]`` matrix of edge weights between output and input nodes."""
@@ -187,21 +190,25 @@ def assemble_adjacency(blocks: Sequence[EdgeBlock], n_nodes: int) -> sp.csr_arra
     rows, cols, values = [], [], []
     for block in blocks:
         dst, src, weight = block._edge_list()
+        keep = dst != src
+        if not keep.all():
+            dst, src, weight = dst[keep], src[keep], weight[keep]
         rows.append(dst.astype(index_dtype, copy=False))
         cols.append(src.astype(index_dtype, copy=False))
         values.append(weight.astype(np.float64, copy=False))
     if not rows:
         return sp.csr_array((n_nodes, n_nodes))
+    # Each edge once (dst, src), then A = U + U^T: both orientations without concatenating the
+    # edge list twice (the memory peak of large graphs), and parallel edges summed.
     r = np.concatenate(rows)
+    del rows
     c = np.concatenate(cols)
+    del cols
     v = np.concatenate(values)
-    keep = r != c
-    r, c, v = r[keep], c[keep], v[keep]
-    # A[dst, src] = A[src, dst] = w: both orientations in one COO, summed on conversion.
-    both_r = np.concatenate([r, c])
-    both_c = np.concatenate([c, r])
-    both_v = np.concatenate([v, v])
-    adjacency = sp.coo_array((both_v, (both_r, both_c)), shape=(n_nodes, n_nodes)).tocsr()
+    del values
+    one_way = sp.coo_array((v, (r, c)), shape=(n_nodes, n_nodes)).tocsr()
+    del r, c, v
+    adjacency = sp.csr_array(one_way + one_way.T)
     adjacency.sum_duplicates()
     return adjacency
 
@@ -367,7 +374,8 @@ class _BlockSpec:
     src: np.ndarray  # provisional node ids
     dst: np.ndarray
     groups: int
-    folded: str | None = None  # the BatchNorm folded into it
+    folded: str | None = None  # the BatchNorm folded into it (as messages call it)
+    batchnorm: str | None = None  # that BatchNorm's module name (state_dict prefix)
 
 
 @dataclass(frozen=True)
@@ -502,7 +510,9 @@ class _Builder:
         spatial = weight.ndim - 2 if conv else 0
         return _Feat(out_nodes, origin=label, spatial=spatial), spec
 
-    def fold(self, spec: _BlockSpec, scale: np.ndarray, label: str) -> None:
+    def fold(
+        self, spec: _BlockSpec, scale: np.ndarray, label: str, name: str | None = None
+    ) -> None:
         """Fold a BatchNorm's per-output-unit scale into the weights of the layer before it."""
         n_out = spec.weight.shape[0]
         if len(scale) != n_out:
@@ -512,6 +522,7 @@ class _Builder:
             )
         spec.weight = spec.weight * scale.reshape((-1,) + (1,) * (spec.weight.ndim - 1))
         spec.folded = label
+        spec.batchnorm = name
 
     def combine(self, feats: Sequence[_Feat], desc: str) -> _Feat:
         """An elementwise op between feature tensors: units at the same index are one node."""
@@ -626,7 +637,11 @@ class _Builder:
             if (src < 0).any() or (dst < 0).any():
                 continue  # filan2021: an edge to the input or a Linear layer
             norm: KernelNorm = "l1_induced" if filan and spec.kind == "conv" else self.norm
-            blocks.append(EdgeBlock(spec.name, spec.kind, spec.weight, src, dst, spec.groups, norm))
+            blocks.append(
+                EdgeBlock(
+                    spec.name, spec.kind, spec.weight, src, dst, spec.groups, norm, spec.batchnorm
+                )
+            )
         if not blocks:
             raise GraphError(
                 f"preset='filan2021' keeps only convolution-to-convolution edges, and {what} has "
@@ -800,7 +815,7 @@ class _FxWalker:
         spec = self.spec_of.get(source) if isinstance(source, fx.Node) else None
         if spec is not None and isinstance(source, fx.Node) and len(source.users) == 1:
             if spec.folded is None:
-                self.builder.fold(spec, scale, label)
+                self.builder.fold(spec, scale, label, str(node.target))
                 return feat
         if feat.nodes is not None and not feat.flat and len(feat.nodes) != len(scale):
             raise GraphError(
@@ -1147,7 +1162,7 @@ def _build_chain(builder: _Builder, entries: Sequence[_ChainEntry], *, strict: b
                         "layer in layers=; put it right after the layer it normalises, or drop it."
                     )
                 continue  # a state_dict's BatchNorm before any layer: input normalisation
-            builder.fold(last, entry.scale, entry.label)
+            builder.fold(last, entry.scale, entry.label, entry.name)
             continue
         assert entry.weight is not None
         conv = entry.kind == "conv"

@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -39,6 +40,7 @@ from cluster_tracking.report import (
 from cluster_tracking.spectral import (
     DEFAULT_N_INIT,
     SpectralPartition,
+    block_ncuts,
     child_seed,
     cluster_cuts,
     laplacian_eigenvalues,
@@ -126,7 +128,8 @@ def measure(
         seed: seed of every random draw; ``None`` draws one and records it in ``config["seed"]``.
         n_init: k-means restarts per partition (the lowest n-cut is kept).
         n_jobs: parallel workers for the null networks (joblib; -1 = all cores).
-        backend: joblib backend (``loky`` by default, ``threading``, ``multiprocessing``, ``dask``).
+        backend: joblib backend (``threading`` by default for shuffles, ``loky`` for
+            ``random_init``; also ``multiprocessing``, ``dask``).
         scheduler: address of a Dask scheduler, with ``backend="dask"`` (e.g.
             ``"tcp://127.0.0.1:8786"``); without it the current Dask client is used.
         norm: kernel-slice norm for convolutions (``l1`` or ``l2``).
@@ -197,7 +200,7 @@ def measure(
         "layers": graph_options["layers"],
         "init": init,
         "n_jobs": n_jobs,
-        "backend": backend or "loky",
+        "backend": backend or ("loky" if method == "random_init" else "threading"),
     }
     if k_auto is not None:
         config["k_auto"] = k_auto
@@ -295,10 +298,15 @@ def _null_ncuts(
     # A few chunks per worker: the graph travels once per chunk, progress stays smooth.
     n_chunks = min(n, max(1, workers * 4)) if workers > 1 else min(n, 10)
     chunks = [list(chunk) for chunk in np.array_split(np.arange(n), n_chunks) if len(chunk)]
-    task_args = (graph, model, method, ks, root, n_init, graph_options, init, workers > 1)
+    in_process = workers == 1 or _null_backend(backend, model) == "threading"
+    # BLAS on one thread (its operands are thin blocks of vectors): worker processes pin their
+    # own; threads and a sequential run share this process's BLAS, pinned here once for all
+    # (threadpoolctl's limits are process-wide).
+    task_args = (graph, model, method, ks, root, n_init, graph_options, init, not in_process)
     results: dict[int, np.ndarray] = {}
     done = 0
-    with _parallel_context(backend, scheduler):
+    pinned = threadpool_limits(1) if in_process else nullcontext()
+    with pinned, _parallel_context(_null_backend(backend, model), scheduler):
         parallel = joblib.Parallel(n_jobs=workers, return_as="generator")
         for chunk, values in zip(
             chunks,
@@ -334,16 +342,41 @@ def _null_chunk(
                 torch_seed = int(child_seed(root, 1, index).generate_state(1)[0])
                 fresh = baselines.reinitialised_copy(model, torch_seed, init)
                 null_graph = weight_graph(fresh, **graph_options)
-            else:
-                rng = np.random.default_rng(child_seed(root, 1, index))
-                null_graph = graph.with_weights(
-                    baselines.shuffle_weights(graph.weights(), method, rng)
+                parts = spectral_partitions(
+                    null_graph, ks, seed=child_seed(root, 2, index), n_init=n_init
                 )
-            parts = spectral_partitions(
-                null_graph, ks, seed=child_seed(root, 2, index), n_init=n_init
+                rows.append(np.array([part.ncut for part in parts]))
+                continue
+            # A shuffled network keeps the graph's topology: partition it straight from its
+            # weight blocks, without assembling a sparse adjacency (the same numbers as
+            # spectral_partitions(graph.with_weights(shuffled)) gives, n-cut only).
+            rng = np.random.default_rng(child_seed(root, 1, index))
+            shuffled = baselines.shuffle_weights(graph.weights(), method, rng)
+            blocks = [
+                replace(block, weight=weight)
+                for block, weight in zip(graph.blocks, shuffled, strict=True)
+            ]
+            ncuts = block_ncuts(
+                blocks,
+                graph.n_nodes,
+                graph.node_layer,
+                ks,
+                seed=child_seed(root, 2, index),
+                n_init=n_init,
             )
-            rows.append(np.array([part.ncut for part in parts]))
+            rows.append(np.array(ncuts))
     return rows
+
+
+def _null_backend(backend: str | None, model: object | None) -> str:
+    """The joblib backend for the null networks. By default shuffled networks run on threads:
+    their work is BLAS products and large numpy operations, which release the GIL, and threads
+    start at once and share the graph (worker processes would each import torch first, seconds
+    on a small machine). Re-initialised models (``random_init``) trace torch modules, mostly
+    Python, and run in ``loky`` processes."""
+    if backend is not None:
+        return backend
+    return "loky" if model is not None else "threading"
 
 
 def _effective_jobs(n_jobs: int | None, backend: str | None) -> int:

@@ -16,26 +16,55 @@ A chain of layers is a bipartite graph (even layers against odd ones), so ``D^-1
 the block form ``[[0, B], [B^T, 0]]`` and its top eigenvectors are ``[u; v] / sqrt(2)`` for the top
 singular triplets ``(u, sigma, v)`` of ``B``: a much cheaper and better-conditioned problem than the
 interior eigenvalues scikit-learn asks ARPACK for.
+
+How it is fast (``benchmarks/`` measures it against scikit-learn on the same graphs):
+
+- A :class:`~cluster_tracking.graph.WeightGraph` is multiplied through its weight blocks (dense
+  BLAS products, one per layer), not through its sparse adjacency; null networks are partitioned
+  straight from their shuffled blocks (:func:`block_ncuts`), never assembling an adjacency.
+- Large graphs are embedded by block Krylov (block Lanczos with Rayleigh-Ritz) in float32 until
+  the eigenvalues settle to :data:`PARTITION_TOL`: k-means needs the subspace, not ten digits.
+  The eigenvalues a partition reports are then refined in float64 to :data:`EIGENVALUE_TOL`.
+- k-means proposes partitions and the n-cut chooses: all restarts run at once, Lloyd's iterations
+  are capped (:data:`KMEANS_MAX_ITER`), and the n-cuts of all restarts come from one product of
+  each weight block with the restarts' one-hot labels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 import scipy.sparse.csgraph as csgraph
-import scipy.sparse.linalg as spla
+from threadpoolctl import threadpool_limits
 
 from cluster_tracking.errors import ConfigError
-from cluster_tracking.graph import WeightGraph
+from cluster_tracking.graph import EdgeBlock, WeightGraph, _kernel_slice_norms
 
 #: Graphs up to this many (non-isolated) nodes are embedded with a dense eigensolver.
 DENSE_MAX_NODES = 600
-#: Default number of k-means restarts (the best n-cut among them is kept).
+#: Default number of k-means restarts (the best n-cut among them is kept). Choosing by n-cut,
+#: 10 restarts reach lower n-cuts than scikit-learn's 25 chosen by inertia (benchmarks/).
 DEFAULT_N_INIT = 25
+#: Lloyd iterations per restart at most: k-means only proposes partitions and the n-cut picks
+#: one; on weight graphs the n-cut stops improving after a few iterations, long before the
+#: inertia converges (benchmarks/: 5 to 10 iterations reach lower n-cuts than 300).
+KMEANS_MAX_ITER = 10
+#: A piece of the graph at most this many entries large and at least a fifth full is held dense.
+DENSE_MAX_ENTRIES = 1 << 24
+#: Tolerance on the eigenvalues of the embedding that seeds k-means.
+PARTITION_TOL = 1e-3
+#: Tolerance on the eigenvalues reported in a partition and by :func:`laplacian_embedding`.
+EIGENVALUE_TOL = 1e-8
+#: Tolerances at least this loose use float32 products.
+FLOAT32_TOL = 1e-5
+#: Block Krylov: block size is the number of wanted vectors plus this; at most this many blocks.
+KRYLOV_OVERSAMPLE = 8
+KRYLOV_MAX_BLOCKS = 40
 
 
 @dataclass(frozen=True)
@@ -87,10 +116,14 @@ def ncut(graph: WeightGraph | sp.sparray | sp.spmatrix | np.ndarray, labels: np.
         )
     if not clustered.any():
         return 0.0
-    compact = np.unique(labels[clustered], return_inverse=True)[1]
-    active = adjacency[clustered][:, clustered]  # the unclustered nodes have no edge
+    compact = np.full(labels.shape[0], -1, dtype=np.int64)
+    compact[clustered] = np.unique(labels[clustered], return_inverse=True)[1]
     n_clusters = int(compact.max()) + 1
-    return float(_ncuts_of_restarts(active, degrees[clustered], compact[None, :], n_clusters)[0])
+    volumes, within = _within_cluster(adjacency, compact, n_clusters)
+    loops = adjacency.diagonal()  # a self-loop is inside its cluster but never counted as kept
+    within -= np.bincount(compact[clustered], weights=loops[clustered], minlength=n_clusters)
+    cut = np.maximum(volumes - within, 0.0)
+    return float(np.divide(cut, volumes, out=np.zeros_like(cut), where=volumes > 0).sum())
 
 
 def spectral_partition(
@@ -129,39 +162,76 @@ def spectral_partitions(
     largest k, so one embedding serves every k. k-means for each k draws from its own stream,
     derived from ``seed`` and k, so a k's partition does not depend on which other k are asked.
     """
-    adjacency = _as_csr(graph)
     n_init = _check_positive_int(n_init, "n_init")
+    edges = _edges_of(graph)
+    # BLAS on one thread: its operands are thin (blocks of ~20 vectors), where threads gain little
+    # and, on a busy machine, lose much (spinning OpenBLAS threads: 10x slower measured).
+    with threadpool_limits(1):
+        return _partitions(edges, ks, seed=seed, n_init=n_init, eigenvalues=True)
+
+
+def _partitions(
+    edges: _Edges,
+    ks: Sequence[int],
+    *,
+    seed: int | np.random.SeedSequence | None,
+    n_init: int,
+    eigenvalues: bool,
+) -> list[SpectralPartition]:
+    """The partitions of a graph given as edge pieces (see :func:`spectral_partitions`).
+
+    With ``eigenvalues=False`` the reported eigenvalues are the embedding's Ritz values, accurate
+    to about ``PARTITION_TOL`` only (the null models need the n-cut alone).
+    """
     root = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
-    degrees = np.asarray(adjacency.sum(axis=1)).ravel()
-    connected = degrees > 0
-    n_active = int(connected.sum())
-    ks = [_check_k(k, n_active, adjacency.shape[0]) for k in ks]
+    ks = [_check_k(k, edges.n_active, edges.n_nodes) for k in ks]
     if not ks:
         raise ConfigError("at least one k is needed.")
-
-    active = adjacency[connected][:, connected] if n_active < adjacency.shape[0] else adjacency
-    active_degrees = degrees[connected]
-    eigenvalues, embedding = laplacian_embedding(
-        active, max(ks), degrees=active_degrees, rng=np.random.default_rng(child_seed(root, 0))
-    )
+    rng = np.random.default_rng(child_seed(root, 0))
+    solver = _EigenSolver(edges, max(ks), rng)
+    values, embedding = solver.solve(PARTITION_TOL)
+    assert embedding is not None
+    if eigenvalues:
+        values = solver.solve(EIGENVALUE_TOL, vectors=False)[0]
     partitions = []
     for k in ks:
         rng = np.random.default_rng(child_seed(root, 1, k))
         candidates = _kmeans_restarts(embedding[:, :k], k, rng, n_init)
-        ncuts = _ncuts_of_restarts(active, active_degrees, candidates, k)
-        best = int(np.argmin(ncuts))
-        labels = np.full(adjacency.shape[0], -1, dtype=np.int64)
-        labels[connected] = _canonical_labels(candidates[best])
+        rough = _ncuts_of_pieces(edges, candidates, k, np.float32)
+        best = int(np.argmin(rough))
+        best_labels = candidates[best]
+        labels = np.full(edges.n_nodes, -1, dtype=np.int64)
+        labels[edges.active] = _canonical_labels(best_labels)
         partitions.append(
             SpectralPartition(
                 labels=labels,
-                ncut=float(ncuts[best]),
+                ncut=float(_ncuts_of_pieces(edges, best_labels[None, :], k, np.float64)[0]),
                 k=k,
-                eigenvalues=eigenvalues[:k],
-                n_isolated=adjacency.shape[0] - n_active,
+                eigenvalues=values[:k].copy(),
+                n_isolated=edges.n_nodes - edges.n_active,
             )
         )
     return partitions
+
+
+def block_ncuts(
+    blocks: Sequence[EdgeBlock],
+    n_nodes: int,
+    node_layer: np.ndarray,
+    ks: Sequence[int],
+    *,
+    seed: int | np.random.SeedSequence | None = None,
+    n_init: int = DEFAULT_N_INIT,
+) -> list[float]:
+    """n-cut of the spectral partition at every k of the graph made of ``blocks``.
+
+    The same numbers as ``spectral_partitions(graph.with_weights(...), ks)`` gives, without
+    assembling the sparse adjacency: what the null models need (their eigenvalues are not
+    refined, since only the n-cut is reported).
+    """
+    edges = _edges_from_blocks(blocks, n_nodes, node_layer)
+    parts = _partitions(edges, ks, seed=seed, n_init=n_init, eigenvalues=False)
+    return [part.ncut for part in parts]
 
 
 def _canonical_labels(labels: np.ndarray) -> np.ndarray:
@@ -184,16 +254,11 @@ def laplacian_eigenvalues(
     seed: int | np.random.SeedSequence | None = None,
 ) -> np.ndarray:
     """The ``n`` smallest eigenvalues of the normalised Laplacian (zero-degree nodes removed)."""
-    adjacency = _as_csr(graph)
+    edges = _edges_of(graph)
     root = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
-    degrees = np.asarray(adjacency.sum(axis=1)).ravel()
-    connected = degrees > 0
-    active = adjacency[connected][:, connected]
-    n = min(n, int(connected.sum()))
-    values, _ = laplacian_embedding(
-        active, n, degrees=degrees[connected], rng=np.random.default_rng(child_seed(root, 0))
-    )
-    return values
+    n = min(n, edges.n_active)
+    solver = _EigenSolver(edges, n, np.random.default_rng(child_seed(root, 0)))
+    return solver.solve(EIGENVALUE_TOL, vectors=False)[0]
 
 
 def laplacian_embedding(
@@ -202,6 +267,7 @@ def laplacian_embedding(
     *,
     degrees: np.ndarray | None = None,
     rng: np.random.Generator | None = None,
+    tol: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``n_components`` smallest eigenpairs of the normalised Laplacian of a graph.
 
@@ -210,105 +276,490 @@ def laplacian_embedding(
     embedding ``D^-1/2 V`` (V the eigenvectors), shape ``[n_nodes, n_components]``, as
     scikit-learn's ``spectral_embedding(norm_laplacian=True, drop_first=False)`` returns up to sign
     and rotation within repeated eigenvalues.
+
+    ``tol`` bounds the change of the eigenvalues between the last two Krylov steps; the default
+    (:data:`EIGENVALUE_TOL`) gives eigenvalues to about 1e-8 (graphs of up to
+    :data:`DENSE_MAX_NODES` nodes, or a bipartite one with a side of up to half that, are solved
+    densely, to machine precision). :func:`spectral_partition` embeds
+    with :data:`PARTITION_TOL`: k-means needs the subspace, not ten exact digits.
     """
     rng = np.random.default_rng() if rng is None else rng
+    adjacency = sp.csr_array(adjacency, dtype=np.float64)
     if degrees is None:
         degrees = np.asarray(adjacency.sum(axis=1)).ravel()
-    inv_sqrt_degree = 1.0 / np.sqrt(degrees)
-    n = adjacency.shape[0]
-    sides = _bipartition(adjacency)
-    if sides is not None:
-        top, vectors = _bipartite_top_eigenpairs(
-            adjacency, inv_sqrt_degree, sides, n_components, rng
-        )
-    else:
-        normalised = _normalised_adjacency(adjacency, inv_sqrt_degree)
-        top, vectors = _symmetric_top_eigenpairs(normalised, n_components, rng)
-    order = np.argsort(-top, kind="stable")
-    eigenvalues = np.clip(1.0 - top[order], 0.0, 2.0)
-    embedding = vectors[:, order] * inv_sqrt_degree[:, None]
-    assert embedding.shape == (n, n_components)
+    if np.any(degrees <= 0):
+        raise ConfigError("laplacian_embedding needs a graph without zero-degree nodes.")
+    edges = _edges_from_adjacency(adjacency, degrees)
+    solver = _EigenSolver(edges, n_components, rng)
+    eigenvalues, embedding = solver.solve(EIGENVALUE_TOL if tol is None else tol)
+    assert embedding is not None and embedding.shape == (adjacency.shape[0], n_components)
     return eigenvalues, embedding
 
 
-def _normalised_adjacency(adjacency: sp.csr_array, inv_sqrt_degree: np.ndarray) -> sp.csr_array:
-    """``D^-1/2 A D^-1/2``."""
-    scale = sp.dia_array((inv_sqrt_degree[None, :], [0]), shape=adjacency.shape)
-    return sp.csr_array(scale @ adjacency @ scale)
+# ---------------------------------------------------------------------------------------------
+# The graph as pieces of edges
+# ---------------------------------------------------------------------------------------------
 
 
-def _symmetric_top_eigenpairs(
-    normalised: sp.csr_array, n_components: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Largest eigenpairs of a symmetric matrix with spectrum in [-1, 1]."""
-    n = normalised.shape[0]
-    if n <= DENSE_MAX_NODES or n_components >= n - 1:
-        values, vectors = scipy.linalg.eigh(
-            normalised.toarray(), subset_by_index=[n - n_components, n - 1]
-        )
-        return values, vectors
-    # Shift by the identity so the wanted eigenvalues are the largest in magnitude (in [0, 2]).
-    shifted = normalised + sp.eye_array(n, format="csr")
-    values, vectors = spla.eigsh(
-        shifted, k=n_components, which="LA", v0=rng.uniform(-1.0, 1.0, n), tol=1e-10
-    )
-    return values - 1.0, vectors
+@dataclass
+class _Piece:
+    """Edges ``weights[i, j]`` between active nodes ``rows[i]`` and ``cols[j]``.
 
-
-def _bipartite_top_eigenpairs(
-    adjacency: sp.csr_array,
-    inv_sqrt_degree: np.ndarray,
-    sides: np.ndarray,
-    n_components: int,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top eigenpairs of ``D^-1/2 A D^-1/2`` for a bipartite graph, from the SVD of its cross block.
-
-    With nodes split into sides E and O, ``D^-1/2 A D^-1/2 = [[0, B], [B^T, 0]]`` where
-    ``B = D_E^-1/2 A_EO D_O^-1/2``; for each singular triplet ``(u, s, v)`` of B,
-    ``[u; v] / sqrt 2`` is an eigenvector with eigenvalue ``s`` (and ``[u; -v] / sqrt 2`` one with
-    eigenvalue ``-s``).
+    ``weights`` is a dense ``[len(rows), len(cols)]`` float64 array (a fully connected layer) or a
+    CSR matrix. A *symmetric* piece holds a whole symmetric adjacency, both orientations of every
+    edge (``rows`` and ``cols`` are then all nodes); the others hold each edge once, and stand for
+    the adjacency ``P_rows W P_cols^T + (P_rows W P_cols^T)^T``.
     """
-    even = np.flatnonzero(~sides)
-    odd = np.flatnonzero(sides)
-    cross = sp.csr_array(adjacency[even][:, odd])
-    scale_even = sp.dia_array((inv_sqrt_degree[even][None, :], [0]), shape=(len(even), len(even)))
-    scale_odd = sp.dia_array((inv_sqrt_degree[odd][None, :], [0]), shape=(len(odd), len(odd)))
-    block = sp.csr_array(scale_even @ cross @ scale_odd)
-    small_side = min(block.shape)
-    if small_side <= max(DENSE_MAX_NODES // 2, n_components + 1) or n_components >= small_side:
-        u, s, vt = scipy.linalg.svd(block.toarray(), full_matrices=False)
-        u, s, vt = u[:, :n_components], s[:n_components], vt[:n_components]
+
+    rows: np.ndarray
+    cols: np.ndarray
+    weights: np.ndarray | sp.csr_array
+    symmetric: bool = False
+    _cast: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def dense(self) -> bool:
+        return isinstance(self.weights, np.ndarray)
+
+    def weights_as(self, dtype: Any) -> Any:
+        """``weights`` in ``dtype`` (float32 products are twice as fast), cast once."""
+        if np.dtype(dtype) == np.float64:
+            return self.weights
+        if dtype not in self._cast:
+            self._cast[dtype] = self.weights.astype(dtype)
+        return self._cast[dtype]
+
+    def edge_list(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(row position, column position, weight)`` of the non-zero entries, self-loops of a
+        symmetric piece left out (they are never cut)."""
+        if "coo" not in self._cast:
+            coo = sp.coo_array(self.weights)
+            i, j, w = coo.row, coo.col, coo.data
+            if self.symmetric:
+                keep = i != j
+                i, j, w = i[keep], j[keep], w[keep]
+            self._cast["coo"] = (i, j, w)
+        return self._cast["coo"]
+
+
+@dataclass
+class _Edges:
+    """A weight graph restricted to its non-isolated ("active") nodes, as edge pieces.
+
+    ``sides`` (when the graph is bipartite) marks the second side; then every piece has its rows
+    on the first side and its columns on the second.
+    """
+
+    n_nodes: int
+    active: np.ndarray  # bool [n_nodes]
+    degrees: np.ndarray  # [n_active]
+    pieces: list[_Piece]
+    sides: np.ndarray | None
+
+    @property
+    def n_active(self) -> int:
+        return int(self.degrees.shape[0])
+
+    def dense_adjacency(self) -> np.ndarray:
+        """The ``[n_active, n_active]`` adjacency as a dense array (small graphs only)."""
+        adjacency = np.zeros((self.n_active, self.n_active))
+        for piece in self.pieces:
+            w = (
+                piece.weights.toarray()
+                if isinstance(piece.weights, sp.csr_array)
+                else piece.weights
+            )
+            block = np.zeros_like(adjacency)
+            block[np.ix_(piece.rows, piece.cols)] = w
+            adjacency += block if piece.symmetric else block + block.T
+        return adjacency
+
+
+def _edges_of(graph: WeightGraph | sp.sparray | sp.spmatrix | np.ndarray) -> _Edges:
+    """The graph's edge pieces: a WeightGraph's weight blocks when they make its adjacency
+    (cheaper products than a sparse matrix), else its adjacency."""
+    if isinstance(graph, WeightGraph) and graph.blocks:
+        edges = _edges_from_blocks(graph.blocks, graph.n_nodes, graph.node_layer)
+        degrees = graph.degrees
+        full = np.zeros(graph.n_nodes)
+        full[edges.active] = edges.degrees
+        if np.allclose(full, degrees, rtol=1e-9, atol=1e-12 * max(1.0, float(degrees.max()))):
+            return edges
+    adjacency = _as_csr(graph)
+    degrees = np.asarray(adjacency.sum(axis=1)).ravel()
+    connected = degrees > 0
+    if connected.all():
+        return _edges_from_adjacency(adjacency, degrees)
+    active = adjacency[connected][:, connected]
+    edges = _edges_from_adjacency(sp.csr_array(active), degrees[connected])
+    edges.n_nodes = adjacency.shape[0]
+    edges.active = connected
+    return edges
+
+
+def _edges_from_adjacency(adjacency: sp.csr_array, degrees: np.ndarray) -> _Edges:
+    """Pieces of a symmetric adjacency without zero-degree nodes: for a bipartite graph its cross
+    block (dense when mostly full), else the whole matrix."""
+    n = adjacency.shape[0]
+    sides = _bipartition(adjacency)
+    if sides is None:
+        nodes = np.arange(n)
+        pieces = [_Piece(nodes, nodes, _maybe_dense(adjacency), symmetric=True)]
     else:
-        v0 = rng.uniform(-1.0, 1.0, small_side)
-        u, s, vt = spla.svds(block, k=n_components, v0=v0, tol=1e-8)
-    if s.shape[0] < n_components:
-        # Fewer singular values than wanted (a tiny side): pad with eigenvalue-0 directions of the
-        # form [u; -v] / sqrt 2 is not possible without more vectors, so fall back to dense.
-        normalised = _normalised_adjacency(adjacency, inv_sqrt_degree)
-        values, vectors = scipy.linalg.eigh(normalised.toarray())
-        return values[-n_components:], vectors[:, -n_components:]
-    vectors = np.zeros((adjacency.shape[0], n_components))
-    vectors[even] = u / np.sqrt(2.0)
-    vectors[odd] = vt.T / np.sqrt(2.0)
-    return s, vectors
+        first, second = np.flatnonzero(~sides), np.flatnonzero(sides)
+        cross = sp.csr_array(adjacency[first][:, second])
+        pieces = [_Piece(first, second, _maybe_dense(cross))]
+    return _Edges(n, np.ones(n, dtype=bool), degrees, pieces, sides)
+
+
+def _maybe_dense(matrix: sp.csr_array) -> np.ndarray | sp.csr_array:
+    """Dense when at least a fifth full and small: BLAS products beat sparse ones by far."""
+    rows, cols = matrix.shape
+    if rows * cols <= DENSE_MAX_ENTRIES and matrix.nnz * 5 >= rows * cols:
+        return matrix.toarray()
+    return matrix
+
+
+def _edges_from_blocks(blocks: Sequence[EdgeBlock], n_nodes: int, node_layer: np.ndarray) -> _Edges:
+    """Pieces straight from the weight blocks, one per block, without the sparse adjacency.
+
+    A graph is bipartite along layer parity when each block reads nodes of one parity and writes
+    nodes of the other (a chain of layers): node_layer % 2 is then a 2-colouring for free.
+    """
+    parity = (node_layer % 2).astype(bool)
+    raw = []
+    degrees = np.zeros(n_nodes)
+    bipartite = True
+    for block in blocks:
+        rows, cols, weights = block.dst, block.src, _block_weights(block)
+        loops = np.intersect1d(rows, cols)
+        if loops.size:  # a node joined to itself (after a residual add): never cut, dropped
+            weights = _drop_self_loops(rows, cols, weights)
+        _add_at(degrees, rows, np.asarray(weights.sum(axis=1)).ravel())
+        _add_at(degrees, cols, np.asarray(weights.sum(axis=0)).ravel())
+        row_parity, col_parity = parity[rows], parity[cols]
+        if row_parity.min() != row_parity.max() or col_parity.min() != col_parity.max():
+            bipartite = False
+        elif row_parity[0] == col_parity[0]:
+            bipartite = False
+        elif row_parity[0]:  # rows on the first side (even layers)
+            rows, cols, weights = cols, rows, weights.T
+        raw.append((rows, cols, weights))
+    active = degrees > 0
+    renumber = np.cumsum(active) - 1
+    pieces = []
+    for rows, cols, weights in raw:
+        keep_rows, keep_cols = active[rows], active[cols]
+        if not keep_rows.all() or not keep_cols.all():
+            weights = weights[keep_rows][:, keep_cols]
+            rows, cols = rows[keep_rows], cols[keep_cols]
+        if not rows.size or not cols.size:
+            continue
+        if isinstance(weights, np.ndarray):
+            weights = np.ascontiguousarray(weights)
+        else:
+            weights = sp.csr_array(weights)
+        pieces.append(_Piece(renumber[rows], renumber[cols], weights))
+    sides = parity[active] if bipartite else None
+    if sides is not None and (sides.all() or not sides.any()):
+        sides = None
+    return _Edges(n_nodes, active, degrees[active], pieces, sides)
+
+
+def _block_weights(block: EdgeBlock) -> np.ndarray | sp.csr_array:
+    """The block's ``[out, in]`` edge weights: dense, or CSR for a grouped convolution."""
+    if block.kind == "conv" and block.groups > 1:
+        rows, cols = block._group_pattern()
+        per_slice = _kernel_slice_norms(np.abs(block.weight), block.norm)
+        return sp.csr_array(
+            (per_slice.ravel(), (rows.ravel(), cols.ravel())),
+            shape=(len(block.dst), len(block.src)),
+        )
+    return block.edge_weights()
+
+
+def _drop_self_loops(
+    rows: np.ndarray, cols: np.ndarray, weights: np.ndarray | sp.csr_array
+) -> np.ndarray | sp.csr_array:
+    """``weights`` with the entries joining a node to itself set to zero."""
+    i, j = np.nonzero(rows[:, None] == cols[None, :])
+    if isinstance(weights, np.ndarray):
+        weights = weights.copy()
+        weights[i, j] = 0.0
+        return weights
+    lil = sp.lil_array(weights)
+    lil[i, j] = 0.0
+    return sp.csr_array(lil)
+
+
+def _add_at(out: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
+    """``out[index] += values`` where ``index`` may repeat."""
+    out += np.bincount(index, weights=values, minlength=out.shape[0])
+
+
+def _index(ids: np.ndarray) -> tuple[slice | np.ndarray, bool]:
+    """A slice for a run of consecutive ids (views, not copies), and whether ids are distinct."""
+    if ids.size and ids[-1] - ids[0] + 1 == ids.size and np.all(np.diff(ids) == 1):
+        return slice(int(ids[0]), int(ids[-1]) + 1), True
+    return ids, np.unique(ids).size == ids.size
+
+
+def _scatter_add(out: np.ndarray, index: slice | np.ndarray, unique: bool, values: Any) -> None:
+    if unique or isinstance(index, slice):
+        out[index] += values
+    else:
+        np.add.at(out, index, values)
+
+
+# ---------------------------------------------------------------------------------------------
+# The eigensolver
+# ---------------------------------------------------------------------------------------------
+
+
+class _CrossOperator:
+    """``B = D_1^-1/2 A_12 D_2^-1/2``, the cross block of a bipartite graph's ``D^-1/2 A D^-1/2``
+    (sides 1 and 2), applied to blocks of vectors: ``B X`` and ``B^T Y``."""
+
+    def __init__(self, edges: _Edges, dtype: Any) -> None:
+        assert edges.sides is not None
+        sides = edges.sides
+        position = np.empty(edges.n_active, dtype=np.int64)
+        self.first, self.second = np.flatnonzero(~sides), np.flatnonzero(sides)
+        position[self.first] = np.arange(self.first.size)
+        position[self.second] = np.arange(self.second.size)
+        inv_sqrt_degree = 1.0 / np.sqrt(edges.degrees)
+        self.scale_first = inv_sqrt_degree[self.first][:, None]
+        self.scale_second = inv_sqrt_degree[self.second][:, None]
+        self.dtype = dtype
+        self.parts = [
+            (*_index(position[piece.rows]), *_index(position[piece.cols]), piece.weights_as(dtype))
+            for piece in edges.pieces
+        ]
+        self.shape = (self.first.size, self.second.size)
+
+    def matmat(self, x: np.ndarray) -> np.ndarray:
+        """``B @ x`` for ``x`` of shape ``[n_second, b]``."""
+        xs = (x * self.scale_second).astype(self.dtype)
+        out = np.zeros((self.shape[0], x.shape[1]), dtype=self.dtype)
+        for rows, rows_unique, cols, _, weights in self.parts:
+            _scatter_add(out, rows, rows_unique, weights @ xs[cols])
+        return out.astype(np.float64) * self.scale_first
+
+    def rmatmat(self, y: np.ndarray) -> np.ndarray:
+        """``B^T @ y`` for ``y`` of shape ``[n_first, b]``."""
+        ys = (y * self.scale_first).astype(self.dtype)
+        out = np.zeros((self.shape[1], y.shape[1]), dtype=self.dtype)
+        for rows, _, cols, cols_unique, weights in self.parts:
+            _scatter_add(out, cols, cols_unique, weights.T @ ys[rows])
+        return out.astype(np.float64) * self.scale_second
+
+
+class _SymmetricOperator:
+    """``N = D^-1/2 A D^-1/2`` applied to blocks of vectors."""
+
+    def __init__(self, edges: _Edges, dtype: Any) -> None:
+        self.scale = (1.0 / np.sqrt(edges.degrees))[:, None]
+        self.dtype = dtype
+        self.parts = [
+            (*_index(piece.rows), *_index(piece.cols), piece.weights_as(dtype), piece.symmetric)
+            for piece in edges.pieces
+        ]
+        self.size = edges.n_active
+
+    def matmat(self, x: np.ndarray) -> np.ndarray:
+        xs = (x * self.scale).astype(self.dtype)
+        out = np.zeros((self.size, x.shape[1]), dtype=self.dtype)
+        for rows, rows_unique, cols, cols_unique, weights, symmetric in self.parts:
+            if symmetric:
+                out += weights @ xs
+                continue
+            _scatter_add(out, rows, rows_unique, weights @ xs[cols])
+            _scatter_add(out, cols, cols_unique, weights.T @ xs[rows])
+        return out.astype(np.float64) * self.scale
+
+
+class _EigenSolver:
+    """The largest eigenpairs of ``N = D^-1/2 A D^-1/2`` (the smallest of ``L = I - N``).
+
+    Small graphs: a dense eigensolver. Large ones: block Krylov (block Lanczos with full
+    reorthogonalisation and Rayleigh-Ritz), run until the wanted Ritz values move less than a
+    tolerance between two steps. A bipartite graph is solved through the SVD of its cross block
+    B (Krylov on ``B^T B`` over the smaller side): its wanted eigenvalues are B's largest singular
+    values, better separated than the interior eigenvalues of N. The partition embeds with the
+    products in float32 (:data:`PARTITION_TOL`); eigenvalues are refined in float64, starting
+    from that subspace.
+    """
+
+    def __init__(self, edges: _Edges, n_components: int, rng: np.random.Generator) -> None:
+        self.edges = edges
+        self.n_components = n_components
+        self.rng = rng
+        self.inv_sqrt_degree = 1.0 / np.sqrt(edges.degrees)
+        self.dense_result: tuple[np.ndarray, np.ndarray] | None = None
+        self.warm: np.ndarray | None = None  # Ritz vectors of the last solve (basis side)
+        if edges.sides is not None:
+            sides = edges.sides
+            small = min(int(sides.sum()), int((~sides).sum()))
+            self.dense = small <= max(DENSE_MAX_NODES // 2, n_components + 1)
+        else:
+            self.dense = edges.n_active <= DENSE_MAX_NODES or n_components >= edges.n_active - 1
+
+    def solve(self, tol: float, vectors: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(eigenvalues of L ascending, embedding D^-1/2 V or None)``."""
+        full: np.ndarray | None
+        if self.dense:
+            if self.dense_result is None:
+                self.dense_result = self._dense()
+            top, full = self.dense_result
+        else:
+            top, full = self._krylov(tol, vectors)
+        order = np.argsort(-top, kind="stable")
+        eigenvalues = np.clip(1.0 - top[order], 0.0, 2.0)
+        if not vectors or full is None:
+            return eigenvalues, None
+        return eigenvalues, full[:, order] * self.inv_sqrt_degree[:, None]
+
+    def _dense(self) -> tuple[np.ndarray, np.ndarray]:
+        edges, n_components = self.edges, self.n_components
+        adjacency = edges.dense_adjacency()
+        scale = self.inv_sqrt_degree
+        normalised = adjacency * scale[:, None] * scale[None, :]
+        n = edges.n_active
+        if edges.sides is not None:
+            first, second = np.flatnonzero(~edges.sides), np.flatnonzero(edges.sides)
+            if min(first.size, second.size) >= n_components:
+                u, s, vt = scipy.linalg.svd(normalised[np.ix_(first, second)], full_matrices=False)
+                vectors = np.zeros((n, n_components))
+                vectors[first] = u[:, :n_components] / np.sqrt(2.0)
+                vectors[second] = vt[:n_components].T / np.sqrt(2.0)
+                return s[:n_components], vectors
+        values, vectors = scipy.linalg.eigh(normalised, subset_by_index=[n - n_components, n - 1])
+        return values, vectors
+
+    def _krylov(self, tol: float, vectors: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        edges, n_components = self.edges, self.n_components
+        dtype = np.float32 if tol >= FLOAT32_TOL else np.float64
+        if edges.sides is not None:
+            cross = _CrossOperator(edges, dtype)
+            swap = cross.shape[0] < cross.shape[1]  # Krylov on the smaller side
+            forward, backward = (
+                (cross.rmatmat, cross.matmat) if swap else (cross.matmat, cross.rmatmat)
+            )
+            size = cross.shape[0] if swap else cross.shape[1]
+            theta, right, left = _block_krylov(
+                forward, backward, size, self._start(size), n_components, tol, bipartite=True
+            )
+            self.warm = right
+            if not vectors:
+                return theta, None
+            assert left is not None
+            full = np.zeros((edges.n_active, n_components))
+            first, second = (left, right) if not swap else (right, left)
+            full[cross.first] = first / np.sqrt(2.0)
+            full[cross.second] = second / np.sqrt(2.0)
+            return theta, full
+        operator = _SymmetricOperator(edges, dtype)
+        size = edges.n_active
+        theta, right, _ = _block_krylov(
+            operator.matmat, None, size, self._start(size), n_components, tol, bipartite=False
+        )
+        self.warm = right
+        return theta, right if vectors else None
+
+    def _start(self, size: int) -> np.ndarray:
+        block = min(self.n_components + KRYLOV_OVERSAMPLE, size)
+        start = self.rng.standard_normal((size, block))
+        if self.warm is not None:
+            start[:, : self.warm.shape[1]] = self.warm
+        return start
+
+
+def _block_krylov(
+    forward: Any,
+    backward: Any,
+    size: int,
+    start: np.ndarray,
+    n_wanted: int,
+    tol: float,
+    *,
+    bipartite: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Block Krylov with Rayleigh-Ritz for the ``n_wanted`` largest eigenpairs.
+
+    Bipartite (``forward = B``, ``backward = B^T``, basis V on B's column side): the basis spans
+    ``V, B^T B V, (B^T B)^2 V, ...``; the Ritz values of ``B^T B`` come from the Gram matrix of the
+    images ``B V`` and are the squared singular values. General (``forward = N``): the basis spans
+    ``V, N V, ...`` and the Ritz values come from ``V^T N V``. Returns ``(values descending,
+    right vectors, left vectors or None)``; stops when the wanted values move less than ``tol``
+    between two steps, or when the basis spans the whole space.
+    """
+    basis = _orthonormal(start, None)
+    images = forward(basis)
+    gram = basis.T @ images if not bipartite else images.T @ images
+    previous: np.ndarray | None = None
+    max_basis = min(size, KRYLOV_MAX_BLOCKS * start.shape[1])
+    while True:
+        values, coefficients = scipy.linalg.eigh((gram + gram.T) / 2.0)
+        values, coefficients = values[::-1][:n_wanted], coefficients[:, ::-1][:, :n_wanted]
+        theta = np.sqrt(np.maximum(values, 0.0)) if bipartite else values
+        converged = previous is not None and float(np.max(np.abs(theta - previous))) <= tol
+        if converged or basis.shape[1] >= max_basis:
+            break
+        previous = theta
+        last = images[:, -start.shape[1] :]
+        direction = backward(last) if bipartite else last
+        block = _orthonormal(direction, basis, limit=max_basis - basis.shape[1])
+        if block.shape[1] == 0:  # the basis spans an invariant subspace: the values are exact
+            break
+        new_images = forward(block)
+        if bipartite:
+            cross = images.T @ new_images
+            corner = new_images.T @ new_images
+        else:
+            cross = basis.T @ new_images
+            corner = block.T @ new_images
+        gram = np.block([[gram, cross], [cross.T, corner]])
+        basis = np.hstack([basis, block])
+        images = np.hstack([images, new_images])
+    right = basis @ coefficients
+    left = None
+    if bipartite:
+        left = (images @ coefficients) / np.maximum(theta, 1e-300)[None, :]
+    return theta, right, left
+
+
+def _orthonormal(
+    block: np.ndarray, basis: np.ndarray | None, limit: int | None = None
+) -> np.ndarray:
+    """Orthonormal columns spanning ``block`` minus its part in ``basis``; columns that are
+    (numerically) in the basis already are dropped."""
+    norms = np.linalg.norm(block, axis=0)
+    if basis is not None:
+        for _ in range(2):  # twice is enough (Kahan, Parlett)
+            block = block - basis @ (basis.T @ block)
+    q, r = np.linalg.qr(block)
+    keep = np.abs(np.diag(r)) > 1e-10 * max(float(norms.max(initial=0.0)), 1e-300)
+    q = q[:, keep]
+    if limit is not None:
+        q = q[:, :limit]
+    return q
 
 
 def _bipartition(adjacency: sp.csr_array) -> np.ndarray | None:
-    """Two-colouring of a graph (True = second side), or None when it has an odd cycle."""
+    """Two-colouring of a graph (True = second side), or None when it has an odd cycle.
+
+    Node v's two copies in the bipartite double cover ``[[0, A], [A, 0]]`` lie in one connected
+    component exactly when v sits on an odd cycle; otherwise the component holding v's first copy
+    tells v's side.
+    """
     n = adjacency.shape[0]
-    n_components, component = csgraph.connected_components(adjacency, directed=False)
-    side = np.zeros(n, dtype=bool)
-    for c in range(n_components):
-        root = int(np.flatnonzero(component == c)[0])
-        order, predecessors = csgraph.breadth_first_order(
-            adjacency, root, directed=False, return_predecessors=True
-        )
-        for node in order[1:]:
-            side[node] = not side[predecessors[node]]
-    coo = adjacency.tocoo()
-    if np.any(side[coo.row] == side[coo.col]):
+    pattern = sp.csr_array(adjacency)
+    cover = sp.block_array([[None, pattern], [pattern, None]], format="csr")
+    _, component = csgraph.connected_components(cover, directed=False)
+    first, second = component[:n], component[n:]
+    if np.any(first == second):
         return None
+    side = first > second
     if side.all() or not side.any():
         return None
     return side
@@ -319,26 +770,38 @@ def _kmeans_restarts(
     k: int,
     rng: np.random.Generator,
     n_init: int,
-    max_iter: int = 300,
+    max_iter: int = KMEANS_MAX_ITER,
     tol: float = 1e-4,
 ) -> np.ndarray:
     """Lloyd's k-means from ``n_init`` k-means++ starts, all restarts at once.
 
-    A restart stops when its labels no longer change or its centers move less than ``tol`` times
-    the mean variance of the points (scikit-learn's criterion); the others go on. Returns the
+    A restart stops after ``max_iter`` iterations, when its labels no longer change, or when its
+    centers move less than ``tol`` times the mean variance of the points (scikit-learn's
+    criterion); the others go on. Returns the
     labels of every restart, shape ``[n_init, n_points]``; no cluster is left empty.
     """
-    n, _ = points.shape
+    n, d = points.shape
     norms = (points**2).sum(axis=1)  # [n]
     threshold = tol * float(np.mean(np.var(points, axis=0)))
     centers = _kmeans_plus_plus(points, norms, k, rng, n_init)
     labels = np.full((n_init, n), -1, dtype=np.int64)
+    # Assignment in float32 (only the argmin matters); centers and shifts in float64.
+    points32 = points.astype(np.float32)
     active = np.arange(n_init)
     for _ in range(max_iter):
-        distances = _sq_distances(points, norms, centers[active])  # [R, n, k]
-        new_labels = _fill_empty_clusters(distances.argmin(axis=2), distances, k)
-        new_centers = _cluster_means(points, new_labels, k)
-        shift = ((new_centers - centers[active]) ** 2).sum(axis=(1, 2))
+        current = centers[active]  # [A, k, d]
+        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 is the same for every center of x
+        partial = points32 @ (-2.0 * current.reshape(-1, d).T).astype(np.float32)  # [n, A * k]
+        partial += (current**2).sum(axis=2).reshape(1, -1).astype(np.float32)
+        by_restart = partial.reshape(n, active.size, k)
+        new_labels = by_restart.argmin(axis=2).T  # [A, n]
+        counts = _counts(new_labels, k).reshape(active.size, k)
+        if counts.min() == 0:
+            distances = by_restart.transpose(1, 0, 2) + norms[None, :, None]
+            new_labels = _fill_empty_clusters(new_labels, distances, k)
+            counts = _counts(new_labels, k).reshape(active.size, k)
+        new_centers = _cluster_means(points32, new_labels, counts, k)
+        shift = ((new_centers - current) ** 2).sum(axis=(1, 2))
         unchanged = (new_labels == labels[active]).all(axis=1)
         labels[active] = new_labels
         centers[active] = new_centers
@@ -346,6 +809,12 @@ def _kmeans_restarts(
         if active.size == 0:
             break
     return labels
+
+
+def _counts(labels: np.ndarray, k: int) -> np.ndarray:
+    """Size of each cluster of each restart: ``[R, k]``."""
+    offsets = k * np.arange(labels.shape[0])[:, None]
+    return np.bincount((labels + offsets).ravel(), minlength=labels.size and labels.shape[0] * k)
 
 
 def _kmeans_plus_plus(
@@ -376,18 +845,20 @@ def _sq_distances(points: np.ndarray, norms: np.ndarray, centers: np.ndarray) ->
     return norms[None, :, None] - 2.0 * cross + (centers**2).sum(axis=2)[:, None, :]
 
 
-def _cluster_means(points: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Mean of each cluster's points for every restart: ``[R, k, d]``."""
-    one_hot = (labels[:, :, None] == np.arange(k)[None, None, :]).astype(points.dtype)  # [R, n, k]
-    sums = one_hot.transpose(0, 2, 1) @ points  # [R, k, d]
-    counts = one_hot.sum(axis=1)  # [R, k]
-    return sums / np.maximum(counts, 1.0)[:, :, None]
+def _cluster_means(
+    points: np.ndarray, labels: np.ndarray, counts: np.ndarray, k: int
+) -> np.ndarray:
+    """Mean of each cluster's points for every restart: ``[R, k, d]`` (float64), given the
+    cluster sizes ``counts`` (``[R, k]``)."""
+    one_hot = (labels[:, None, :] == np.arange(k)[None, :, None]).astype(points.dtype)  # [R, k, n]
+    sums = (one_hot @ points).astype(np.float64)  # [R, k, d]
+    return sums / np.maximum(counts, 1)[:, :, None]
 
 
 def _fill_empty_clusters(labels: np.ndarray, distances: np.ndarray, k: int) -> np.ndarray:
     """Give every empty cluster the point farthest from its own center (per restart)."""
     n_init, n = labels.shape
-    counts = np.stack([np.bincount(row, minlength=k) for row in labels])
+    counts = _counts(labels, k).reshape(n_init, k)
     if counts.min() > 0:
         return labels
     labels = labels.copy()
@@ -404,26 +875,61 @@ def _fill_empty_clusters(labels: np.ndarray, distances: np.ndarray, k: int) -> n
     return labels
 
 
-def _ncuts_of_restarts(
-    adjacency: sp.csr_array, degrees: np.ndarray, labels: np.ndarray, k: int
-) -> np.ndarray:
-    """n-cut of each row of ``labels`` (shape ``[R, n]``, values in ``0..k-1``): ``[R]``.
+def _ncuts_of_pieces(edges: _Edges, labels: np.ndarray, k: int, dtype: Any) -> np.ndarray:
+    """n-cut of each row of ``labels`` (shape ``[R, n_active]``, values in ``0..k-1``): ``[R]``.
 
-    ``cut(C) = vol(C) - assoc(C, C)``, where ``assoc(C, C)`` sums ``A[i, j]`` over ordered pairs
-    of nodes inside C (twice each edge of the upper triangle), so
-    ``ncut = sum_C (vol(C) - assoc(C, C)) / vol(C)``.
+    ``cut(C) = vol(C) - assoc(C, C)`` with ``assoc(C, C) = sum of A[i, j] over i, j in C`` (each
+    edge twice), so ``ncut = sum_C (vol(C) - assoc(C, C)) / vol(C)``. For a dense piece W, the
+    within-cluster weight of every restart at once is one product ``W @ onehot(column labels)``
+    (``[rows, R * k]``), read at each row's own cluster; ``dtype=float32`` halves its cost where
+    the values only rank the restarts.
     """
-    upper = sp.triu(adjacency, k=1, format="coo")
-    rows, cols, weights = upper.row, upper.col, upper.data
-    ncuts = np.empty(labels.shape[0])
-    for r, row_labels in enumerate(labels):
-        volumes = np.bincount(row_labels, weights=degrees, minlength=k)
-        source = row_labels[rows]
-        same = source == row_labels[cols]
-        within = 2.0 * np.bincount(source[same], weights=weights[same], minlength=k)
-        cut = np.maximum(volumes - within, 0.0)
-        ncuts[r] = np.divide(cut, volumes, out=np.zeros_like(cut), where=volumes > 0).sum()
-    return ncuts
+    n_restarts = labels.shape[0]
+    flat = labels + k * np.arange(n_restarts)[:, None]  # cluster ids unique across restarts
+    n_flat = n_restarts * k
+    volumes = np.bincount(
+        flat.ravel(), weights=np.broadcast_to(edges.degrees, flat.shape).ravel(), minlength=n_flat
+    )
+    within = np.zeros(n_flat)
+    for piece in edges.pieces:
+        factor = 1.0 if piece.symmetric else 2.0
+        row_ids = flat[:, piece.rows]  # [R, m]
+        col_ids = flat[:, piece.cols]  # [R, c]
+        if piece.dense:
+            one_hot = np.zeros((piece.cols.size, n_flat), dtype=dtype)
+            one_hot[np.arange(piece.cols.size)[None, :], col_ids] = 1.0
+            per_row = piece.weights_as(dtype) @ one_hot  # [m, R * k]
+            own = per_row[np.arange(piece.rows.size)[None, :], row_ids]  # [R, m]
+            within += factor * np.bincount(
+                row_ids.ravel(), weights=own.ravel().astype(np.float64), minlength=n_flat
+            )
+            continue
+        i, j, w = piece.edge_list()
+        for r in range(n_restarts):
+            source = row_ids[r, i]
+            same = source == col_ids[r, j]
+            within += factor * np.bincount(source[same], weights=w[same], minlength=n_flat)
+    cut = np.maximum(volumes - within, 0.0)
+    terms = np.divide(cut, volumes, out=np.zeros_like(cut), where=volumes > 0)
+    return terms.reshape(n_restarts, k).sum(axis=1)
+
+
+def _within_cluster(
+    adjacency: sp.csr_array, labels: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(volume, assoc)`` of clusters ``0..k-1`` (``-1`` nodes ignored), from the CSR directly:
+    ``A @ onehot(labels)`` is ``[n, k]``, so no copy of the edges is made."""
+    degrees = np.asarray(adjacency.sum(axis=1)).ravel()
+    clustered = labels >= 0
+    nodes = np.flatnonzero(clustered)
+    volumes = np.bincount(labels[clustered], weights=degrees[clustered], minlength=k)
+    one_hot = sp.csr_array(
+        (np.ones(nodes.size), (nodes, labels[clustered])), shape=(adjacency.shape[0], k)
+    )
+    to_cluster = sp.csr_array(adjacency @ one_hot).toarray()  # [n, k]
+    own = to_cluster[nodes, labels[clustered]]
+    within = np.bincount(labels[clustered], weights=own, minlength=k)
+    return volumes, within
 
 
 def cluster_cuts(
@@ -431,13 +937,7 @@ def cluster_cuts(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(cut, volume)`` of each cluster ``0..k-1`` of a labelling (``-1`` nodes ignored)."""
     adjacency = _as_csr(graph)
-    degrees = np.asarray(adjacency.sum(axis=1)).ravel()
-    labels = np.asarray(labels)
-    clustered = labels >= 0
-    volumes = np.bincount(labels[clustered], weights=degrees[clustered], minlength=k)
-    coo = adjacency.tocoo()
-    same = (labels[coo.row] == labels[coo.col]) & (labels[coo.row] >= 0)
-    within = np.bincount(labels[coo.row][same], weights=coo.data[same], minlength=k)
+    volumes, within = _within_cluster(adjacency, np.asarray(labels), k)
     return np.maximum(volumes - within, 0.0), volumes
 
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from sklearn.cluster import SpectralClustering
 from sklearn.metrics import adjusted_rand_score
+from torch import nn
 
 import cluster_tracking as ct
+from cluster_tracking import spectral
+from cluster_tracking.baselines import shuffle_weights
 from cluster_tracking.spectral import laplacian_embedding, spectral_partitions
 
 
@@ -145,3 +151,95 @@ def test_sweep_shares_the_embedding_and_matches_single_k_runs() -> None:
     single = spectral_partitions(adjacency, [5], seed=np.random.SeedSequence(11))
     assert [p.k for p in sweep] == [3, 5]
     assert sweep[1].ncut == pytest.approx(single[0].ncut, rel=1e-9)
+
+
+def _laplacian_spectrum(adjacency: sp.csr_array, n: int) -> np.ndarray:
+    dense = adjacency.toarray()
+    degrees = dense.sum(axis=1)
+    laplacian = np.eye(dense.shape[0]) - dense / np.sqrt(np.outer(degrees, degrees))
+    return np.linalg.eigvalsh(laplacian)[:n]
+
+
+def test_iterative_path_on_a_large_graph_matches_the_dense_eigenvalues_and_ncut() -> None:
+    # 2,400 nodes: past the dense limit, so the embedding comes from block Krylov in float32.
+    adjacency = layered_graph([800, 600, 600, 400], seed=4)
+    partition = ct.spectral_partition(adjacency, k=8, seed=0)
+    np.testing.assert_allclose(partition.eigenvalues, _laplacian_spectrum(adjacency, 8), atol=1e-6)
+    # k-means on the exact embedding, same starts: the Krylov subspace does as well in n-cut.
+    _, exact = laplacian_embedding(adjacency, 8, rng=np.random.default_rng(0))
+    edges = spectral._edges_of(adjacency)
+    starts = spectral._kmeans_restarts(exact, 8, np.random.default_rng(1), 25)
+    exact_best = spectral._ncuts_of_pieces(edges, starts, 8, np.float64).min()
+    assert partition.ncut <= exact_best * 1.005, (partition.ncut, exact_best)
+    assert ct.ncut(adjacency, partition.labels) == pytest.approx(partition.ncut, rel=1e-9)
+
+
+def test_iterative_path_recovers_planted_modules_on_a_large_graph() -> None:
+    widths = [500, 400, 400, 300]
+    adjacency = layered_graph(widths, seed=6, modules=5, contrast=8.0)
+    truth = np.concatenate([np.arange(w) % 5 for w in widths])
+    partition = ct.spectral_partition(adjacency, k=5, seed=0)
+    assert adjusted_rand_score(truth, partition.labels) > 0.95
+
+
+def test_iterative_path_on_a_graph_with_odd_cycles() -> None:
+    # Edges inside a layer break the 2-colouring: the general (non-bipartite) solver runs.
+    layered = layered_graph([300, 300, 300], seed=8)
+    rng = np.random.default_rng(0)
+    inside = sp.random_array((900, 900), density=0.01, rng=rng, format="csr")
+    inside = sp.triu(inside, k=1)
+    adjacency = sp.csr_array(layered + inside + inside.T)
+    assert spectral._bipartition(adjacency) is None
+    partition = ct.spectral_partition(adjacency, k=6, seed=0)
+    np.testing.assert_allclose(partition.eigenvalues, _laplacian_spectrum(adjacency, 6), atol=1e-6)
+    assert partition.ncut <= _sklearn_ncut(adjacency, k=6, seed=0) * 1.002
+
+
+def test_bipartition_colours_layers_and_detects_odd_cycles() -> None:
+    path = _symmetric(5, {(0, 1): 1.0, (1, 2): 1.0, (2, 3): 1.0, (3, 4): 1.0})
+    sides = spectral._bipartition(path)
+    assert sides is not None
+    assert all(sides[i] != sides[i + 1] for i in range(4))
+    triangle = _symmetric(4, {(0, 1): 1.0, (1, 2): 1.0, (0, 2): 1.0, (2, 3): 1.0})
+    assert spectral._bipartition(triangle) is None
+
+
+def test_null_networks_from_weight_blocks_match_their_assembled_graphs() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(400, 300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU())
+    model.append(nn.Linear(300, 10))
+    graph = ct.weight_graph(model)
+    rng = np.random.default_rng(3)
+    shuffled = shuffle_weights(graph.weights(), "layer", rng)
+    blocks = [replace(b, weight=w) for b, w in zip(graph.blocks, shuffled, strict=True)]
+    from_blocks = spectral.block_ncuts(blocks, graph.n_nodes, graph.node_layer, [4, 12], seed=5)
+    assembled = spectral.spectral_partitions(graph.with_weights(shuffled), [4, 12], seed=5)
+    assert from_blocks == [part.ncut for part in assembled]
+    # the WeightGraph's blocks and its sparse adjacency give the same spectrum
+    from_adjacency = spectral.laplacian_eigenvalues(graph.adjacency, 12, seed=0)
+    np.testing.assert_allclose(
+        spectral.spectral_partition(graph, 12, seed=0).eigenvalues, from_adjacency, atol=1e-7
+    )
+
+
+class _DepthwiseResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pointwise = nn.Conv2d(16, 16, 1)
+        self.head = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.pointwise(torch.relu(self.depthwise(x)))
+        return self.head(x)
+
+
+def test_weight_blocks_with_groups_and_residual_adds_give_the_adjacency_spectrum() -> None:
+    torch.manual_seed(1)
+    graph = ct.weight_graph(_DepthwiseResidual())
+    edges = spectral._edges_of(graph)
+    assert any(not piece.dense for piece in edges.pieces)  # the grouped conv stays sparse
+    values = spectral.spectral_partition(graph, 4, seed=0).eigenvalues
+    np.testing.assert_allclose(values, _laplacian_spectrum(graph.adjacency, 4), atol=1e-9)
