@@ -13,9 +13,12 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
+from cluster_tracking.clusterable_init import clusterable_init_, module_assignment
 from cluster_tracking.errors import ClusterTrackingError, ConfigError, GraphError, SourceError
 from cluster_tracking.graph import EdgeBlock, WeightGraph, weight_graph
 from cluster_tracking.measure import measure
+from cluster_tracking.normalization import ReLUWeightNormalizer
+from cluster_tracking.regularizer import SpectralRegularizer
 from cluster_tracking.report import (
     METRIC_KEYS,
     Baseline,
@@ -40,11 +43,15 @@ __all__ = [
     "EdgeBlock",
     "GraphError",
     "Partition",
+    "ReLUWeightNormalizer",
     "SourceError",
     "SpectralPartition",
+    "SpectralRegularizer",
     "WeightGraph",
     "__version__",
+    "clusterable_init_",
     "measure",
+    "module_assignment",
     "ncut",
     "spectral_partition",
     "weight_graph",

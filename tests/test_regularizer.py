@@ -1,0 +1,324 @@
+"""The spectral regulariser and the ReLU weight normaliser (Filan et al. 2021, promoting
+clusterability): values, exact gradients, both solvers, and the function-preserving rescaling."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
+from torch import nn
+
+from cluster_tracking.errors import ConfigError, GraphError
+from cluster_tracking.graph import weight_graph
+from cluster_tracking.normalization import ReLUWeightNormalizer
+from cluster_tracking.regularizer import SpectralRegularizer
+from cluster_tracking.spectral import laplacian_eigenvalues
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """These graphs are tiny: one thread is fastest, and immune to busy CI cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+def _mlp(*widths: int, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in itertools.pairwise(widths):
+        layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).double()
+
+
+class _SmallCNN(nn.Module):
+    """Conv + BatchNorm, a grouped conv + BatchNorm, max-pooling, and a flatten into a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, groups=2)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 3 * 3, 6)
+        self.out = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        return self.out(F.relu(self.fc(x.flatten(1))))
+
+
+def _cnn(seed: int = 0) -> _SmallCNN:
+    torch.manual_seed(seed)
+    model = _SmallCNN().double()
+    with torch.no_grad():  # BatchNorm statistics as after some training
+        for bn in (model.bn1, model.bn2):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.running_mean.uniform_(-0.5, 0.5)
+    return model
+
+
+class _Residual(nn.Module):
+    """A residual add identifies units, so the graph is not bipartite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x))
+        return self.c(h + F.relu(self.b(h)))
+
+
+def _grads(model: nn.Module) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+# --- the value -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", ["dense", "iterative"])
+@pytest.mark.parametrize("make", [lambda: _mlp(10, 14, 12, 4), _cnn, lambda: _Residual().double()])
+def test_penalty_is_weight_over_k_times_the_k_smallest_nontrivial_eigenvalues(
+    solver: str, make: object
+) -> None:
+    assert callable(make)
+    model = make()
+    k, weight = 4, 0.3
+    reg = SpectralRegularizer(model, k=k, weight=weight, solver=solver)  # type: ignore[arg-type]
+
+    penalty = reg()
+
+    # the same graph as weight_graph (BatchNorm folded, flatten, residual identification),
+    # eigenvalues from the package's scipy solver; eigenvalue 0 (constant direction) skipped
+    expected = laplacian_eigenvalues(weight_graph(model), k + 1, seed=0)
+    assert expected[0] == pytest.approx(0.0, abs=1e-9)
+    np.testing.assert_allclose(reg.last_eigenvalues, expected[1:], rtol=1e-7, atol=1e-9)
+    assert float(penalty.detach()) == pytest.approx(weight / k * expected[1:].sum(), rel=1e-7)
+    assert penalty.requires_grad and penalty.ndim == 0
+
+
+# --- exact gradients -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", ["dense", "iterative"])
+def test_autograd_gradient_equals_finite_differences(solver: str) -> None:
+    model = _cnn(seed=1)
+    reg = SpectralRegularizer(model, k=3, weight=1.0, solver=solver)  # type: ignore[arg-type]
+    reg.eigenvalue_sum().backward()
+
+    step = 1e-6
+    for param in (model.conv2.weight, model.bn1.weight, model.fc.weight):
+        assert param.grad is not None
+        flat, grad = param.data.view(-1), param.grad.view(-1)
+        for index in range(0, flat.numel(), max(1, flat.numel() // 12)):
+            original = float(flat[index])
+            with torch.no_grad():
+                flat[index] = original + step
+                above = float(reg.eigenvalue_sum())
+                flat[index] = original - step
+                below = float(reg.eigenvalue_sum())
+                flat[index] = original
+            numeric = (above - below) / (2 * step)
+            assert float(grad[index]) == pytest.approx(numeric, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("make", [lambda: _mlp(48, 64, 64, 10), lambda: _Residual().double()])
+def test_iterative_path_agrees_with_dense_path_in_values_and_gradients(make: object) -> None:
+    assert callable(make)
+    model = make()
+    values, grads = [], []
+    for solver in ("dense", "iterative"):
+        reg = SpectralRegularizer(model, k=6, weight=1.0, solver=solver)  # type: ignore[arg-type]
+        model.zero_grad()
+        reg().backward()
+        values.append(reg.last_eigenvalues)
+        grads.append(_grads(model))
+    np.testing.assert_allclose(values[1], values[0], rtol=1e-9)
+    for iterative, dense in zip(grads[1], grads[0], strict=True):
+        # tol=1e-7 on the eigenvector residuals: gradients exact to ~tol / spectral gap
+        scale = float(dense.abs().max())
+        np.testing.assert_allclose(iterative.numpy(), dense.numpy(), rtol=0, atol=1e-5 * scale)
+
+
+def test_zero_weights_get_a_zero_subgradient_and_dead_units_are_left_out() -> None:
+    model = _mlp(6, 8, 8, 3, seed=2)
+    with torch.no_grad():
+        model[0].weight[0, :3] = 0.0
+        model[0].weight[5, :] = 0.0  # hidden unit 5 of layer 0 has no edges at all:
+        model[2].weight[:, 5] = 0.0  # it is left out of the graph, as spectral clustering does
+    for solver in ("dense", "iterative"):
+        model.zero_grad()
+        reg = SpectralRegularizer(model, k=3, solver=solver)  # type: ignore[arg-type]
+        reg().backward()
+        grad = model[0].weight.grad
+        assert grad is not None and torch.isfinite(grad).all()
+        assert torch.all(grad[0, :3] == 0) and torch.all(grad[5] == 0)
+        expected = laplacian_eigenvalues(weight_graph(model), 4, seed=0)[1:]
+        np.testing.assert_allclose(reg.last_eigenvalues, expected, rtol=1e-7)
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+def test_sgd_on_the_regulariser_lowers_the_eigenvalue_sum() -> None:
+    model = _mlp(16, 24, 24, 6, seed=3).float()
+    reg = SpectralRegularizer(model, k=5, weight=1.0)
+    normalize = ReLUWeightNormalizer(model)  # so the drop is not a rescaling artefact
+    optimiser = torch.optim.SGD(model.parameters(), lr=2.0)
+    before = reg.eigenvalues().sum()
+    for _ in range(30):
+        optimiser.zero_grad()
+        reg().backward()
+        optimiser.step()
+        normalize()
+    after = reg.eigenvalues().sum()
+    assert after < 0.6 * before
+
+
+def test_every_n_steps_evaluates_every_nth_call_and_rescales() -> None:
+    model = _mlp(6, 8, 3)
+    every = SpectralRegularizer(model, k=2, weight=0.5)
+    value = float(every().detach())
+    amortised = SpectralRegularizer(model, k=2, weight=0.5, every_n_steps=3)
+    plain = SpectralRegularizer(model, k=2, weight=0.5, every_n_steps=3, rescale=False)
+
+    calls = [amortised() for _ in range(6)]
+    assert [float(c.detach()) for c in calls] == pytest.approx([3 * value, 0, 0, 3 * value, 0, 0])
+    assert not calls[1].requires_grad and calls[0].requires_grad
+    assert float(plain().detach()) == pytest.approx(value)
+    assert float(plain()) == 0.0
+    assert amortised.calls == 6
+
+
+def test_iterative_solver_warm_starts_from_the_last_eigenvectors() -> None:
+    model = _mlp(48, 64, 64, 10)
+    reg = SpectralRegularizer(model, k=6, solver="iterative")
+    reg()
+    cold = reg.last_solver_applies
+    with torch.no_grad():
+        model[2].weight.mul_(1.0 + 1e-4 * torch.randn_like(model[2].weight))
+    reg()
+    assert reg.last_solver_applies < cold
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"k": 0}, "k must be"),
+        ({"k": 40}, "use k <="),
+        ({"weight": -1.0}, "weight must be"),
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"solver": "fast"}, "solver must be"),
+        ({"tol": 0.0}, "tol must be"),
+    ],
+)
+def test_bad_arguments_raise_config_errors_that_say_what_to_do(
+    kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SpectralRegularizer(_mlp(6, 8, 3), **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_state_dict_is_refused_with_a_graph_error() -> None:
+    with pytest.raises(GraphError, match=r"nn\.Module"):
+        SpectralRegularizer(_mlp(6, 8, 3).state_dict())  # type: ignore[arg-type]
+
+
+# --- the ReLU weight normaliser --------------------------------------------------------------
+
+
+class _FunctionalMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(5, 7), nn.Linear(7, 7), nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.leaky_relu(self.fc1(x), 0.1)
+        x = F.dropout(F.relu(self.fc2(x)), 0.5, self.training)
+        return F.log_softmax(self.fc3(x), dim=1)
+
+
+def _scramble_scales(model: nn.Module, seed: int) -> None:
+    """Multiply every parameter entrywise by a random factor in [0.2, 3]: no longer normalised."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            factor = torch.rand(param.shape, generator=generator, dtype=param.dtype)
+            param.mul_(0.2 + 2.8 * factor)
+
+
+@pytest.mark.parametrize("make", [_cnn, lambda: _FunctionalMLP().double()])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_normaliser_keeps_the_function_and_fixes_incoming_norms(make: object, mode: str) -> None:
+    assert callable(make)
+    model = make()
+    _scramble_scales(model, seed=0)
+    model.train(mode == "train")
+    inputs = torch.randn(5, 3, 10, 10) if isinstance(model, _SmallCNN) else torch.randn(5, 5)
+    inputs = inputs.double()
+    torch.manual_seed(0)  # dropout masks
+    before = model(inputs)
+
+    normalize = ReLUWeightNormalizer(model, norm=1.5)
+    normalize()
+
+    for hidden in normalize.layers:  # (before a train-mode forward moves the BatchNorm stats)
+        norms = hidden.incoming_norms()
+        torch.testing.assert_close(norms, torch.full_like(norms, 1.5))
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(inputs), before, rtol=1e-10, atol=1e-12)
+
+
+def test_normaliser_undoes_function_preserving_rescalings_of_relu_units() -> None:
+    """Two networks that differ by a rescaling of ReLU units (the same function) normalise to the
+    same weights, so the regulariser cannot tell them apart: the loophole is closed."""
+    model = _mlp(6, 9, 9, 3, seed=4)
+    rescaled = copy.deepcopy(model)
+    scale = torch.rand(9, dtype=torch.float64) * 4 + 0.1
+    with torch.no_grad():  # unit b of the first hidden layer: incoming * c_b, outgoing / c_b
+        rescaled[0].weight.mul_(scale[:, None])
+        rescaled[0].bias.mul_(scale)
+        rescaled[2].weight.div_(scale[None, :])
+    ReLUWeightNormalizer(model, norm=1.0)()
+    ReLUWeightNormalizer(rescaled, norm=1.0)()
+    for original, other in zip(model.parameters(), rescaled.parameters(), strict=True):
+        torch.testing.assert_close(other, original)
+    np.testing.assert_allclose(
+        SpectralRegularizer(rescaled, k=3).eigenvalues(),
+        SpectralRegularizer(model, k=3).eigenvalues(),
+    )
+
+
+def test_normaliser_default_target_keeps_each_layers_initial_scale() -> None:
+    model = _mlp(6, 9, 9, 3, seed=5)
+    norms = torch.sqrt((model[0].weight.detach() ** 2).sum(1) + model[0].bias.detach() ** 2)
+    normalize = ReLUWeightNormalizer(model)
+    normalize()
+    rms = float(torch.sqrt((norms**2).mean()))
+    assert normalize.layers[0].target == pytest.approx(rms)
+    torch.testing.assert_close(
+        normalize.layers[0].incoming_norms(), torch.full((9,), rms, dtype=torch.float64)
+    )
+
+
+def test_normaliser_refuses_non_homogeneous_activations_and_residuals() -> None:
+    tanh = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    with pytest.raises(GraphError, match="not positively homogeneous"):
+        ReLUWeightNormalizer(tanh)
+    with pytest.raises(GraphError, match="residual add"):
+        ReLUWeightNormalizer(_Residual())
