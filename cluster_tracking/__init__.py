@@ -26,7 +26,9 @@ from cluster_tracking.report import (
     ClusterSummary,
     Partition,
 )
+from cluster_tracking.sinks import LocalDirectorySink, Sink, SinkError
 from cluster_tracking.spectral import SpectralPartition, ncut, spectral_partition
+from cluster_tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
 
 try:
     __version__ = _version("cluster-tracking")
@@ -38,12 +40,17 @@ __all__ = [
     "Baseline",
     "ClusterSummary",
     "ClusterTrackingError",
+    "ClusterTrackingWarning",
     "ClusterabilityReport",
+    "ClusterabilityTracker",
     "ConfigError",
     "EdgeBlock",
     "GraphError",
+    "LocalDirectorySink",
     "Partition",
     "ReLUWeightNormalizer",
+    "Sink",
+    "SinkError",
     "SourceError",
     "SpectralPartition",
     "SpectralRegularizer",

@@ -1,0 +1,162 @@
+"""What the clusterability hook costs a training loop.
+
+Runs the same training loop (an MLP 784-256-256-10 on random data) in one process:
+
+* without a tracker (the reference),
+* with a tracker writing to a local directory,
+* with a tracker whose sink sleeps on every call (a slow tracking server),
+* with ``worker="thread"`` (measuring in the training process: it competes for the GIL),
+* with ``layers=[...]`` (snapshot = CPU copy of the weights; the graph is built in the background),
+
+and prints each loop's wall time as a ratio of the reference, the time the training thread spent
+inside ``tracker.step()`` at due steps (the snapshot stall), and how long ``close()`` waited.
+Wall-clock numbers are for people to read; no test asserts on them.
+
+    python benchmarks/bench_hooks.py [--steps 600] [--every 100] [--shuffles 10] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cluster_tracking.report import ClusterabilityReport
+from cluster_tracking.sinks import LocalDirectorySink
+from cluster_tracking.tracker import ClusterabilityTracker
+
+
+class SlowSink(LocalDirectorySink):
+    """A local sink that first sleeps ``delay`` seconds on every call, like a slow server."""
+
+    def __init__(self, path: Path, delay: float) -> None:
+        super().__init__(path)
+        self.delay = delay
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        time.sleep(self.delay)
+        super().log_params(params)
+
+    def log_report(
+        self, report: ClusterabilityReport, step: int, artifacts: Mapping[str, Path]
+    ) -> None:
+        time.sleep(self.delay)
+        super().log_report(report, step, artifacts)
+
+    def log_summary(
+        self, reports: Sequence[ClusterabilityReport], artifacts: Mapping[str, Path]
+    ) -> None:
+        time.sleep(self.delay)
+        super().log_summary(reports, artifacts)
+
+
+def make_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+
+
+def train(
+    steps: int, tracker: ClusterabilityTracker | None
+) -> tuple[float, list[float], float, int]:
+    """Loop seconds, seconds inside tracker.step() at each due step, close() seconds, #reports."""
+    model = make_model()
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 784, generator=generator)
+    y = torch.randint(0, 10, (2048,), generator=generator)
+    stalls: list[float] = []
+    started = time.perf_counter()
+    for step in range(steps):
+        batch = torch.randint(0, len(y), (128,), generator=generator)
+        loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if tracker is not None:
+            tick = time.perf_counter()
+            if tracker.step(model, step):
+                stalls.append(time.perf_counter() - tick)
+    loop = time.perf_counter() - started
+    if tracker is None:
+        return loop, stalls, 0.0, 0
+    tick = time.perf_counter()
+    tracker.close()
+    return loop, stalls, time.perf_counter() - tick, len(tracker.reports)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--shuffles", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sink-delay", type=float, default=2.0)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-hooks-"))
+    options: dict[str, Any] = {"every_n_steps": args.every, "k": 12, "shuffles": args.shuffles}
+
+    configs: dict[str, Callable[[int], ClusterabilityTracker | None]] = {
+        "no tracker (reference)": lambda i: None,
+        "tracker, local sink": lambda i: ClusterabilityTracker(
+            [LocalDirectorySink(workdir / f"local-{i}")], **options
+        ),
+        f"tracker, sink sleeping {args.sink_delay:g} s": lambda i: ClusterabilityTracker(
+            [SlowSink(workdir / f"slow-{i}", args.sink_delay)], **options
+        ),
+        "tracker, worker='thread' (same process)": lambda i: ClusterabilityTracker(
+            [LocalDirectorySink(workdir / f"thread-{i}")], worker="thread", **options
+        ),
+        "tracker, layers=[...] (copy snapshot)": lambda i: ClusterabilityTracker(
+            [LocalDirectorySink(workdir / f"layers-{i}")], layers=["0", "2", "4"], **options
+        ),
+    }
+    train(50, None)  # warm-up: allocator, kernels
+    all_runs: dict[str, list[tuple[float, list[float], float, int]]] = {
+        name: [] for name in configs
+    }
+    for i in range(args.repeats):  # interleaved, so a busy moment of the machine hits all alike
+        for name, make in configs.items():
+            all_runs[name].append(train(args.steps, make(i)))
+    results: dict[str, tuple[float, list[float], float, int]] = {}
+    for name, runs in all_runs.items():
+        best = min(runs, key=lambda run: run[0])
+        stalls = [stall for run in runs for stall in run[1]]
+        results[name] = (best[0], stalls, statistics.median(run[2] for run in runs), best[3])
+
+    reference = results["no tracker (reference)"][0]
+    print(
+        f"{args.steps} steps, measuring every {args.every} (k=12, shuffles={args.shuffles}), "
+        f"best of {args.repeats}; torch threads: {torch.get_num_threads()}"
+    )
+    header = (
+        f"{'configuration':<40} {'loop s':>8} {'ratio':>7} {'stall ms (median/max)':>22} "
+        f"{'close s':>8} {'reports':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, (loop, stalls, close, reports) in results.items():
+        stall = (
+            f"{1000 * statistics.median(stalls):.1f} / {1000 * max(stalls):.1f}" if stalls else "-"
+        )
+        print(
+            f"{name:<40} {loop:>8.2f} {loop / reference:>7.2f} {stall:>22} {close:>8.2f} "
+            f"{reports:>8}"
+        )
+    print(
+        "\nratio: loop time / reference loop time (same process). stall: time the training "
+        "thread spent in tracker.step() at a due step. close: time close() waited for pending "
+        "measurements and sinks. Skipped steps (backlog) show as fewer reports."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1030 @@
+"""``cluster-tracking audit`` and ``compare``: the clusterability of models saved or logged before.
+
+An audit reads a model's weights from a checkpoint, an MLflow run or registered model, or a W&B
+artifact (:mod:`cluster_tracking.loading`, which never runs code from the file unless told to),
+measures it (:func:`~cluster_tracking.measure.measure`: spectral partition, n-cut, and a null model
+of weight-shuffled networks, Filan et al. 2021) and shows the result:
+
+* a table (n-cut, null mean ± std, z, p, nodes, k), or the report JSON (``--json``);
+* with ``--out DIR``: ``report.json``, ``adjacency.png``, ``composition.png`` and a
+  self-contained ``report.html``;
+* with ``--log-to-run``: the same files and the ``clusterability/*`` metrics written back into the
+  run that logged the model (:func:`log_to_run`), next to what is already there.
+
+:func:`run_compare` audits many sources (or every run of MLflow experiments that holds a model)
+and sorts them by z-score. The CLI (:mod:`cluster_tracking.cli`) is a thin layer over
+:func:`run_audit` and :func:`run_compare`; :func:`cli_guard` turns every error into one line on
+stderr and the exit code of :data:`EXIT_CODES`.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import typer
+
+from cluster_tracking.errors import ClusterTrackingError, ConfigError, GraphError, SourceError
+from cluster_tracking.graph import WeightGraph
+from cluster_tracking.loading import (
+    LoadedModel,
+    PlatformError,
+    RunTarget,
+    SourceRef,
+    experiment_sources,
+    load_source,
+    mlflow_client,
+    parse_source,
+)
+from cluster_tracking.report import ClusterabilityReport
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+#: Exit status of ``audit`` and ``compare``, and what it means.
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_SOURCE = 3
+EXIT_MODEL = 4
+EXIT_PLATFORM = 5
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "success",
+    EXIT_INTERNAL: "unexpected internal error (a bug; please report it)",
+    EXIT_USAGE: "bad command line or option value (unknown option, --shuffles 1, --k above the "
+    "node count, --log-to-run on a local file...)",
+    EXIT_SOURCE: "source not found or unreadable: missing or corrupt file, unknown URI scheme, no "
+    "such run/model/artifact, a run without a model, a pickle refused without --trust-pickle",
+    EXIT_MODEL: "the model cannot be measured: no Linear/Conv layers, weights that do not chain, "
+    "an unknown --layers name, NaN weights",
+    EXIT_PLATFORM: "MLflow or W&B unreachable, refusing, or not installed",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
+
+#: Artifact folder of ``--log-to-run`` in an MLflow run (``-2``, ``-3``... if taken).
+AUDIT_ARTIFACT_DIR = "clusterability/audit"
+
+#: Files an audit writes (``--out``, ``--log-to-run``).
+BUNDLE_FILES = ("report.json", "adjacency.png", "composition.png", "report.html")
+
+_BACKENDS = ("threading", "loky", "multiprocessing", "dask")
+
+ProgressFactory = Callable[[str], "Callable[[int, int], None] | None"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """How every source of one command is measured and read.
+
+    Attributes:
+        k: number of clusters, or ``"auto"`` (the largest eigengap in 2..32).
+        shuffles: weight-shuffled networks of the null model (0: none).
+        method: the null model (``layer``, ``layer_nonzero``, ``layer_nonzero_distribution``,
+            ``layer_all_distribution``, ``random_init``).
+        seed: seed of every random draw (same seed, same numbers).
+        jobs: parallel workers for the null networks (-1: all cores).
+        backend, scheduler: joblib backend, and the Dask scheduler address for ``dask``.
+        layers: the layers that make the graph, in data-flow order (``None``: all, as a chain).
+        norm, preset: kernel-slice norm for convolutions and graph conventions (see
+            :func:`~cluster_tracking.graph.weight_graph`).
+        trust_pickle: unpickle pickled models for real (runs code from the file).
+        tracking_uri: MLflow tracking server or store of ``runs:/``/``models:/`` sources.
+    """
+
+    k: int | Literal["auto"] = 12
+    shuffles: int = 50
+    method: str = "layer"
+    seed: int = 0
+    jobs: int = -1
+    backend: str | None = None
+    scheduler: str | None = None
+    layers: tuple[str, ...] | None = None
+    norm: Literal["l1", "l2"] = "l1"
+    preset: Literal["default", "filan2021"] = "default"
+    trust_pickle: bool = False
+    tracking_uri: str | None = None
+
+    def check(self) -> None:
+        """Validate the settings before any source is read.
+
+        Raises:
+            ConfigError: a value is out of range or settings contradict each other.
+        """
+        from cluster_tracking.baselines import check_method
+
+        if self.k != "auto" and (isinstance(self.k, bool) or not isinstance(self.k, int)):
+            raise ConfigError(f"--k must be a whole number >= 2 or 'auto', got {self.k!r}.")
+        if isinstance(self.k, int) and self.k < 2:
+            raise ConfigError(f"--k {self.k}: a partition needs at least 2 clusters.")
+        if self.shuffles < 0 or self.shuffles == 1:
+            raise ConfigError(
+                f"--shuffles {self.shuffles}: a null model needs at least 2 networks to have a "
+                "spread (the paper uses 50-100); pass --shuffles 0 to skip it."
+            )
+        try:
+            check_method(self.method)
+        except ConfigError as error:
+            raise ConfigError(str(error).replace("null model", "--method", 1)) from None
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}.")
+        if self.backend is not None and self.backend not in _BACKENDS:
+            raise ConfigError(f"--backend {self.backend!r} is not one of {', '.join(_BACKENDS)}.")
+        if self.scheduler is not None and self.backend != "dask":
+            raise ConfigError("--scheduler is the address of a Dask scheduler: add --backend dask.")
+        if self.norm not in ("l1", "l2"):
+            raise ConfigError(f"--norm must be l1 or l2, got {self.norm!r}.")
+        if self.preset not in ("default", "filan2021"):
+            raise ConfigError(f"--preset must be default or filan2021, got {self.preset!r}.")
+        if self.preset == "filan2021" and self.norm != "l1":
+            raise ConfigError("--preset filan2021 fixes the kernel norm; drop --norm l2.")
+
+
+def parse_k(text: str | int) -> int | Literal["auto"]:
+    """``--k``: a whole number, or ``auto``."""
+    if isinstance(text, int):
+        return text
+    value = str(text).strip().lower()
+    if value == "auto":
+        return "auto"
+    if not value.isdigit():
+        raise ConfigError(f"--k must be a whole number >= 2 or 'auto', got {text!r}.")
+    return int(value)
+
+
+def parse_layers(values: Sequence[str] | None) -> tuple[str, ...] | None:
+    """``--layers``, repeated and/or comma-separated, as one tuple of names."""
+    if not values:
+        return None
+    names = tuple(name.strip() for value in values for name in str(value).split(","))
+    names = tuple(name for name in names if name)
+    if not names:
+        raise ConfigError("--layers names no layer; give layer names, e.g. --layers 0,2,4.")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# One audit
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AuditResult:
+    """One audited source.
+
+    Attributes:
+        loaded: the weights and where they came from.
+        report: the measurement (``config["source"]`` holds the source as given).
+        graph: the weight graph that was partitioned (for the heat map).
+        seconds: wall time of loading and measuring.
+        logged: where ``--log-to-run`` wrote the audit, in words (``None``: not logged).
+    """
+
+    loaded: LoadedModel
+    report: ClusterabilityReport
+    graph: WeightGraph
+    seconds: float
+    logged: str | None = None
+
+    @property
+    def label(self) -> str:
+        """Short name of the source for tables."""
+        return self.loaded.label
+
+
+def audit_source(
+    source: str | SourceRef,
+    settings: AuditSettings,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> AuditResult:
+    """Load one source and measure its clusterability.
+
+    Raises:
+        SourceError, PlatformError: the source cannot be read.
+        GraphError: its weights do not make a weight graph.
+        ConfigError: a setting does not fit this model.
+    """
+    from cluster_tracking.graph import weight_graph
+    from cluster_tracking.measure import measure
+
+    started = time.perf_counter()
+    loaded = load_source(
+        source, trust_pickle=settings.trust_pickle, tracking_uri=settings.tracking_uri
+    )
+    layers = loaded.layer_names(settings.layers)
+    is_module = not isinstance(loaded.weights, dict)
+    if settings.method == "random_init" and settings.shuffles and not is_module:
+        raise ConfigError(
+            f"{loaded.label}: --method random_init re-initialises the model's own modules, so it "
+            "needs the model itself (a pickled module, with --trust-pickle), not bare weights; "
+            "use --method layer."
+        )
+    try:
+        graph = weight_graph(
+            loaded.weights, norm=settings.norm, preset=settings.preset, layers=layers
+        )
+    except GraphError as error:
+        hint = (
+            " A state_dict is read as the chain of its Linear/Conv layers in key order: pass "
+            "--layers to choose them, or audit the pickled model with --trust-pickle to follow "
+            "its real data flow."
+            if not is_module
+            else ""
+        )
+        raise GraphError(f"{loaded.label}: {error}{hint}") from None
+    report = measure(
+        loaded.weights if settings.method == "random_init" else graph,
+        k=settings.k,
+        shuffles=settings.shuffles,
+        shuffle=settings.method,
+        seed=settings.seed,
+        n_jobs=settings.jobs,
+        backend=settings.backend,
+        scheduler=settings.scheduler,
+        norm=settings.norm,
+        preset=settings.preset,
+        layers=layers,
+        progress=progress,
+    )
+    report.config["source"] = loaded.source
+    report.config["source_format"] = loaded.format
+    return AuditResult(loaded, report, graph, time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: --out and --log-to-run
+# ---------------------------------------------------------------------------------------------
+
+
+def write_bundle(
+    result: AuditResult, folder: str | os.PathLike[str], *, extra: dict[str, Any] | None = None
+) -> dict[str, Path]:
+    """Write the audit's files into ``folder`` (created if missing).
+
+    ``report.json`` (the :class:`~cluster_tracking.report.ClusterabilityReport`), ``adjacency.png``
+    (the weight graph ordered by cluster), ``composition.png`` (each layer's neurons by cluster),
+    ``report.html`` (self-contained, both images embedded), and ``audit.json`` when ``extra`` is
+    given (what was audited, when, and where it was logged).
+
+    Returns:
+        File name -> path.
+    """
+    from cluster_tracking.html_report import write_html
+    from cluster_tracking.plots import adjacency_figure, composition_figure, png_bytes
+
+    target = _make_folder(Path(folder))
+    report = result.report
+    images = {
+        "adjacency": png_bytes(
+            adjacency_figure(
+                result.graph,
+                report.partition.labels,
+                title=f"{result.label}: weight graph ordered by cluster",
+            )
+        ),
+        "composition": png_bytes(
+            composition_figure(report, title=f"{result.label}: clusters by layer (k = {report.k})")
+        ),
+    }
+    written = {
+        "report.json": target / "report.json",
+        "adjacency.png": target / "adjacency.png",
+        "composition.png": target / "composition.png",
+        "report.html": target / "report.html",
+    }
+    try:
+        written["report.json"].write_text(report.to_json(indent=2) + "\n", encoding="utf-8")
+        written["adjacency.png"].write_bytes(images["adjacency"])
+        written["composition.png"].write_bytes(images["composition"])
+        write_html(
+            written["report.html"],
+            [report],
+            images=images,
+            params=_params(result),
+            title=f"Clusterability audit: {result.label}",
+        )
+        if extra is not None:
+            written["audit.json"] = target / "audit.json"
+            written["audit.json"].write_text(json.dumps(extra, indent=2) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot write into {str(target)!r} ({error.strerror}).") from None
+    return written
+
+
+def _make_folder(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot create the folder {str(folder)!r} ({error.strerror or error})."
+        ) from None
+    return folder
+
+
+def _params(result: AuditResult) -> dict[str, Any]:
+    config = result.report.config
+    params: dict[str, Any] = {
+        "source": result.loaded.source,
+        "read as": result.loaded.format,
+    }
+    if result.loaded.prefix:
+        params["prefix removed"] = result.loaded.prefix
+    for key in ("k", "shuffles", "method", "seed", "layers", "norm", "preset"):
+        if config.get(key) is not None:
+            params[key] = config[key]
+    return params
+
+
+def log_to_run(result: AuditResult, *, step: int | None = None) -> str:
+    """Write the audit back into the run that logged the audited model.
+
+    MLflow: the ``clusterability/*`` metrics of the report at ``step`` (default: the run's last
+    logged step, 0 for a run without metrics), linked to the logged model when the source was one;
+    and the files of :func:`write_bundle` plus ``audit.json`` under ``clusterability/audit/``
+    (``clusterability/audit-2/``, ... when that folder exists: nothing already in the run is
+    replaced). No params are written, so an audit never collides with the run's params.
+
+    W&B: resumes the run (``resume="allow"``), logs the metrics at the run's next step (W&B steps
+    only grow; ``step`` if given and ahead of the run), and logs the files as a new version of
+    the artifact ``clusterability-audit-<run id>`` (type ``clusterability-audit``). Implemented
+    against W&B's public API, untested here without a W&B server.
+
+    Returns:
+        Where it was written, in words.
+
+    Raises:
+        ConfigError: the source has no run (a local file, a registered model without a source
+            run).
+        SourceError, PlatformError: the run cannot be found or written.
+    """
+    target = result.loaded.run
+    if target is None:
+        raise SourceError(
+            f"{result.label}: --log-to-run needs the run that logged the model, and this source "
+            "has none (a local file, or a registered model without a source run)."
+        )
+    if step is not None and step < 0:
+        raise ConfigError(f"--step must be >= 0, got {step}.")
+    if target.platform == "wandb":
+        return _log_to_wandb(result, target, step)
+    return _log_to_mlflow(result, target, step)
+
+
+def _audit_info(result: AuditResult, step: int | None, folder: str | None) -> dict[str, Any]:
+    from cluster_tracking.measure import versions
+
+    return {
+        "source": result.loaded.source,
+        "label": result.label,
+        "read_as": result.loaded.format,
+        "prefix_removed": result.loaded.prefix or None,
+        "notes": result.loaded.notes,
+        "metrics": result.report.metrics(),
+        "step": step,
+        "artifact_folder": folder,
+        "audited_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+    }
+
+
+def _log_to_mlflow(result: AuditResult, target: RunTarget, step: int | None) -> str:
+    from mlflow.entities import Metric
+
+    from cluster_tracking.loading import _mlflow_error, _run_label
+
+    with mlflow_client(target.tracking_uri) as (client, uri):
+        try:
+            run = client.get_run(target.run_id)
+        except Exception as error:
+            raise _mlflow_error(error, f"MLflow run {target.run_id!r}", uri) from error
+        label = _run_label(run)
+        if run.info.lifecycle_stage == "deleted":
+            raise SourceError(f"MLflow run {label} is deleted; restore it to log into it.")
+        try:
+            if step is None:
+                step = _last_step(client, run)
+            folder = _free_folder(client, target.run_id)
+            with tempfile.TemporaryDirectory(prefix="cluster-tracking-audit-") as scratch:
+                write_bundle(result, scratch, extra=_audit_info(result, step, folder))
+                client.log_artifacts(target.run_id, scratch, folder)
+            now = int(time.time() * 1000)
+            metrics = [
+                Metric(key, value, now, step, model_id=target.model_id)
+                for key, value in result.report.metrics().items()
+            ]
+            client.log_batch(target.run_id, metrics=metrics, synchronous=True)
+        except ClusterTrackingError:
+            raise
+        except Exception as error:
+            raise _mlflow_error(error, f"MLflow run {label}", uri) from error
+    return f"MLflow run {label}: metrics clusterability/* at step {step}, artifacts {folder}/"
+
+
+def _last_step(client: Any, run: Any) -> int:
+    """The largest step of any metric of the run (0 without metrics)."""
+    last = 0
+    for key in run.data.metrics:
+        history = client.get_metric_history(run.info.run_id, key)
+        last = max([last, *(int(metric.step) for metric in history)])
+    return last
+
+
+def _free_folder(client: Any, run_id: str) -> str:
+    """``clusterability/audit``, or the first of ``-2``, ``-3``... not yet in the run."""
+    parent = AUDIT_ARTIFACT_DIR.rsplit("/", 1)[0]
+    taken = {item.path for item in client.list_artifacts(run_id, parent)}
+    candidate, number = AUDIT_ARTIFACT_DIR, 1
+    while candidate in taken:
+        number += 1
+        candidate = f"{AUDIT_ARTIFACT_DIR}-{number}"
+    return candidate
+
+
+def _log_to_wandb(result: AuditResult, target: RunTarget, step: int | None) -> str:
+    """Resume the W&B run that logged the artifact and log the audit into it (public API)."""
+    try:
+        import wandb
+    except ImportError as error:
+        raise PlatformError(
+            "logging to a W&B run needs the wandb package: pip install 'cluster-tracking[wandb]'"
+        ) from error
+    try:
+        run = wandb.init(
+            entity=target.entity,
+            project=target.project,
+            id=target.run_id,
+            resume="allow",
+            settings=wandb.Settings(silent=True, console="off", init_timeout=30),
+        )
+    except Exception as error:
+        raise PlatformError(
+            f"cannot resume the W&B run {target.label} ({str(error).splitlines()[0][:200]})."
+        ) from error
+    try:
+        name = f"clusterability-audit-{target.run_id}"
+        with tempfile.TemporaryDirectory(prefix="cluster-tracking-audit-") as scratch:
+            info = _audit_info(result, step, name)
+            write_bundle(result, scratch, extra=info)
+            artifact = wandb.Artifact(name, type="clusterability-audit", metadata=info)
+            artifact.add_dir(scratch)
+            if step is not None and step > int(run.step or 0):
+                run.log(result.report.metrics(), step=step)
+            else:
+                run.log(result.report.metrics())
+            run.log_artifact(artifact)
+            logged_step = run.step
+        run.finish()
+    except ClusterTrackingError:
+        raise
+    except Exception as error:
+        raise PlatformError(
+            f"logging the audit to the W&B run {target.label} failed "
+            f"({str(error).splitlines()[0][:200]})."
+        ) from error
+    return (
+        f"W&B run {target.label}: metrics clusterability/* near step {logged_step}, artifact {name}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Failure:
+    source: str
+    error: ClusterTrackingError
+
+
+@dataclass
+class _Batch:
+    results: list[AuditResult] = field(default_factory=list)
+    failures: list[_Failure] = field(default_factory=list)
+
+
+def run_audit(
+    sources: Sequence[str],
+    settings: AuditSettings,
+    *,
+    json_output: bool = False,
+    out: str | os.PathLike[str] | None = None,
+    log_run: bool = False,
+    step: int | None = None,
+) -> int:
+    """``cluster-tracking audit``: measure each source and print the result.
+
+    Prints a table (or, with ``json_output``, one report JSON per source and line on stdout),
+    writes :func:`write_bundle`'s files into ``out`` (into ``out/<source>/`` for several
+    sources), and with ``log_run`` writes the audit back into each source's run
+    (:func:`log_to_run`).
+
+    Returns:
+        The exit code: 0, or that of the first source that failed (the others are still audited).
+
+    Raises:
+        ClusterTrackingError: a setting or a source is invalid (before anything is measured).
+    """
+    refs = _check_sources(sources, settings, log_run=log_run, step=step)
+    if out is not None:
+        _make_folder(Path(out))
+    batch = _audit_all(refs, settings)
+    console = _stdout()
+    folders: dict[int, Path] = {}
+    if out is not None:
+        folders = _out_folders(batch.results, Path(out))
+    for index, result in enumerate(batch.results):
+        if index in folders:
+            write_bundle(result, folders[index])
+        if log_run:
+            try:
+                result.logged = log_to_run(result, step=step)
+            except ClusterTrackingError as error:
+                batch.failures.append(_Failure(result.loaded.source, error))
+    if json_output:
+        for result in batch.results:
+            sys.stdout.write(result.report.to_json() + "\n")
+        sys.stdout.flush()
+        for result in batch.results:
+            if result.logged:
+                _stderr().print(f"logged to {result.logged}", markup=False)
+    elif batch.results:
+        console.print(_table(batch.results, settings, title="Clusterability audit"))
+        _print_details(console, batch.results, folders)
+    return _report_failures(batch.failures)
+
+
+def run_compare(
+    sources: Sequence[str],
+    settings: AuditSettings,
+    *,
+    experiments: Sequence[str] = (),
+    csv_path: str | os.PathLike[str] | None = None,
+    plot_path: str | os.PathLike[str] | None = None,
+    json_output: bool = False,
+    log_run: bool = False,
+    step: int | None = None,
+) -> int:
+    """``cluster-tracking compare``: audit many sources, print them sorted by z-score.
+
+    ``experiments`` adds every run of those MLflow experiments that holds a model (its newest
+    logged model, else an MLflow model or weight file among its artifacts). The table is sorted
+    by z (most clusterable first; sources without a null model last). ``csv_path`` writes the
+    table as CSV, ``plot_path`` a chart of each source's n-cut against its null mean ± std.
+
+    Returns:
+        The exit code: 0, or that of the first source that failed (the others are still audited).
+    """
+    listed = list(sources)
+    labels: dict[str, str] = {}
+    skipped: list[str] = []
+    if not listed and not experiments:
+        raise ConfigError(
+            "compare needs sources or --experiment NAME; e.g. cluster-tracking compare a.pt b.pt."
+        )
+    _check_sources(listed, settings, log_run=log_run, step=step)
+    if experiments:
+        found, skipped = experiment_sources(experiments, tracking_uri=settings.tracking_uri)
+        if not found:
+            raise SourceError(
+                f"no run of experiment {', '.join(repr(e) for e in experiments)} holds a logged "
+                "model or a weight file artifact"
+                + (f" (runs: {', '.join(skipped[:10])})." if skipped else " (it has no runs).")
+            )
+        for uri, label in found:
+            labels[uri] = label
+            listed.append(uri)
+    refs = [parse_source(source) for source in listed]
+    batch = _audit_all(refs, settings)
+    for result in batch.results:
+        if result.loaded.source in labels and result.loaded.source.startswith("models:/"):
+            result.loaded.label = labels[result.loaded.source]
+    ordered = sorted(batch.results, key=_z_order)
+    if log_run:
+        for result in ordered:
+            try:
+                result.logged = log_to_run(result, step=step)
+            except ClusterTrackingError as error:
+                batch.failures.append(_Failure(result.loaded.source, error))
+    if csv_path is not None and ordered:
+        write_csv(ordered, csv_path)
+    if plot_path is not None and ordered:
+        _save_figure(comparison_figure(ordered), plot_path)
+    if json_output:
+        for result in ordered:
+            sys.stdout.write(result.report.to_json() + "\n")
+        sys.stdout.flush()
+    elif ordered:
+        console = _stdout()
+        console.print(_table(ordered, settings, title="Clusterability comparison", rank=True))
+        console.print(
+            "Sorted by z: most clusterable first. Lower n-cut = more clusterable; z < 0 and "
+            "small p: more clusterable than its weight-shuffled networks."
+        )
+        if skipped:
+            console.print(f"Runs without a model (not audited): {', '.join(skipped)}.")
+        for result in ordered:
+            if result.logged:
+                console.print(f"Logged to {result.logged}.", markup=False)
+        if csv_path is not None:
+            console.print(f"CSV:  {csv_path}", markup=False)
+        if plot_path is not None:
+            console.print(f"Plot: {plot_path}", markup=False)
+    return _report_failures(batch.failures)
+
+
+def _check_sources(
+    sources: Sequence[str], settings: AuditSettings, *, log_run: bool, step: int | None
+) -> list[SourceRef]:
+    """Validate settings and sources before anything is read."""
+    settings.check()
+    if step is not None and step < 0:
+        raise ConfigError(f"--step must be >= 0, got {step}.")
+    if step is not None and not log_run:
+        raise ConfigError("--step is the step of --log-to-run's metrics: add --log-to-run.")
+    refs = [parse_source(source) for source in sources]
+    if log_run:
+        local = [ref.uri for ref in refs if not ref.remote]
+        if local:
+            raise ConfigError(
+                f"--log-to-run writes into the run that logged the model, so it needs runs:/, "
+                f"models:/ or wandb-artifact:// sources; {local[0]!r} is a local file."
+            )
+    return refs
+
+
+def _audit_all(refs: Sequence[SourceRef], settings: AuditSettings) -> _Batch:
+    """Audit every source; with several, a failure is recorded and the others go on."""
+    batch = _Batch()
+    with _progress_bars(settings.shuffles) as progress_for:
+        for ref in refs:
+            try:
+                result = audit_source(ref, settings, progress=progress_for(ref.uri))
+            except ClusterTrackingError as error:
+                if len(refs) == 1:
+                    raise
+                batch.failures.append(_Failure(ref.uri, error))
+                continue
+            batch.results.append(result)
+    return batch
+
+
+def _report_failures(failures: Sequence[_Failure]) -> int:
+    for failure in failures:
+        _print_error(f"{failure.source}: {failure.error}")
+    return exit_code(failures[0].error) if failures else EXIT_OK
+
+
+def _z_order(result: AuditResult) -> tuple[int, float, float]:
+    baseline = result.report.baseline
+    z = baseline.z_score if baseline is not None else None
+    if z is None or not math.isfinite(z):
+        return (1, 0.0, result.report.ncut)
+    return (0, z, result.report.ncut)
+
+
+def _out_folders(results: Sequence[AuditResult], out: Path) -> dict[int, Path]:
+    if len(results) == 1:
+        return {0: out}
+    folders: dict[int, Path] = {}
+    used: set[str] = set()
+    for index, result in enumerate(results):
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", result.label).strip("-.")[:80] or "source"
+        name, number = slug, 1
+        while name in used:
+            number += 1
+            name = f"{slug}-{number}"
+        used.add(name)
+        folders[index] = out / name
+    return folders
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+CSV_COLUMNS = (
+    "rank",
+    "source",
+    "label",
+    "ncut",
+    "null_mean",
+    "null_std",
+    "z_score",
+    "p_value",
+    "percentile",
+    "k",
+    "nodes",
+    "nodes_clustered",
+    "shuffles",
+    "method",
+    "seed",
+    "read_as",
+)
+
+
+def write_csv(results: Sequence[AuditResult], path: str | os.PathLike[str]) -> Path:
+    """The comparison table as CSV (columns :data:`CSV_COLUMNS`, rows in the given order)."""
+    target = Path(path)
+    try:
+        if target.parent != Path():
+            target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(CSV_COLUMNS)
+            for rank, result in enumerate(results, start=1):
+                report, baseline = result.report, result.report.baseline
+                writer.writerow(
+                    [
+                        rank,
+                        result.loaded.source,
+                        result.label,
+                        report.ncut,
+                        _cell(baseline.mean if baseline else None),
+                        _cell(baseline.std if baseline else None),
+                        _cell(baseline.z_score if baseline else None),
+                        _cell(baseline.p_value if baseline else None),
+                        _cell(baseline.percentile if baseline else None),
+                        report.k,
+                        report.nodes.total,
+                        report.nodes.clustered,
+                        report.config.get("shuffles"),
+                        report.config.get("method"),
+                        report.config.get("seed"),
+                        result.loaded.format,
+                    ]
+                )
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write the CSV file {str(target)!r} ({error.strerror})."
+        ) from None
+    return target
+
+
+def _cell(value: float | None) -> str | float:
+    return "" if value is None or not math.isfinite(value) else value
+
+
+def comparison_figure(results: Sequence[AuditResult], *, title: str | None = None) -> Figure:
+    """Each source's n-cut (dot) against its null model's mean ± one std (grey bar), in order."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = [result.label for result in results]
+    positions = np.arange(len(results))
+    figure = Figure(figsize=(min(4.0 + 0.55 * len(results), 18.0), 4.8), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    with_null = [
+        (position, result.report.baseline)
+        for position, result in zip(positions, results, strict=True)
+        if result.report.baseline is not None
+    ]
+    if with_null:
+        axes.errorbar(
+            [position for position, _ in with_null],
+            [baseline.mean for _, baseline in with_null],
+            yerr=[baseline.std for _, baseline in with_null],
+            fmt="s",
+            color="tab:gray",
+            ecolor="tab:gray",
+            capsize=4,
+            markersize=5,
+            label="null mean ± std",
+        )
+    axes.plot(
+        positions,
+        [result.report.ncut for result in results],
+        "o",
+        color="tab:blue",
+        markersize=7,
+        label="n-cut",
+    )
+    rotation = 0 if len(results) <= 4 and max(map(len, labels), default=0) <= 18 else 30
+    axes.set_xticks(positions, labels, rotation=rotation, ha="right" if rotation else "center")
+    axes.set_ylabel("n-cut (lower = more clusterable)")
+    axes.set_xlim(-0.6, len(results) - 0.4)
+    axes.grid(alpha=0.3, axis="y")
+    axes.legend(fontsize=8, loc="best")
+    axes.set_title(title or "Clusterability by source (sorted by z)", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def _save_figure(figure: Figure, path: str | os.PathLike[str]) -> Path:
+    target = Path(path)
+    suffix = target.suffix.lower().lstrip(".")
+    try:
+        if target.parent != Path():
+            target.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(target, format=suffix if suffix in ("png", "pdf", "svg") else "png", dpi=100)
+    except OSError as error:
+        raise ConfigError(f"cannot write the plot {str(target)!r} ({error.strerror}).") from None
+    return target
+
+
+def _table(
+    results: Sequence[AuditResult], settings: AuditSettings, *, title: str, rank: bool = False
+) -> Any:
+    from rich.table import Table
+
+    null = (
+        f"{settings.shuffles} {settings.method} shuffles" if settings.shuffles else "no null model"
+    )
+    table = Table(title=f"{title} (k = {settings.k}, {null}, seed {settings.seed})")
+    if rank:
+        table.add_column("#", justify="right")
+    table.add_column("source", overflow="fold")
+    table.add_column("n-cut", justify="right")
+    table.add_column("null mean ± std", justify="right")
+    table.add_column("z", justify="right")
+    table.add_column("p", justify="right")
+    table.add_column("nodes", justify="right")
+    table.add_column("k", justify="right")
+    for index, result in enumerate(results, start=1):
+        report, baseline = result.report, result.report.baseline
+        nodes = str(report.nodes.clustered)
+        if report.nodes.removed:
+            nodes += f" (+{report.nodes.removed} isolated)"
+        row = [
+            _escape(result.label),
+            f"{report.ncut:.4f}",
+            f"{baseline.mean:.4f} ± {baseline.std:.4f}" if baseline else "—",
+            _signed(baseline.z_score) if baseline else "—",
+            f"{baseline.p_value:.3f}" if baseline else "—",
+            nodes,
+            str(report.k),
+        ]
+        table.add_row(*([str(index)] if rank else []), *row)
+    return table
+
+
+def _print_details(console: Any, results: Sequence[AuditResult], folders: dict[int, Path]) -> None:
+    console.print(
+        "Lower n-cut = more clusterable; z < 0 and small p: more clusterable than its "
+        "weight-shuffled networks (Filan et al. 2021)."
+    )
+    for index, result in enumerate(results):
+        layers = " → ".join(f"{layer.name} ({layer.width})" for layer in result.report.layers[:10])
+        if len(result.report.layers) > 10:
+            layers += f" → ... ({len(result.report.layers)} layers)"
+        console.print(
+            f"[bold]{_escape(result.label)}[/bold]: {_escape(result.loaded.format)}; "
+            f"layers {_escape(layers)}; {result.seconds:.1f} s."
+        )
+        for note in result.loaded.notes:
+            console.print(f"  note: {_escape(note)}")
+        if index in folders:
+            console.print(f"  wrote {', '.join(BUNDLE_FILES)} to {_escape(str(folders[index]))}")
+        if result.logged:
+            console.print(f"  logged to {_escape(result.logged)}")
+
+
+def _signed(value: float | None) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:+.2f}"
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _stdout() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _stderr() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def _progress_bars(shuffles: int) -> Iterator[ProgressFactory]:
+    """A progress bar per source on stderr while its null networks are measured (only when
+    stderr is a terminal: scripts and logs get no progress output)."""
+    console = _stderr()
+    if not shuffles or not console.is_terminal:
+        yield lambda label: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+
+        def factory(label: str) -> Callable[[int, int], None]:
+            task = progress.add_task(f"{label}: shuffles", total=shuffles)
+
+            def update(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            return update
+
+        yield factory
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors and exit codes
+# ---------------------------------------------------------------------------------------------
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit code of :data:`EXIT_CODES` for an error."""
+    if isinstance(error, PlatformError):
+        return EXIT_PLATFORM
+    if isinstance(error, SourceError):
+        return EXIT_SOURCE
+    if isinstance(error, GraphError):
+        return EXIT_MODEL
+    if isinstance(error, ClusterTrackingError):
+        from cluster_tracking.sinks import SinkError
+
+        return EXIT_PLATFORM if isinstance(error, SinkError) else EXIT_USAGE
+    return EXIT_INTERNAL
+
+
+def _print_error(message: str) -> None:
+    from rich.markup import escape
+
+    text = " ".join(message.split())
+    _stderr().print(f"[bold red]error:[/bold red] {escape(text)}")
+
+
+@contextmanager
+def cli_guard() -> Iterator[None]:
+    """Run a command: third-party chatter silenced, every error one red line and an exit code.
+
+    A :class:`~cluster_tracking.errors.ClusterTrackingError` exits with its code of
+    :data:`EXIT_CODES`; Ctrl-C with 130; anything else (a bug) with 1, still as one line
+    (set ``CLUSTER_TRACKING_TRACEBACK=1`` to see the traceback).
+    """
+    quiet = ("mlflow", "alembic", "urllib3", "wandb", "matplotlib", "torch")
+    levels = {name: logging.getLogger(name).level for name in quiet}
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except typer.Exit:
+        raise
+    except ClusterTrackingError as error:
+        _print_error(str(error))
+        raise typer.Exit(exit_code(error)) from None
+    except KeyboardInterrupt:
+        _print_error("interrupted.")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as error:
+        if os.environ.get("CLUSTER_TRACKING_TRACEBACK"):
+            raise
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        _print_error(
+            f"unexpected {type(error).__name__}: {first} (a bug; please report it, with the "
+            "traceback from CLUSTER_TRACKING_TRACEBACK=1)."
+        )
+        raise typer.Exit(EXIT_INTERNAL) from None
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def exit_codes_help() -> str:
+    """The exit codes, as Markdown for ``--help``."""
+    return "\n".join(f"* **{code}**: {meaning}" for code, meaning in EXIT_CODES.items())

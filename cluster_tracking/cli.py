@@ -1,0 +1,476 @@
+"""The ``cluster-tracking`` command line: a thin Typer layer over the package's functions.
+
+Each command parses its options, calls one function of the module that implements it (``demo`` ->
+:func:`cluster_tracking.demo.run_demo`), and prints the result. Errors a user can cause
+(:class:`~cluster_tracking.errors.ClusterTrackingError`) become one red line on stderr and exit
+code 2, never a traceback.
+
+To add a command, write its implementation in its own module and add a function here::
+
+    @app.command()
+    def audit(source: Annotated[str, typer.Argument(help="...")]) -> None:
+        \"\"\"One line for the command list. More lines for its --help.\"\"\"
+        with cli_errors():
+            from cluster_tracking.audit import run_audit
+            ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+
+from cluster_tracking.errors import ClusterTrackingError
+
+app = typer.Typer(
+    name="cluster-tracking",
+    help=(
+        "Measure how clusterable neural networks are (Filan et al. 2021, arXiv:2103.03386) and "
+        "track it in MLflow or Weights & Biases.\n\n"
+        "Start with **cluster-tracking demo**: it trains a small network, tracks its "
+        "clusterability every epoch, and logs it to a local MLflow store. Measure models "
+        "saved or logged before with **cluster-tracking audit** (checkpoints, MLflow runs and "
+        "models, W&B artifacts) and rank many with **cluster-tracking compare**.\n\n"
+        "Exit codes of audit and compare: "
+        "**0** success; "
+        "**1** unexpected internal error (a bug); "
+        "**2** bad command line or option value; "
+        "**3** source not found or unreadable (missing or corrupt file, unknown URI scheme, "
+        "no such run or model, a run without a model, a pickle refused without "
+        "--trust-pickle); "
+        "**4** the model cannot be measured (no Linear/Conv layers, weights that do not "
+        "chain, an unknown --layers name, NaN weights); "
+        "**5** MLflow or W&B unreachable, refusing, or not installed; "
+        "**130** interrupted."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    pretty_exceptions_show_locals=False,
+)
+
+
+@contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn a :class:`ClusterTrackingError` into one red line on stderr and the exit code of its
+    kind (the table in ``--help``: 2 for a bad option, 3 for a source, 4 for a model, 5 for a
+    platform), as the audit commands do."""
+    try:
+        yield
+    except ClusterTrackingError as error:
+        from rich.console import Console
+        from rich.markup import escape
+
+        from cluster_tracking.audit import exit_code
+
+        message = " ".join(str(error).split())
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            f"[bold red]error:[/bold red] {escape(message)}"
+        )
+        raise typer.Exit(exit_code(error)) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        from cluster_tracking import __version__
+
+        typer.echo(f"cluster-tracking {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Measure how clusterable neural networks are and track it in MLflow or W&B."""
+
+
+@app.command()
+def demo(
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Training epochs; clusterability is measured after each.")
+    ] = 8,
+    shuffles: Annotated[
+        int,
+        typer.Option(help="Weight-shuffled networks per measurement (the null model)."),
+    ] = 20,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
+            "(a local store in the current directory).",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of data split, weights, batches and null.")] = 0,
+    out: Annotated[
+        str, typer.Option(help="Folder for a local copy of the reports, plots and report.html.")
+    ] = "cluster-tracking-demo",
+) -> None:
+    """Train an MLP on scikit-learn's digits and track its clusterability in MLflow.
+
+    The MLP (64-128-128-10) learns the bundled 8x8 digit images (no download) for a few epochs;
+    before training and after every epoch its clusterability is measured (k = 12 clusters,
+    n-cut against weight-shuffled networks) and logged to an MLflow run: metrics
+    clusterability/ncut, z_score, p_value, ... and plots and report.html as artifacts.
+    Prints a table of the measured steps and how to open the MLflow dashboard.
+    """
+    with cli_errors():
+        from cluster_tracking.demo import print_demo_result, run_demo
+
+        result = run_demo(
+            epochs=epochs, shuffles=shuffles, tracking_uri=tracking_uri, seed=seed, out_dir=out
+        )
+        print_demo_result(result)
+
+
+# --------------------------------------------------------------------- audit and compare
+# Options shared by both commands; the work is done in cluster_tracking.audit.
+
+_MEASURE = "Measurement"
+_SOURCE = "Reading sources"
+_OUTPUT = "Output"
+
+KOption = Annotated[
+    str,
+    typer.Option(
+        "--k",
+        metavar="K",
+        help="Number of clusters (the paper uses 12), or 'auto': the k in 2..32 with the largest "
+        "eigengap of the normalised Laplacian.",
+        rich_help_panel=_MEASURE,
+    ),
+]
+ShufflesOption = Annotated[
+    int,
+    typer.Option(
+        help="Weight-shuffled networks in the null model (the paper uses 50-100); 0 skips it "
+        "(no z or p).",
+        rich_help_panel=_MEASURE,
+    ),
+]
+MethodOption = Annotated[
+    str,
+    typer.Option(
+        help="Null model: layer (permute each weight tensor), layer_nonzero (keep the sparsity "
+        "pattern: pruned nets), layer_nonzero_distribution, layer_all_distribution, or "
+        "random_init (needs the pickled model, --trust-pickle).",
+        rich_help_panel=_MEASURE,
+    ),
+]
+SeedOption = Annotated[
+    int,
+    typer.Option(
+        help="Seed of every random draw: same seed, same numbers.", rich_help_panel=_MEASURE
+    ),
+]
+JobsOption = Annotated[
+    int,
+    typer.Option(
+        help="Parallel workers for the null networks (-1: all cores).", rich_help_panel=_MEASURE
+    ),
+]
+BackendOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="BACKEND",
+        help="joblib backend for the null networks: threading (the default for shuffles), loky, "
+        "multiprocessing, or dask (with --scheduler).",
+        show_default=False,
+        rich_help_panel=_MEASURE,
+    ),
+]
+SchedulerOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="ADDRESS",
+        help="Dask scheduler for --backend dask, e.g. tcp://127.0.0.1:8786.",
+        show_default=False,
+        rich_help_panel=_MEASURE,
+    ),
+]
+LayersOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="NAMES",
+        help="Layers that make the graph, in data-flow order (repeat the option or separate "
+        "names by commas): state_dict prefixes such as 0,2,4 or fc1,fc2. Default: every "
+        "Linear/Conv weight, read as a chain in key order.",
+        show_default=False,
+        rich_help_panel=_MEASURE,
+    ),
+]
+NormOption = Annotated[
+    str,
+    typer.Option(
+        help="Norm of a conv kernel slice as an edge weight: l1 or l2.", rich_help_panel=_MEASURE
+    ),
+]
+PresetOption = Annotated[
+    str,
+    typer.Option(
+        help="Graph conventions: default, or filan2021 (the published code's, for conv nets).",
+        rich_help_panel=_MEASURE,
+    ),
+]
+TrustOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Unpickle pickled models for real. This RUNS CODE FROM THE FILE: only for files you "
+        "trust. Without it nothing from the file is imported or called: state_dicts, "
+        "safetensors and torch.export archives are read as data, and a pickled module's "
+        "weights are read without its code.",
+        rich_help_panel=_SOURCE,
+    ),
+]
+TrackingUriOption = Annotated[
+    str | None,
+    typer.Option(
+        help="MLflow tracking server or store of runs:/ and models:/ sources. Default: "
+        "$MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db).",
+        show_default=False,
+        rich_help_panel=_SOURCE,
+    ),
+]
+JsonOption = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print the report JSON instead of the table: one report per source and line, "
+        "nothing else on stdout (its config.source names the source).",
+        rich_help_panel=_OUTPUT,
+    ),
+]
+LogToRunOption = Annotated[
+    bool,
+    typer.Option(
+        "--log-to-run",
+        help="Write the audit back into the run that logged the model (runs:/, models:/ with a "
+        "source run, wandb-artifact://): MLflow gets the clusterability/* metrics at --step and "
+        "report.json, plots, report.html and audit.json under clusterability/audit/ (audit-2/, "
+        "... if taken: nothing in the run is replaced); W&B gets the metrics at the run's next "
+        "step and an artifact clusterability-audit-RUN_ID.",
+        rich_help_panel=_OUTPUT,
+    ),
+]
+StepOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Step of the metrics --log-to-run writes. Default: the run's last logged step "
+        "(0 for a run without metrics).",
+        show_default=False,
+        rich_help_panel=_OUTPUT,
+    ),
+]
+
+_AUDIT_EPILOG = (
+    "**Examples**\n\n"
+    "* cluster-tracking audit model.pt\n"
+    "* cluster-tracking audit checkpoints/epoch=9.ckpt --k 8 --shuffles 100\n"
+    "* cluster-tracking audit weights.safetensors --layers fc1,fc2,fc3 --json > report.json\n"
+    "* cluster-tracking audit runs:/0a1b2c3d4e5f/model --out audit/ --log-to-run\n"
+    "* cluster-tracking audit models:/digits-mlp/3 --tracking-uri http://127.0.0.1:5000\n"
+    "* cluster-tracking audit models:/digits-mlp@champion --log-to-run\n"
+    "* cluster-tracking audit wandb-artifact://team/project/model-abc123:v4\n\n"
+    "Exit codes: 0 success, 1 internal error, 2 bad option, 3 source not found or unreadable, "
+    "4 model cannot be measured, 5 MLflow/W&B unreachable, 130 interrupted."
+)
+
+
+@app.command(epilog=_AUDIT_EPILOG)
+def audit(
+    sources: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="SOURCE",
+            help="Models to audit: a .pt/.pth/.bin/.ckpt file (state_dict, checkpoint dict, "
+            "Lightning checkpoint or pickled module), .safetensors, a torch.export .pt2, a "
+            "folder holding one (or an MLflow model); runs:/RUN_ID/PATH (an artifact or a "
+            "model the run logged; runs:/RUN_ID alone: the run's model); "
+            "models:/NAME/VERSION, models:/NAME@ALIAS, models:/MODEL_ID; "
+            "wandb-artifact://ENTITY/PROJECT/NAME:ALIAS.",
+            show_default=False,
+        ),
+    ],
+    k: KOption = "12",
+    shuffles: ShufflesOption = 50,
+    method: MethodOption = "layer",
+    seed: SeedOption = 0,
+    jobs: JobsOption = -1,
+    backend: BackendOption = None,
+    scheduler: SchedulerOption = None,
+    layers: LayersOption = None,
+    norm: NormOption = "l1",
+    preset: PresetOption = "default",
+    trust_pickle: TrustOption = False,
+    tracking_uri: TrackingUriOption = None,
+    json_output: JsonOption = False,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DIR",
+            help="Also write report.json, adjacency.png (the weight graph ordered by cluster), "
+            "composition.png (each layer's neurons by cluster) and a self-contained report.html "
+            "into DIR (DIR/SOURCE/ for several sources).",
+            show_default=False,
+            rich_help_panel=_OUTPUT,
+        ),
+    ] = None,
+    log_to_run: LogToRunOption = False,
+    step: StepOption = None,
+) -> None:
+    """Audit saved or logged models: n-cut, null model, z-score and p-value of each.
+
+    Reads each model's weights (never running code from the file unless you pass
+    --trust-pickle), builds its weight graph (neurons as nodes, |weights| as edges), splits it
+    into k clusters by spectral clustering and compares the n-cut with weight-shuffled networks
+    (Filan et al. 2021). Prints a table (n-cut, null mean ± std, z, p, nodes, k) with a progress
+    bar on a terminal, or the report JSON with --json. Lower n-cut, negative z and small p: more
+    clusterable than chance.
+    """
+    from cluster_tracking.audit import cli_guard
+
+    with cli_guard():
+        from cluster_tracking.audit import AuditSettings, parse_k, parse_layers, run_audit
+
+        settings = AuditSettings(
+            k=parse_k(k),
+            shuffles=shuffles,
+            method=method,
+            seed=seed,
+            jobs=jobs,
+            backend=backend,
+            scheduler=scheduler,
+            layers=parse_layers(layers),
+            norm=norm,  # type: ignore[arg-type]  # validated by AuditSettings.check
+            preset=preset,  # type: ignore[arg-type]
+            trust_pickle=trust_pickle,
+            tracking_uri=tracking_uri,
+        )
+        code = run_audit(
+            sources, settings, json_output=json_output, out=out, log_run=log_to_run, step=step
+        )
+    if code:
+        raise typer.Exit(code)
+
+
+_COMPARE_EPILOG = (
+    "**Examples**\n\n"
+    "* cluster-tracking compare run1/model.pt run2/model.pt run3/model.pt --csv ranking.csv\n"
+    "* cluster-tracking compare --experiment digits --tracking-uri http://127.0.0.1:5000 "
+    "--plot ranking.png\n"
+    "* cluster-tracking compare --experiment sweep-a --experiment sweep-b --shuffles 20 --json\n\n"
+    "A source that fails is reported on stderr and the others are still compared; the exit "
+    "code is then that of the first failure (see cluster-tracking --help)."
+)
+
+
+@app.command(epilog=_COMPARE_EPILOG)
+def compare(
+    sources: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="SOURCE",
+            help="Models to compare, as for audit (files, runs:/, models:/, wandb-artifact://).",
+            show_default=False,
+        ),
+    ] = None,
+    experiment: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME",
+            help="Also compare every run of this MLflow experiment (name or id; repeatable) that "
+            "holds a model: its newest logged model, else an MLflow model or weight file among "
+            "its artifacts. Runs without one are listed, not audited.",
+            show_default=False,
+            rich_help_panel=_SOURCE,
+        ),
+    ] = None,
+    k: KOption = "12",
+    shuffles: ShufflesOption = 50,
+    method: MethodOption = "layer",
+    seed: SeedOption = 0,
+    jobs: JobsOption = -1,
+    backend: BackendOption = None,
+    scheduler: SchedulerOption = None,
+    layers: LayersOption = None,
+    norm: NormOption = "l1",
+    preset: PresetOption = "default",
+    trust_pickle: TrustOption = False,
+    tracking_uri: TrackingUriOption = None,
+    csv: Annotated[
+        str | None,
+        typer.Option(
+            "--csv",
+            metavar="FILE",
+            help="Write the table as CSV: rank, source, label, ncut, null_mean, null_std, "
+            "z_score, p_value, percentile, k, nodes, nodes_clustered, shuffles, method, seed, "
+            "read_as.",
+            show_default=False,
+            rich_help_panel=_OUTPUT,
+        ),
+    ] = None,
+    plot: Annotated[
+        str | None,
+        typer.Option(
+            "--plot",
+            metavar="FILE",
+            help="Write a chart of each source's n-cut against its null mean ± std, in table "
+            "order (PNG; .pdf and .svg by extension).",
+            show_default=False,
+            rich_help_panel=_OUTPUT,
+        ),
+    ] = None,
+    json_output: JsonOption = False,
+    log_to_run: LogToRunOption = False,
+    step: StepOption = None,
+) -> None:
+    """Audit many models or a whole MLflow experiment and rank them by clusterability.
+
+    Every source is audited as by **audit** (same options) and one table is printed, sorted by
+    z-score: the most clusterable model relative to its weight-shuffled networks first.
+    """
+    from cluster_tracking.audit import cli_guard
+
+    with cli_guard():
+        from cluster_tracking.audit import AuditSettings, parse_k, parse_layers, run_compare
+
+        settings = AuditSettings(
+            k=parse_k(k),
+            shuffles=shuffles,
+            method=method,
+            seed=seed,
+            jobs=jobs,
+            backend=backend,
+            scheduler=scheduler,
+            layers=parse_layers(layers),
+            norm=norm,  # type: ignore[arg-type]  # validated by AuditSettings.check
+            preset=preset,  # type: ignore[arg-type]
+            trust_pickle=trust_pickle,
+            tracking_uri=tracking_uri,
+        )
+        code = run_compare(
+            sources or [],
+            settings,
+            experiments=experiment or [],
+            csv_path=csv,
+            plot_path=plot,
+            json_output=json_output,
+            log_run=log_to_run,
+            step=step,
+        )
+    if code:
+        raise typer.Exit(code)
+
+
+if __name__ == "__main__":
+    app()

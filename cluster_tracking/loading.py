@@ -1,0 +1,1373 @@
+"""Loading the weights of a model for an audit, without running code from the file.
+
+An audit measures a model that was saved or logged before: a local checkpoint, an MLflow run's
+artifact or logged model, or a W&B model artifact. :func:`load_source` reads any of them into what
+:func:`~cluster_tracking.measure.measure` takes (a ``state_dict`` of a chain of layers, or a
+``torch.nn.Module``) and remembers where it came from, so that ``--log-to-run`` can write the
+result back into the run that produced the model.
+
+Sources (:func:`parse_source`):
+
+* a local file: ``.safetensors``; a ``torch.save`` file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``,
+  ...) holding a ``state_dict``, a checkpoint dict (``{"state_dict": ...}``,
+  ``{"model_state_dict": ..., "optimizer_state_dict": ...}``, a Lightning ``.ckpt``) or a pickled
+  module; a ``torch.export`` archive (``.pt2``); or a folder holding one of these or an MLflow model
+  (a folder with an ``MLmodel`` file);
+* ``runs:/<run_id>/<path>``: an artifact of an MLflow run (a weight file, a ``log_state_dict``
+  folder, an MLflow model) or, in MLflow 3, a model the run logged under that name;
+  ``runs:/<run_id>`` alone takes the run's model (:func:`run_model_uris`);
+* ``models:/<name>/<version>``, ``models:/<name>@<alias>`` (also ``models:/<name>/<alias>``,
+  ``.../latest``, ``.../<stage>``) and MLflow 3's ``models:/<model_id>``;
+* ``wandb-artifact://<entity>/<project>/<name>[:<alias or version>]`` (default ``:latest``).
+
+Safety. Loading never runs code from the file unless the user passes ``trust_pickle=True``:
+
+* ``torch.save`` files are read with ``torch.load(..., weights_only=True)``, PyTorch's restricted
+  unpickler, which only rebuilds tensors and plain containers;
+* a pickle that names other classes or functions (a whole pickled module, a checkpoint whose
+  hyper-parameters hold custom objects) is read again with an inert stand-in for each of them
+  (:class:`_StandIn`): nothing named in the file is imported or called, the tensors are kept,
+  and a pickled module's weights are collected from its ``_parameters``/``_buffers`` in
+  declaration order, the order of its ``state_dict()``. Functions that PyTorch blocks outright
+  (``os.system``...) stop the load;
+* ``torch.export`` archives (``.pt2``, MLflow 3's default PyTorch format) are read as a zip of raw
+  tensor bytes described by JSON; nothing is unpickled but through ``weights_only``;
+* only ``trust_pickle=True`` unpickles for real (``torch.load(weights_only=False)``, or
+  ``mlflow.pytorch.load_model`` for an MLflow model saved with pickle), which gives the model's
+  own class and lets the weight graph follow its real data flow.
+
+Errors are :class:`~cluster_tracking.errors.SourceError` (missing, unreadable or untrusted
+source), :class:`PlatformError` (MLflow or W&B cannot be reached or refuses) and
+:class:`~cluster_tracking.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+import socket
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from cluster_tracking.errors import SourceError
+
+__all__ = [
+    "WEIGHT_SUFFIXES",
+    "LoadedModel",
+    "PlatformError",
+    "RunTarget",
+    "SourceRef",
+    "experiment_sources",
+    "load_file",
+    "load_source",
+    "mlflow_client",
+    "parse_source",
+    "run_model_uris",
+]
+
+#: File name endings read as weight files when a folder or a run is searched for a model.
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".pt2")
+
+#: Seconds a tracking server's ``/health`` check (and a W&B request) may take.
+PROBE_TIMEOUT = 5.0
+
+#: Keys of a checkpoint dict that hold the model's weights, in the order they are tried.
+CHECKPOINT_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model_state",
+    "model",
+    "module",
+    "net",
+    "network",
+    "weights",
+)
+
+_MLFLOW_HINT = "pip install 'cluster-tracking[mlflow]'"
+_WANDB_HINT = "pip install 'cluster-tracking[wandb]'"
+_TRUST_HINT = (
+    "if you trust the file, pass --trust-pickle to unpickle it (this runs code from the file); "
+    "better, save model.state_dict() (torch.save or safetensors) and audit that"
+)
+_RUN_ID = re.compile(r"^[A-Za-z0-9_\-]+$")
+_WANDB_PART = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_STAGES = ("none", "staging", "production", "archived")
+
+
+class PlatformError(SourceError):
+    """A tracking platform (an MLflow server or store, W&B) cannot be reached, refuses the
+    request, or its client package is not installed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A model source as given on the command line, parsed.
+
+    Attributes:
+        uri: the source exactly as given.
+        kind: ``file`` (a local file or folder), ``mlflow-run`` (``runs:/``), ``mlflow-model``
+            (``models:/``) or ``wandb-artifact``.
+        path: the local path (``file``).
+        run_id, artifact_path: the run and the path inside it (``mlflow-run``; ``""``: the run's
+            model).
+        model_name, version, alias, stage, model_id: the registered model (``mlflow-model``):
+            exactly one of ``version``/``alias``/``stage`` is set for a registered model
+            (``stage == "latest"`` for the latest version); ``model_id`` for MLflow 3's
+            ``models:/m-...`` logged models.
+        entity, project, name: the W&B artifact, ``alias`` its alias or version.
+    """
+
+    uri: str
+    kind: Literal["file", "mlflow-run", "mlflow-model", "wandb-artifact"]
+    path: Path | None = None
+    run_id: str | None = None
+    artifact_path: str = ""
+    model_name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    stage: str | None = None
+    model_id: str | None = None
+    entity: str | None = None
+    project: str | None = None
+    name: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        """Whether the source lives on a tracking platform (so it has a run to log back to)."""
+        return self.kind != "file"
+
+
+def parse_source(source: str) -> SourceRef:
+    """Parse a model source (see the module docstring) without touching it.
+
+    Raises:
+        SourceError: an unknown URI scheme or a malformed URI.
+    """
+    text = str(source).strip()
+    if not text:
+        raise SourceError(
+            "an empty source; give a checkpoint file, runs:/..., models:/... or "
+            "wandb-artifact://... ."
+        )
+    scheme, sep, rest = text.partition(":")
+    if not sep or len(scheme) == 1 or "/" in scheme or "\\" in scheme:
+        # A plain path (a one-letter "scheme" is a Windows drive).
+        return SourceRef(uri=text, kind="file", path=Path(text).expanduser())
+    scheme = scheme.lower()
+    if scheme == "file":
+        parsed = urllib.parse.urlparse(text)
+        return SourceRef(uri=text, kind="file", path=Path(urllib.parse.unquote(parsed.path)))
+    if scheme == "runs":
+        return _parse_runs_uri(text, rest)
+    if scheme == "models":
+        return _parse_models_uri(text, rest)
+    if scheme == "wandb-artifact":
+        return _parse_wandb_uri(text, rest)
+    raise SourceError(
+        f"unknown source scheme {scheme + ':'!r} in {text!r}; audit reads local files and "
+        "folders, runs:/<run_id>/<path>, models:/<name>/<version or alias> and "
+        "wandb-artifact://<entity>/<project>/<name>:<alias>."
+    )
+
+
+def _parse_runs_uri(text: str, rest: str) -> SourceRef:
+    path = rest.lstrip("/")
+    run_id, _, artifact_path = path.partition("/")
+    if not run_id or not _RUN_ID.match(run_id):
+        raise SourceError(
+            f"malformed MLflow run URI {text!r}; write runs:/<run_id>/<artifact path>, e.g. "
+            "runs:/0a1b2c.../model (or runs:/<run_id> for the run's model)."
+        )
+    return SourceRef(uri=text, kind="mlflow-run", run_id=run_id, artifact_path=artifact_path)
+
+
+def _parse_models_uri(text: str, rest: str) -> SourceRef:
+    parts = rest.lstrip("/").rstrip("/").split("/")
+    usage = (
+        f"malformed MLflow model URI {text!r}; write models:/<name>/<version>, "
+        "models:/<name>@<alias>, models:/<name>/latest or models:/<model_id>."
+    )
+    if not parts[0] or len(parts) > 2:
+        raise SourceError(usage)
+    if len(parts) == 2:
+        name, suffix = parts
+        if not name or not suffix:
+            raise SourceError(usage)
+        if suffix.isdigit():
+            return SourceRef(uri=text, kind="mlflow-model", model_name=name, version=suffix)
+        if suffix.lower() == "latest" or suffix.lower() in _STAGES:
+            stage = "latest" if suffix.lower() == "latest" else suffix
+            return SourceRef(uri=text, kind="mlflow-model", model_name=name, stage=stage)
+        return SourceRef(uri=text, kind="mlflow-model", model_name=name, alias=suffix)
+    name, at, alias = parts[0].rpartition("@")
+    if at:
+        if not name or not alias:
+            raise SourceError(usage)
+        return SourceRef(uri=text, kind="mlflow-model", model_name=name, alias=alias)
+    return SourceRef(uri=text, kind="mlflow-model", model_id=parts[0])
+
+
+def _parse_wandb_uri(text: str, rest: str) -> SourceRef:
+    path = rest.lstrip("/")
+    body, _, alias = path.partition(":")
+    parts = body.split("/")
+    usage = (
+        f"malformed W&B artifact URI {text!r}; write "
+        "wandb-artifact://<entity>/<project>/<name>:<alias or version>, e.g. "
+        "wandb-artifact://my-team/my-project/model-3k2j1x:v4 (':latest' when left out)."
+    )
+    if len(parts) != 3 or not all(part and _WANDB_PART.match(part) for part in parts):
+        raise SourceError(usage)
+    if alias and not _WANDB_PART.match(alias):
+        raise SourceError(usage)
+    entity, project, name = parts
+    return SourceRef(
+        uri=text,
+        kind="wandb-artifact",
+        entity=entity,
+        project=project,
+        name=name,
+        alias=alias or "latest",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaded models
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """The run a logged model came from: where ``--log-to-run`` writes the audit.
+
+    Attributes:
+        platform: ``mlflow`` or ``wandb``.
+        run_id: the run's id.
+        tracking_uri: the MLflow tracking URI (``mlflow``).
+        model_id: the MLflow 3 logged model audited, if any (its metrics are linked to it).
+        entity, project: the W&B run's entity and project (``wandb``).
+        label: how messages name the run.
+    """
+
+    platform: Literal["mlflow", "wandb"]
+    run_id: str
+    tracking_uri: str | None = None
+    model_id: str | None = None
+    entity: str | None = None
+    project: str | None = None
+    label: str = ""
+
+
+@dataclass
+class LoadedModel:
+    """The weights of one source, ready for :func:`~cluster_tracking.measure.measure`.
+
+    Attributes:
+        source: the source as given.
+        label: a short name for tables (file name, run name, model name and version).
+        weights: a ``state_dict`` (name -> tensor) read as a chain of layers, or a
+            ``torch.nn.Module`` (only after a trusted unpickling) whose data flow is traced.
+        format: what was read, in words (``"safetensors state_dict"``, ``"Lightning checkpoint
+            (state_dict)"``, ``"MLflow model (torch.export archive)"``...).
+        prefix: a prefix removed from every layer name (``"model."`` of a LightningModule
+            attribute), ``""`` if none. ``--layers`` accepts names with or without it.
+        notes: things the user should know about how the weights were read.
+        run: the run the model came from (``None`` for a local file).
+    """
+
+    source: str
+    label: str
+    weights: nn.Module | dict[str, Any]
+    format: str
+    prefix: str = ""
+    notes: list[str] = field(default_factory=list)
+    run: RunTarget | None = None
+
+    def layer_names(self, names: Sequence[str] | None) -> list[str] | None:
+        """``--layers`` names in this model's naming: the stripped :attr:`prefix` removed."""
+        if names is None:
+            return None
+        if not self.prefix:
+            return list(names)
+        return [name.removeprefix(self.prefix) for name in names]
+
+
+def load_source(
+    source: str | SourceRef,
+    *,
+    trust_pickle: bool = False,
+    tracking_uri: str | None = None,
+) -> LoadedModel:
+    """Read the weights of a model source (see the module docstring).
+
+    Args:
+        source: a local path or a ``runs:/``, ``models:/`` or ``wandb-artifact://`` URI.
+        trust_pickle: unpickle pickled models for real, running code from the file (only for
+            files the user trusts). Without it nothing from the file is imported or called.
+        tracking_uri: the MLflow tracking server or store of ``runs:/`` and ``models:/``
+            sources; ``None``: ``MLFLOW_TRACKING_URI``, else MLflow's default.
+
+    Returns:
+        The weights, how they were read, and the run they came from.
+
+    Raises:
+        SourceError: the source does not exist, cannot be read, holds no weights, or would need
+            unpickling without ``trust_pickle``.
+        PlatformError: MLflow or W&B cannot be reached, or refuses.
+    """
+    ref = source if isinstance(source, SourceRef) else parse_source(source)
+    if ref.kind == "file":
+        assert ref.path is not None
+        return load_file(ref.path, trust_pickle=trust_pickle, source=ref.uri)
+    if ref.kind == "wandb-artifact":
+        return _load_wandb(ref, trust_pickle=trust_pickle)
+    with mlflow_client(tracking_uri) as (client, uri):
+        if ref.kind == "mlflow-run":
+            return _load_mlflow_run(client, uri, ref, trust_pickle=trust_pickle)
+        return _load_mlflow_model(client, uri, ref, trust_pickle=trust_pickle)
+
+
+def load_file(
+    path: str | os.PathLike[str], *, trust_pickle: bool = False, source: str | None = None
+) -> LoadedModel:
+    """Read a local weight file or folder (see the module docstring).
+
+    Raises:
+        SourceError: missing, unreadable or corrupt, no weights in it, or a pickle that would need
+            ``trust_pickle``.
+    """
+    target = Path(path)
+    shown = source or str(path)
+    if not target.exists():
+        raise SourceError(f"{shown}: no such file or folder.")
+    try:
+        if target.is_dir():
+            return _load_directory(target, trust_pickle=trust_pickle, source=shown)
+        weights, what, prefix, notes = _read_weight_file(target, trust_pickle=trust_pickle)
+    except PermissionError as error:
+        raise SourceError(f"{shown}: cannot read it ({error.strerror}).") from error
+    return LoadedModel(
+        source=shown, label=target.name, weights=weights, format=what, prefix=prefix, notes=notes
+    )
+
+
+def _load_directory(folder: Path, *, trust_pickle: bool, source: str) -> LoadedModel:
+    """A folder: an MLflow model (``MLmodel``), or a folder with exactly one weight file."""
+    if (folder / "MLmodel").is_file():
+        weights, what, prefix, notes = _read_mlflow_model_dir(folder, trust_pickle=trust_pickle)
+        return LoadedModel(
+            source=source,
+            label=folder.name,
+            weights=weights,
+            format=what,
+            prefix=prefix,
+            notes=notes,
+        )
+    files = _weight_files(folder)
+    if not files:
+        listed = _list_names(sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")))
+        raise SourceError(
+            f"{source} holds no model: no MLmodel file and no weight file "
+            f"({', '.join(WEIGHT_SUFFIXES)}); it holds {listed}."
+        )
+    if len(files) > 1:
+        listed = _list_names([p.relative_to(folder).as_posix() for p in files])
+        raise SourceError(
+            f"{source} holds several weight files ({listed}); audit one of them by its path."
+        )
+    weights, what, prefix, notes = _read_weight_file(files[0], trust_pickle=trust_pickle)
+    return LoadedModel(
+        source=source,
+        label=f"{folder.name}/{files[0].relative_to(folder).as_posix()}",
+        weights=weights,
+        format=what,
+        prefix=prefix,
+        notes=notes,
+    )
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """Weight files under ``folder``; a ``log_state_dict`` folder's ``state_dict.pth`` wins."""
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(WEIGHT_SUFFIXES)
+    )
+    preferred = [p for p in files if p.name == "state_dict.pth"]
+    return preferred if len(preferred) == 1 else files
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight files
+# ---------------------------------------------------------------------------------------------
+
+_Read = tuple["nn.Module | dict[str, Any]", str, str, list[str]]
+
+
+def _read_weight_file(path: Path, *, trust_pickle: bool) -> _Read:
+    """``(weights, format, prefix, notes)`` of one file, chosen by its content."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if not head:
+        raise SourceError(f"{path}: the file is empty.")
+    name = path.name.lower()
+    if name.endswith(".safetensors") or _looks_like_safetensors(head):
+        note = (
+            "a safetensors file does not keep the layer order: the layers were ordered by name "
+            "(natural order); pass --layers to give the data-flow order if it differs."
+        )
+        return _read_safetensors(path), "state_dict (safetensors)", "", [note]
+    if not zipfile.is_zipfile(path):
+        if head[:1] == b"\x80" or name.endswith((".pt", ".pth", ".bin", ".ckpt")):
+            # torch.save's legacy (pre-1.6) format, or a bare pickle.
+            return _read_torch_file(path, trust_pickle=trust_pickle)
+        raise SourceError(
+            f"{path}: not a weight file PyTorch or safetensors can read (neither a torch.save "
+            "zip archive nor a safetensors file)."
+        )
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    if any(n.endswith("/models/model.json") or "/data/weights/" in n for n in names) and not any(
+        n.endswith("/data.pkl") for n in names
+    ):
+        return _read_pt2(path), "torch.export archive (.pt2)", "", []
+    if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
+        return _read_torchscript(path, trust_pickle=trust_pickle)
+    return _read_torch_file(path, trust_pickle=trust_pickle)
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON object."""
+    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file as load_safetensors
+
+    try:
+        tensors = load_safetensors(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise SourceError(
+            f"{path}: not a readable safetensors file ({_first_line(error)})."
+        ) from error
+    if not tensors:
+        raise SourceError(f"{path}: the safetensors file holds no tensors.")
+    # A safetensors file does not keep the tensors' order: put the layers back in natural order
+    # of their names ("2.weight" before "10.weight"), the declaration order of most models.
+    return {key: tensors[key] for key in sorted(tensors, key=_natural_key)}
+
+
+def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key of a dotted name: numbers compare as numbers (``layer2`` < ``layer10``)."""
+    parts: list[tuple[int, int | str]] = []
+    for component in name.split(".")[:-1]:
+        for piece in re.split(r"(\d+)", component):
+            if piece:
+                parts.append((0, int(piece)) if piece.isdigit() else (1, piece))
+        parts.append((-1, ""))  # end of a component: "layer1.x" before "layer10"
+    return tuple(parts)
+
+
+def _read_torch_file(path: Path, *, trust_pickle: bool) -> _Read:
+    """A ``torch.save`` file: weights-only first, then stand-ins, or (trusted) a real unpickling."""
+    notes: list[str] = []
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        return _from_checkpoint(loaded, path, False, notes)
+    except pickle.UnpicklingError as error:
+        refused: Exception = error
+    except Exception as error:  # torch raises many kinds on a damaged file
+        raise SourceError(
+            f"{path}: not a readable PyTorch checkpoint ({_first_line(error)}); the file may be "
+            "truncated or corrupt."
+        ) from error
+    if trust_pickle:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=False)
+        except (ImportError, AttributeError) as error:
+            notes.append(
+                f"--trust-pickle: the pickled model's class cannot be imported here "
+                f"({_first_line(error)}); its weights were read without it."
+            )
+        except Exception as error:
+            raise SourceError(f"{path}: unpickling failed ({_first_line(error)}).") from error
+        else:
+            return _from_checkpoint(loaded, path, True, notes)
+    loaded = _load_with_stand_ins(path, refused)
+    return _from_checkpoint(loaded, path, False, notes)
+
+
+def _read_torchscript(path: Path, *, trust_pickle: bool) -> _Read:
+    if not trust_pickle:
+        raise SourceError(
+            f"{path} is a TorchScript archive (torch.jit.save), whose loading compiles the code "
+            f"in it; {_TRUST_HINT}."
+        )
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as error:
+        raise SourceError(f"{path}: torch.jit.load failed ({_first_line(error)}).") from error
+    # A ScriptModule cannot be traced by torch.fx: read its weights as a chain.
+    state = {key: value for key, value in module.state_dict().items()}
+    return state, "TorchScript archive (state_dict)", "", ["loaded with torch.jit.load."]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickles read with stand-ins
+# ---------------------------------------------------------------------------------------------
+
+
+class _StandIn:
+    """An inert stand-in for a class or function that a pickle names.
+
+    The weights-only unpickler may *create* one (in place of the class), *call* one (in place
+    of the function) and *set its state*: each only records its arguments. Nothing of the real
+    class or function is imported or run.
+    """
+
+    qualified_name: ClassVar[str] = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _StandIn:
+        instance = object.__new__(cls)
+        instance.__dict__["_args"] = args
+        instance.__dict__["_state"] = None
+        return instance
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to do: ``__new__`` recorded the arguments."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["_state"] = state
+
+    def __repr__(self) -> str:
+        return f"<stand-in for {self.qualified_name}>"
+
+
+def _stand_in(name: str) -> type[_StandIn]:
+    short = re.sub(r"\W", "_", name.rsplit(".", 1)[-1]) or "StandIn"
+    return type(short, (_StandIn,), {"qualified_name": name})
+
+
+def _load_with_stand_ins(path: Path, refused: Exception) -> Any:
+    """Load a pickle whose globals the weights-only unpickler refused, with inert stand-ins."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
+        names = []
+    if not names:
+        raise SourceError(
+            f"{path}: PyTorch's weights-only loader refused it ({_first_line(refused)}); "
+            f"{_TRUST_HINT}."
+        ) from refused
+    stand_ins = [(_stand_in(name), name) for name in names]
+    try:
+        with torch.serialization.safe_globals(stand_ins):  # type: ignore[arg-type]
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        blocked = re.search(r"GLOBAL (\S+) whose module \S+ is blocked", str(error))
+        what = f"calls {blocked.group(1)}" if blocked else f"names {_list_names(names, 5)}"
+        raise SourceError(
+            f"refusing to unpickle {path}: the pickle {what}, which would run code when "
+            f"loaded; {_TRUST_HINT}."
+        ) from error
+    except Exception as error:
+        raise SourceError(
+            f"{path}: cannot read its weights without running code from it "
+            f"({_first_line(error)}); {_TRUST_HINT}."
+        ) from error
+
+
+def _stand_in_state_dict(root: _StandIn) -> dict[str, Any]:
+    """The ``state_dict()`` of a pickled ``nn.Module`` read with stand-ins, in declaration order:
+    each module's parameters, then its persistent buffers, then its children."""
+    found: dict[str, Any] = {}
+
+    def visit(node: _StandIn, prefix: str, depth: int) -> None:
+        state = node.__dict__.get("_state")
+        if isinstance(state, tuple) and len(state) == 2:
+            state = state[0]
+        if not isinstance(state, Mapping) or depth > 64:
+            return
+        parameters = state.get("_parameters")
+        if isinstance(parameters, Mapping):
+            for name, value in parameters.items():
+                if isinstance(value, torch.Tensor):
+                    found[prefix + str(name)] = value
+        skipped = state.get("_non_persistent_buffers_set")
+        non_persistent = skipped if isinstance(skipped, (set, frozenset)) else set()
+        buffers = state.get("_buffers")
+        if isinstance(buffers, Mapping):
+            for name, value in buffers.items():
+                if isinstance(value, torch.Tensor) and name not in non_persistent:
+                    found[prefix + str(name)] = value
+        children = state.get("_modules")
+        if isinstance(children, Mapping):
+            for name, child in children.items():
+                if isinstance(child, _StandIn):
+                    visit(child, f"{prefix}{name}.", depth + 1)
+
+    visit(root, "", 0)
+    return found
+
+
+def _is_stand_in_module(value: Any) -> bool:
+    state = value.__dict__.get("_state") if isinstance(value, _StandIn) else None
+    if isinstance(state, tuple) and len(state) == 2:
+        state = state[0]
+    return isinstance(state, Mapping) and "_parameters" in state and "_modules" in state
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint contents
+# ---------------------------------------------------------------------------------------------
+
+
+def _from_checkpoint(loaded: Any, path: Path, trusted: bool, notes: list[str]) -> _Read:
+    """Find the weights in what a file held: a state_dict, a checkpoint dict, a module."""
+    weights, where = _find_weights(loaded, path)
+    prefix = ""
+    lightning = isinstance(loaded, Mapping) and (
+        "pytorch-lightning_version" in loaded
+        or (path.name.lower().endswith(".ckpt") and "state_dict" in loaded)
+    )
+    if isinstance(weights, nn.Module):
+        kind = f"pickled module {type(weights).__name__} (unpickled with --trust-pickle)"
+    elif lightning:
+        weights, prefix = _strip_common_prefix(weights)
+        kind = "Lightning checkpoint, state_dict"
+        if prefix:
+            notes.append(
+                f"the LightningModule attribute prefix {prefix!r} was removed from the layer "
+                "names (--layers takes names with or without it)."
+            )
+    else:
+        kind = where
+    stand_ins = sorted(
+        {type(value).qualified_name for value in _walk(loaded) if isinstance(value, _StandIn)}
+    )
+    if stand_ins:
+        notes.append(
+            "read without running code from the file: "
+            f"{_list_names(stand_ins, 4)} {'was' if len(stand_ins) == 1 else 'were'} neither "
+            "imported nor called (--trust-pickle would unpickle it for real)."
+        )
+    elif trusted and not isinstance(weights, nn.Module):
+        notes.append("unpickled with --trust-pickle.")
+    return weights, kind, prefix, notes
+
+
+def _find_weights(value: Any, path: Path, where: str = "") -> tuple[Any, str]:
+    """``(weights, description)``: a module, or a state_dict of string keys and tensors."""
+    label = f"{path}{where}"
+    inside = f", under {where}" if where else ""
+    if isinstance(value, nn.Module):
+        return value, "module"
+    if isinstance(value, _StandIn):
+        short = value.qualified_name.rsplit(".", 1)[-1]
+        if _is_stand_in_module(value):
+            state = _stand_in_state_dict(value)
+            if state:
+                return state, f"pickled module {short}{inside}, weights read without its code"
+            raise SourceError(f"{label} is a pickled module without weights.")
+        raise SourceError(
+            f"{label} is a pickle of {value.qualified_name}, not weights that can be read "
+            f"without running code from it; {_TRUST_HINT}."
+        )
+    if isinstance(value, Mapping):
+        tensors = {str(k): v for k, v in value.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors, f"checkpoint, state_dict{inside}" if where else "state_dict"
+        for key in CHECKPOINT_KEYS:
+            inner = value.get(key)
+            if isinstance(inner, (Mapping, nn.Module, _StandIn)):
+                return _find_weights(inner, path, f"{where}[{key!r}]")
+        nested = [
+            key
+            for key, inner in value.items()
+            if isinstance(inner, Mapping)
+            and any(isinstance(v, torch.Tensor) for v in inner.values())
+        ]
+        if len(nested) == 1:
+            return _find_weights(value[nested[0]], path, f"{where}[{nested[0]!r}]")
+        keys = _list_names([str(key) for key in value.keys()], 12)
+        raise SourceError(
+            f"{label} is a dict without a model's weights (keys: {keys}); audit a state_dict or "
+            f"a checkpoint holding one under {' / '.join(repr(k) for k in CHECKPOINT_KEYS[:3])}."
+        )
+    raise SourceError(
+        f"{label} holds a {type(value).__name__}, not a model's weights; save "
+        "model.state_dict() (torch.save or safetensors) and audit that."
+    )
+
+
+def _walk(value: Any, depth: int = 0) -> Iterator[Any]:
+    """Every object in nested dicts/lists/tuples and stand-in states (bounded depth)."""
+    yield value
+    if depth > 16:
+        return
+    if isinstance(value, Mapping):
+        for item in value.values():
+            yield from _walk(item, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _walk(item, depth + 1)
+    elif isinstance(value, _StandIn):
+        yield from _walk(value.__dict__.get("_state"), depth + 1)
+
+
+def _strip_common_prefix(state: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Remove the dotted prefix every layer name shares (``model.`` of ``self.model``), keeping
+    at least one component of each layer's own name."""
+    modules = [key.split(".")[:-1] for key in state]
+    if not modules or any(not parts for parts in modules):
+        return state, ""
+    common: list[str] = []
+    for components in zip(*modules, strict=False):
+        if len(set(components)) != 1:
+            break
+        common.append(components[0])
+    common = common[: min(len(parts) for parts in modules) - 1]
+    if not common:
+        return state, ""
+    prefix = ".".join(common) + "."
+    return {key.removeprefix(prefix): value for key, value in state.items()}, prefix
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.export archives (.pt2)
+# ---------------------------------------------------------------------------------------------
+
+# torch._export.serde.schema.ScalarType, by value.
+_PT2_DTYPES: dict[int, torch.dtype] = {
+    1: torch.uint8,
+    2: torch.int8,
+    3: torch.int16,
+    4: torch.int32,
+    5: torch.int64,
+    6: torch.float16,
+    7: torch.float32,
+    8: torch.float64,
+    12: torch.bool,
+    13: torch.bfloat16,
+}
+
+
+def _read_pt2(path: Path) -> dict[str, Any]:
+    """The weights of a ``torch.export`` archive, without ``torch.export.load``.
+
+    The archive's ``<model>/data/weights/<model>_weights_config.json`` lists each weight (its
+    state_dict name, record, dtype, sizes, strides, storage offset); the records are raw tensor
+    bytes (``use_pickle: false``) or ``torch.save`` payloads, read with ``weights_only=True``.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            configs = sorted(
+                n for n in archive.namelist() if re.search(r"data/weights/[^/]+_config\.json$", n)
+            )
+            if not configs:
+                raise SourceError(f"{path}: a torch.export archive without weights.")
+            byteorder = [n for n in archive.namelist() if n.endswith("/byteorder")]
+            if byteorder and archive.read(byteorder[0]).strip() not in (b"", b"little"):
+                raise SourceError(f"{path}: a big-endian torch.export archive; re-export it here.")
+            state: dict[str, Any] = {}
+            for config_name in configs:
+                folder = config_name.rsplit("/", 1)[0]
+                entries = json.loads(archive.read(config_name))["config"]
+                for fqn, entry in entries.items():
+                    record = archive.read(f"{folder}/{entry['path_name']}")
+                    state[str(fqn)] = _pt2_tensor(record, entry, path)
+    except (KeyError, ValueError, TypeError, zipfile.BadZipFile) as error:
+        raise SourceError(
+            f"{path}: a torch.export archive this version cannot read ({_first_line(error)})."
+        ) from error
+    if not state:
+        raise SourceError(f"{path}: the torch.export archive holds no weights.")
+    return _group_by_module(state)
+
+
+def _group_by_module(state: dict[str, Any]) -> dict[str, Any]:
+    """The entries of each module together, modules in order of first appearance.
+
+    A ``torch.export`` archive lists all parameters before all buffers; a state_dict read as a
+    chain needs a BatchNorm's ``running_var`` next to its weight, before the next layer.
+    """
+    order: dict[str, list[str]] = {}
+    for key in state:
+        order.setdefault(key.rpartition(".")[0], []).append(key)
+    return {key: state[key] for keys in order.values() for key in keys}
+
+
+def _pt2_tensor(record: bytes, entry: Mapping[str, Any], path: Path) -> torch.Tensor:
+    if entry.get("use_pickle", True):
+        value = torch.load(io.BytesIO(record), map_location="cpu", weights_only=True)
+        if not isinstance(value, torch.Tensor):
+            raise SourceError(f"{path}: weight {entry.get('path_name')!r} is not a tensor.")
+        return value
+    meta = entry["tensor_meta"]
+    dtype = _PT2_DTYPES.get(int(meta["dtype"]))
+    if dtype is None:
+        raise SourceError(f"{path}: weight dtype code {meta['dtype']} is not supported.")
+    sizes = [int(size["as_int"]) for size in meta["sizes"]]
+    strides = [int(stride["as_int"]) for stride in meta["strides"]]
+    offset = int(meta.get("storage_offset", {}).get("as_int", 0))
+    if not record:
+        return torch.empty(sizes, dtype=dtype)
+    storage = torch.frombuffer(bytearray(record), dtype=dtype)
+    return torch.as_strided(storage, sizes, strides, offset).clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow models (a folder with an MLmodel file)
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_mlflow_model_dir(folder: Path, *, trust_pickle: bool) -> _Read:
+    import yaml
+
+    try:
+        spec = yaml.safe_load((folder / "MLmodel").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise SourceError(f"{folder}/MLmodel cannot be read ({_first_line(error)}).") from error
+    flavors = spec.get("flavors") or {}
+    pytorch = flavors.get("pytorch")
+    if not isinstance(pytorch, Mapping):
+        raise SourceError(
+            f"the MLflow model in {folder.name!r} is not a PyTorch model (flavors: "
+            f"{_list_names(sorted(flavors))}); audit models logged with mlflow.pytorch or a "
+            "state_dict."
+        )
+    data = folder / str(pytorch.get("model_data", "data"))
+    exported, pickled = data / "model.pt2", data / "model.pth"
+    if exported.is_file():
+        return _read_pt2(exported), "MLflow PyTorch model (torch.export archive)", "", []
+    if not pickled.is_file():
+        files = [p for p in _weight_files(data)] if data.is_dir() else []
+        if len(files) == 1:
+            return _read_weight_file(files[0], trust_pickle=trust_pickle)
+        raise SourceError(
+            f"the MLflow model in {folder.name!r} has neither data/model.pt2 nor data/model.pth."
+        )
+    if trust_pickle:
+        module = _mlflow_load_trusted(folder)
+        if module is not None:
+            return (
+                module,
+                f"MLflow PyTorch model (pickled {type(module).__name__})",
+                "",
+                ["unpickled with --trust-pickle (code from the model was run)."],
+            )
+    weights, what, prefix, notes = _read_torch_file(pickled, trust_pickle=False)
+    return weights, f"MLflow PyTorch model ({what})", prefix, notes
+
+
+def _mlflow_load_trusted(folder: Path) -> nn.Module | None:
+    """``mlflow.pytorch.load_model`` with pickle allowed; ``None`` if the class is missing."""
+    import mlflow.pytorch
+
+    with _environment(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="true"):
+        try:
+            model = mlflow.pytorch.load_model(str(folder), map_location="cpu")
+        except (ImportError, AttributeError):
+            return None
+        except Exception as error:
+            raise SourceError(
+                f"mlflow.pytorch.load_model failed on {folder.name!r} ({_first_line(error)})."
+            ) from error
+    return model if isinstance(model, nn.Module) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow runs and registered models
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    previous = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
+def mlflow_client(tracking_uri: str | None = None) -> Iterator[tuple[Any, str]]:
+    """``(MlflowClient, tracking URI)`` on ``tracking_uri``, failing fast when the server is down.
+
+    MLflow retries an unanswered request for minutes by default; inside this context it retries
+    once (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=1``, backoff 1 s, 30 s timeout, unless the user set
+    them), the artifact progress bars are off, and an HTTP server's ``/health`` is checked
+    first (a few seconds at most). A local store (``sqlite:///...``, a folder) must exist: an
+    audit never creates one.
+
+    Raises:
+        PlatformError: mlflow is not installed, the server does not answer, or the store does
+            not exist.
+    """
+    try:
+        import mlflow
+        from mlflow import MlflowClient
+    except ImportError as error:
+        raise PlatformError(
+            f"runs:/ and models:/ sources need the mlflow package: {_MLFLOW_HINT}"
+        ) from error
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    settings = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": os.environ.get(
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"
+        ),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"),
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
+    with _environment(**settings):
+        _check_tracking_store(uri)
+        with _mlflow_uris(mlflow, uri):
+            yield MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+@contextmanager
+def _mlflow_uris(mlflow: Any, uri: str) -> Iterator[None]:
+    """MLflow's current tracking and registry URIs set to ``uri`` for the duration: some of its
+    downloads (``models:/`` URIs) ask the current registry, whatever URI they were given, and
+    would otherwise open (and create) the default local store."""
+    tracking, registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(tracking)
+        mlflow.set_registry_uri(registry)
+
+
+def _check_tracking_store(uri: str) -> None:
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT):
+                return
+        except urllib.error.HTTPError as error:
+            if error.code < 500:
+                return  # it answers (e.g. a proxy without /health): let MLflow talk to it
+            raise PlatformError(
+                f"the MLflow server at {uri} answers HTTP {error.code}; is it healthy?"
+            ) from error
+        except (OSError, ValueError) as error:
+            reason = getattr(error, "reason", error)
+            raise PlatformError(
+                f"cannot reach the MLflow server at {uri} ({_first_line(reason)}); start it, or "
+                "pass --tracking-uri / set MLFLOW_TRACKING_URI."
+            ) from error
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "sqlite":
+        database = uri.split(":///", 1)[1] if ":///" in uri else ""
+        if database and database != ":memory:" and not Path(database).exists():
+            raise PlatformError(
+                f"no MLflow store at {uri} (the file does not exist); pass --tracking-uri or set "
+                "MLFLOW_TRACKING_URI to the store or server that holds the run."
+            )
+    elif parsed.scheme in ("", "file"):
+        folder = Path(urllib.parse.unquote(parsed.path) if parsed.scheme else uri)
+        if not folder.is_dir():
+            raise PlatformError(
+                f"no MLflow store at {uri} (no such folder); pass --tracking-uri or set "
+                "MLFLOW_TRACKING_URI to the store or server that holds the run."
+            )
+
+
+def _mlflow_error(error: BaseException, what: str, uri: str) -> SourceError:
+    """An MLflow exception as a SourceError (not found) or PlatformError (anything else)."""
+    code = getattr(error, "error_code", "")
+    message = _first_line(getattr(error, "message", None) or error)
+    if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+        return SourceError(f"{what} not found at {uri} ({message}).")
+    if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+        return PlatformError(f"MLflow at {uri} refused access to {what} ({message}).")
+    if isinstance(error, (ConnectionError, socket.timeout)) or "Max retries" in message:
+        return PlatformError(f"lost the MLflow server at {uri} while reading {what} ({message}).")
+    return PlatformError(f"MLflow at {uri} failed to read {what} ({message}).")
+
+
+def _load_mlflow_run(client: Any, uri: str, ref: SourceRef, *, trust_pickle: bool) -> LoadedModel:
+    run = _get_run(client, str(ref.run_id), uri)
+    run_label = _run_label(run)
+    artifact_path = ref.artifact_path.strip("/")
+    notes: list[str] = []
+    model_id = None
+    if not artifact_path:
+        found = run_model_uris(client, run)
+        if not found:
+            raise SourceError(
+                f"MLflow run {run_label} has no logged model and no weight file artifact "
+                f"({', '.join(WEIGHT_SUFFIXES)}); log one with mlflow.pytorch.log_model or "
+                "mlflow.pytorch.log_state_dict, or name the artifact: runs:/<run_id>/<path>."
+            )
+        download_uri = found[0]
+        if len(found) > 1:
+            notes.append(f"the run has {len(found)} models; audited {download_uri}.")
+        if download_uri.startswith("models:/"):
+            model_id = download_uri.removeprefix("models:/")
+        shown = f"{run_label}"
+    else:
+        download_uri = f"runs:/{run.info.run_id}/{artifact_path}"
+        shown = f"{run_label}/{artifact_path}"
+    with tempfile.TemporaryDirectory(prefix="cluster-tracking-audit-") as scratch:
+        local = _download(download_uri, scratch, uri, lambda: _run_contents(client, run))
+        loaded = load_file(local, trust_pickle=trust_pickle, source=ref.uri)
+    loaded.label = shown
+    loaded.notes = notes + loaded.notes
+    loaded.run = RunTarget(
+        platform="mlflow",
+        run_id=run.info.run_id,
+        tracking_uri=uri,
+        model_id=model_id,
+        label=run_label,
+    )
+    return loaded
+
+
+def _load_mlflow_model(client: Any, uri: str, ref: SourceRef, *, trust_pickle: bool) -> LoadedModel:
+    run_id: str | None
+    if ref.model_id is not None:
+        try:
+            logged = client.get_logged_model(ref.model_id)
+        except Exception as error:
+            raise _mlflow_error(error, f"logged model {ref.model_id!r}", uri) from error
+        run_id, model_id = logged.source_run_id, logged.model_id
+        download_uri = f"models:/{logged.model_id}"
+        label = f"{logged.name} ({logged.model_id})"
+    else:
+        version = _model_version(client, ref, uri)
+        run_id, model_id = version.run_id, getattr(version, "model_id", None)
+        source = str(getattr(version, "source", "") or "")
+        if model_id is None and re.fullmatch(r"models:/m-[0-9a-f]+", source):
+            model_id = source.removeprefix("models:/")  # MLflow 3: registered from a logged model
+        download_uri = f"models:/{version.name}/{version.version}"
+        label = f"{version.name} v{version.version}"
+    with tempfile.TemporaryDirectory(prefix="cluster-tracking-audit-") as scratch:
+        local = _download(download_uri, scratch, uri, None)
+        loaded = load_file(local, trust_pickle=trust_pickle, source=ref.uri)
+    loaded.label = label
+    if run_id:
+        loaded.run = RunTarget(
+            platform="mlflow", run_id=run_id, tracking_uri=uri, model_id=model_id, label=label
+        )
+    return loaded
+
+
+def _model_version(client: Any, ref: SourceRef, uri: str) -> Any:
+    what = f"registered model {ref.model_name!r}"
+    try:
+        if ref.version is not None:
+            what += f" version {ref.version}"
+            return client.get_model_version(ref.model_name, ref.version)
+        if ref.alias is not None:
+            what += f" alias {ref.alias!r}"
+            return client.get_model_version_by_alias(ref.model_name, ref.alias)
+        stages = None if ref.stage == "latest" else [ref.stage]
+        what += " (latest version)" if stages is None else f" stage {ref.stage!r}"
+        versions = client.get_latest_versions(ref.model_name, stages)
+    except Exception as error:
+        raise _mlflow_error(error, what, uri) from error
+    if not versions:
+        raise SourceError(f"{what} has no versions at {uri}.")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def _get_run(client: Any, run_id: str, uri: str) -> Any:
+    try:
+        return client.get_run(run_id)
+    except Exception as error:
+        raise _mlflow_error(error, f"MLflow run {run_id!r}", uri) from error
+
+
+def _run_label(run: Any) -> str:
+    name = getattr(run.info, "run_name", None)
+    return f"{name} ({run.info.run_id[:8]})" if name else run.info.run_id
+
+
+def _download(uri: str, scratch: str, tracking_uri: str, contents: Any) -> Path:
+    import mlflow
+
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=scratch, tracking_uri=tracking_uri, registry_uri=tracking_uri
+        )
+    except Exception as error:
+        code = getattr(error, "error_code", "")
+        missing = code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") or isinstance(
+            error, (FileNotFoundError, OSError)
+        )
+        if missing and contents is not None:
+            raise SourceError(
+                f"{uri}: no such artifact or logged model; the run has {contents()}."
+            ) from error
+        raise _mlflow_error(error, uri, tracking_uri) from error
+    path = Path(local)
+    if not path.exists():
+        raise SourceError(f"{uri}: nothing was downloaded.")
+    return path
+
+
+def _run_contents(client: Any, run: Any) -> str:
+    """What a run holds, for messages: its top-level artifacts and logged models."""
+    try:
+        artifacts = [item.path for item in client.list_artifacts(run.info.run_id)]
+    except Exception:
+        artifacts = []
+    models = [m.name for m in _logged_models(client, run)]
+    return (
+        f"artifacts {_list_names(artifacts)} and logged models {_list_names(models)}"
+        if models
+        else f"artifacts {_list_names(artifacts)}"
+    )
+
+
+def _logged_models(client: Any, run: Any) -> list[Any]:
+    """MLflow 3 logged models whose source is ``run``, newest first (none on MLflow 2)."""
+    search = getattr(client, "search_logged_models", None)
+    if search is None:
+        return []
+    try:
+        found = list(
+            search(
+                experiment_ids=[run.info.experiment_id],
+                filter_string=f"source_run_id = '{run.info.run_id}'",
+            )
+        )
+    except Exception:
+        return []
+    return sorted(found, key=lambda m: getattr(m, "creation_timestamp", 0) or 0, reverse=True)
+
+
+def run_model_uris(
+    client: Any, run: Any, *, max_depth: int = 4, max_items: int = 2000
+) -> list[str]:
+    """The models an MLflow run holds, as URIs, best first.
+
+    In this order: the MLflow 3 logged models of the run (``models:/<model_id>``, newest first),
+    MLflow models among its artifacts (folders with an ``MLmodel`` file), then weight files
+    (:data:`WEIGHT_SUFFIXES`) among its artifacts (``runs:/<run_id>/<path>``). The artifacts
+    under ``clusterability/`` (written by the tracker and by audits) are not searched.
+    """
+    uris = [f"models:/{model.model_id}" for model in _logged_models(client, run)]
+    model_dirs: list[str] = []
+    files: list[str] = []
+    seen = 0
+    pending: list[tuple[str | None, int]] = [(None, 0)]
+    while pending and seen < max_items:
+        folder, depth = pending.pop(0)
+        try:
+            items = client.list_artifacts(run.info.run_id, folder)
+        except Exception:
+            continue
+        names = {item.path.rsplit("/", 1)[-1] for item in items}
+        if folder is not None and "MLmodel" in names:
+            model_dirs.append(folder)
+            continue
+        for item in items:
+            seen += 1
+            if item.is_dir:
+                if item.path.split("/")[0] != "clusterability" and depth < max_depth:
+                    pending.append((item.path, depth + 1))
+            elif item.path.lower().endswith(WEIGHT_SUFFIXES):
+                files.append(item.path)
+    preferred = [f for f in files if f.endswith("state_dict.pth")]
+    others = [f for f in files if f not in preferred]
+    run_id = run.info.run_id
+    return uris + [f"runs:/{run_id}/{path}" for path in (*model_dirs, *preferred, *others)]
+
+
+def experiment_sources(
+    experiments: Sequence[str], *, tracking_uri: str | None = None
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Every run of MLflow experiments that holds a model: ``([(uri, run label)], skipped)``.
+
+    Each run gives its best model (:func:`run_model_uris`): its newest logged model, else an
+    MLflow model or weight file among its artifacts. Deleted runs are left out; ``skipped``
+    names the runs without any model.
+
+    Raises:
+        SourceError: an experiment does not exist.
+        PlatformError: MLflow cannot be reached.
+    """
+    from mlflow.entities import ViewType
+
+    found: list[tuple[str, str]] = []
+    skipped: list[str] = []
+    with mlflow_client(tracking_uri) as (client, uri):
+        for name in experiments:
+            experiment = _experiment(client, name, uri)
+            runs: list[Any] = []
+            token = None
+            try:
+                while True:
+                    page = client.search_runs(
+                        [experiment.experiment_id],
+                        run_view_type=ViewType.ACTIVE_ONLY,
+                        max_results=1000,
+                        order_by=["attributes.start_time ASC"],
+                        page_token=token,
+                    )
+                    runs.extend(page)
+                    token = page.token
+                    if not token:
+                        break
+            except Exception as error:
+                raise _mlflow_error(error, f"the runs of experiment {name!r}", uri) from error
+            for run in runs:
+                uris = run_model_uris(client, run)
+                if uris:
+                    found.append((uris[0], _run_label(run)))
+                else:
+                    skipped.append(_run_label(run))
+    return found, skipped
+
+
+def _experiment(client: Any, name: str, uri: str) -> Any:
+    try:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None and name.isdigit():
+            experiment = client.get_experiment(name)
+    except Exception as error:
+        code = getattr(error, "error_code", "")
+        if code == "RESOURCE_DOES_NOT_EXIST":
+            experiment = None
+        else:
+            raise _mlflow_error(error, f"experiment {name!r}", uri) from error
+    if experiment is None:
+        try:
+            names = [e.name for e in client.search_experiments(max_results=50)]
+        except Exception:
+            names = []
+        raise SourceError(
+            f"no MLflow experiment named {name!r} at {uri}; experiments there: "
+            f"{_list_names(names)}."
+        )
+    return experiment
+
+
+# ---------------------------------------------------------------------------------------------
+# W&B artifacts
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_wandb(ref: SourceRef, *, trust_pickle: bool) -> LoadedModel:
+    """Download a W&B artifact with the public API and read it like a local folder.
+
+    Needs a W&B server (wandb.ai or a local one at ``WANDB_BASE_URL``) and an API key. Every
+    request has a short timeout, so an unreachable server fails in seconds.
+    """
+    api = wandb_api()
+    name = f"{ref.entity}/{ref.project}/{ref.name}:{ref.alias}"
+    try:
+        artifact = api.artifact(name)
+    except Exception as error:
+        raise _wandb_error(error, f"artifact {name!r}") from error
+    with tempfile.TemporaryDirectory(prefix="cluster-tracking-audit-") as scratch:
+        try:
+            local = Path(artifact.download(root=scratch))
+        except Exception as error:
+            raise _wandb_error(error, f"the files of artifact {name!r}") from error
+        loaded = load_file(local, trust_pickle=trust_pickle, source=ref.uri)
+    loaded.label = name
+    try:
+        producer = artifact.logged_by()
+    except Exception:
+        producer = None
+    if producer is not None:
+        loaded.run = RunTarget(
+            platform="wandb",
+            run_id=producer.id,
+            entity=producer.entity,
+            project=producer.project,
+            label=f"{producer.entity}/{producer.project}/{producer.id}",
+        )
+    return loaded
+
+
+def wandb_api() -> Any:
+    """``wandb.Api`` with a short timeout, its failures as :class:`PlatformError`."""
+    try:
+        import wandb
+    except ImportError as error:
+        raise PlatformError(
+            f"wandb-artifact:// sources need the wandb package: {_WANDB_HINT}"
+        ) from error
+    try:
+        return wandb.Api(timeout=int(PROBE_TIMEOUT))
+    except Exception as error:
+        raise _wandb_error(error, "the W&B API") from error
+
+
+def _wandb_error(error: BaseException, what: str) -> SourceError:
+    message = _first_line(error)
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    name = type(error).__name__
+    if name == "UsageError" and "api key" in message.lower():
+        return PlatformError(
+            f"W&B needs an API key to read {what}: run `wandb login` or set WANDB_API_KEY."
+        )
+    if "not found" in message.lower() or "does not exist" in message.lower():
+        return SourceError(f"W&B has no {what} ({message}).")
+    if not _reachable(base):
+        return PlatformError(f"cannot reach W&B at {base} to read {what} ({message}).")
+    return PlatformError(f"W&B at {base} failed to give {what} ({message}).")
+
+
+def _reachable(url: str) -> bool:
+    """Whether anything answers at ``url``'s host and port (a TCP connection, 2 s at most)."""
+    parsed = urllib.parse.urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=2.0):
+            return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _first_line(error: object) -> str:
+    """The first line of an error message; its first sentence when that line is long."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    if len(line) > 160 and ". " in line[:300]:
+        line = line[: line.index(". ") + 1]
+    if len(line) < 12 or isinstance(error, KeyError):
+        line = f"{type(error).__name__}: {line}"
+    return line[:300]
+
+
+def _list_names(names: Sequence[str], limit: int = 20) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")

@@ -1,0 +1,1076 @@
+"""The training hook: measure clusterability on a schedule without slowing training down.
+
+>>> tracker = ClusterabilityTracker(sinks=[LocalDirectorySink("runs/clusterability")],
+...                                 every_n_steps=200, k=12, shuffles=20)
+>>> for step, batch in enumerate(loader):
+...     ...                                  # forward, backward, optimiser step
+...     tracker.step(model, step)            # cheap; measures only when the schedule says so
+>>> tracker.close()                          # waits for pending measurements, logs the summary
+
+How it works. At a due step the training thread takes a snapshot of the weights on the CPU and
+returns. A background thread hands the snapshot to the tracker's worker process, which partitions
+it, measures the null model (:func:`~cluster_tracking.measure.measure`) and draws the plots; a
+second background thread passes report and plots to the sinks. Measuring in a child process
+(``worker="process"``, the default) keeps it from competing with training for the GIL;
+``worker="thread"`` measures in the training process instead. A slow or unreachable tracking
+server delays neither training nor the next measurement.
+
+The snapshot is the weight graph itself (one device-to-host copy of the weights, plus the
+``torch.fx`` trace of the model's data flow): tracing must happen in the training thread, because
+``torch.fx`` patches ``torch.nn.Module.__call__`` for the whole process while it traces. With
+``layers=[...]`` (a chain, no tracing) the snapshot is a CPU copy of the ``state_dict``, loaded
+into a CPU copy of the model made once, and the graph is built in the background.
+
+Guarantees:
+
+* **Never blocks training.** When a measurement is still waiting to start at the next due step,
+  ``on_backlog="skip"`` (the default) drops the new snapshot and records the step in
+  :attr:`ClusterabilityTracker.skipped_steps` (and in the summary); ``on_backlog="queue"`` keeps
+  every snapshot in memory until it is measured.
+* **Never takes training down.** Every failure in snapshotting, measuring, plotting or logging
+  becomes a :class:`ClusterTrackingWarning` and the run goes on; ``close()`` never raises.
+* **Reproducible.** Step ``s`` is measured with the seed :meth:`ClusterabilityTracker.seed_for`
+  ``(s)``, derived from the tracker's ``seed`` and ``s`` only, so a rerun gives the same numbers.
+* **Distributed.** Only rank 0 measures and logs (``torch.distributed``'s rank, or ``rank=``); on
+  the other ranks every call is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import pickle
+import queue
+import secrets
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from cluster_tracking import baselines
+from cluster_tracking.errors import ConfigError
+from cluster_tracking.graph import WeightGraph, weight_graph
+from cluster_tracking.measure import measure
+from cluster_tracking.report import SCHEMA_VERSION, ClusterabilityReport
+from cluster_tracking.sinks import Sink
+
+OnBacklog = Literal["skip", "queue"]
+
+#: Per-step artifact names the tracker writes (under ``clusterability/step-<step>/``).
+STEP_ARTIFACTS = ("report.json", "adjacency.png", "composition.png")
+#: Summary artifact names written at ``close()`` (under ``clusterability/``).
+SUMMARY_ARTIFACTS = ("summary.json", "trajectory.png", "report.html")
+
+
+class ClusterTrackingWarning(UserWarning):
+    """Something went wrong in a hook (a measurement, a plot, a sink) and training went on."""
+
+
+@dataclass
+class _Snapshot:
+    """The weights of one due step, on the CPU, waiting for the worker: one of
+
+    * ``graph``: the weight graph itself, built in the training thread (models that need
+      ``torch.fx`` tracing, see :meth:`ClusterabilityTracker._snapshot`);
+    * ``module`` and ``state``: the tracker's CPU copy of the model's structure and the weights
+      to load into it (``state`` is ``None`` when the copy was just made and holds them);
+    * ``state`` alone: a state_dict, measured as a chain of layers.
+    """
+
+    step: int
+    graph: WeightGraph | None = None
+    module: nn.Module | None = None
+    state: dict[str, Any] | None = None
+    graph_seconds: float = 0.0
+
+
+_STOP = object()
+
+
+class ClusterabilityTracker:
+    """Measures a model's clusterability during training and sends the reports to sinks.
+
+    Call :meth:`step` every training step (it measures when ``step % every_n_steps == 0``, so at
+    steps 0, n, 2n, ...), :meth:`epoch_end` at the end of every epoch (it measures after every
+    ``every_n_epochs``-th epoch), or :meth:`checkpoint` wherever you want a measurement (e.g. when
+    you save a checkpoint). A step is measured at most once. Finish with :meth:`close`, or use the
+    tracker as a context manager.
+
+    Each measurement logs to every sink the metrics of
+    :data:`~cluster_tracking.report.METRIC_KEYS` at its step and, under
+    ``clusterability/step-<step>/``, ``report.json`` (the full
+    :class:`~cluster_tracking.report.ClusterabilityReport`), ``adjacency.png`` (the weight graph
+    ordered by cluster) and ``composition.png`` (neurons of each layer by cluster). ``close()``
+    logs ``clusterability/summary.json`` (every step, skipped and failed steps),
+    ``clusterability/trajectory.png`` and the self-contained ``clusterability/report.html``.
+
+    Args:
+        sinks: where reports go (:class:`~cluster_tracking.sinks.LocalDirectorySink`,
+            ``cluster_tracking.integrations.mlflow.MlflowSink``, or anything with the
+            :class:`~cluster_tracking.sinks.Sink` methods). No sink: reports are only kept in
+            :attr:`reports`.
+        every_n_steps: measure in :meth:`step` when ``step % every_n_steps == 0``; ``None``: never.
+        every_n_epochs: measure in :meth:`epoch_end` after epochs ``n - 1, 2n - 1, ...``
+            (0-based, as in ``for epoch in range(epochs)``); ``None``: never.
+        k: number of clusters (the paper uses 12).
+        shuffles: null networks per measurement (0: no null model, no z-score or p-value).
+        shuffle: the null model (``layer``, ``layer_nonzero``, ``layer_nonzero_distribution``,
+            ``layer_all_distribution`` or ``random_init``).
+        seed: the tracker's seed; step ``s`` is measured with :meth:`seed_for` ``(s)``. ``None``
+            draws one (recorded in the params as ``clusterability.seed``).
+        n_jobs: parallel workers for the null networks. The default 1 measures inside the
+            tracker's thread with no process pool; pass -1 for all cores.
+        n_init: k-means restarts per partition (``None``: ``measure``'s default).
+        norm, preset, layers, init, backend: forwarded to
+            :func:`~cluster_tracking.measure.measure` (see there).
+        on_backlog: what a due step does while ``max_pending`` snapshots already wait for the
+            worker: ``"skip"`` drops it (recorded in :attr:`skipped_steps`); ``"queue"`` keeps it
+            (each waiting snapshot holds a CPU copy of the weights: float64 weight graph, or the
+            float32 ``state_dict`` with ``layers=``).
+        max_pending: how many snapshots may wait while a measurement runs (``"skip"`` only).
+        plots: draw the PNG plots and the HTML report (``False``: JSON only, faster).
+        worker: where measurements run. ``"process"`` (default): in a child Python process
+            started at the first due step (a few seconds, in the background; it imports
+            cluster-tracking, ~400 MB of memory), so they never compete with training for the
+            GIL. ``"thread"``: in a thread of the training process; no extra process, but a
+            Python-bound training loop runs slower while a measurement runs. If the process
+            cannot start or dies, the tracker warns and goes on with a thread. The
+            ``random_init`` null model always measures in a thread (it needs the model).
+        rank: this process's rank; ``None`` reads ``torch.distributed`` at each call. Only rank 0
+            measures and logs.
+
+    Raises:
+        ConfigError: a setting is out of range (checked here, before training starts).
+    """
+
+    def __init__(
+        self,
+        sinks: Sequence[Sink] = (),
+        *,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        k: int = 12,
+        shuffles: int = 20,
+        shuffle: str = "layer",
+        seed: int | None = 0,
+        n_jobs: int | None = 1,
+        n_init: int | None = None,
+        norm: Literal["l1", "l2"] = "l1",
+        preset: Literal["default", "filan2021"] = "default",
+        layers: Sequence[str] | None = None,
+        init: str | None = None,
+        backend: str | None = None,
+        on_backlog: OnBacklog = "skip",
+        max_pending: int = 1,
+        plots: bool = True,
+        worker: Literal["process", "thread"] = "process",
+        rank: int | None = None,
+    ) -> None:
+        self.sinks: list[Sink] = list(sinks)
+        for sink in self.sinks:
+            missing = [
+                name
+                for name in ("log_params", "log_report", "log_summary", "close")
+                if not callable(getattr(sink, name, None))
+            ]
+            if missing:
+                raise ConfigError(
+                    f"sink {sink!r} lacks {', '.join(missing)}; a sink needs log_params, "
+                    "log_report, log_summary and close (see cluster_tracking.sinks.Sink)."
+                )
+        self.every_n_steps = _check_interval(every_n_steps, "every_n_steps")
+        self.every_n_epochs = _check_interval(every_n_epochs, "every_n_epochs")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
+            raise ConfigError(f"k must be an integer >= 2 (the paper uses 12), got {k!r}.")
+        self.k = int(k)
+        if isinstance(shuffles, bool) or not isinstance(shuffles, (int, np.integer)):
+            raise ConfigError(f"shuffles must be an integer, got {shuffles!r}.")
+        if shuffles == 1 or shuffles < 0:
+            raise ConfigError(
+                f"shuffles={shuffles}: a null model needs at least 2 networks (20-50 is typical "
+                "during training); pass shuffles=0 to skip it."
+            )
+        self.shuffles = int(shuffles)
+        self.shuffle = baselines.check_method(shuffle)
+        if norm not in ("l1", "l2"):
+            raise ConfigError(f"norm must be 'l1' or 'l2', got {norm!r}.")
+        if preset not in ("default", "filan2021"):
+            raise ConfigError(f"preset must be 'default' or 'filan2021', got {preset!r}.")
+        if isinstance(layers, str):
+            raise ConfigError(f"layers must be a list of layer names, got the string {layers!r}.")
+        if self.shuffle == "random_init" and layers is None:
+            raise ConfigError(
+                "shuffle='random_init' traces every re-initialised copy of the model with "
+                "torch.fx, which cannot run in the background while training calls the model; "
+                "pass layers=[...] (the graph is then built without tracing), or use a shuffle "
+                "null during training and measure(model, shuffle='random_init') on checkpoints."
+            )
+        if seed is None:
+            seed = secrets.randbits(32)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer or None, got {seed!r}.")
+        self.seed = int(seed)
+        if on_backlog not in ("skip", "queue"):
+            raise ConfigError(f"on_backlog must be 'skip' or 'queue', got {on_backlog!r}.")
+        self.on_backlog: OnBacklog = on_backlog
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ConfigError(f"max_pending must be an integer >= 1, got {max_pending!r}.")
+        self.max_pending = max_pending
+        if worker not in ("process", "thread"):
+            raise ConfigError(f"worker must be 'process' or 'thread', got {worker!r}.")
+        self.worker = worker
+        self.n_jobs = n_jobs
+        self.plots = bool(plots)
+        self.rank = rank
+        self._measure_options: dict[str, Any] = {
+            "n_jobs": n_jobs,
+            "norm": norm,
+            "preset": preset,
+            "layers": list(layers) if layers is not None else None,
+            "init": init,
+            "backend": backend,
+        }
+        if n_init is not None:
+            self._measure_options["n_init"] = n_init
+        self._graph_options: dict[str, Any] = {
+            "norm": norm,
+            "preset": preset,
+            "layers": self._measure_options["layers"],
+        }
+
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._requested: set[int] = set()
+        self._waiting = 0  # snapshots queued, not yet picked up by the worker
+        self._in_flight = 0  # snapshots not yet measured *and* logged
+        self._reports: dict[int, ClusterabilityReport] = {}
+        self._skipped: list[int] = []
+        self._failed: list[int] = []
+        self._last_images: tuple[int, dict[str, bytes]] | None = None
+        self._template: nn.Module | None = None
+        self._template_signature: dict[str, Any] | None = None
+        self._structure_copy_failed = False
+        self._warned_skip = False
+        self._warned_closed = False
+        self._measure_queue: queue.Queue[Any] = queue.Queue()
+        self._log_queue: queue.Queue[Any] = queue.Queue()
+        self._measure_thread: threading.Thread | None = None
+        self._log_thread: threading.Thread | None = None
+        self._workdir: Path | None = None
+        self._worker: _WorkerProcess | None = None
+        self._worker_failed = False
+        self._closed = False
+
+    # ----------------------------------------------------------------------------- public API
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The settings logged once to every sink, under ``clusterability.*`` names."""
+        from cluster_tracking import __version__
+
+        options = self._measure_options
+        params: dict[str, Any] = {
+            "clusterability.k": self.k,
+            "clusterability.shuffles": self.shuffles,
+            "clusterability.method": self.shuffle,
+            "clusterability.seed": self.seed,
+            "clusterability.norm": options["norm"],
+            "clusterability.preset": options["preset"],
+            "clusterability.n_jobs": self.n_jobs,
+            "clusterability.every_n_steps": self.every_n_steps,
+            "clusterability.every_n_epochs": self.every_n_epochs,
+            "clusterability.on_backlog": self.on_backlog,
+            "clusterability.version": __version__,
+        }
+        if options["layers"] is not None:
+            params["clusterability.layers"] = ",".join(options["layers"])
+        if options.get("n_init") is not None:
+            params["clusterability.n_init"] = options["n_init"]
+        if options["init"] is not None:
+            params["clusterability.init"] = options["init"]
+        return {key: value for key, value in params.items() if value is not None}
+
+    @property
+    def reports(self) -> list[ClusterabilityReport]:
+        """The reports measured so far, by step."""
+        with self._lock:
+            return [self._reports[step] for step in sorted(self._reports)]
+
+    @property
+    def skipped_steps(self) -> list[int]:
+        """Due steps dropped because a measurement was still pending (``on_backlog="skip"``)."""
+        with self._lock:
+            return sorted(self._skipped)
+
+    @property
+    def failed_steps(self) -> list[int]:
+        """Due steps whose snapshot or measurement failed (each gave a warning)."""
+        with self._lock:
+            return sorted(self._failed)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def seed_for(self, step: int) -> int:
+        """The seed of the measurement at ``step``: a 32-bit integer drawn from
+        ``numpy.random.SeedSequence([seed, step])``, so it depends on nothing else."""
+        return int(np.random.SeedSequence([self.seed, int(step)]).generate_state(1)[0])
+
+    def should_measure(self, step: int) -> bool:
+        """Whether :meth:`step` would measure at ``step`` (schedule only, not the backlog)."""
+        return (
+            self.every_n_steps is not None
+            and int(step) % self.every_n_steps == 0
+            and int(step) not in self._requested
+        )
+
+    def step(self, model: nn.Module | Mapping[str, Any], step: int) -> bool:
+        """Call once per training step; measures ``model`` when ``step % every_n_steps == 0``.
+
+        Cheap when no measurement is due (a modulo). When one is, it copies the weights to the CPU
+        and returns at once; the measurement runs in the background.
+
+        Args:
+            model: the model being trained (any device; DDP and ``torch.compile`` wrappers are
+                unwrapped), or a ``state_dict``.
+            step: the training step (an integer >= 0); the metrics are logged at this step.
+
+        Returns:
+            True when a snapshot was taken for measurement.
+        """
+        if self.every_n_steps is None:
+            return False
+        number = self._check_step(step)
+        if number is None or number % self.every_n_steps != 0:
+            return False
+        return self._request(model, number)
+
+    def epoch_end(
+        self, model: nn.Module | Mapping[str, Any], epoch: int, step: int | None = None
+    ) -> bool:
+        """Call at the end of every epoch; measures after every ``every_n_epochs``-th epoch.
+
+        Args:
+            model: the model being trained.
+            epoch: the epoch that just ended, counted from 0.
+            step: the step to log the metrics at (the global training step); ``None`` logs them
+                at ``epoch``.
+
+        Returns:
+            True when a snapshot was taken for measurement.
+        """
+        if self.every_n_epochs is None:
+            return False
+        number = self._check_step(epoch, what="epoch")
+        if number is None or (number + 1) % self.every_n_epochs != 0:
+            return False
+        at = number if step is None else self._check_step(step)
+        if at is None:
+            return False
+        return self._request(model, at)
+
+    def checkpoint(self, model: nn.Module | Mapping[str, Any], step: int) -> bool:
+        """Measure ``model`` at ``step`` now, whatever the schedule (e.g. when saving it).
+
+        An explicit checkpoint is never dropped by the backlog policy (it waits in the queue),
+        and it does measure a step that the schedule had to skip, so the weights a training run
+        saves, such as its final ones, are always measured.
+
+        Returns:
+            True when a snapshot was taken (False on other ranks, after ``close()``, or when
+            ``step`` was already measured).
+        """
+        number = self._check_step(step)
+        if number is None:
+            return False
+        return self._request(model, number, explicit=True)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every snapshot taken so far is measured and handed to every sink.
+
+        Returns:
+            True when nothing is pending any more, False when ``timeout`` seconds ran out.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._in_flight > 0:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for pending measurements, log the summary, and close the sinks. Never raises.
+
+        Calling it again does nothing. After ``close()`` the hooks do nothing.
+
+        Args:
+            timeout: seconds to wait for pending measurements and sinks; ``None`` waits as long
+                as they take. When it runs out, a warning says what was left undone and the
+                sinks are not closed (the background threads are daemons: they end with Python).
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self._close(timeout)
+        except Exception as error:  # close() is called from training scripts' finally blocks
+            _warn(f"closing the clusterability tracker failed: {_describe(error)}.")
+
+    def __enter__(self) -> ClusterabilityTracker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        schedule = []
+        if self.every_n_steps is not None:
+            schedule.append(f"every_n_steps={self.every_n_steps}")
+        if self.every_n_epochs is not None:
+            schedule.append(f"every_n_epochs={self.every_n_epochs}")
+        return (
+            f"ClusterabilityTracker({', '.join(schedule) or 'checkpoints only'}, k={self.k}, "
+            f"shuffles={self.shuffles}, shuffle={self.shuffle!r}, sinks={self.sinks!r})"
+        )
+
+    # ------------------------------------------------------------------ training-thread side
+
+    def _is_rank_zero(self) -> bool:
+        if self.rank is not None:
+            return self.rank == 0
+        return not (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_rank() != 0
+        )
+
+    def _check_step(self, value: Any, what: str = "step") -> int | None:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = -1
+        if isinstance(value, bool) or number < 0 or number != value:
+            _warn(f"{what}={value!r} is not an integer >= 0; the clusterability hook ignored it.")
+            return None
+        return number
+
+    def _request(
+        self, model: nn.Module | Mapping[str, Any], step: int, *, explicit: bool = False
+    ) -> bool:
+        """Snapshot ``model`` at ``step`` for the worker, unless the step was seen or skipped.
+
+        ``explicit`` requests (checkpoints) are never skipped for backlog, and may take again a
+        step that the backlog policy skipped before."""
+        if self._closed:
+            if not self._warned_closed:
+                self._warned_closed = True
+                _warn(f"the clusterability tracker is closed; step {step} was not measured.")
+            return False
+        if not self._is_rank_zero():
+            return False
+        with self._lock:
+            if step in self._requested:
+                if not (explicit and step in self._skipped):
+                    return False
+                self._skipped.remove(step)
+            self._requested.add(step)
+            skip = not explicit and self.on_backlog == "skip" and self._waiting >= self.max_pending
+            warn_skip = skip and not self._warned_skip
+            if skip:
+                self._skipped.append(step)
+                self._warned_skip = True
+            else:
+                self._waiting += 1
+                self._in_flight += 1
+        if skip:
+            if warn_skip:
+                _warn(
+                    f"clusterability at step {step} skipped: the previous measurement is still "
+                    "running (on_backlog='skip'; skipped steps are listed in the summary). "
+                    "Measure less often, use fewer shuffles, or pass on_backlog='queue' to keep "
+                    "every step."
+                )
+            return False
+        try:
+            self._ensure_started()
+            snapshot = self._snapshot(model, step)
+        except Exception as error:
+            with self._idle:
+                self._waiting -= 1
+                self._failed.append(step)
+                self._finish_one()
+            _warn(
+                f"could not snapshot the model for clusterability at step {step}: "
+                f"{_describe(error)}. Training goes on; this step is not measured."
+            )
+            return False
+        self._measure_queue.put(snapshot)
+        return True
+
+    def _snapshot(self, model: nn.Module | Mapping[str, Any], step: int) -> _Snapshot:
+        """Copy the weights to the CPU (the only work done in the training thread).
+
+        A model whose graph needs ``torch.fx`` tracing (no ``layers=``) gets its weight graph
+        built here: tracing patches ``torch.nn.Module.__call__`` for the whole process while it
+        runs, so tracing in the background would break the training thread's forward passes.
+        With ``layers=`` (no tracing) or a state_dict, only a CPU copy of the weights is made
+        here and the graph is built in the background.
+        """
+        with torch.no_grad():
+            if isinstance(model, Mapping):
+                return _Snapshot(step, state={key: _cpu_copy(v) for key, v in model.items()})
+            if not isinstance(model, nn.Module):
+                raise ConfigError(
+                    f"expected a torch.nn.Module or a state_dict, got {type(model).__name__}."
+                )
+            module = _unwrap(model)
+            if self._graph_options["layers"] is None:
+                started = time.perf_counter()
+                graph = weight_graph(module, **self._graph_options)
+                return _Snapshot(step, graph=graph, graph_seconds=time.perf_counter() - started)
+            state = module.state_dict()
+            signature = {
+                name: (tuple(value.shape), value.dtype)
+                for name, value in state.items()
+                if isinstance(value, torch.Tensor)
+            }
+            if self._template is not None and signature == self._template_signature:
+                copied = {key: _cpu_copy(value) for key, value in state.items()}
+                return _Snapshot(step, module=self._template, state=copied)
+            if not self._structure_copy_failed:
+                try:
+                    template = _structure_copy(module)
+                except Exception as error:
+                    self._structure_copy_failed = True
+                    _warn(
+                        f"cannot copy the structure of {type(module).__name__} "
+                        f"({_describe(error)}); clusterability is measured from its state_dict "
+                        "instead."
+                    )
+                else:
+                    # New structure (first due step, or the shapes changed): the copy already
+                    # holds this step's weights; later steps load theirs into it.
+                    self._template, self._template_signature = template, signature
+                    return _Snapshot(step, module=template)
+            return _Snapshot(step, state={key: _cpu_copy(v) for key, v in state.items()})
+
+    def _ensure_started(self) -> None:
+        if self._measure_thread is not None:
+            return
+        self._workdir = Path(tempfile.mkdtemp(prefix="cluster-tracking-"))
+        self._log_queue.put(("params", self.params))
+        self._log_thread = threading.Thread(
+            target=self._log_loop, name="cluster-tracking-log", daemon=True
+        )
+        self._measure_thread = threading.Thread(
+            target=self._measure_loop, name="cluster-tracking-measure", daemon=True
+        )
+        self._log_thread.start()
+        self._measure_thread.start()
+
+    def _finish_one(self) -> None:
+        """One snapshot is done (measured and logged, or failed). Call with the lock held."""
+        self._in_flight -= 1
+        if self._in_flight <= 0:
+            self._idle.notify_all()
+
+    # ---------------------------------------------------------------------- measuring thread
+
+    def _measure_loop(self) -> None:
+        while True:
+            item = self._measure_queue.get()
+            if item is _STOP:
+                self._send_summary()
+                self._log_queue.put(_STOP)
+                if self._worker is not None:
+                    self._worker.stop()
+                return
+            with self._lock:
+                self._waiting -= 1
+            try:
+                report, images = self._measure(item)
+            except Exception as error:
+                with self._idle:
+                    self._failed.append(item.step)
+                    self._finish_one()
+                _warn(
+                    f"clusterability measurement at step {item.step} failed: "
+                    f"{_describe(error)}. Training goes on; this step is not logged."
+                )
+                continue
+            finally:
+                item.state = item.graph = item.module = None  # free the copy of the weights now
+            with self._lock:
+                self._reports[item.step] = report
+                if images and (self._last_images is None or item.step >= self._last_images[0]):
+                    self._last_images = (item.step, images)
+            artifacts = self._step_artifacts(report, images)
+            self._log_queue.put(("report", report, artifacts))
+
+    def _measure(self, snapshot: _Snapshot) -> tuple[ClusterabilityReport, dict[str, bytes]]:
+        """Measure one snapshot (measuring thread): report and PNG plots by name."""
+        graph, graph_seconds = snapshot.graph, snapshot.graph_seconds
+        module: nn.Module | None = None
+        if graph is None:
+            if snapshot.module is not None and snapshot.state is not None:
+                snapshot.module.load_state_dict(snapshot.state)
+            source = snapshot.module if snapshot.module is not None else snapshot.state
+            assert source is not None
+            started = time.perf_counter()
+            graph = weight_graph(source, **self._graph_options)  # no tracing: see _snapshot
+            graph_seconds = time.perf_counter() - started
+            if self.shuffle == "random_init" and isinstance(source, nn.Module):
+                module = source
+        options = {
+            "k": self.k,
+            "shuffles": self.shuffles,
+            "shuffle": self.shuffle,
+            "seed": self.seed_for(snapshot.step),
+            **self._measure_options,
+        }
+        if module is not None:  # re-initialised copies need the module: measured here
+            report, images, plot_error = measure_step(
+                graph, snapshot.step, options, self.plots, module
+            )
+        else:
+            report, images, plot_error = self._run(
+                "measure", graph, snapshot.step, options, self.plots
+            )
+        if plot_error:
+            _warn(f"clusterability plots at step {snapshot.step} failed: {plot_error}.")
+        report.config["tracker_seed"] = self.seed
+        report.config["worker"] = "thread" if self._worker is None else "process"
+        report.timings["graph"] = graph_seconds
+        report.timings["total"] = report.timings.get("total", 0.0) + graph_seconds
+        return report, images
+
+    def _run(self, name: str, *args: Any) -> Any:
+        """Call a worker function in the worker process (``worker="process"``), else here."""
+        # random_init's null networks need the model itself, so it is measured here anyway.
+        if self.worker == "process" and self.shuffle != "random_init" and not self._worker_failed:
+            try:
+                if self._worker is None:
+                    self._worker = _WorkerProcess()
+                return self._worker.call(name, *args)
+            except _WorkerError:
+                raise  # the function failed in the worker: a measurement error, not a dead worker
+            except Exception as error:
+                self._worker_failed = True
+                if self._worker is not None:
+                    self._worker.stop()
+                self._worker = None
+                _warn(
+                    f"the clusterability worker process failed ({_describe(error)}); measuring "
+                    "in a background thread of the training process from now on, which slows a "
+                    "Python-bound training loop while a measurement runs."
+                )
+        return _WORKER_CALLS[name](*args)
+
+    def _step_artifacts(
+        self, report: ClusterabilityReport, images: Mapping[str, bytes]
+    ) -> dict[str, Path]:
+        """Write ``report.json`` and the step's plots (measuring thread); name -> path."""
+        assert self._workdir is not None and report.step is not None
+        folder = self._workdir / f"step-{report.step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        artifacts = {"report.json": folder / "report.json"}
+        artifacts["report.json"].write_text(report.to_json(indent=2), encoding="utf-8")
+        for name, data in images.items():
+            path = folder / f"{name}.png"
+            path.write_bytes(data)
+            artifacts[f"{name}.png"] = path
+        return artifacts
+
+    def _send_summary(self) -> None:
+        """Write the summary artifacts and queue them for the sinks (measuring thread)."""
+        try:
+            reports = self.reports
+            with self._lock:
+                skipped, failed = sorted(self._skipped), sorted(self._failed)
+                last_images = dict(self._last_images[1]) if self._last_images else {}
+            files, plot_error = self._run(
+                "summary", reports, last_images, self.params, skipped, failed, self.plots
+            )
+            if plot_error:
+                _warn(f"clusterability summary plots failed: {plot_error}.")
+            assert self._workdir is not None
+            folder = self._workdir / "summary"
+            folder.mkdir(parents=True, exist_ok=True)
+            artifacts = {}
+            for name, data in files.items():
+                (folder / name).write_bytes(data)
+                artifacts[name] = folder / name
+            self._log_queue.put(("summary", reports, artifacts))
+        except Exception as error:
+            _warn(f"clusterability summary failed: {_describe(error)}.")
+
+    # ------------------------------------------------------------------------ logging thread
+
+    def _log_loop(self) -> None:
+        while True:
+            item = self._log_queue.get()
+            if item is _STOP:
+                return
+            kind = item[0]
+            if kind == "params":
+                self._call_sinks("log_params", item[1])
+            elif kind == "report":
+                _, report, artifacts = item
+                self._call_sinks(
+                    "log_report", report, report.step, artifacts, where=f" at step {report.step}"
+                )
+                shutil.rmtree(next(iter(artifacts.values())).parent, ignore_errors=True)
+                with self._idle:
+                    self._finish_one()
+            elif kind == "summary":
+                self._call_sinks("log_summary", item[1], item[2], where=" (the summary)")
+
+    def _call_sinks(self, method: str, *args: Any, where: str = "") -> None:
+        for sink in self.sinks:
+            try:
+                getattr(sink, method)(*args)
+            except Exception as error:
+                _warn(
+                    f"{sink!r}.{method}{where} failed: {_describe(error)}. Training goes on; "
+                    "the report stays in the tracker's other sinks."
+                )
+
+    # -------------------------------------------------------------------------------- close
+
+    def _close(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        if self._measure_thread is not None and self._log_thread is not None:
+            self._measure_queue.put(_STOP)
+            self._measure_thread.join(remaining())
+            self._log_thread.join(remaining())
+            if self._measure_thread.is_alive() or self._log_thread.is_alive():
+                with self._lock:
+                    pending = self._in_flight
+                _warn(
+                    f"gave up waiting for the clusterability tracker after {timeout} s with "
+                    f"{pending} measurement(s) not yet logged; the sinks were not closed."
+                )
+                return
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as error:
+                _warn(f"closing {sink!r} failed: {_describe(error)}.")
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+        self._template = None
+
+
+def _check_interval(value: int | None, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer or None, got {value!r}.")
+    return int(value)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DataParallel/DistributedDataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def _cpu_copy(value: Any) -> Any:
+    """A detached CPU copy of a tensor (other values as they are)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    return value
+
+
+def _structure_copy(module: nn.Module) -> nn.Module:
+    """A CPU deep copy of ``module`` without copying its tensors on their device first.
+
+    The memo of :func:`copy.deepcopy` is pre-filled with CPU copies of every parameter and buffer,
+    so a model on a GPU is never duplicated on the GPU; the original is not touched.
+    """
+    memo: dict[int, Any] = {}
+    for parameter in module.parameters():
+        memo[id(parameter)] = nn.Parameter(_cpu_copy(parameter), requires_grad=False)
+    for buffer in module.buffers():
+        memo[id(buffer)] = _cpu_copy(buffer)
+    return copy.deepcopy(module, memo)
+
+
+# ------------------------------------------------------------------------------ the worker
+#
+# Measuring is CPU-bound Python and numpy code. In a thread of the training process it would hold
+# the GIL for milliseconds at a time, and a training loop, which releases and re-takes the GIL at
+# every torch call, would wait for it each time: a small loop runs several times slower while a
+# measurement runs. So by default the tracker measures in a child process of its own, fed through
+# a pipe: the weight graph goes in, the report and the PNG plots come back.
+
+
+def measure_step(
+    graph: WeightGraph,
+    step: int,
+    options: Mapping[str, Any],
+    plots: bool,
+    module: nn.Module | None = None,
+) -> tuple[ClusterabilityReport, dict[str, bytes], str | None]:
+    """Measure one snapshot's weight graph and draw its plots (the worker's job).
+
+    Args:
+        graph: the snapshot's weight graph.
+        step: its training step.
+        options: keyword arguments of :func:`~cluster_tracking.measure.measure` (k, shuffles,
+            shuffle, seed, n_jobs, ...).
+        plots: draw ``adjacency`` and ``composition``.
+        module: the model, for the ``random_init`` null model (which re-initialises it).
+
+    Returns:
+        The report (with its ``step``), PNG bytes by plot name, and the error of the plots, if
+        they failed (the report is still good).
+    """
+    report = measure(module if module is not None else graph, **options)
+    report.step = step
+    images: dict[str, bytes] = {}
+    if not plots:
+        return report, images, None
+    try:
+        from cluster_tracking import plots as figures
+
+        images["adjacency"] = figures.png_bytes(
+            figures.adjacency_figure(
+                graph,
+                report.partition.labels,
+                title=f"Weight graph ordered by cluster, step {step}",
+            )
+        )
+        images["composition"] = figures.png_bytes(figures.composition_figure(report))
+    except Exception as error:
+        return report, images, _describe(error)
+    return report, images, None
+
+
+def render_summary(
+    reports: Sequence[ClusterabilityReport],
+    last_images: Mapping[str, bytes],
+    params: Mapping[str, Any],
+    skipped: Sequence[int],
+    failed: Sequence[int],
+    plots: bool,
+) -> tuple[dict[str, bytes], str | None]:
+    """The summary artifacts: ``summary.json``, ``trajectory.png`` and ``report.html``.
+
+    Returns:
+        File contents by name, and the error of the plots or HTML, if they failed.
+    """
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "params": dict(params),
+        "steps": [report.step for report in reports],
+        "skipped_steps": list(skipped),
+        "failed_steps": list(failed),
+        "trajectory": [{"step": report.step, **_short_metrics(report)} for report in reports],
+        "reports": [report.to_dict() for report in reports],
+    }
+    files = {"summary.json": json.dumps(summary, indent=1, allow_nan=False).encode("utf-8")}
+    if not plots:
+        return files, None
+    try:
+        from cluster_tracking import html_report
+        from cluster_tracking import plots as figures
+
+        files["trajectory.png"] = figures.png_bytes(figures.trajectory_figure(reports))
+        html = html_report.render_html(
+            reports,
+            images={"trajectory": files["trajectory.png"], **last_images},
+            params=params,
+            skipped_steps=skipped,
+            failed_steps=failed,
+        )
+        files["report.html"] = html.encode("utf-8")
+    except Exception as error:
+        return files, _describe(error)
+    return files, None
+
+
+_WORKER_CALLS: dict[str, Any] = {"measure": measure_step, "summary": render_summary}
+
+# Runs in the child: put the package's folder first on sys.path (so it imports this very copy of
+# cluster_tracking, whatever the training script did to sys.path), then serve requests.
+_WORKER_BOOTSTRAP = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from cluster_tracking.tracker import _worker_main; _worker_main()"
+)
+
+
+class _WorkerError(Exception):
+    """A worker function raised; the message is the original ``Type: message``."""
+
+
+def _write_frame(stream: Any, value: Any) -> None:
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("<Q", len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def _read_frame(stream: Any) -> Any:
+    header = stream.read(8)
+    if len(header) < 8:
+        raise EOFError("the worker's pipe closed")
+    (size,) = struct.unpack("<Q", header)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError("the worker's pipe closed mid-message")
+    return pickle.loads(data)
+
+
+class _WorkerProcess:
+    """A child Python process that runs :data:`_WORKER_CALLS` for the tracker, one at a time.
+
+    Requests and answers are pickled frames on the child's stdin and stdout (its own pipes: only
+    this tracker talks to it). The child runs at a lower CPU priority than training, exits when
+    its stdin closes (so it never outlives the training process) and writes nothing else to the
+    pipe (stray prints go to stderr).
+    """
+
+    def __init__(self, start_timeout: float = 120.0) -> None:
+        package_root = str(Path(__file__).resolve().parents[1])
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_BOOTSTRAP, package_root],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+        ready = threading.Event()
+
+        def give_up() -> None:
+            if not ready.is_set():
+                self._process.kill()  # its pipe closes: the read below fails
+
+        timer = threading.Timer(start_timeout, give_up)
+        timer.daemon = True
+        timer.start()
+        try:
+            kind, _ = _read_frame(self._process.stdout)
+        except Exception:
+            self.stop()
+            raise
+        finally:
+            ready.set()
+            timer.cancel()
+        if kind != "ready":
+            self.stop()
+            raise RuntimeError(f"unexpected first message from the worker: {kind!r}")
+
+    def call(self, name: str, *args: Any) -> Any:
+        """Run ``_WORKER_CALLS[name](*args)`` in the child; raises :class:`_WorkerError` when it
+        raised, ``EOFError``/``OSError`` when the child is gone."""
+        if self._process.poll() is not None:
+            raise EOFError(f"the worker exited with code {self._process.returncode}")
+        _write_frame(self._process.stdin, (name, args))
+        kind, value = _read_frame(self._process.stdout)
+        if kind == "error":
+            raise _WorkerError(value)
+        return value
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the child to exit; kill it if it does not within ``timeout`` seconds."""
+        process = self._process
+        try:
+            if process.poll() is None and process.stdin is not None:
+                _write_frame(process.stdin, None)
+                process.stdin.close()
+        except OSError:
+            pass
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def _worker_main() -> None:
+    """The worker process's loop (see :class:`_WorkerProcess`)."""
+    requests = os.fdopen(os.dup(0), "rb")
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    os.dup2(2, 1)  # anything printed goes to stderr, never into the pipe
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(5)  # training keeps the CPU when both want it
+    # Ctrl-C in a terminal reaches the whole process group; the training script decides what
+    # happens then (typically tracker.close()), and the worker goes when its pipe closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _write_frame(answers, ("ready", None))
+    while True:
+        try:
+            request = _read_frame(requests)
+        except EOFError:
+            return
+        if request is None:
+            return
+        name, args = request
+        try:
+            answer = ("ok", _WORKER_CALLS[name](*args))
+        except Exception as error:
+            answer = ("error", f"{type(error).__name__}: {str(error).strip()}")
+        _write_frame(answers, answer)
+
+
+def _short_metrics(report: ClusterabilityReport) -> dict[str, float]:
+    """``report.metrics()`` without the ``clusterability/`` prefix."""
+    return {key.split("/", 1)[1]: value for key, value in report.metrics().items()}
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, _WorkerError):  # already "Type: message", from the worker process
+        return str(error).strip().rstrip(".")
+    text = str(error).strip().rstrip(".")
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, ClusterTrackingWarning, stacklevel=3)
+
+
+__all__ = [
+    "STEP_ARTIFACTS",
+    "SUMMARY_ARTIFACTS",
+    "ClusterTrackingWarning",
+    "ClusterabilityTracker",
+    "OnBacklog",
+]

@@ -1,0 +1,321 @@
+"""The W&B sink: what an offline W&B run holds after a training loop logged clusterability to it.
+
+Real components only: W&B in offline mode (``WANDB_MODE=offline``, every W&B folder in a temporary
+directory, nothing reaches the network), a tiny MLP trained for a few steps, the real tracker and
+measurement. The run's ``.wandb`` record log and ``files/`` are read back with
+:mod:`_wandb_offline`. W&B failures are real ones: the run's media folder blocked by a file, a run
+finished too early.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import wandb
+from _wandb_offline import OfflineRun, find_run_dir, read_offline_run
+from torch import nn
+
+from cluster_tracking.integrations.wandb import (
+    CLUSTER_TABLE_COLUMNS,
+    INSTALL_HINT,
+    PARTITION_ARTIFACT_TYPE,
+    STEP_METRIC,
+    SUMMARY_ARTIFACT_TYPE,
+    WandbSink,
+)
+from cluster_tracking.report import METRIC_KEYS, ClusterabilityReport
+from cluster_tracking.sinks import SinkError
+from cluster_tracking.tracker import (
+    STEP_ARTIFACTS,
+    SUMMARY_ARTIFACTS,
+    ClusterabilityTracker,
+    ClusterTrackingWarning,
+)
+
+FAST: dict[str, Any] = {"k": 3, "shuffles": 4, "n_jobs": 1, "seed": 3, "on_backlog": "queue"}
+
+
+@pytest.fixture
+def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An offline W&B environment in ``tmp_path``: no login, no network, no git, no stats."""
+    root = tmp_path / "wandb-home"
+    for name, folder in {
+        "WANDB_DIR": root,
+        "WANDB_CACHE_DIR": root / "cache",
+        "WANDB_CONFIG_DIR": root / "config",
+        "WANDB_DATA_DIR": root / "data",
+    }.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv(name, str(folder))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # were anything to call out
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    yield root
+    if wandb.run is not None:
+        wandb.run.finish()
+    wandb.teardown()  # the next test's wandb.init reads its own environment
+
+
+def start_run(root: Path) -> Any:
+    return wandb.init(
+        project="cluster-tracking-tests",
+        dir=str(root),
+        mode="offline",
+        settings=wandb.Settings(
+            x_disable_stats=True, x_disable_meta=True, console="off", disable_git=True
+        ),
+    )
+
+
+def tiny_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
+    )
+
+
+def train(
+    model: nn.Module, tracker: ClusterabilityTracker, run: Any, steps: int
+) -> dict[int, float]:
+    """A plain loop that logs its own loss with explicit steps; returns the losses by step."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=generator)
+    y = torch.randint(0, 4, (64,), generator=generator)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = {}
+    for step in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses[step] = float(loss.detach())
+        run.log({"train/loss": losses[step]}, step=step)
+        tracker.step(model, step)
+    return losses
+
+
+def read_run(root: Path, run: Any) -> OfflineRun:
+    return read_offline_run(find_run_dir(root, run.id))
+
+
+def assert_metrics_match(offline: OfflineRun, reports: list[ClusterabilityReport]) -> None:
+    """Every metric of every report is in the run once, at its ``clusterability/step``."""
+    for key in METRIC_KEYS:
+        expected = {
+            report.step: report.metrics()[key] for report in reports if key in report.metrics()
+        }
+        assert offline.series(key, STEP_METRIC) == pytest.approx(expected), key
+
+
+def test_metrics_table_images_artifacts_and_summary_land_in_the_run(
+    wandb_dir: Path, tmp_path: Path
+) -> None:
+    run = start_run(wandb_dir)
+    sink = WandbSink(spool_dir=tmp_path / "spool")  # the current wandb.run
+    assert sink.run is run
+    tracker = ClusterabilityTracker([sink], every_n_steps=3, **FAST)
+    losses = train(tiny_mlp(), tracker, run, steps=10)
+    tracker.close()
+    assert sink.pending == 0
+    run.finish()
+    offline = read_run(wandb_dir, run)
+    reports = tracker.reports
+    steps = [0, 3, 6, 9]
+    assert [report.step for report in reports] == steps
+
+    # Own step metric; every measured step's metrics at it, once.
+    assert offline.metric_definitions[STEP_METRIC] == ""
+    assert offline.metric_definitions["clusterability/*"] == STEP_METRIC
+    assert_metrics_match(offline, reports)
+    # The loop's own rows at its own steps: none dropped, none moved.
+    assert offline.series("train/loss", "_step") == pytest.approx(losses)
+    assert offline.config["clusterability.k"] == 3
+    assert offline.config["clusterability.seed"] == 3
+
+    rows = {row[STEP_METRIC]: row for row in offline.rows_with("clusterability/ncut")}
+    partitions = offline.artifacts_named(f"clusterability-partition-{run.id}")
+    assert [artifact.metadata["step"] for artifact in partitions] == steps
+    for report, artifact in zip(reports, partitions, strict=True):
+        folder = f"clusterability/step-{report.step}"
+        # One artifact version per step: aliased by step, holding the report and both plots.
+        assert artifact.type == PARTITION_ARTIFACT_TYPE
+        assert set(artifact.aliases) == {f"step-{report.step}", "latest"}
+        assert set(artifact.files) == {f"{folder}/{name}" for name in STEP_ARTIFACTS}
+        assert artifact.metadata["ncut"] == pytest.approx(report.ncut)
+        staged = ClusterabilityReport.from_json(artifact.files[f"{folder}/report.json"].read_text())
+        assert staged.step == report.step
+        assert staged.partition.labels == report.partition.labels
+
+        # The cluster table: one row per cluster, per-layer node counts.
+        row = rows[report.step]
+        table = json.loads((offline.files / row["clusterability/clusters"]["path"]).read_text())
+        layers = [layer.name for layer in report.layers]
+        assert table["columns"] == [*CLUSTER_TABLE_COLUMNS, *layers]
+        assert len(table["data"]) == len(report.partition.clusters)
+        for values, cluster in zip(table["data"], report.partition.clusters, strict=True):
+            assert values[:2] == [cluster.cluster, cluster.size]
+            assert values[2:5] == pytest.approx([cluster.cut, cluster.volume, cluster.ncut_term])
+            assert values[5:] == [cluster.per_layer.get(name, 0) for name in layers]
+        assert sum(sum(values[5:]) for values in table["data"]) == report.nodes.clustered
+
+        # The plots in the row are the very PNGs of the artifact.
+        for name in ("adjacency", "composition"):
+            image = row[f"clusterability/{name}"]
+            assert image["_type"] == "image-file"
+            logged = (offline.files / image["path"]).read_bytes()
+            assert logged == artifact.files[f"{folder}/{name}.png"].read_bytes()
+
+    # The end: summary artifact, native trajectory plot with the null band, summary fields.
+    (summary_artifact,) = offline.artifacts_named(f"clusterability-summary-{run.id}")
+    assert summary_artifact.type == SUMMARY_ARTIFACT_TYPE
+    assert set(summary_artifact.files) == {f"clusterability/{name}" for name in SUMMARY_ARTIFACTS}
+    summary_json = json.loads(summary_artifact.files["clusterability/summary.json"].read_text())
+    assert summary_json["steps"] == steps
+    (end_row,) = offline.rows_with("clusterability/trajectory_table")
+    assert end_row["clusterability/trajectory_image"]["_type"] == "image-file"
+    assert end_row["clusterability/report"]["_type"] == "html-file"
+    chart = json.loads(
+        (offline.files / end_row["clusterability/trajectory_table"]["path"]).read_text()
+    )
+    assert chart["columns"] == ["step", "lineKey", "lineVal"]
+    lines: dict[str, dict[int, float]] = {}
+    for step, line, value in chart["data"]:
+        lines.setdefault(line, {})[step] = value
+    band = {report.step: report.baseline for report in reports if report.baseline is not None}
+    assert lines["ncut"] == pytest.approx({report.step: report.ncut for report in reports})
+    assert lines["null mean"] == pytest.approx({s: b.mean for s, b in band.items()})
+    assert lines["null mean - std"] == pytest.approx({s: b.mean - b.std for s, b in band.items()})
+    assert lines["null mean + std"] == pytest.approx({s: b.mean + b.std for s, b in band.items()})
+    assert "clusterability/trajectory" in offline.config["_wandb"]["visualize"]
+
+    last = reports[-1]
+    assert last.baseline is not None and last.baseline.z_score is not None
+    assert offline.summary["clusterability/final_ncut"] == pytest.approx(last.ncut)
+    assert offline.summary["clusterability/final_z_score"] == pytest.approx(last.baseline.z_score)
+    assert offline.summary["clusterability/final_p_value"] == pytest.approx(last.baseline.p_value)
+    assert offline.summary["clusterability/final_step"] == 9
+
+
+def test_failing_wandb_spools_keeps_training_and_delivers_each_step_once(
+    wandb_dir: Path, tmp_path: Path
+) -> None:
+    run = start_run(wandb_dir)
+    blocker = Path(run.dir) / "media" / "images"  # W&B cannot copy images: run.log raises
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a folder")
+    sink = WandbSink(run, spool_dir=tmp_path / "spool", retries=2, backoff=0.01)
+    tracker = ClusterabilityTracker([sink], every_n_steps=2, **FAST)
+    with pytest.warns(ClusterTrackingWarning, match="spooled to") as caught:
+        losses = train(tiny_mlp(), tracker, run, steps=6)
+        assert tracker.flush(timeout=120)
+    assert len(losses) == 6, "training went on"
+    assert len([w for w in caught if "spooled to" in str(w.message)]) == 1, "one warning per outage"
+    assert sink.pending == 3  # the reports of steps 0, 2, 4 wait in the spool
+    assert len(sink.spool.read_reports()) == 3
+
+    blocker.unlink()  # W&B works again: the summary call delivers everything, in order
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClusterTrackingWarning)
+        tracker.close()
+    assert sink.pending == 0
+
+    # A sink on the same spool (a restarted process) sends nothing twice, even when the last
+    # row's outcome was unknown: the run's summary shows that it landed.
+    record_file = sink.spool.path / "delivered.json"
+    record = json.loads(record_file.read_text())
+    last_row = max(
+        (key for key in record["done"] if key.endswith(":metrics")),
+        key=lambda key: int(key.split(":")[0]),
+    )
+    record["done"].remove(last_row)
+    record["attempted"].append(last_row)
+    record_file.write_text(json.dumps(record))
+    again = WandbSink(run, spool_dir=tmp_path / "spool")
+    assert again.pending == 1
+    assert again.flush() and again.pending == 0
+    again.close()
+    run.finish()
+
+    offline = read_run(wandb_dir, run)
+    reports = tracker.reports
+    assert [report.step for report in reports] == [0, 2, 4]
+    assert_metrics_match(offline, reports)  # series() fails on a step logged twice
+    assert offline.series("train/loss", "_step") == pytest.approx(losses)
+    partitions = offline.artifacts_named(f"clusterability-partition-{run.id}")
+    assert [artifact.metadata["step"] for artifact in partitions] == [0, 2, 4]
+    assert offline.summary["clusterability/final_step"] == 4
+
+
+@pytest.mark.slow
+def test_wandb_and_mlflow_sinks_on_one_tracker_both_get_every_step(
+    wandb_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from cluster_tracking.integrations.mlflow import MlflowSink
+
+    monkeypatch.chdir(tmp_path)  # whatever MLflow writes relative to the working directory
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment("both", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    mlflow_sink = MlflowSink(tracking_uri=uri, experiment_name="both", spool_dir=tmp_path / "ml")
+    run = start_run(wandb_dir)
+    wandb_sink = WandbSink(run, spool_dir=tmp_path / "wb")
+    tracker = ClusterabilityTracker([mlflow_sink, wandb_sink], every_n_steps=2, plots=False, **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClusterTrackingWarning)
+        train(tiny_mlp(), tracker, run, steps=7)
+        tracker.close()
+    run.finish()
+
+    reports = tracker.reports
+    assert [report.step for report in reports] == [0, 2, 4, 6]
+    assert_metrics_match(read_run(wandb_dir, run), reports)
+    for key in METRIC_KEYS:
+        history = client.get_metric_history(mlflow_sink.run_id, key)
+        logged = {metric.step: metric.value for metric in history}
+        assert logged == pytest.approx({r.step: r.metrics()[key] for r in reports}), key
+    assert client.get_run(mlflow_sink.run_id).info.status == "FINISHED"
+
+
+def test_run_finished_before_the_tracker_warns_and_keeps_the_data(
+    wandb_dir: Path, tmp_path: Path
+) -> None:
+    run = start_run(wandb_dir)
+    with pytest.raises(SinkError, match="W&B artifact names are"):
+        WandbSink(run, artifact_name="partition of step/0")
+    sink = WandbSink(run, spool_dir=tmp_path / "spool", retries=1)
+    tracker = ClusterabilityTracker([sink], every_n_steps=2, plots=False, **FAST)
+    train(tiny_mlp(), tracker, run, steps=3)
+    assert tracker.flush(timeout=120)
+    run.finish()  # too early: the summary cannot reach the run any more
+    with pytest.warns(ClusterTrackingWarning) as caught:
+        tracker.close()
+    messages = [str(warning.message) for warning in caught]
+    assert any("Call tracker.close() before run.finish()" in text for text in messages)
+    assert any(f"kept in {sink.spool.path}" in text for text in messages)
+    assert sink.pending == 1
+    assert (sink.spool.path / "clusterability" / "summary.json").exists()
+
+
+def test_no_run_is_a_clear_error(wandb_dir: Path) -> None:
+    assert wandb.run is None
+    with pytest.raises(SinkError, match=r"call wandb.init\(\) first or pass run="):
+        WandbSink()
+
+
+def test_missing_wandb_names_the_pip_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    with pytest.raises(SinkError, match=r"pip install 'cluster-tracking\[wandb\]'"):
+        WandbSink()
+    assert "cluster-tracking[wandb]" in INSTALL_HINT
