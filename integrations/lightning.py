@@ -39,7 +39,7 @@ Which layers. By default the whole ``LightningModule``, traced with ``torch.fx``
 fails, or to leave out parts of it, pass ``module="model"`` (an attribute path) or
 ``module=lambda pl_module: pl_module.backbone`` to measure the inner ``nn.Module``, and/or
 ``layers=`` to build the graph from a chain of named ``nn.Linear``/``nn.Conv`` modules, by name or
-by pattern (:func:`~cluster_tracking.integrations.transformers.select_layers`), e.g.
+by pattern (:func:`select_layers`), e.g.
 ``layers="encoder.*.fc1|encoder.*.fc2"``. Names are relative to the measured module.
 
 Errors. A ``layers=`` selection that names an unknown module, matches nothing, or does not chain,
@@ -62,10 +62,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cluster_tracking.integrations.transformers import (
+from cluster_tracking.integrations._callback_core import (
     ModuleSelector,
     _CallbackCore,
     _local_sink,
+    select_layers,
 )
 from cluster_tracking.report import ClusterabilityReport
 from cluster_tracking.sinks import Sink
@@ -82,7 +83,7 @@ else:
         _LightningCallback = object
         _IMPORT_ERROR = error
 
-__all__ = ["INSTALL_HINT", "ClusterabilityCallback"]
+__all__ = ["INSTALL_HINT", "ClusterabilityCallback", "select_layers"]
 
 #: How to install what this module needs.
 INSTALL_HINT = "pip install 'cluster-tracking[lightning]'"
@@ -103,7 +104,7 @@ class ClusterabilityCallback(_LightningCallback):
             ``nn.Module``; ``None``: the ``LightningModule`` itself.
         layers: the layers the weight graph is built from, as a chain: ``None`` for the whole
             module (traced with ``torch.fx``), module names, or patterns (see
-            :func:`~cluster_tracking.integrations.transformers.select_layers`). Names are
+            :func:`select_layers`). Names are
             relative to the measured module.
         sinks: more sinks to log to, besides the loggers' runs.
         auto_sinks: log to the runs of the trainer's ``MLFlowLogger``/``WandbLogger`` (else to a
