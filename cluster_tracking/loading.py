@@ -1311,13 +1311,22 @@ def _load_wandb(ref: SourceRef, *, trust_pickle: bool) -> LoadedModel:
 
 
 def wandb_api() -> Any:
-    """``wandb.Api`` with a short timeout, its failures as :class:`PlatformError`."""
+    """``wandb.Api`` with a short timeout, its failures as :class:`PlatformError`.
+
+    The W&B server is probed first: ``wandb.Api`` starts a background ``wandb-core`` service that
+    keeps retrying an unreachable server, and the process then waits for it at exit.
+    """
     try:
         import wandb
     except ImportError as error:
         raise PlatformError(
             f"wandb-artifact:// sources need the wandb package: {_WANDB_HINT}"
         ) from error
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    if not _reachable(base):
+        raise PlatformError(
+            f"cannot reach W&B at {base}: check the network, or WANDB_BASE_URL for a local server."
+        )
     try:
         return wandb.Api(timeout=int(PROBE_TIMEOUT))
     except Exception as error:

@@ -34,11 +34,9 @@ MLflow is imported when the sink is created, so ``cluster_tracking`` itself work
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 import urllib.error
@@ -49,6 +47,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from cluster_tracking.outbox import DEFAULT_SPOOL_ROOT, Item, Outbox
 from cluster_tracking.report import ClusterabilityReport
 from cluster_tracking.sinks import ARTIFACT_ROOT, LocalDirectorySink, SinkError, step_artifact_dir
 from cluster_tracking.tracker import ClusterTrackingWarning
@@ -57,9 +56,6 @@ __all__ = ["INSTALL_HINT", "MlflowSink"]
 
 #: How to install what this module needs.
 INSTALL_HINT = "pip install 'cluster-tracking[mlflow]'"
-
-#: Where spools go when no ``spool_dir`` is given (one folder per run id).
-DEFAULT_SPOOL_ROOT = Path(tempfile.gettempdir()) / "cluster-tracking-spool"
 
 # MLflow error codes that retrying cannot fix: the item is set aside (kept in the spool).
 _PERMANENT_ERRORS = frozenset(
@@ -163,14 +159,11 @@ class MlflowSink:
         root = DEFAULT_SPOOL_ROOT if spool_dir is None else Path(spool_dir)
         self.spool_path = root / run_id
         self._spool: LocalDirectorySink | None = None  # created with the first item
-        self._outbox_file = self.spool_path / "outbox.jsonl"
-        self._record_file = self.spool_path / "delivered.json"
-        self._entries: list[dict[str, Any]] = _read_jsonl(self._outbox_file)
-        record = _read_json(self._record_file)
-        self._done: set[str] = set(record.get("done", []))
-        self._dropped: set[str] = set(record.get("dropped", []))
-        # After a restart we cannot know whether an in-flight send landed: check before resending.
-        self._attempted: set[str] = set(record.get("attempted", []))
+        self._outbox = Outbox(
+            self.spool_path,
+            parts=_parts,
+            identity={"run_id": self.run_id, "tracking_uri": self.tracking_uri},
+        )
 
     # ------------------------------------------------------------------------------ Sink API
 
@@ -265,7 +258,7 @@ class MlflowSink:
         if self.inert:
             return 0
         with self._lock:
-            return sum(1 for entry in self._entries if self._undelivered_parts(entry))
+            return self._outbox.pending
 
     def flush(self) -> bool:
         """Try to deliver everything spooled now; True when nothing is left."""
@@ -274,26 +267,13 @@ class MlflowSink:
         with self._lock:
             return self._drain()
 
-    def _append(self, entry: dict[str, Any]) -> None:
-        entry = {"seq": self._entries[-1]["seq"] + 1 if self._entries else 0, **entry}
-        line = json.dumps(entry, allow_nan=False) + "\n"
-        if not _ends_with_newline(self._outbox_file):
-            line = "\n" + line  # after a line cut short by a crash
-        with open(self._outbox_file, "a", encoding="utf-8") as handle:
-            handle.write(line)
-        self._entries.append(entry)
-
-    def _undelivered_parts(self, entry: dict[str, Any]) -> list[str]:
-        parts = ["metrics", "artifacts"] if entry["kind"] == "report" else [entry["kind"]]
-        keys = [f"{entry['seq']}:{part}" for part in parts]
-        return [key for key in keys if key not in self._done and key not in self._dropped]
+    def _append(self, entry: Item) -> None:
+        self._outbox.append(entry)
 
     def _drain(self) -> bool:
         """Send every undelivered part, in order; stop at the first one the server refuses."""
-        for entry in self._entries:
-            for key in self._undelivered_parts(entry):
-                if not self._deliver(entry, key):
-                    return False
+        if not self._outbox.drain(self._deliver):
+            return False
         if self._offline_error is not None:
             _log.info("MLflow at %s answers again; spooled items delivered.", self.tracking_uri)
             self._offline_error = None
@@ -307,16 +287,16 @@ class MlflowSink:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
                 self._probe()
-                if key in self._attempted and self._already_landed(entry, key):
-                    self._mark(done=key)
+                if key in self._outbox.attempted and self._already_landed(entry, key):
+                    self._outbox.mark(done=key)
                     return True
-                self._mark(attempted=key)
+                self._outbox.mark(attempted=key)
                 self._send(entry, key.split(":", 1)[1])
-                self._mark(done=key)
+                self._outbox.mark(done=key)
                 return True
             except Exception as failure:
                 if _is_permanent(failure):
-                    self._mark(dropped=key)
+                    self._outbox.mark(dropped=key)
                     _warn(
                         f"MLflow refused clusterability item {key} ({entry['kind']}"
                         f"{', step ' + str(entry['step']) if 'step' in entry else ''}): "
@@ -362,27 +342,6 @@ class MlflowSink:
         return any(
             m.step == entry["step"] and m.timestamp == entry["timestamp_ms"] for m in history
         )
-
-    def _mark(
-        self, *, done: str | None = None, attempted: str | None = None, dropped: str | None = None
-    ) -> None:
-        if done is not None:
-            self._done.add(done)
-            self._attempted.discard(done)
-        if attempted is not None:
-            self._attempted.add(attempted)
-        if dropped is not None:
-            self._dropped.add(dropped)
-        record = {
-            "run_id": self.run_id,
-            "tracking_uri": self.tracking_uri,
-            "done": sorted(self._done, key=_key_order),
-            "attempted": sorted(self._attempted, key=_key_order),
-            "dropped": sorted(self._dropped, key=_key_order),
-        }
-        temporary = self._record_file.with_name(self._record_file.name + ".tmp")
-        temporary.write_text(json.dumps(record, indent=1), encoding="utf-8")
-        os.replace(temporary, self._record_file)
 
     def _probe(self) -> None:
         """Fail fast when an HTTP tracking server is down (MLflow itself retries for minutes)."""
@@ -440,40 +399,9 @@ def _is_permanent(error: BaseException) -> bool:
     return isinstance(code, str) and code in _PERMANENT_ERRORS
 
 
-def _key_order(key: str) -> tuple[int, str]:
-    seq, _, part = key.partition(":")
-    return (int(seq) if seq.isdigit() else -1, part)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    entries = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash: it was never acknowledged
-            continue
-    return entries
-
-
-def _ends_with_newline(path: Path) -> bool:
-    """True for a missing or empty file, or one whose last byte is a newline."""
-    if not path.exists() or path.stat().st_size == 0:
-        return True
-    with open(path, "rb") as handle:
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1) == b"\n"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return {}
-    return data if isinstance(data, dict) else {}
+def _parts(entry: Item) -> tuple[str, ...]:
+    """The parts of a spooled item, delivered (and recorded) one by one, in this order."""
+    return ("metrics", "artifacts") if entry["kind"] == "report" else (entry["kind"],)
 
 
 def _describe(error: BaseException | None) -> str:

@@ -60,7 +60,6 @@ touch the run's own step counter. wandb is imported when the sink is created, so
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -71,16 +70,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from cluster_tracking.integrations.mlflow import (
-    DEFAULT_SPOOL_ROOT,
-    _describe,
-    _ends_with_newline,
-    _is_rank_zero,
-    _key_order,
-    _read_json,
-    _read_jsonl,
-    _warn,
-)
+from cluster_tracking.integrations.mlflow import _describe, _is_rank_zero, _warn
+from cluster_tracking.outbox import DEFAULT_SPOOL_ROOT, Item, Outbox
 from cluster_tracking.report import ClusterabilityReport
 from cluster_tracking.sinks import ARTIFACT_ROOT, LocalDirectorySink, SinkError, step_artifact_dir
 
@@ -212,14 +203,11 @@ class WandbSink:
         root = DEFAULT_SPOOL_ROOT if spool_dir is None else Path(spool_dir)
         folder = "-".join(part for part in ("wandb", project, self.run_id) if part)
         self.spool = LocalDirectorySink(root / re.sub(r"[^A-Za-z0-9._-]", "_", folder))
-        self._outbox_file = self.spool.path / "outbox.jsonl"
-        self._record_file = self.spool.path / "delivered.json"
-        self._entries: list[dict[str, Any]] = _read_jsonl(self._outbox_file)
-        record = _read_json(self._record_file)
-        self._done: set[str] = set(record.get("done", []))
-        self._dropped: set[str] = set(record.get("dropped", []))
-        # After a restart we cannot know whether an in-flight send landed: check before resending.
-        self._attempted: set[str] = set(record.get("attempted", []))
+        self._outbox = Outbox(
+            self.spool.path,
+            parts=lambda entry: _PARTS[entry["kind"]],
+            identity={"run_id": self.run_id},
+        )
         try:
             self._define_metrics()
         except Exception:  # retried before the first row; a failing W&B must not stop training
@@ -310,7 +298,7 @@ class WandbSink:
         if self.inert:
             return 0
         with self._lock:
-            return sum(1 for entry in self._entries if self._undelivered_parts(entry))
+            return self._outbox.pending
 
     def flush(self) -> bool:
         """Try to deliver everything spooled now; True when nothing is left."""
@@ -319,25 +307,13 @@ class WandbSink:
         with self._lock:
             return self._drain()
 
-    def _append(self, entry: dict[str, Any]) -> None:
-        entry = {"seq": self._entries[-1]["seq"] + 1 if self._entries else 0, **entry}
-        line = json.dumps(entry, allow_nan=False) + "\n"
-        if not _ends_with_newline(self._outbox_file):
-            line = "\n" + line  # after a line cut short by a crash
-        with open(self._outbox_file, "a", encoding="utf-8") as handle:
-            handle.write(line)
-        self._entries.append(entry)
-
-    def _undelivered_parts(self, entry: dict[str, Any]) -> list[str]:
-        keys = [f"{entry['seq']}:{part}" for part in _PARTS[entry["kind"]]]
-        return [key for key in keys if key not in self._done and key not in self._dropped]
+    def _append(self, entry: Item) -> None:
+        self._outbox.append(entry)
 
     def _drain(self) -> bool:
         """Send every undelivered part, in order; stop at the first one W&B does not take."""
-        for entry in self._entries:
-            for key in self._undelivered_parts(entry):
-                if not self._deliver(entry, key):
-                    return False
+        if not self._outbox.drain(self._deliver):
+            return False
         self._offline_error = None
         return True
 
@@ -350,18 +326,18 @@ class WandbSink:
             try:
                 if self._run_is_finished():
                     raise _RunFinished(f"the W&B run {self.run_id} is finished")
-                if key in self._attempted and self._already_landed(entry, key):
-                    self._mark(done=key)
+                if key in self._outbox.attempted and self._already_landed(entry, key):
+                    self._outbox.mark(done=key)
                     return True
-                self._mark(attempted=key)
+                self._outbox.mark(attempted=key)
                 self._send(entry, key.split(":", 1)[1])
-                self._mark(done=key)
+                self._outbox.mark(done=key)
                 return True
             except _RunFinished as failure:
                 error = failure
                 break  # retrying cannot help
             except (TypeError, ValueError) as failure:  # W&B refuses this data: it never will
-                self._mark(dropped=key)
+                self._outbox.mark(dropped=key)
                 _warn(
                     f"W&B refused clusterability item {key} ({_what(entry)}): "
                     f"{_describe(failure)}. It is kept in {self.spool.path}."
@@ -544,26 +520,6 @@ class WandbSink:
                 str(name).startswith(_TRAJECTORY_CHART_KEY) for name in summary.keys()
             )
         return False
-
-    def _mark(
-        self, *, done: str | None = None, attempted: str | None = None, dropped: str | None = None
-    ) -> None:
-        if done is not None:
-            self._done.add(done)
-            self._attempted.discard(done)
-        if attempted is not None:
-            self._attempted.add(attempted)
-        if dropped is not None:
-            self._dropped.add(dropped)
-        record = {
-            "run_id": self.run_id,
-            "done": sorted(self._done, key=_key_order),
-            "attempted": sorted(self._attempted, key=_key_order),
-            "dropped": sorted(self._dropped, key=_key_order),
-        }
-        temporary = self._record_file.with_name(self._record_file.name + ".tmp")
-        temporary.write_text(json.dumps(record, indent=1), encoding="utf-8")
-        os.replace(temporary, self._record_file)
 
     def _run(self) -> Run:
         assert self.run is not None  # only an inert sink has no run, and it sends nothing
