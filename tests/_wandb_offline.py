@@ -34,10 +34,13 @@ import json
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 # The generated protobuf module has no type stubs.
 pb: Any = importlib.import_module("wandb.proto.wandb_internal_pb2")
@@ -250,3 +253,40 @@ def _remove(target: dict[str, Any], path: list[str]) -> None:
             return
         target = child
     target.pop(path[-1], None)
+
+
+@contextmanager
+def offline_wandb(
+    home: Path, monkeypatch: pytest.MonkeyPatch, extra: Mapping[str, str] | None = None
+) -> Iterator[Path]:
+    """An offline W&B environment under ``home`` (runs in ``home``): no login, no network, no
+    git, no code saving; ``extra`` sets more ``WANDB_*`` variables. W&B's process-wide setup is
+    torn down before (so an earlier test's settings do not leak in) and after, with any run
+    left open finished."""
+    import wandb
+
+    for name, folder in {
+        "WANDB_DIR": home,
+        "WANDB_CACHE_DIR": home / "cache",
+        "WANDB_CONFIG_DIR": home / "config",
+        "WANDB_DATA_DIR": home / "data",
+    }.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv(name, str(folder))
+    for name, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_BASE_URL": "http://127.0.0.1:9",  # were anything to call out
+        **(extra or {}),
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    wandb.teardown()
+    try:
+        yield home
+    finally:
+        if wandb.run is not None:
+            wandb.run.finish()
+        wandb.teardown()

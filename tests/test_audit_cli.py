@@ -25,6 +25,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from _pickles import pickled_net
 from _servers import MlflowServer, free_port
 from mlflow import MlflowClient
 from safetensors.torch import save_file
@@ -252,38 +253,8 @@ def test_a_malicious_pickle_is_not_run_and_the_error_names_trust_pickle(
     assert not marker.exists(), "the pickle's payload ran"
 
 
-NET_SOURCE = """
-from pathlib import Path
-import torch
-from torch import nn
-
-Path(__file__).with_name("imported").write_text("netdef's code ran")
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(8, 16)
-        self.fc2 = nn.Linear(16, 16)
-        self.out = nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-"""
-
-
 def test_a_pickled_module_is_audited_from_its_weights_unless_trusted(tmp_path: Path) -> None:
-    (tmp_path / "netdef.py").write_text(NET_SOURCE)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import netdef
-
-        torch.manual_seed(0)
-        torch.save(netdef.Net(), tmp_path / "net.pt")  # pickled as netdef.Net
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("netdef", None)
-    (tmp_path / "imported").unlink()
+    pickled_net(tmp_path)  # net.pt, pickled as netdef.Net
     env = {"PYTHONPATH": str(tmp_path)}
 
     weights_only = cli("audit", "net.pt", *FAST, "--json", cwd=tmp_path, env=env)
@@ -719,26 +690,17 @@ def test_log_to_a_wandb_run_writes_metrics_and_a_new_artifact_version(
     """The W&B write-back, in offline mode (no W&B server here): the run that logged the model
     gets the metrics and an artifact ``clusterability-audit-<run id>`` holding the files.
     Fetching a ``wandb-artifact://`` source and resuming a run on a server are not tested."""
-    import wandb
-    from _wandb_offline import find_run_dir, read_offline_run
+    from _wandb_offline import find_run_dir, offline_wandb, read_offline_run
 
     from cluster_tracking.audit import audit_source, log_to_run
     from cluster_tracking.loading import RunTarget
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    wandb.teardown()  # settings of an earlier test's wandb.setup() must not leak in
     result = audit_source(str(checkpoints["state_dict"]), AuditSettings(k=3, shuffles=6, jobs=1))
     result.loaded.run = RunTarget(
         platform="wandb", run_id="audited1", project="cluster-tracking-tests", label="audited1"
     )
-    try:
+    with offline_wandb(tmp_path, monkeypatch):
         where = log_to_run(result)
-    finally:
-        wandb.teardown()
     assert "audited1" in where
     offline = read_offline_run(find_run_dir(tmp_path, "audited1"))
     (row,) = offline.rows_with("clusterability/ncut")

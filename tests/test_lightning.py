@@ -20,7 +20,7 @@ import lightning as L
 import pytest
 import torch
 import wandb
-from _wandb_offline import find_run_dir, read_offline_run
+from _wandb_offline import find_run_dir, offline_wandb, read_offline_run
 from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 from mlflow import MlflowClient
 from torch import nn
@@ -159,26 +159,9 @@ def test_mlflow_logger_run_gets_the_metrics_at_the_global_steps_and_the_summary(
 @pytest.fixture
 def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """An offline W&B environment in ``tmp_path``: no login, no network, no git, no stats."""
-    home = tmp_path / "wandb-home"
-    for name, folder in {
-        "WANDB_DIR": home,
-        "WANDB_CACHE_DIR": home / "cache",
-        "WANDB_CONFIG_DIR": home / "config",
-        "WANDB_DATA_DIR": home / "data",
-    }.items():
-        folder.mkdir(parents=True, exist_ok=True)
-        monkeypatch.setenv(name, str(folder))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
-    monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # were anything to call out
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.chdir(tmp_path)
-    yield home
-    if wandb.run is not None:
-        wandb.run.finish()
-    wandb.teardown()
+    with offline_wandb(tmp_path / "wandb-home", monkeypatch) as home:
+        yield home
 
 
 def test_wandb_logger_run_gets_step_checkpoint_and_final_measurements(wandb_dir: Path) -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from _pickles import pickled_net
 from safetensors.torch import save_file
 from torch import nn
 
@@ -294,39 +294,6 @@ def test_weights_next_to_a_payload_are_read_and_the_payload_is_not_run(tmp_path:
     assert same_tensors(loaded.weights, model.state_dict())  # type: ignore[arg-type]
     assert not marker.exists()
     assert any("builtins.eval" in note for note in loaded.notes)
-
-
-NET_SOURCE = """
-from pathlib import Path
-import torch
-from torch import nn
-
-Path(__file__).with_name("imported").write_text("the module's code ran")
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(8, 16)
-        self.fc2 = nn.Linear(16, 16)
-        self.out = nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-"""
-
-
-def pickled_net(folder: Path) -> Path:
-    """A whole ``Net`` pickled with torch.save, its class in ``folder/netdef.py``."""
-    (folder / "netdef.py").write_text(NET_SOURCE)
-    script = (
-        "import torch, netdef; torch.manual_seed(0); net = netdef.Net(); "
-        "torch.save(net, 'net.pt'); torch.save(net.state_dict(), 'sd.pt')"
-    )
-    env = {**os.environ, "PYTHONPATH": str(folder)}
-    subprocess.run([sys.executable, "-c", script], cwd=folder, env=env, check=True)
-    (folder / "imported").unlink()
-    return folder / "net.pt"
 
 
 def test_a_pickled_module_is_read_without_importing_its_class(tmp_path: Path) -> None:

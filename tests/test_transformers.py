@@ -23,7 +23,7 @@ import pytest
 import torch
 import transformers
 import wandb
-from _wandb_offline import find_run_dir, read_offline_run
+from _wandb_offline import find_run_dir, offline_wandb, read_offline_run
 from mlflow import MlflowClient
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
@@ -202,32 +202,14 @@ def test_mlflow_run_of_the_trainer_gets_the_metrics_at_its_global_steps(
 @pytest.fixture
 def wandb_dir(root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """An offline W&B environment for HF's WandbCallback: no login, no network, no git."""
-    home = root / "wandb-home"
-    for name, folder in {
-        "WANDB_DIR": home,
-        "WANDB_CACHE_DIR": home / "cache",
-        "WANDB_CONFIG_DIR": home / "config",
-        "WANDB_DATA_DIR": home / "data",
-    }.items():
-        folder.mkdir(parents=True, exist_ok=True)
-        monkeypatch.setenv(name, str(folder))
-    for name, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "WANDB_DISABLE_GIT": "true",
-        "WANDB_DISABLE_CODE": "true",
+    extra = {
         "WANDB_X_DISABLE_STATS": "true",
         "WANDB_X_DISABLE_META": "true",
         "WANDB_CONSOLE": "off",
         "WANDB_PROJECT": "cluster-tracking-tests",
-        "WANDB_BASE_URL": "http://127.0.0.1:9",  # were anything to call out
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    yield home
-    if wandb.run is not None:
-        wandb.run.finish()
-    wandb.teardown()
+    }
+    with offline_wandb(root / "wandb-home", monkeypatch, extra) as home:
+        yield home
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import wandb
-from _wandb_offline import OfflineRun, find_run_dir, read_offline_run
+from _wandb_offline import OfflineRun, find_run_dir, offline_wandb, read_offline_run
 from torch import nn
 
 from cluster_tracking.integrations.wandb import (
@@ -45,25 +45,8 @@ FAST: dict[str, Any] = {"k": 3, "shuffles": 4, "n_jobs": 1, "seed": 3, "on_backl
 @pytest.fixture
 def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """An offline W&B environment in ``tmp_path``: no login, no network, no git, no stats."""
-    root = tmp_path / "wandb-home"
-    for name, folder in {
-        "WANDB_DIR": root,
-        "WANDB_CACHE_DIR": root / "cache",
-        "WANDB_CONFIG_DIR": root / "config",
-        "WANDB_DATA_DIR": root / "data",
-    }.items():
-        folder.mkdir(parents=True, exist_ok=True)
-        monkeypatch.setenv(name, str(folder))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
-    monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # were anything to call out
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    yield root
-    if wandb.run is not None:
-        wandb.run.finish()
-    wandb.teardown()  # the next test's wandb.init reads its own environment
+    with offline_wandb(tmp_path / "wandb-home", monkeypatch) as home:
+        yield home
 
 
 def start_run(root: Path) -> Any:
