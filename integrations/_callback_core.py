@@ -380,6 +380,27 @@ class _CallbackCore:
         return self.tracker
 
 
+class _CoreViews:
+    """The read-only views both callbacks give of their :class:`_CallbackCore`."""
+
+    _core: _CallbackCore
+
+    @property
+    def tracker(self) -> ClusterabilityTracker | None:
+        """The tracker of the current or last training run (created at its first measurement)."""
+        return self._core.tracker
+
+    @property
+    def selected_layers(self) -> list[str] | None:
+        """The names ``layers=`` resolved to when training started (``None``: whole module)."""
+        return self._core.selected_layers
+
+    @property
+    def reports(self) -> list[ClusterabilityReport]:
+        """The reports measured so far in this process, by step."""
+        return self._core.reports
+
+
 def _local_sink(folder: str | Path) -> LocalDirectorySink:
     return LocalDirectorySink(Path(folder) / "clusterability")
 

@@ -65,12 +65,11 @@ from typing import TYPE_CHECKING, Any
 from cluster_tracking.integrations._callback_core import (
     ModuleSelector,
     _CallbackCore,
+    _CoreViews,
     _local_sink,
     select_layers,
 )
-from cluster_tracking.report import ClusterabilityReport
 from cluster_tracking.sinks import Sink
-from cluster_tracking.tracker import ClusterabilityTracker
 
 _IMPORT_ERROR: ImportError | None = None  # why the framework could not be imported
 if TYPE_CHECKING:
@@ -89,7 +88,7 @@ __all__ = ["INSTALL_HINT", "ClusterabilityCallback", "select_layers"]
 INSTALL_HINT = "pip install 'cluster-tracking[lightning]'"
 
 
-class ClusterabilityCallback(_LightningCallback):
+class ClusterabilityCallback(_CoreViews, _LightningCallback):
     """A Lightning ``Callback`` that logs clusterability into the trainer's logger run.
 
     Args:
@@ -174,21 +173,6 @@ class ClusterabilityCallback(_LightningCallback):
                 **tracker_options,
             },
         )
-
-    @property
-    def tracker(self) -> ClusterabilityTracker | None:
-        """The tracker of the current or last ``fit`` (created at its first measurement)."""
-        return self._core.tracker
-
-    @property
-    def selected_layers(self) -> list[str] | None:
-        """The names ``layers=`` resolved to at the start of ``fit`` (``None``: whole module)."""
-        return self._core.selected_layers
-
-    @property
-    def reports(self) -> list[ClusterabilityReport]:
-        """The reports measured so far in this process, by step."""
-        return self._core.reports
 
     # -------------------------------------------------------------------------------- hooks
 

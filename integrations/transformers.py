@@ -75,13 +75,12 @@ from typing import TYPE_CHECKING, Any
 from cluster_tracking.integrations._callback_core import (
     ModuleSelector,
     _CallbackCore,
+    _CoreViews,
     _local_sink,
     _warn,
     select_layers,
 )
-from cluster_tracking.report import ClusterabilityReport
 from cluster_tracking.sinks import Sink
-from cluster_tracking.tracker import ClusterabilityTracker
 
 _IMPORT_ERROR: ImportError | None = None  # why the framework could not be imported
 if TYPE_CHECKING:
@@ -100,7 +99,7 @@ __all__ = ["INSTALL_HINT", "ClusterabilityTrainerCallback", "select_layers"]
 INSTALL_HINT = "pip install 'cluster-tracking[transformers]'"
 
 
-class ClusterabilityTrainerCallback(_TrainerCallback):
+class ClusterabilityTrainerCallback(_CoreViews, _TrainerCallback):
     """A ``transformers.TrainerCallback`` that logs clusterability into the ``Trainer``'s run.
 
     Args:
@@ -184,21 +183,6 @@ class ClusterabilityTrainerCallback(_TrainerCallback):
                 **tracker_options,
             },
         )
-
-    @property
-    def tracker(self) -> ClusterabilityTracker | None:
-        """The tracker of the current or last training run (created at its first measurement)."""
-        return self._core.tracker
-
-    @property
-    def selected_layers(self) -> list[str] | None:
-        """The names ``layers=`` resolved to at the start of training (``None``: whole model)."""
-        return self._core.selected_layers
-
-    @property
-    def reports(self) -> list[ClusterabilityReport]:
-        """The reports measured so far in this process, by step."""
-        return self._core.reports
 
     # ------------------------------------------------------------------------------- events
 
