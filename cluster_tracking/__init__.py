@@ -6,19 +6,22 @@ Implements Filan et al. (2021), "Clusterability in Neural Networks" (arXiv:2103.
 >>> graph = ct.weight_graph(model)                  # neurons as nodes, |weights| as edges
 >>> report = ct.measure(model, k=12, shuffles=50)   # spectral partition, n-cut, null model
 >>> report.ncut, report.baseline.z_score, report.baseline.p_value
+
+The measurement core (graph types, spectral clustering, null models, reports) is imported with
+the package and needs numpy and scipy only; the names that need torch (graph extraction, the
+tracker, the regulariser, ...) are imported on first use, so the CLI and the processes that
+partition null networks start fast.
 """
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
+from typing import TYPE_CHECKING, Any
 
-from cluster_tracking.clusterable_init import clusterable_init_, module_assignment
 from cluster_tracking.errors import ClusterTrackingError, ConfigError, GraphError, SourceError
-from cluster_tracking.graph import EdgeBlock, WeightGraph, weight_graph
 from cluster_tracking.measure import measure
-from cluster_tracking.normalization import ReLUWeightNormalizer
-from cluster_tracking.regularizer import SpectralRegularizer
 from cluster_tracking.report import (
     METRIC_KEYS,
     Baseline,
@@ -26,9 +29,44 @@ from cluster_tracking.report import (
     ClusterSummary,
     Partition,
 )
-from cluster_tracking.sinks import LocalDirectorySink, Sink, SinkError
 from cluster_tracking.spectral import SpectralPartition, ncut, spectral_partition
-from cluster_tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
+from cluster_tracking.weightgraph import EdgeBlock, WeightGraph
+
+if TYPE_CHECKING:
+    from cluster_tracking.clusterable_init import clusterable_init_, module_assignment
+    from cluster_tracking.graph import weight_graph
+    from cluster_tracking.normalization import ReLUWeightNormalizer
+    from cluster_tracking.regularizer import SpectralRegularizer
+    from cluster_tracking.sinks import LocalDirectorySink, Sink, SinkError
+    from cluster_tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
+
+#: Public names imported on first use, and the module each comes from.
+_LAZY = {
+    "weight_graph": "cluster_tracking.graph",
+    "clusterable_init_": "cluster_tracking.clusterable_init",
+    "module_assignment": "cluster_tracking.clusterable_init",
+    "ReLUWeightNormalizer": "cluster_tracking.normalization",
+    "SpectralRegularizer": "cluster_tracking.regularizer",
+    "LocalDirectorySink": "cluster_tracking.sinks",
+    "Sink": "cluster_tracking.sinks",
+    "SinkError": "cluster_tracking.sinks",
+    "ClusterabilityTracker": "cluster_tracking.tracker",
+    "ClusterTrackingWarning": "cluster_tracking.tracker",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cluster_tracking' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 try:
     __version__ = _version("cluster-tracking")

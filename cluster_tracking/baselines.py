@@ -25,13 +25,18 @@ import copy
 import math
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from cluster_tracking.errors import ConfigError
 from cluster_tracking.report import Baseline
+from cluster_tracking.spectral import block_ncuts, child_seed
+from cluster_tracking.weightgraph import EdgeBlock
+
+if TYPE_CHECKING:
+    import torch
 
 SHUFFLE_METHODS = (
     "layer",
@@ -42,13 +47,15 @@ SHUFFLE_METHODS = (
 NULL_METHODS = (*SHUFFLE_METHODS, "random_init")
 
 #: Named initialisations accepted by ``random_init`` (besides the modules' own
-#: ``reset_parameters``), applied to every weight tensor of two or more dimensions.
-NAMED_INITS: dict[str, Callable[[torch.Tensor], Any]] = {
-    "xavier_uniform": torch.nn.init.xavier_uniform_,
-    "xavier_normal": torch.nn.init.xavier_normal_,
-    "kaiming_uniform": torch.nn.init.kaiming_uniform_,
-    "kaiming_normal": torch.nn.init.kaiming_normal_,
-    "orthogonal": torch.nn.init.orthogonal_,
+#: ``reset_parameters``), applied to every weight tensor of two or more dimensions: the name of
+#: each one's function in ``torch.nn.init`` (torch is imported when a null network is made, so
+#: that the shuffle nulls' worker processes start without it).
+NAMED_INITS: dict[str, str] = {
+    "xavier_uniform": "xavier_uniform_",
+    "xavier_normal": "xavier_normal_",
+    "kaiming_uniform": "kaiming_uniform_",
+    "kaiming_normal": "kaiming_normal_",
+    "orthogonal": "orthogonal_",
 }
 
 _TORCH_RNG_LOCK = threading.Lock()
@@ -93,6 +100,40 @@ def shuffle_weights(
     return [shuffle_tensor(weight, method, rng) for weight in weights]
 
 
+def shuffled_ncuts(
+    indices: Sequence[int],
+    blocks: Sequence[EdgeBlock],
+    n_nodes: int,
+    node_layer: np.ndarray,
+    method: str,
+    ks: Sequence[int],
+    root: np.random.SeedSequence,
+    n_init: int,
+) -> list[np.ndarray]:
+    """n-cuts at every k of the shuffled null networks ``indices``: one ``[len(ks)]`` row each.
+
+    Null network i shuffles the graph's weight blocks with the stream keyed ``(1, i)`` under
+    ``root`` and is partitioned with the streams keyed ``(2, i, ...)``, so its numbers do not
+    depend on which process computes it. A shuffled network keeps the graph's topology, so it is
+    partitioned straight from its weight blocks, without assembling a sparse adjacency (the same
+    numbers as ``spectral_partitions(graph.with_weights(shuffled))`` gives, n-cut only). Needs no
+    torch: worker processes that run it start fast.
+    """
+    rows = []
+    weights = [block.weight for block in blocks]
+    for index in indices:
+        rng = np.random.default_rng(child_seed(root, 1, index))
+        shuffled = shuffle_weights(weights, method, rng)
+        null_blocks = [
+            replace(block, weight=weight) for block, weight in zip(blocks, shuffled, strict=True)
+        ]
+        ncuts = block_ncuts(
+            null_blocks, n_nodes, node_layer, ks, seed=child_seed(root, 2, index), n_init=n_init
+        )
+        rows.append(np.array(ncuts))
+    return rows
+
+
 def check_shuffle_preconditions(weights: Sequence[np.ndarray], method: str) -> None:
     """Fail early, with the tensor's position, where a shuffle cannot apply."""
     if method not in ("layer_nonzero", "layer_nonzero_distribution"):
@@ -130,6 +171,8 @@ def reinitialised_copy(
             f"unknown init {init!r} for random_init; choose one of {', '.join(NAMED_INITS)} "
             "or leave it unset to use each module's own reset_parameters()."
         )
+    import torch
+
     fresh = copy.deepcopy(model)
     with _TORCH_RNG_LOCK, torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
@@ -144,7 +187,10 @@ def reinitialised_copy(
             else:
                 for name, parameter in module.named_parameters(recurse=False):
                     if name == "weight" and parameter.dim() >= 2:
-                        NAMED_INITS[init](parameter)
+                        initialise: Callable[[torch.Tensor], Any] = getattr(
+                            torch.nn.init, NAMED_INITS[init]
+                        )
+                        initialise(parameter)
     return fresh
 
 

@@ -182,8 +182,8 @@ BackendOption = Annotated[
     str | None,
     typer.Option(
         metavar="BACKEND",
-        help="joblib backend for the null networks: threading (the default for shuffles), loky, "
-        "multiprocessing, or dask (with --scheduler).",
+        help="joblib backend for the null networks: loky (the default: worker processes kept "
+        "alive, this one working too), threading, multiprocessing, or dask (with --scheduler).",
         show_default=False,
         rich_help_panel=_MEASURE,
     ),

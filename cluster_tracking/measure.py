@@ -11,24 +11,29 @@ seed gives the same numbers whatever the number of workers or the joblib backend
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import secrets
+import shutil
+import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
-from typing import Any, Literal, overload
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, overload
 
 import numpy as np
-import scipy
-import sklearn
-import torch
 from threadpoolctl import threadpool_limits
 
 from cluster_tracking import baselines
 from cluster_tracking.errors import ConfigError
-from cluster_tracking.graph import WeightGraph, weight_graph
 from cluster_tracking.report import (
     ClusterabilityReport,
     ClusterSummary,
@@ -40,18 +45,43 @@ from cluster_tracking.report import (
 from cluster_tracking.spectral import (
     DEFAULT_N_INIT,
     SpectralPartition,
-    block_ncuts,
     child_seed,
     cluster_cuts,
     laplacian_eigenvalues,
     spectral_partitions,
 )
+from cluster_tracking.weightgraph import WeightGraph
+
+if TYPE_CHECKING:
+    import torch
+
+    ModelLike = torch.nn.Module | dict[str, Any] | WeightGraph
 
 #: The range ``k="auto"`` searches for the largest eigengap.
 AUTO_K_RANGE = (2, 32)
 
 ProgressCallback = Callable[[int, int], None]
-ModelLike = torch.nn.Module | dict[str, Any] | WeightGraph
+#: Shuffled null networks per task sent to a worker process: small enough to balance the work
+#: at the end, large enough that sending the graph along costs little.
+NULLS_PER_TASK = 4
+#: The environment of the shuffle nulls' worker processes: one BLAS/OpenMP thread each (their
+#: products are thin; more threads oversubscribe the cores the other workers use), and glibc's
+#: malloc told to keep freed memory for reuse: by default it maps every array over 128 KiB
+#: afresh and returns it on free, and the page faults of the k-means and Krylov temporaries
+#: (a few MiB, allocated thousands of times) cost a quarter of a null network's time.
+_WORKER_ENV = {
+    **{
+        name: "1"
+        for name in (
+            "OMP_NUM_THREADS",
+            "OPENBLAS_NUM_THREADS",
+            "MKL_NUM_THREADS",
+            "BLIS_NUM_THREADS",
+        )
+    },
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
+}
 
 
 @overload
@@ -127,9 +157,13 @@ def measure(
             ``layer_all_distribution`` or ``random_init`` (needs a ``torch.nn.Module``).
         seed: seed of every random draw; ``None`` draws one and records it in ``config["seed"]``.
         n_init: k-means restarts per partition (the lowest n-cut is kept).
-        n_jobs: parallel workers for the null networks (joblib; -1 = all cores).
-        backend: joblib backend (``threading`` by default for shuffles, ``loky`` for
-            ``random_init``; also ``multiprocessing``, ``dask``).
+        n_jobs: processes (or threads) measuring the null networks, this one included
+            (-1 = all cores; ``None`` = 1, sequential).
+        backend: joblib backend for the null networks, ``loky`` by default: worker processes
+            kept alive between calls. For the shuffles this process works too, taking null
+            networks from the end of the queue while ``n_jobs - 1`` workers take them from the
+            start, so no time is lost while the workers start. Also ``threading`` (no new
+            processes; the GIL limits the gain), ``multiprocessing`` and ``dask``.
         scheduler: address of a Dask scheduler, with ``backend="dask"`` (e.g.
             ``"tcp://127.0.0.1:8786"``); without it the current Dask client is used.
         norm: kernel-slice norm for convolutions (``l1`` or ``l2``).
@@ -147,18 +181,26 @@ def measure(
     method = baselines.check_method(shuffle)
     shuffles = _check_shuffles(shuffles)
     seed = _resolve_seed(seed)
-    if method == "random_init" and shuffles and not isinstance(model, torch.nn.Module):
+    if method == "random_init" and shuffles and not _is_module(model):
         raise ConfigError(
             "shuffle='random_init' re-initialises the model's modules, so it needs a "
             "torch.nn.Module, not a state_dict; use shuffle='layer' for bare weights."
         )
+    if shuffles and _uses_worker_processes(method, n_jobs, backend):
+        # the workers start (about half a second) while this process builds and cuts the graph
+        _worker_processes(_effective_jobs(n_jobs, backend) - 1).submit(_ready)
 
     graph_options: dict[str, Any] = {
         "norm": norm,
         "preset": preset,
         "layers": list(layers) if layers else None,
     }
-    graph = model if isinstance(model, WeightGraph) else weight_graph(model, **graph_options)
+    if isinstance(model, WeightGraph):
+        graph = model
+    else:
+        from cluster_tracking.graph import weight_graph  # torch, imported on first use
+
+        graph = weight_graph(model, **graph_options)
     graph_seconds = time.perf_counter() - started
     root = np.random.SeedSequence(seed)
 
@@ -174,7 +216,7 @@ def measure(
             baselines.check_shuffle_preconditions(graph.weights(), method)
         null_ncuts = _null_ncuts(
             graph,
-            model if isinstance(model, torch.nn.Module) and method == "random_init" else None,
+            model if _is_module(model) and method == "random_init" else None,
             method=method,
             n=shuffles,
             ks=ks,
@@ -200,7 +242,7 @@ def measure(
         "layers": graph_options["layers"],
         "init": init,
         "n_jobs": n_jobs,
-        "backend": backend or ("loky" if method == "random_init" else "threading"),
+        "backend": backend or "loky",
     }
     if k_auto is not None:
         config["k_auto"] = k_auto
@@ -223,6 +265,13 @@ def measure(
         for index, part in enumerate(observed)
     ]
     return reports if isinstance(k, (list, tuple)) else reports[0]
+
+
+def _is_module(model: object) -> TypeGuard[torch.nn.Module]:
+    """Whether ``model`` is a ``torch.nn.Module`` (without importing torch: if no one has, it is
+    not)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.Module)
 
 
 def _check_shuffles(shuffles: int) -> int:
@@ -295,10 +344,15 @@ def _null_ncuts(
     import joblib
 
     workers = _effective_jobs(n_jobs, backend)
+    resolved = backend or "loky"
+    if model is None and _uses_worker_processes(method, n_jobs, backend):
+        if scheduler is not None:
+            raise ConfigError("scheduler is only used with backend='dask'.")
+        return _shuffled_ncuts_with_workers(graph, method, n, ks, root, n_init, workers, progress)
     # A few chunks per worker: the graph travels once per chunk, progress stays smooth.
     n_chunks = min(n, max(1, workers * 4)) if workers > 1 else min(n, 10)
     chunks = [list(chunk) for chunk in np.array_split(np.arange(n), n_chunks) if len(chunk)]
-    in_process = workers == 1 or _null_backend(backend, model) == "threading"
+    in_process = workers == 1 or resolved == "threading"
     # BLAS on one thread (its operands are thin blocks of vectors): worker processes pin their
     # own; threads and a sequential run share this process's BLAS, pinned here once for all
     # (threadpoolctl's limits are process-wide).
@@ -306,7 +360,7 @@ def _null_ncuts(
     results: dict[int, np.ndarray] = {}
     done = 0
     pinned = threadpool_limits(1) if in_process else nullcontext()
-    with pinned, _parallel_context(_null_backend(backend, model), scheduler):
+    with pinned, _parallel_context(resolved, scheduler):
         parallel = joblib.Parallel(n_jobs=workers, return_as="generator")
         for chunk, values in zip(
             chunks,
@@ -319,6 +373,176 @@ def _null_ncuts(
             if progress is not None:
                 progress(done, n)
     return np.stack([results[i] for i in range(n)])
+
+
+def _uses_worker_processes(method: str, n_jobs: int | None, backend: str | None) -> bool:
+    """Whether shuffle nulls run on this process and loky workers (see below)."""
+    return (
+        method != "random_init"
+        and (backend or "loky") == "loky"
+        and _effective_jobs(n_jobs, backend) > 1
+    )
+
+
+def _shuffled_ncuts_with_workers(
+    graph: WeightGraph,
+    method: str,
+    n: int,
+    ks: list[int],
+    root: np.random.SeedSequence,
+    n_init: int,
+    workers: int,
+    progress: ProgressCallback | None,
+) -> np.ndarray:
+    """The shuffle nulls on this process and ``workers - 1`` loky worker processes.
+
+    The null networks are cut into tasks of :data:`NULLS_PER_TASK`, all submitted at once; the
+    workers take tasks from the start while this process takes them from the end (a task it
+    can still cancel is one no worker has taken), so this process works while the workers start
+    (they import numpy and scipy only, not torch) and none waits at the end for more than a
+    task. Worker processes stay alive between calls (loky's reusable executor). A worker that
+    dies (out of memory, killed) loses nothing: its tasks are measured here, with a warning.
+    """
+    size = max(1, min(NULLS_PER_TASK, math.ceil(n / (4 * workers))))
+    tasks = [list(range(start, min(n, start + size))) for start in range(0, n, size)]
+    args = (graph.blocks, graph.n_nodes, graph.node_layer, method, ks, root, n_init)
+    executor = _worker_processes(workers - 1)
+    shared = _SharedWeights(graph.blocks)
+    futures = [
+        executor.submit(_shuffled_task, task, shared.paths, shared.skeleton, *args[1:])
+        for task in tasks
+    ]
+    rows: dict[int, list[np.ndarray]] = {}
+    reported = 0
+
+    def collect(position: int, future: Future[list[np.ndarray]]) -> None:
+        try:
+            rows[position] = future.result()
+        except BrokenProcessPool as error:  # loky's TerminatedWorkerError is one
+            warnings.warn(
+                f"a worker process measuring null networks stopped ({error}); measuring its "
+                "null networks in this process instead.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            rows[position] = baselines.shuffled_ncuts(tasks[position], *args)
+
+    def report_progress() -> None:
+        nonlocal reported
+        for position, future in enumerate(futures):
+            if position not in rows and future.done() and not future.cancelled():
+                collect(position, future)
+        done = sum(len(tasks[position]) for position in rows)
+        if progress is not None and done > reported:
+            progress(done, n)
+        reported = done
+
+    try:
+        with threadpool_limits(1):
+            for position in reversed(range(len(tasks))):
+                if not futures[position].cancel():  # a worker has it: the rest are taken too
+                    break
+                rows[position] = baselines.shuffled_ncuts(tasks[position], *args)
+                report_progress()
+        pending = {futures[p] for p in range(len(tasks)) if p not in rows}
+        while pending:
+            _, pending = wait(pending, return_when=FIRST_COMPLETED)
+            report_progress()
+    finally:
+        for future in futures:
+            future.cancel()  # an interrupted call leaves no work queued
+        shared.close()
+    return np.stack([row for position in range(len(tasks)) for row in rows[position]])
+
+
+class _SharedWeights:
+    """The graph's weight tensors in ``.npy`` files that the worker processes map into memory:
+    written once per call, where pickling them with every task would copy them each time.
+
+    On ``/dev/shm`` (memory) where it has room, else in the temporary directory.
+    """
+
+    def __init__(self, blocks: Sequence[Any]) -> None:
+        nbytes = sum(block.weight.nbytes for block in blocks)
+        self.folder = tempfile.mkdtemp(prefix="cluster-tracking-", dir=_shared_memory_dir(nbytes))
+        self.paths = []
+        for index, block in enumerate(blocks):
+            path = os.path.join(self.folder, f"weight-{index}.npy")
+            np.save(path, block.weight)
+            self.paths.append(path)
+        self.skeleton = [replace(block, weight=_NO_WEIGHT) for block in blocks]
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_NO_WEIGHT = np.empty(0)
+
+
+def _shared_memory_dir(nbytes: int) -> str | None:
+    shm = "/dev/shm"
+    try:
+        if os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * nbytes:
+            return shm
+    except OSError:
+        pass
+    return None
+
+
+#: In a worker process: the weight tensors of the call it serves, mapped from their files.
+_MAPPED: dict[tuple[str, ...], list[np.ndarray]] = {}
+
+
+def _shuffled_task(
+    indices: list[int],
+    paths: list[str],
+    skeleton: list[Any],
+    n_nodes: int,
+    node_layer: np.ndarray,
+    method: str,
+    ks: list[int],
+    root: np.random.SeedSequence,
+    n_init: int,
+) -> list[np.ndarray]:
+    """:func:`~cluster_tracking.baselines.shuffled_ncuts` in a worker process, on the weights
+    that :class:`_SharedWeights` wrote."""
+    key = tuple(paths)
+    if key not in _MAPPED:
+        _MAPPED.clear()  # one call's graph at a time
+        _MAPPED[key] = [np.load(path, mmap_mode="r") for path in paths]
+    blocks = [
+        replace(block, weight=weight) for block, weight in zip(skeleton, _MAPPED[key], strict=True)
+    ]
+    return baselines.shuffled_ncuts(indices, blocks, n_nodes, node_layer, method, ks, root, n_init)
+
+
+def _ready() -> int:
+    """A task that makes a fresh worker import this module (and numpy, scipy) in advance."""
+    return os.getpid()
+
+
+#: The shuffle nulls' worker processes by size, kept alive between calls (between the
+#: checkpoints of a training run) and shut down when idle for :data:`_POOL_IDLE_SECONDS`.
+_POOLS: dict[int, Any] = {}
+_POOL_IDLE_SECONDS = 300
+
+
+def _worker_processes(count: int) -> Any:
+    """A loky process pool of ``count`` workers, one BLAS thread each.
+
+    loky, unlike ``multiprocessing``'s spawn and forkserver, does not re-run the user's
+    ``__main__`` script in its workers, and it is joblib's. The pool is this module's own, not
+    loky's global reusable executor, which joblib's ``loky`` backend resizes and configures.
+    """
+    from joblib.externals.loky import ProcessPoolExecutor
+
+    pool = _POOLS.get(count)
+    if pool is None or pool._flags.broken is not None or pool._flags.shutdown:
+        pool = ProcessPoolExecutor(
+            max_workers=count, timeout=_POOL_IDLE_SECONDS, env=dict(_WORKER_ENV)
+        )
+        _POOLS[count] = pool
+    return pool
 
 
 def _null_chunk(
@@ -335,48 +559,23 @@ def _null_chunk(
 ) -> list[np.ndarray]:
     """Measure the null networks ``indices`` (runs in a worker)."""
     limits = threadpool_limits(1) if pin_threads else nullcontext()
-    rows = []
     with limits:
-        for index in indices:
-            if model is not None:
-                torch_seed = int(child_seed(root, 1, index).generate_state(1)[0])
-                fresh = baselines.reinitialised_copy(model, torch_seed, init)
-                null_graph = weight_graph(fresh, **graph_options)
-                parts = spectral_partitions(
-                    null_graph, ks, seed=child_seed(root, 2, index), n_init=n_init
-                )
-                rows.append(np.array([part.ncut for part in parts]))
-                continue
-            # A shuffled network keeps the graph's topology: partition it straight from its
-            # weight blocks, without assembling a sparse adjacency (the same numbers as
-            # spectral_partitions(graph.with_weights(shuffled)) gives, n-cut only).
-            rng = np.random.default_rng(child_seed(root, 1, index))
-            shuffled = baselines.shuffle_weights(graph.weights(), method, rng)
-            blocks = [
-                replace(block, weight=weight)
-                for block, weight in zip(graph.blocks, shuffled, strict=True)
-            ]
-            ncuts = block_ncuts(
-                blocks,
-                graph.n_nodes,
-                graph.node_layer,
-                ks,
-                seed=child_seed(root, 2, index),
-                n_init=n_init,
+        if model is None:
+            return baselines.shuffled_ncuts(
+                indices, graph.blocks, graph.n_nodes, graph.node_layer, method, ks, root, n_init
             )
-            rows.append(np.array(ncuts))
+        from cluster_tracking.graph import weight_graph
+
+        rows = []
+        for index in indices:
+            torch_seed = int(child_seed(root, 1, index).generate_state(1)[0])
+            fresh = baselines.reinitialised_copy(model, torch_seed, init)
+            null_graph = weight_graph(fresh, **graph_options)
+            parts = spectral_partitions(
+                null_graph, ks, seed=child_seed(root, 2, index), n_init=n_init
+            )
+            rows.append(np.array([part.ncut for part in parts]))
     return rows
-
-
-def _null_backend(backend: str | None, model: object | None) -> str:
-    """The joblib backend for the null networks. By default shuffled networks run on threads:
-    their work is BLAS products and large numpy operations, which release the GIL, and threads
-    start at once and share the graph (worker processes would each import torch first, seconds
-    on a small machine). Re-initialised models (``random_init``) trace torch modules, mostly
-    Python, and run in ``loky`` processes."""
-    if backend is not None:
-        return backend
-    return "loky" if model is not None else "threading"
 
 
 def _effective_jobs(n_jobs: int | None, backend: str | None) -> int:
@@ -391,11 +590,11 @@ def _effective_jobs(n_jobs: int | None, backend: str | None) -> int:
 
 
 @contextmanager
-def _parallel_context(backend: str | None, scheduler: str | None) -> Iterator[None]:
+def _parallel_context(backend: str, scheduler: str | None) -> Iterator[None]:
     """joblib's backend for the null networks; for Dask, a client on ``scheduler``."""
     import joblib
 
-    if backend is None or backend == "loky":
+    if backend == "loky":
         if scheduler is not None:
             raise ConfigError("scheduler is only used with backend='dask'.")
         with joblib.parallel_config(backend="loky"):
@@ -504,11 +703,15 @@ def versions() -> dict[str, str]:
     """Versions of cluster-tracking and of what its numbers depend on."""
     from cluster_tracking import __version__
 
-    return {
-        "cluster_tracking": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "scikit-learn": sklearn.__version__,
-    }
+    found = {"cluster_tracking": __version__, "python": platform.python_version()}
+    for name, distribution in (
+        ("torch", "torch"),
+        ("numpy", "numpy"),
+        ("scipy", "scipy"),
+        ("scikit-learn", "scikit-learn"),
+    ):
+        try:
+            found[name] = _version(distribution)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found

@@ -19,15 +19,18 @@ interior eigenvalues scikit-learn asks ARPACK for.
 
 How it is fast (``benchmarks/`` measures it against scikit-learn on the same graphs):
 
-- A :class:`~cluster_tracking.graph.WeightGraph` is multiplied through its weight blocks (dense
-  BLAS products, one per layer), not through its sparse adjacency; null networks are partitioned
-  straight from their shuffled blocks (:func:`block_ncuts`), never assembling an adjacency.
+- A :class:`~cluster_tracking.weightgraph.WeightGraph` is multiplied through its weight blocks
+  (dense BLAS products, one per layer), not through its sparse adjacency; null networks are
+  partitioned straight from their shuffled blocks (:func:`block_ncuts`), never assembling an
+  adjacency.
 - Large graphs are embedded by block Krylov (block Lanczos with Rayleigh-Ritz) in float32 until
   the eigenvalues settle to :data:`PARTITION_TOL`: k-means needs the subspace, not ten digits.
   The eigenvalues a partition reports are then refined in float64 to :data:`EIGENVALUE_TOL`.
-- k-means proposes partitions and the n-cut chooses: all restarts run at once, Lloyd's iterations
-  are capped (:data:`KMEANS_MAX_ITER`), and the n-cuts of all restarts come from one product of
-  each weight block with the restarts' one-hot labels.
+- k-means proposes partitions and the n-cut chooses: all restarts run at once in float32,
+  Lloyd's iterations are capped (:data:`KMEANS_MAX_ITER`), the nearest center of every point in
+  every restart is one product and one integer minimum (:func:`_nearest_centers`), and the
+  n-cuts of all restarts come from one product of each weight block with the restarts' one-hot
+  labels.
 """
 
 from __future__ import annotations
@@ -43,12 +46,16 @@ import scipy.sparse.csgraph as csgraph
 from threadpoolctl import threadpool_limits
 
 from cluster_tracking.errors import ConfigError
-from cluster_tracking.graph import EdgeBlock, WeightGraph, _kernel_slice_norms
+from cluster_tracking.weightgraph import EdgeBlock, WeightGraph, _kernel_slice_norms
 
+#: k-means with at most this many clusters finds nearest centers by a packed integer minimum
+#: (:func:`_nearest_centers`); more clusters use argmin.
+PACKED_MAX_K = 256
 #: Graphs up to this many (non-isolated) nodes are embedded with a dense eigensolver.
 DENSE_MAX_NODES = 600
-#: Default number of k-means restarts (the best n-cut among them is kept). Choosing by n-cut,
-#: 10 restarts reach lower n-cuts than scikit-learn's 25 chosen by inertia (benchmarks/).
+#: Default number of k-means restarts (the best n-cut among them is kept), as the paper's 25.
+#: Chosen by n-cut they reach lower n-cuts than scikit-learn's 25 chosen by inertia
+#: (benchmarks/; on weight graphs the two criteria often disagree), and 20 would not always.
 DEFAULT_N_INIT = 25
 #: Lloyd iterations per restart at most: k-means only proposes partitions and the n-cut picks
 #: one; on weight graphs the n-cut stops improving after a few iterations, long before the
@@ -56,8 +63,9 @@ DEFAULT_N_INIT = 25
 KMEANS_MAX_ITER = 10
 #: A piece of the graph at most this many entries large and at least a fifth full is held dense.
 DENSE_MAX_ENTRIES = 1 << 24
-#: Tolerance on the eigenvalues of the embedding that seeds k-means.
-PARTITION_TOL = 1e-3
+#: Tolerance on the eigenvalues of the embedding that seeds k-means (benchmarks/: the n-cuts
+#: reached are the same at 1e-3, with one Krylov step more).
+PARTITION_TOL = 3e-3
 #: Tolerance on the eigenvalues reported in a partition and by :func:`laplacian_embedding`.
 EIGENVALUE_TOL = 1e-8
 #: Tolerances at least this loose use float32 products.
@@ -91,7 +99,7 @@ def ncut(graph: WeightGraph | sp.sparray | sp.spmatrix | np.ndarray, labels: np.
     """Normalised cut of a partition: ``sum over clusters C of cut(C, rest) / vol(C)``.
 
     Args:
-        graph: a :class:`~cluster_tracking.graph.WeightGraph` or a symmetric adjacency matrix.
+        graph: a :class:`~cluster_tracking.weightgraph.WeightGraph` or a symmetric adjacency matrix.
         labels: cluster of every node, in node order (shape ``[n_nodes]``, integers). Nodes
             labelled ``-1`` belong to no cluster; they must have zero degree.
 
@@ -141,7 +149,7 @@ def spectral_partition(
     deterministic for a given ``seed``.
 
     Args:
-        graph: a :class:`~cluster_tracking.graph.WeightGraph` or a symmetric adjacency matrix.
+        graph: a :class:`~cluster_tracking.weightgraph.WeightGraph` or a symmetric adjacency matrix.
         k: number of clusters (the paper uses 12).
         seed: seed of the k-means starts and of the eigensolver's start vector.
         n_init: number of k-means restarts.
@@ -699,7 +707,7 @@ def _block_krylov(
     previous: np.ndarray | None = None
     max_basis = min(size, KRYLOV_MAX_BLOCKS * start.shape[1])
     while True:
-        values, coefficients = scipy.linalg.eigh((gram + gram.T) / 2.0)
+        values, coefficients = np.linalg.eigh((gram + gram.T) / 2.0)
         values, coefficients = values[::-1][:n_wanted], coefficients[:, ::-1][:, :n_wanted]
         theta = np.sqrt(np.maximum(values, 0.0)) if bipartite else values
         converged = previous is not None and float(np.max(np.abs(theta - previous))) <= tol
@@ -779,29 +787,26 @@ def _kmeans_restarts(
     centers move less than ``tol`` times the mean variance of the points (scikit-learn's
     criterion); the others go on. Returns the
     labels of every restart, shape ``[n_init, n_points]``; no cluster is left empty.
+
+    Distances and means are computed in float32: k-means only proposes partitions (the n-cut,
+    in float64, chooses among them), and single precision halves every product.
     """
-    n, d = points.shape
-    norms = (points**2).sum(axis=1)  # [n]
+    n = points.shape[0]
+    points32 = np.ascontiguousarray(points, dtype=np.float32)
+    norms32 = (points32**2).sum(axis=1)  # [n]
     threshold = tol * float(np.mean(np.var(points, axis=0)))
-    centers = _kmeans_plus_plus(points, norms, k, rng, n_init)
+    centers = _kmeans_plus_plus(points32, norms32, k, rng, n_init)  # [R, k, d] float32
     labels = np.full((n_init, n), -1, dtype=np.int64)
-    # Assignment in float32 (only the argmin matters); centers and shifts in float64.
-    points32 = points.astype(np.float32)
     active = np.arange(n_init)
     for _ in range(max_iter):
         current = centers[active]  # [A, k, d]
-        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 is the same for every center of x
-        partial = points32 @ (-2.0 * current.reshape(-1, d).T).astype(np.float32)  # [n, A * k]
-        partial += (current**2).sum(axis=2).reshape(1, -1).astype(np.float32)
-        by_restart = partial.reshape(n, active.size, k)
-        new_labels = by_restart.argmin(axis=2).T  # [A, n]
+        new_labels, distances = _nearest_centers(points32, norms32, current)
         counts = _counts(new_labels, k).reshape(active.size, k)
         if counts.min() == 0:
-            distances = by_restart.transpose(1, 0, 2) + norms[None, :, None]
             new_labels = _fill_empty_clusters(new_labels, distances, k)
             counts = _counts(new_labels, k).reshape(active.size, k)
         new_centers = _cluster_means(points32, new_labels, counts, k)
-        shift = ((new_centers - current) ** 2).sum(axis=(1, 2))
+        shift = ((new_centers - current) ** 2).sum(axis=(1, 2), dtype=np.float64)
         unchanged = (new_labels == labels[active]).all(axis=1)
         labels[active] = new_labels
         centers[active] = new_centers
@@ -809,6 +814,43 @@ def _kmeans_restarts(
         if active.size == 0:
             break
     return labels
+
+
+def _nearest_centers(
+    points: np.ndarray, norms: np.ndarray, centers: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest center of every point for every restart: ``(labels [R, n], distances [R, k, n])``.
+
+    ``|x - c|^2 = |x|^2 - 2 x.c + |c|^2`` for all restarts is one product. The argmin over the k
+    centers is the costly part (numpy reduces a short last axis slowly), so it is a minimum
+    instead: non-negative float32 values order like their int32 bit patterns, and with the
+    center's index written into the lowest ``ceil(log2 k)`` mantissa bits, the minimum over the
+    centers carries its own argmin. This moves a distance by less than ``2^bits`` units in the
+    last place (relative ``k * 2^-22`` at most, ``2^-19`` for k = 12), below the float32 rounding
+    of the product itself; ties go to the lower index, as with argmin. The sign bit is cleared
+    too: rounding can make a distance of about 0 slightly negative, and its absolute value is as
+    good. The returned distances carry these changes. Above :data:`PACKED_MAX_K` clusters, argmin.
+    """
+    n_restarts, k, d = centers.shape
+    n = points.shape[0]
+    flat = centers.reshape(-1, d)  # [R * k, d]
+    # one product of [c, |c|^2, 1] and [-2 x, 1, |x|^2]: no pass over the result to add norms
+    augmented_centers = np.concatenate(
+        [flat, (flat**2).sum(axis=1, keepdims=True), np.ones((flat.shape[0], 1), flat.dtype)],
+        axis=1,
+    )
+    augmented_points = np.concatenate(
+        [-2.0 * points, np.ones((n, 1), points.dtype), norms[:, None]], axis=1
+    )
+    distances = (augmented_centers @ augmented_points.T).reshape(n_restarts, k, n)
+    if k > PACKED_MAX_K:
+        return np.abs(distances).argmin(axis=1), distances
+    bits = max(1, (k - 1).bit_length())
+    packed = distances.view(np.int32)
+    packed &= np.int32(0x7FFFFFFF & ~((1 << bits) - 1))  # clear the sign bit and the low bits
+    packed |= np.arange(k, dtype=np.int32)[None, :, None]
+    labels = np.minimum.reduce(packed, axis=1) & np.int32((1 << bits) - 1)
+    return labels.astype(np.int64), distances
 
 
 def _counts(labels: np.ndarray, k: int) -> np.ndarray:
@@ -820,49 +862,95 @@ def _counts(labels: np.ndarray, k: int) -> np.ndarray:
 def _kmeans_plus_plus(
     points: np.ndarray, norms: np.ndarray, k: int, rng: np.random.Generator, n_init: int
 ) -> np.ndarray:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007) for every restart: ``[R, k, d]``."""
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) for every restart: ``[R, k, d]``.
+
+    Each new center is a point drawn with probability proportional to its squared distance to
+    the closest center chosen so far (``closest``, ``[R, n]``, zero-padded to whole runs of
+    :data:`_DRAW_RUN` points for :func:`_draw_proportional`)."""
     n = points.shape[0]
-    centers = np.empty((n_init, k, points.shape[1]))
+    centers = np.empty((n_init, k, points.shape[1]), dtype=points.dtype)
     centers[:, 0] = points[rng.integers(0, n, size=n_init)]
-    closest = _sq_distances(points, norms, centers[:, :1])[:, :, 0]  # [R, n]
+    padded = np.zeros((n_init, -(-n // _DRAW_RUN) * _DRAW_RUN), dtype=points.dtype)
+    closest = padded[:, :n]
+    closest[:] = _sq_distances(points, norms, centers[:, 0])
     for c in range(1, k):
-        weights = np.maximum(closest, 0.0)
-        cumulative = np.cumsum(weights, axis=1)
-        totals = cumulative[:, -1]
-        draws = rng.uniform(0.0, 1.0, n_init) * totals
-        chosen = (cumulative < draws[:, None]).sum(axis=1)
-        # a restart whose points all coincide with chosen centers draws uniformly
-        uniform = rng.integers(0, n, size=n_init)
-        chosen = np.where(totals > 0, np.minimum(chosen, n - 1), uniform)
+        chosen = _draw_proportional(padded, n, rng)
         centers[:, c] = points[chosen]
-        closest = np.minimum(closest, _sq_distances(points, norms, centers[:, c : c + 1])[:, :, 0])
+        np.minimum(closest, _sq_distances(points, norms, centers[:, c]), out=closest)
     return centers
 
 
+#: :func:`_draw_proportional` sums the weights in runs of this many points.
+_DRAW_RUN = 64
+
+
+def _draw_proportional(weights: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """One index below ``n`` per row of ``weights`` (``[R, m]``, non-negative, zero from column
+    ``n`` on, ``m`` a multiple of :data:`_DRAW_RUN`), drawn with probability proportional to its
+    weight; uniformly where a row is all zeros.
+
+    Inverse-transform sampling in two levels: a cumulative sum over the sums of runs of
+    :data:`_DRAW_RUN` points picks a run, and one within that run picks the point, so the
+    sequential cumulative sum covers ``m / 64 + 64`` values per row instead of ``m``.
+    """
+    n_rows = weights.shape[0]
+    rows = np.arange(n_rows)
+    runs = weights.reshape(n_rows, -1, _DRAW_RUN)  # [R, n_runs, run]
+    run_sums = runs.sum(axis=2, dtype=np.float64)  # [R, n_runs]
+    cumulative = np.cumsum(run_sums, axis=1)
+    totals = cumulative[:, -1]
+    draws = rng.uniform(0.0, 1.0, n_rows) * totals
+    run = np.minimum((cumulative < draws[:, None]).sum(axis=1), run_sums.shape[1] - 1)
+    remaining = draws - (cumulative[rows, run] - run_sums[rows, run])
+    inside = np.cumsum(runs[rows, run], axis=1, dtype=np.float64)  # [R, run]
+    offset = np.minimum((inside < remaining[:, None]).sum(axis=1), _DRAW_RUN - 1)
+    chosen = np.minimum(run * _DRAW_RUN + offset, n - 1)
+    uniform = rng.integers(0, n, size=n_rows)
+    return np.where(totals > 0, chosen, uniform)
+
+
 def _sq_distances(points: np.ndarray, norms: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    """Squared distances ``|x - c|^2`` of every point to every center: ``[R, n, m]``."""
-    cross = points @ centers.transpose(0, 2, 1)  # [R, n, m]
-    return norms[None, :, None] - 2.0 * cross + (centers**2).sum(axis=2)[:, None, :]
+    """Squared distances ``|x - c|^2`` of every point to one center per restart: ``[R, n]``
+    (clipped at 0, where rounding would make them negative)."""
+    distances = centers @ (-2.0 * points.T)
+    distances += norms[None, :]
+    distances += (centers**2).sum(axis=1)[:, None]
+    return np.maximum(distances, 0.0, out=distances)
 
 
 def _cluster_means(
     points: np.ndarray, labels: np.ndarray, counts: np.ndarray, k: int
 ) -> np.ndarray:
-    """Mean of each cluster's points for every restart: ``[R, k, d]`` (float64), given the
-    cluster sizes ``counts`` (``[R, k]``)."""
-    one_hot = (labels[:, None, :] == np.arange(k)[None, :, None]).astype(points.dtype)  # [R, k, n]
-    sums = (one_hot @ points).astype(np.float64)  # [R, k, d]
-    return sums / np.maximum(counts, 1)[:, :, None]
+    """Mean of each cluster's points for every restart: ``[R, k, d]``, given the cluster sizes
+    ``counts`` (``[R, k]``).
+
+    The sums are one sparse product: ``S^T @ points`` with ``S`` the ``[n, R * k]`` one-hot
+    matrix of every restart's labels (point i's row has a 1 in column ``r * k + labels[r, i]``
+    for each restart r, in increasing order, so its CSR arrays are read off the labels).
+    """
+    n_restarts, n = labels.shape
+    columns = (labels + k * np.arange(n_restarts)[:, None]).T.ravel()  # [n * R], row-major
+    one_hot = sp.csr_array(
+        (
+            np.ones(columns.size, dtype=points.dtype),
+            columns,
+            np.arange(0, columns.size + 1, n_restarts),
+        ),
+        shape=(n, n_restarts * k),
+    )
+    sums = (one_hot.T @ points).reshape(n_restarts, k, -1)  # [R, k, d]
+    return sums / np.maximum(counts, 1).astype(points.dtype)[:, :, None]
 
 
 def _fill_empty_clusters(labels: np.ndarray, distances: np.ndarray, k: int) -> np.ndarray:
-    """Give every empty cluster the point farthest from its own center (per restart)."""
+    """Give every empty cluster the point farthest from its own center (per restart);
+    ``distances`` is ``[R, k, n]``."""
     n_init, n = labels.shape
     counts = _counts(labels, k).reshape(n_init, k)
     if counts.min() > 0:
         return labels
     labels = labels.copy()
-    own = distances[np.arange(n_init)[:, None], np.arange(n)[None, :], labels]  # [R, n]
+    own = distances[np.arange(n_init)[:, None], labels, np.arange(n)[None, :]].astype(np.float64)
     for r in np.flatnonzero(counts.min(axis=1) == 0):
         for cluster in np.flatnonzero(counts[r] == 0):
             movable = counts[r][labels[r]] > 1

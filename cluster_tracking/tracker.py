@@ -64,8 +64,8 @@ import torch
 from torch import nn
 
 from cluster_tracking import baselines
-from cluster_tracking.errors import ConfigError
-from cluster_tracking.graph import WeightGraph, weight_graph
+from cluster_tracking.errors import ConfigError, GraphError
+from cluster_tracking.graph import WeightGraph, live_weights, weight_graph
 from cluster_tracking.measure import measure
 from cluster_tracking.report import SCHEMA_VERSION, ClusterabilityReport
 from cluster_tracking.sinks import Sink
@@ -87,7 +87,9 @@ class _Snapshot:
     """The weights of one due step, on the CPU, waiting for the worker: one of
 
     * ``graph``: the weight graph itself, built in the training thread (models that need
-      ``torch.fx`` tracing, see :meth:`ClusterabilityTracker._snapshot`);
+      ``torch.fx`` tracing, see :meth:`ClusterabilityTracker._snapshot`) at the first due step;
+    * ``graph`` and ``weights``: at later due steps, that graph's topology and the weights read
+      again from the model, to combine in the background;
     * ``module`` and ``state``: the tracker's CPU copy of the model's structure and the weights
       to load into it (``state`` is ``None`` when the copy was just made and holds them);
     * ``state`` alone: a state_dict, measured as a chain of layers.
@@ -98,6 +100,7 @@ class _Snapshot:
     module: nn.Module | None = None
     state: dict[str, Any] | None = None
     graph_seconds: float = 0.0
+    weights: list[np.ndarray] | None = None
 
 
 _STOP = object()
@@ -266,6 +269,9 @@ class ClusterabilityTracker:
         self._template: nn.Module | None = None
         self._template_signature: dict[str, Any] | None = None
         self._structure_copy_failed = False
+        # the traced graph of the model and the parameter shapes it was traced with
+        self._traced: WeightGraph | None = None
+        self._traced_signature: tuple[Any, ...] | None = None
         self._warned_skip = False
         self._warned_closed = False
         self._measure_queue: queue.Queue[Any] = queue.Queue()
@@ -536,11 +542,13 @@ class ClusterabilityTracker:
     def _snapshot(self, model: nn.Module | Mapping[str, Any], step: int) -> _Snapshot:
         """Copy the weights to the CPU (the only work done in the training thread).
 
-        A model whose graph needs ``torch.fx`` tracing (no ``layers=``) gets its weight graph
-        built here: tracing patches ``torch.nn.Module.__call__`` for the whole process while it
-        runs, so tracing in the background would break the training thread's forward passes.
-        With ``layers=`` (no tracing) or a state_dict, only a CPU copy of the weights is made
-        here and the graph is built in the background.
+        A model whose graph needs ``torch.fx`` tracing (no ``layers=``) is traced here, once:
+        tracing patches ``torch.nn.Module.__call__`` for the whole process while it runs, so
+        tracing in the background would break the training thread's forward passes. At later
+        due steps, while the model's parameter shapes are unchanged, only its weights are copied
+        (:func:`~cluster_tracking.graph.live_weights`) and the graph is rebuilt in the background
+        from the traced topology. With ``layers=`` (no tracing) or a state_dict, only a CPU copy
+        of the weights is made here and the graph is built in the background.
         """
         with torch.no_grad():
             if isinstance(model, Mapping):
@@ -552,7 +560,21 @@ class ClusterabilityTracker:
             module = _unwrap(model)
             if self._graph_options["layers"] is None:
                 started = time.perf_counter()
+                shapes = (id(module), *((n, p.shape) for n, p in module.named_parameters()))
+                if self._traced is not None and shapes == self._traced_signature:
+                    try:
+                        weights = live_weights(module, self._traced)
+                    except GraphError:
+                        pass  # the model changed under its graph: trace it again
+                    else:
+                        return _Snapshot(
+                            step,
+                            graph=self._traced,
+                            weights=weights,
+                            graph_seconds=time.perf_counter() - started,
+                        )
                 graph = weight_graph(module, **self._graph_options)
+                self._traced, self._traced_signature = graph, shapes
                 return _Snapshot(step, graph=graph, graph_seconds=time.perf_counter() - started)
             state = module.state_dict()
             signature = {
@@ -625,7 +647,7 @@ class ClusterabilityTracker:
                 )
                 continue
             finally:
-                item.state = item.graph = item.module = None  # free the copy of the weights now
+                item.state = item.graph = item.module = item.weights = None  # free the copy now
             with self._lock:
                 self._reports[item.step] = report
                 if images and (self._last_images is None or item.step >= self._last_images[0]):
@@ -637,6 +659,10 @@ class ClusterabilityTracker:
         """Measure one snapshot (measuring thread): report and PNG plots by name."""
         graph, graph_seconds = snapshot.graph, snapshot.graph_seconds
         module: nn.Module | None = None
+        if graph is not None and snapshot.weights is not None:
+            started = time.perf_counter()
+            graph = graph.with_weights(snapshot.weights)
+            graph_seconds += time.perf_counter() - started
         if graph is None:
             if snapshot.module is not None and snapshot.state is not None:
                 snapshot.module.load_state_dict(snapshot.state)
@@ -789,6 +815,7 @@ class ClusterabilityTracker:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
         self._template = None
+        self._traced = None
 
 
 def _check_interval(value: int | None, name: str) -> int | None:

@@ -205,3 +205,61 @@ def test_progress_callback_reaches_the_total() -> None:
     )
     assert seen[-1] == (6, 6)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_worker_processes_share_the_nulls_and_a_killed_worker_loses_nothing() -> None:
+    """n_jobs=2 runs the shuffles on this process and a loky worker (kept alive between calls):
+    the same numbers as one process; if the worker dies mid-call, its nulls are measured here."""
+    import os
+    import signal
+    import sys
+
+    measure_module = sys.modules["cluster_tracking.measure"]
+    model = small_mlp(4, (12, 24, 24, 6))
+    alone = ct.measure(model, k=4, shuffles=40, seed=9, n_jobs=1)
+    shared = ct.measure(model, k=4, shuffles=40, seed=9, n_jobs=2)  # also warms the worker
+    assert alone.baseline is not None and shared.baseline is not None
+    assert shared.baseline.ncuts == alone.baseline.ncuts
+    assert shared.config["backend"] == "loky"
+
+    pool = measure_module._worker_processes(1)
+    killed: list[int] = []
+
+    def kill_the_worker(done: int, total: int) -> None:
+        if not killed:
+            for pid in list(pool._processes):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    seen: list[int] = []
+    with pytest.warns(RuntimeWarning, match="worker process measuring null networks stopped"):
+        survived = ct.measure(
+            model,
+            k=4,
+            shuffles=40,
+            seed=9,
+            n_jobs=2,
+            progress=lambda done, total: (kill_the_worker(done, total), seen.append(done)),
+        )
+    assert killed
+    assert survived.baseline is not None and survived.baseline.ncuts == alone.baseline.ncuts
+    assert seen == sorted(seen) and seen[-1] == 40
+    # the next call gets a fresh pool
+    again = ct.measure(model, k=4, shuffles=40, seed=9, n_jobs=2)
+    assert again.baseline is not None and again.baseline.ncuts == alone.baseline.ncuts
+
+
+def test_the_null_workers_import_path_needs_no_torch() -> None:
+    """The worker processes import the measuring core only: numpy and scipy, not torch (seconds
+    to import on a small machine), so they start while the first nulls are measured."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, cluster_tracking, cluster_tracking.baselines, cluster_tracking.measure;"
+        "print(sorted(m for m in ('torch', 'sklearn', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

@@ -558,3 +558,50 @@ def test_with_weights_roundtrip_reproduces_the_graph() -> None:
     assert not np.allclose(_dense(shuffled), _dense(graph))
     with pytest.raises(GraphError, match="shape"):
         graph.with_weights([w.ravel() for w in graph.weights()])
+
+
+class _SharedLayerTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.shared = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.relu(self.shared(F.relu(self.shared(F.relu(self.inp(x)))))))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [_TinyResNet, lambda: _ConvFlattenLinear(nn.Flatten()), _SharedLayerTwice],
+    ids=["resnet-bn-residual", "conv-flatten-linear", "layer-called-twice"],
+)
+def test_live_weights_rebuild_the_graph_of_the_trained_model_without_tracing(
+    build: Callable[[], nn.Module],
+) -> None:
+    """What the tracker does after its first due step: the traced topology, weights read again."""
+    from cluster_tracking.graph import live_weights
+
+    torch.manual_seed(4)
+    model = build()
+    first = weight_graph(model)
+    with torch.no_grad():  # "training": every parameter and BatchNorm statistic moves
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                assert module.running_var is not None
+                module.running_var.mul_(torch.rand_like(module.running_var) + 0.5)
+    again = first.with_weights(live_weights(model, first))
+    _assert_same_graph(again, weight_graph(model))
+    assert not np.allclose(_dense(again), _dense(first))
+
+
+def test_live_weights_of_a_changed_model_is_an_error() -> None:
+    from cluster_tracking.graph import live_weights
+
+    graph = weight_graph(_SharedLayerTwice())
+    wider = _SharedLayerTwice()
+    wider.out = nn.Linear(8, 5)
+    with pytest.raises(GraphError, match="shape"):
+        live_weights(wider, graph)

@@ -243,3 +243,20 @@ def test_weight_blocks_with_groups_and_residual_adds_give_the_adjacency_spectrum
     assert any(not piece.dense for piece in edges.pieces)  # the grouped conv stays sparse
     values = spectral.spectral_partition(graph, 4, seed=0).eigenvalues
     np.testing.assert_allclose(values, _laplacian_spectrum(graph.adjacency, 4), atol=1e-9)
+
+
+@pytest.mark.parametrize("k", [2, 3, 12, 17, 300])
+def test_nearest_centers_are_the_argmin_of_the_distances(k: int) -> None:
+    """k-means' packed-minimum assignment gives argmin's labels (up to float32 near-ties)."""
+    from cluster_tracking.spectral import _nearest_centers
+
+    rng = np.random.default_rng(k)
+    points = rng.standard_normal((500, 6)).astype(np.float32)
+    centers = rng.standard_normal((4, k, 6)).astype(np.float32)
+    labels, _ = _nearest_centers(points, (points**2).sum(axis=1), centers)
+    exact = ((points[None, None, :, :] - centers[:, :, None, :]) ** 2).sum(axis=3)  # [R, k, n]
+    expected = exact.argmin(axis=1)
+    chosen = np.take_along_axis(exact, labels[:, None, :], axis=1)[:, 0]
+    best = exact.min(axis=1)
+    assert np.all(chosen <= best * (1 + 1e-4) + 1e-5)  # never a farther center, beyond rounding
+    assert np.mean(labels == expected) > 0.995

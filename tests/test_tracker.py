@@ -181,6 +181,32 @@ def test_report_is_the_snapshot_of_its_step_and_reruns_reproduce(tmp_path: Path)
     assert [r.ncut for r in rerun] == [r.ncut for r in reports]
 
 
+def test_the_model_is_traced_once_and_later_snapshots_only_copy_weights(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The training thread's stall at a due step after the first is the weight copy alone: the
+    torch.fx trace of the first step is reused while the parameter shapes stay the same."""
+    traces: list[int] = []
+    trace = torch.fx.Tracer.trace
+
+    def counting_trace(self: torch.fx.Tracer, *args: Any, **kwargs: Any) -> Any:
+        traces.append(1)
+        return trace(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.fx.Tracer, "trace", counting_trace)
+    trainer = Trainer(tiny_mlp(seed=2))
+    tracker = ClusterabilityTracker(every_n_steps=1, on_backlog="queue", plots=False, **FAST)
+    for step in range(4):
+        trainer.step()
+        tracker.step(trainer.model, step)
+    trainer.model[4] = nn.Linear(16, 6)  # a new shape: traced again
+    tracker.step(trainer.model, 4)
+    tracker.close()
+    assert len(traces) == 2
+    assert [report.step for report in tracker.reports] == [0, 1, 2, 3, 4]
+    assert [report.nodes.total for report in tracker.reports] == [44] * 4 + [46]
+
+
 @pytest.mark.parametrize("layers", [None, ["0", "2", "4"]], ids=["traced", "layers"])
 def test_the_training_model_is_not_touched(layers: list[str] | None) -> None:
     trainer = Trainer(tiny_mlp())
