@@ -10,14 +10,25 @@ Runs the same training loop (an MLP 784-256-256-10 on random data) in one proces
 
 and prints each loop's wall time as a ratio of the reference, the time the training thread spent
 inside ``tracker.step()`` at due steps (the snapshot stall), and how long ``close()`` waited.
+
+Then the two targets of the speed issue:
+
+* the demo's digits MLP (64-128-128-10, scikit-learn's digits, Adam, batch 32) trained for some
+  epochs with a measurement at every epoch end (k=12, 20 shuffles), against the same run without
+  a tracker: wall time of the loop and of loop + ``close()``;
+* the snapshot stall at the due steps of the paper's MLP (784-256-256-256-256-10): the first due
+  step traces the model with ``torch.fx``, later ones only copy the weights.
+
 Wall-clock numbers are for people to read; no test asserts on them.
 
     python benchmarks/bench_hooks.py [--steps 600] [--every 100] [--shuffles 10] [--repeats 3]
+                                     [--digits-epochs 20]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import tempfile
 import time
@@ -93,6 +104,81 @@ def train(
     return loop, stalls, time.perf_counter() - tick, len(tracker.reports)
 
 
+def train_digits(epochs: int, tracker: ClusterabilityTracker | None) -> tuple[float, float]:
+    """The demo's training loop: (loop seconds, loop + close() seconds)."""
+    from cluster_tracking.demo import digits_mlp, load_digits_split
+
+    x_train, y_train, _, _ = load_digits_split(0)
+    model = digits_mlp(0)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        for batch in torch.randperm(len(y_train), generator=generator).split(32):
+            loss = nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        if tracker is not None:
+            tracker.epoch_end(model, epoch)
+    loop = time.perf_counter() - started
+    if tracker is not None:
+        tracker.close()
+    return loop, time.perf_counter() - started
+
+
+def paper_mlp_stalls(due_steps: int) -> list[float]:
+    """Seconds inside tracker.step() at each due step of the paper's MLP (SGD, batch 128)."""
+    torch.manual_seed(0)
+    widths = [784, 256, 256, 256, 256, 10]
+    layers: list[nn.Module] = []
+    for n_in, n_out in itertools.pairwise(widths):
+        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1])
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.01)
+    tracker = ClusterabilityTracker(every_n_steps=20, k=12, shuffles=0, plots=False)
+    x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
+    stalls = []
+    for step in range(20 * due_steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        tick = time.perf_counter()
+        if tracker.step(model, step):
+            stalls.append(time.perf_counter() - tick)
+    tracker.close()
+    return stalls
+
+
+def issue_targets(epochs: int, repeats: int) -> None:
+    train_digits(1, None)  # warm-up
+    without: list[tuple[float, float]] = []
+    with_tracker: list[tuple[float, float]] = []
+    reports = 0
+    for _ in range(repeats):  # interleaved
+        without.append(train_digits(epochs, None))
+        tracker = ClusterabilityTracker(every_n_epochs=1, k=12, shuffles=20, plots=False)
+        with_tracker.append(train_digits(epochs, tracker))
+        reports = len(tracker.reports)
+    loop0 = statistics.median(run[0] for run in without)
+    loop1 = statistics.median(run[0] for run in with_tracker)
+    total1 = statistics.median(run[1] for run in with_tracker)
+    print(
+        f"\ndigits MLP 64-128-128-10, {epochs} epochs, measured every epoch (k=12, 20 shuffles), "
+        f"median of {repeats}: {loop0:.2f} s without a tracker, {loop1:.2f} s with "
+        f"({loop1 / loop0:.3f}x; {total1:.2f} s = {total1 / loop0:.3f}x with close()), "
+        f"{reports} of {epochs} epochs measured (target: <= 1.10x)"
+    )
+    stalls = paper_mlp_stalls(8)
+    later = stalls[1:]
+    print(
+        f"paper MLP 784-256x4-10 snapshot stall: first due step {1000 * stalls[0]:.1f} ms "
+        f"(torch.fx trace), later due steps median {1000 * statistics.median(later):.1f} ms, "
+        f"max {1000 * max(later):.1f} ms (target: < 20 ms)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
@@ -100,6 +186,7 @@ def main() -> None:
     parser.add_argument("--shuffles", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sink-delay", type=float, default=2.0)
+    parser.add_argument("--digits-epochs", type=int, default=20)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-hooks-"))
     options: dict[str, Any] = {"every_n_steps": args.every, "k": 12, "shuffles": args.shuffles}
@@ -156,6 +243,7 @@ def main() -> None:
         "thread spent in tracker.step() at a due step. close: time close() waited for pending "
         "measurements and sinks. Skipped steps (backlog) show as fewer reports."
     )
+    issue_targets(args.digits_epochs, args.repeats)
 
 
 if __name__ == "__main__":

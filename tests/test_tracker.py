@@ -548,9 +548,9 @@ def test_random_init_null_with_layers() -> None:
 def test_a_worker_process_that_cannot_start_falls_back_to_a_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import cluster_tracking.tracker as tracker_module
+    import cluster_tracking.worker as worker_module
 
-    monkeypatch.setattr(tracker_module, "_WORKER_BOOTSTRAP", "import sys; sys.exit(3)")
+    monkeypatch.setattr(worker_module, "_WORKER_BOOTSTRAP", "import sys; sys.exit(3)")
     tracker = ClusterabilityTracker(every_n_steps=1, plots=False, **PROCESS)
     with pytest.warns(ClusterTrackingWarning, match="worker process failed"):
         tracker.step(tiny_mlp(), 0)

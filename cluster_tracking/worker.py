@@ -1,0 +1,257 @@
+"""The tracker's measuring child process: what runs in it, and the pipe that feeds it.
+
+Measuring is CPU-bound Python and numpy code. In a thread of the training process it would hold
+the GIL for milliseconds at a time, and a training loop, which releases and re-takes the GIL at
+every torch call, would wait for it each time: a small loop runs several times slower while a
+measurement runs. So by default the tracker measures in a child process of its own, fed through
+a pipe: the weight graph goes in, the report and the PNG plots come back.
+
+This module imports no torch (the weight graph, the measurement and the report need numpy and
+scipy only), so the child starts in well under a second instead of competing with the training
+loop for the seconds torch takes to import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cluster_tracking.measure import measure
+from cluster_tracking.report import SCHEMA_VERSION, ClusterabilityReport
+from cluster_tracking.weightgraph import WeightGraph
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def measure_step(
+    graph: WeightGraph,
+    step: int,
+    options: Mapping[str, Any],
+    plots: bool,
+    module: nn.Module | None = None,
+) -> tuple[ClusterabilityReport, dict[str, bytes], str | None]:
+    """Measure one snapshot's weight graph and draw its plots (the worker's job).
+
+    Args:
+        graph: the snapshot's weight graph.
+        step: its training step.
+        options: keyword arguments of :func:`~cluster_tracking.measure.measure` (k, shuffles,
+            shuffle, seed, n_jobs, ...).
+        plots: draw ``adjacency`` and ``composition``.
+        module: the model, for the ``random_init`` null model (which re-initialises it).
+
+    Returns:
+        The report (with its ``step``), PNG bytes by plot name, and the error of the plots, if
+        they failed (the report is still good).
+    """
+    report = measure(module if module is not None else graph, **options)
+    report.step = step
+    images: dict[str, bytes] = {}
+    if not plots:
+        return report, images, None
+    try:
+        from cluster_tracking import plots as figures
+
+        images["adjacency"] = figures.png_bytes(
+            figures.adjacency_figure(
+                graph,
+                report.partition.labels,
+                title=f"Weight graph ordered by cluster, step {step}",
+            )
+        )
+        images["composition"] = figures.png_bytes(figures.composition_figure(report))
+    except Exception as error:
+        return report, images, _describe(error)
+    return report, images, None
+
+
+def render_summary(
+    reports: Sequence[ClusterabilityReport],
+    last_images: Mapping[str, bytes],
+    params: Mapping[str, Any],
+    skipped: Sequence[int],
+    failed: Sequence[int],
+    plots: bool,
+) -> tuple[dict[str, bytes], str | None]:
+    """The summary artifacts: ``summary.json``, ``trajectory.png`` and ``report.html``.
+
+    Returns:
+        File contents by name, and the error of the plots or HTML, if they failed.
+    """
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "params": dict(params),
+        "steps": [report.step for report in reports],
+        "skipped_steps": list(skipped),
+        "failed_steps": list(failed),
+        "trajectory": [{"step": report.step, **_short_metrics(report)} for report in reports],
+        "reports": [report.to_dict() for report in reports],
+    }
+    files = {"summary.json": json.dumps(summary, indent=1, allow_nan=False).encode("utf-8")}
+    if not plots:
+        return files, None
+    try:
+        from cluster_tracking import html_report
+        from cluster_tracking import plots as figures
+
+        files["trajectory.png"] = figures.png_bytes(figures.trajectory_figure(reports))
+        html = html_report.render_html(
+            reports,
+            images={"trajectory": files["trajectory.png"], **last_images},
+            params=params,
+            skipped_steps=skipped,
+            failed_steps=failed,
+        )
+        files["report.html"] = html.encode("utf-8")
+    except Exception as error:
+        return files, _describe(error)
+    return files, None
+
+
+_WORKER_CALLS: dict[str, Any] = {"measure": measure_step, "summary": render_summary}
+
+# Runs in the child: put the package's folder first on sys.path (so it imports this very copy of
+# cluster_tracking, whatever the training script did to sys.path), then serve requests.
+_WORKER_BOOTSTRAP = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from cluster_tracking.worker import _worker_main; _worker_main()"
+)
+
+
+class _WorkerError(Exception):
+    """A worker function raised; the message is the original ``Type: message``."""
+
+
+def _write_frame(stream: Any, value: Any) -> None:
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("<Q", len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def _read_frame(stream: Any) -> Any:
+    header = stream.read(8)
+    if len(header) < 8:
+        raise EOFError("the worker's pipe closed")
+    (size,) = struct.unpack("<Q", header)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError("the worker's pipe closed mid-message")
+    return pickle.loads(data)
+
+
+class _WorkerProcess:
+    """A child Python process that runs :data:`_WORKER_CALLS` for the tracker, one at a time.
+
+    Requests and answers are pickled frames on the child's stdin and stdout (its own pipes: only
+    this tracker talks to it). The child runs at a lower CPU priority than training, exits when
+    its stdin closes (so it never outlives the training process) and writes nothing else to the
+    pipe (stray prints go to stderr).
+    """
+
+    def __init__(self, start_timeout: float = 120.0) -> None:
+        package_root = str(Path(__file__).resolve().parents[1])
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_BOOTSTRAP, package_root],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+        ready = threading.Event()
+
+        def give_up() -> None:
+            if not ready.is_set():
+                self._process.kill()  # its pipe closes: the read below fails
+
+        timer = threading.Timer(start_timeout, give_up)
+        timer.daemon = True
+        timer.start()
+        try:
+            kind, _ = _read_frame(self._process.stdout)
+        except Exception:
+            self.stop()
+            raise
+        finally:
+            ready.set()
+            timer.cancel()
+        if kind != "ready":
+            self.stop()
+            raise RuntimeError(f"unexpected first message from the worker: {kind!r}")
+
+    def call(self, name: str, *args: Any) -> Any:
+        """Run ``_WORKER_CALLS[name](*args)`` in the child; raises :class:`_WorkerError` when it
+        raised, ``EOFError``/``OSError`` when the child is gone."""
+        if self._process.poll() is not None:
+            raise EOFError(f"the worker exited with code {self._process.returncode}")
+        _write_frame(self._process.stdin, (name, args))
+        kind, value = _read_frame(self._process.stdout)
+        if kind == "error":
+            raise _WorkerError(value)
+        return value
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the child to exit; kill it if it does not within ``timeout`` seconds."""
+        process = self._process
+        try:
+            if process.poll() is None and process.stdin is not None:
+                _write_frame(process.stdin, None)
+                process.stdin.close()
+        except OSError:
+            pass
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def _worker_main() -> None:
+    """The worker process's loop (see :class:`_WorkerProcess`)."""
+    requests = os.fdopen(os.dup(0), "rb")
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    os.dup2(2, 1)  # anything printed goes to stderr, never into the pipe
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(5)  # training keeps the CPU when both want it
+    # Ctrl-C in a terminal reaches the whole process group; the training script decides what
+    # happens then (typically tracker.close()), and the worker goes when its pipe closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _write_frame(answers, ("ready", None))
+    while True:
+        try:
+            request = _read_frame(requests)
+        except EOFError:
+            return
+        if request is None:
+            return
+        name, args = request
+        try:
+            answer = ("ok", _WORKER_CALLS[name](*args))
+        except Exception as error:
+            answer = ("error", f"{type(error).__name__}: {str(error).strip()}")
+        _write_frame(answers, answer)
+
+
+def _short_metrics(report: ClusterabilityReport) -> dict[str, float]:
+    """``report.metrics()`` without the ``clusterability/`` prefix."""
+    return {key.split("/", 1)[1]: value for key, value in report.metrics().items()}
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, _WorkerError):  # already "Type: message", from the worker process
+        return str(error).strip().rstrip(".")
+    text = str(error).strip().rstrip(".")
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
