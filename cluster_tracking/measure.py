@@ -63,7 +63,7 @@ AUTO_K_RANGE = (2, 32)
 ProgressCallback = Callable[[int, int], None]
 #: Shuffled null networks per task sent to a worker process: small enough to balance the work
 #: at the end, large enough that sending the graph along costs little.
-NULLS_PER_TASK = 4
+NULLS_PER_TASK = 2
 #: The environment of the shuffle nulls' worker processes: one BLAS/OpenMP thread each (their
 #: products are thin; more threads oversubscribe the cores the other workers use), and glibc's
 #: malloc told to keep freed memory for reuse: by default it maps every array over 128 KiB

@@ -629,18 +629,18 @@ class _EigenSolver:
 
     def _dense(self) -> tuple[np.ndarray, np.ndarray]:
         edges, n_components = self.edges, self.n_components
-        adjacency = edges.dense_adjacency()
         scale = self.inv_sqrt_degree
-        normalised = adjacency * scale[:, None] * scale[None, :]
         n = edges.n_active
         if edges.sides is not None:
             first, second = np.flatnonzero(~edges.sides), np.flatnonzero(edges.sides)
             if min(first.size, second.size) >= n_components:
-                u, s, vt = scipy.linalg.svd(normalised[np.ix_(first, second)], full_matrices=False)
+                s, u, v = _top_singular_triplets(_dense_cross(edges, first, second), n_components)
                 vectors = np.zeros((n, n_components))
-                vectors[first] = u[:, :n_components] / np.sqrt(2.0)
-                vectors[second] = vt[:n_components].T / np.sqrt(2.0)
-                return s[:n_components], vectors
+                vectors[first] = u / np.sqrt(2.0)
+                vectors[second] = v / np.sqrt(2.0)
+                return s, vectors
+        adjacency = edges.dense_adjacency()
+        normalised = adjacency * scale[:, None] * scale[None, :]
         values, vectors = scipy.linalg.eigh(normalised, subset_by_index=[n - n_components, n - 1])
         return values, vectors
 
@@ -680,6 +680,53 @@ class _EigenSolver:
         if self.warm is not None:
             start[:, : self.warm.shape[1]] = self.warm
         return start
+
+
+def _dense_cross(edges: _Edges, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The dense cross block ``B = D_1^-1/2 A_12 D_2^-1/2`` of a bipartite graph, straight from
+    its pieces (each has its rows on the first side and its columns on the second)."""
+    position = np.empty(edges.n_active, dtype=np.int64)
+    position[first] = np.arange(first.size)
+    position[second] = np.arange(second.size)
+    cross = np.zeros((first.size, second.size))
+    for piece in edges.pieces:
+        weights = (
+            piece.weights.toarray() if isinstance(piece.weights, sp.csr_array) else piece.weights
+        )
+        where = np.ix_(position[piece.rows], position[piece.cols])
+        if _index(piece.rows)[1] and _index(piece.cols)[1]:
+            cross[where] += weights
+        else:
+            np.add.at(cross, where, weights)
+    inv_sqrt_degree = 1.0 / np.sqrt(edges.degrees)
+    cross *= inv_sqrt_degree[first][:, None]
+    cross *= inv_sqrt_degree[second][None, :]
+    return cross
+
+
+def _top_singular_triplets(
+    cross: np.ndarray, count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``count`` largest singular values of a dense matrix (descending) and their left and
+    right singular vectors (as columns).
+
+    From the eigenvectors of the Gram matrix over the smaller side (``B^T B v = s^2 v``, then
+    ``u = B v / s``): 3-4x faster than a full SVD for the few triplets wanted, and as accurate
+    for singular values well above round-off (``s^2`` is exact to about ``1e-16 |B|^2``, and
+    ``|B| = 1`` here). A full SVD takes over where a wanted singular value is close to 0.
+    """
+    transpose = cross.shape[0] < cross.shape[1]
+    matrix = cross.T if transpose else cross  # tall: the Gram matrix is over its columns
+    gram = matrix.T @ matrix
+    m = gram.shape[0]
+    values, right = scipy.linalg.eigh(gram, subset_by_index=[m - count, m - 1])
+    values, right = values[::-1], right[:, ::-1]
+    if values[-1] <= 1e-12 * max(float(values[0]), 1e-300):
+        u, s, vt = scipy.linalg.svd(cross, full_matrices=False)
+        return s[:count], u[:, :count], vt[:count].T
+    singular = np.sqrt(values)
+    left = (matrix @ right) / singular[None, :]
+    return (singular, right, left) if transpose else (singular, left, right)
 
 
 def _block_krylov(
@@ -796,11 +843,13 @@ def _kmeans_restarts(
     norms32 = (points32**2).sum(axis=1)  # [n]
     threshold = tol * float(np.mean(np.var(points, axis=0)))
     centers = _kmeans_plus_plus(points32, norms32, k, rng, n_init)  # [R, k, d] float32
+    # [-2 x, 1, |x|^2]: the points' side of every distance product (see _nearest_centers)
+    augmented = np.concatenate([-2.0 * points32, np.ones((n, 1), np.float32), norms32[:, None]], 1)
     labels = np.full((n_init, n), -1, dtype=np.int64)
     active = np.arange(n_init)
     for _ in range(max_iter):
         current = centers[active]  # [A, k, d]
-        new_labels, distances = _nearest_centers(points32, norms32, current)
+        new_labels, distances = _nearest_centers(augmented, current)
         counts = _counts(new_labels, k).reshape(active.size, k)
         if counts.min() == 0:
             new_labels = _fill_empty_clusters(new_labels, distances, k)
@@ -816,33 +865,30 @@ def _kmeans_restarts(
     return labels
 
 
-def _nearest_centers(
-    points: np.ndarray, norms: np.ndarray, centers: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _nearest_centers(augmented: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Nearest center of every point for every restart: ``(labels [R, n], distances [R, k, n])``.
 
-    ``|x - c|^2 = |x|^2 - 2 x.c + |c|^2`` for all restarts is one product. The argmin over the k
-    centers is the costly part (numpy reduces a short last axis slowly), so it is a minimum
-    instead: non-negative float32 values order like their int32 bit patterns, and with the
-    center's index written into the lowest ``ceil(log2 k)`` mantissa bits, the minimum over the
-    centers carries its own argmin. This moves a distance by less than ``2^bits`` units in the
-    last place (relative ``k * 2^-22`` at most, ``2^-19`` for k = 12), below the float32 rounding
-    of the product itself; ties go to the lower index, as with argmin. The sign bit is cleared
-    too: rounding can make a distance of about 0 slightly negative, and its absolute value is as
-    good. The returned distances carry these changes. Above :data:`PACKED_MAX_K` clusters, argmin.
+    ``|x - c|^2 = |x|^2 - 2 x.c + |c|^2`` for all restarts is one product, of the centers
+    ``[c, |c|^2, 1]`` with the points ``augmented`` (``[-2 x, 1, |x|^2]``, ``[n, d + 2]``).
+    The argmin over the k centers is the costly part (numpy reduces a short last axis slowly),
+    so it is a minimum instead: non-negative float32 values order like their int32 bit
+    patterns, and with the center's index written into the lowest ``ceil(log2 k)`` mantissa
+    bits, the minimum over the centers carries its own argmin. This moves a distance by less
+    than ``2^bits`` units in the last place (relative ``k * 2^-22`` at most, ``2^-19`` for
+    k = 12), below the float32 rounding of the product itself; ties go to the lower index, as
+    with argmin. The sign bit is cleared too: rounding can make a distance of about 0 slightly
+    negative, and its absolute value is as good. The returned distances carry these changes.
+    Above :data:`PACKED_MAX_K` clusters, argmin.
     """
     n_restarts, k, d = centers.shape
-    n = points.shape[0]
+    n = augmented.shape[0]
     flat = centers.reshape(-1, d)  # [R * k, d]
-    # one product of [c, |c|^2, 1] and [-2 x, 1, |x|^2]: no pass over the result to add norms
     augmented_centers = np.concatenate(
         [flat, (flat**2).sum(axis=1, keepdims=True), np.ones((flat.shape[0], 1), flat.dtype)],
         axis=1,
     )
-    augmented_points = np.concatenate(
-        [-2.0 * points, np.ones((n, 1), points.dtype), norms[:, None]], axis=1
-    )
-    distances = (augmented_centers @ augmented_points.T).reshape(n_restarts, k, n)
+    # no pass over the result to add the norms: they are in the product
+    distances = (augmented_centers @ augmented.T).reshape(n_restarts, k, n)
     if k > PACKED_MAX_K:
         return np.abs(distances).argmin(axis=1), distances
     bits = max(1, (k - 1).bit_length())
@@ -850,7 +896,7 @@ def _nearest_centers(
     packed &= np.int32(0x7FFFFFFF & ~((1 << bits) - 1))  # clear the sign bit and the low bits
     packed |= np.arange(k, dtype=np.int32)[None, :, None]
     labels = np.minimum.reduce(packed, axis=1) & np.int32((1 << bits) - 1)
-    return labels.astype(np.int64), distances
+    return labels, distances
 
 
 def _counts(labels: np.ndarray, k: int) -> np.ndarray:

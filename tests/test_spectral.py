@@ -253,7 +253,9 @@ def test_nearest_centers_are_the_argmin_of_the_distances(k: int) -> None:
     rng = np.random.default_rng(k)
     points = rng.standard_normal((500, 6)).astype(np.float32)
     centers = rng.standard_normal((4, k, 6)).astype(np.float32)
-    labels, _ = _nearest_centers(points, (points**2).sum(axis=1), centers)
+    norms = (points**2).sum(axis=1)
+    augmented = np.concatenate([-2.0 * points, np.ones((500, 1), np.float32), norms[:, None]], 1)
+    labels, _ = _nearest_centers(augmented, centers)
     exact = ((points[None, None, :, :] - centers[:, :, None, :]) ** 2).sum(axis=3)  # [R, k, n]
     expected = exact.argmin(axis=1)
     chosen = np.take_along_axis(exact, labels[:, None, :], axis=1)[:, 0]
