@@ -1,5 +1,6 @@
 """The spectral regulariser and the ReLU weight normaliser (Filan et al. 2021, promoting
-clusterability): values, exact gradients, both solvers, and the function-preserving rescaling."""
+clusterability): values, exact gradients, the three solvers (the tracking solver's error bounds
+and fallback), and the function-preserving rescaling."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import nn
 from cluster_tracking.errors import ConfigError, GraphError
 from cluster_tracking.graph import weight_graph
 from cluster_tracking.normalization import ReLUWeightNormalizer
-from cluster_tracking.regularizer import SpectralRegularizer
+from cluster_tracking.regularizer import DEFAULT_TOL, TRACKING_TOL, SpectralRegularizer
 from cluster_tracking.spectral import laplacian_eigenvalues
 
 
@@ -88,7 +89,7 @@ def _grads(model: nn.Module) -> list[torch.Tensor]:
 # --- the value -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("solver", ["dense", "iterative"])
+@pytest.mark.parametrize("solver", ["dense", "iterative", "tracking"])
 @pytest.mark.parametrize("make", [lambda: _mlp(10, 14, 12, 4), _cnn, lambda: _Residual().double()])
 def test_penalty_is_weight_over_k_times_the_k_smallest_nontrivial_eigenvalues(
     solver: str, make: object
@@ -112,7 +113,7 @@ def test_penalty_is_weight_over_k_times_the_k_smallest_nontrivial_eigenvalues(
 # --- exact gradients -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("solver", ["dense", "iterative"])
+@pytest.mark.parametrize("solver", ["dense", "iterative", "tracking"])
 def test_autograd_gradient_equals_finite_differences(solver: str) -> None:
     model = _cnn(seed=1)
     reg = SpectralRegularizer(model, k=3, weight=1.0, solver=solver)  # type: ignore[arg-type]
@@ -134,13 +135,17 @@ def test_autograd_gradient_equals_finite_differences(solver: str) -> None:
             assert float(grad[index]) == pytest.approx(numeric, rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize("solver", ["iterative", "tracking"])
 @pytest.mark.parametrize("make", [lambda: _mlp(48, 64, 64, 10), lambda: _Residual().double()])
-def test_iterative_path_agrees_with_dense_path_in_values_and_gradients(make: object) -> None:
+def test_iterative_path_agrees_with_dense_path_in_values_and_gradients(
+    make: object, solver: str
+) -> None:
+    """A first call solves to the iterative tolerance, tracking or not."""
     assert callable(make)
     model = make()
     values, grads = [], []
-    for solver in ("dense", "iterative"):
-        reg = SpectralRegularizer(model, k=6, weight=1.0, solver=solver)  # type: ignore[arg-type]
+    for name in ("dense", solver):
+        reg = SpectralRegularizer(model, k=6, weight=1.0, solver=name)  # type: ignore[arg-type]
         model.zero_grad()
         reg().backward()
         values.append(reg.last_eigenvalues)
@@ -158,7 +163,7 @@ def test_zero_weights_get_a_zero_subgradient_and_dead_units_are_left_out() -> No
         model[0].weight[0, :3] = 0.0
         model[0].weight[5, :] = 0.0  # hidden unit 5 of layer 0 has no edges at all:
         model[2].weight[:, 5] = 0.0  # it is left out of the graph, as spectral clustering does
-    for solver in ("dense", "iterative"):
+    for solver in ("dense", "iterative", "tracking"):
         model.zero_grad()
         reg = SpectralRegularizer(model, k=3, solver=solver)  # type: ignore[arg-type]
         reg().backward()
@@ -211,6 +216,132 @@ def test_iterative_solver_warm_starts_from_the_last_eigenvectors() -> None:
         model[2].weight.mul_(1.0 + 1e-4 * torch.randn_like(model[2].weight))
     reg()
     assert reg.last_solver_applies < cold
+
+
+# --- the tracking solver ----------------------------------------------------------------------
+
+
+def _spectrum_and_gradient(model: nn.Module, k: int) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """The exact k + 1 smallest non-trivial eigenvalues (float64, dense) and the gradient of the
+    sum of the first k in the model's parameters."""
+    exact = copy.deepcopy(model).double()
+    ahead = SpectralRegularizer(exact, k=k + 1, solver="dense").eigenvalues()
+    SpectralRegularizer(exact, k=k, weight=1.0, solver="dense").eigenvalue_sum().backward()
+    return ahead, _grads(exact)
+
+
+def _adam_steps(model: nn.Module, reg: SpectralRegularizer, seed: int) -> Iterator[int]:
+    """Train ``model`` with Adam (lr 1e-3) on random data plus the regulariser, yielding before
+    each step; as a training loop would, the regulariser is called once per step."""
+    n_in = next(model.parameters()).shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    inputs = torch.randn(256, n_in, generator=generator, dtype=dtype)
+    labels = torch.randint(0, 10, (256,), generator=generator)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in itertools.count():
+        yield step
+        batch = torch.randint(0, 256, (32,), generator=generator)
+        loss = F.cross_entropy(model(inputs[batch]), labels[batch]) + reg()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tracking_stays_within_its_residual_bound_of_the_exact_penalty_and_gradient(
+    dtype: torch.dtype,
+) -> None:
+    """Across a training run (Adam, lr 1e-3), every tracking evaluation is accepted at its
+    residual tolerance, its eigenvalue sum is an upper bound of the exact sum (Cauchy
+    interlacing) that exceeds it by at most sum_i r_i^2 / gap, and its gradient is within
+    max_i r_i / gap (relative) of the exact gradient (Davis-Kahan)."""
+    k = 6
+    model = _mlp(48, 64, 64, 10, seed=6).to(dtype)
+    reg = SpectralRegularizer(model, k=k, weight=0.5, solver="tracking")
+    eps = 1e-5 if dtype == torch.float32 else 1e-12  # round-off of the solver's arithmetic
+    for step in _adam_steps(model, reg, seed=0):
+        if step == 25:
+            break
+        ahead, exact_grads = _spectrum_and_gradient(model, k)
+        gap = ahead[k] - ahead[k - 1]
+        model.zero_grad()
+        total = reg.eigenvalue_sum()
+        total.backward()
+        residual = reg.last_residual
+        assert residual is not None and residual <= TRACKING_TOL[dtype]
+        exact = float(ahead[:k].sum())
+        assert -eps <= float(total.detach()) - exact <= k * residual**2 / gap + eps
+        tracked = torch.cat([grad.flatten().double() for grad in _grads(model)])
+        reference = torch.cat([grad.flatten() for grad in exact_grads])
+        error = float((tracked - reference).norm() / reference.norm())
+        assert error <= residual / gap + 100 * eps
+
+
+def test_tracking_takes_one_operator_application_per_call_in_a_steady_training_run() -> None:
+    model = _mlp(48, 64, 64, 10, seed=7).float()
+    reg = SpectralRegularizer(model, k=6, solver="tracking")
+    applies = []  # of each call
+    for step in _adam_steps(model, reg, seed=1):
+        if step == 40:
+            break
+        if step:
+            applies.append(reg.last_solver_applies)
+    assert applies[0] > 1  # the cold solve
+    assert applies[2:] == [1] * len(applies[2:])  # (call 1: after Adam's first, largest step)
+
+
+@pytest.mark.parametrize("make", [_cnn, lambda: _Residual().double()])
+def test_tracking_follows_convolutional_and_non_bipartite_graphs(make: object) -> None:
+    """The CNN (BatchNorm, grouped conv, flatten) is bipartite; the residual net is not, and is
+    tracked by a block Krylov step instead of a power step."""
+    assert callable(make)
+    model = make()
+    reg = SpectralRegularizer(model, k=4, solver="tracking")
+    reg.eigenvalues()
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(10):  # small steps, as an optimiser takes
+        with torch.no_grad():
+            for param in model.parameters():
+                noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+                param.mul_(1.0 + 1e-3 * noise)
+        values = reg.eigenvalues()
+        assert reg.last_solver_applies == 1
+        residual = reg.last_residual
+        assert residual is not None and residual <= TRACKING_TOL[torch.float64]
+        ahead = laplacian_eigenvalues(weight_graph(model), 6, seed=0)[1:]
+        gap = ahead[4] - ahead[3]
+        assert np.all(values >= ahead[:4] - 1e-12)  # interlacing: each an upper bound
+        assert values.sum() - ahead[:4].sum() <= 4 * residual**2 / gap + 1e-12
+
+
+def test_tracking_falls_back_to_the_full_solve_after_a_large_weight_change() -> None:
+    model = _mlp(48, 64, 64, 10, seed=8)
+    reg = SpectralRegularizer(model, k=6, solver="tracking")
+    reg.eigenvalues()
+    reg.eigenvalues()
+    assert reg.last_solver_applies == 1  # unchanged weights: tracked at once
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # no longer a small step: every weight scaled by 0.2 .. 1.8
+        for param in model.parameters():
+            param.mul_(0.2 + 1.6 * torch.rand(param.shape, generator=generator, dtype=param.dtype))
+
+    values = reg.eigenvalues()
+
+    assert reg.last_solver_applies > 1
+    residual = reg.last_residual  # the fallback solves to the iterative solver's tolerance
+    assert residual is not None and residual <= DEFAULT_TOL[torch.float64]
+    expected = laplacian_eigenvalues(weight_graph(model), 7, seed=0)[1:]
+    np.testing.assert_allclose(values, expected, rtol=1e-9)
+    reg.eigenvalues()
+    assert reg.last_solver_applies == 1  # and tracks again from there
+
+
+def test_auto_tracks_above_dense_max_nodes_and_solves_densely_below() -> None:
+    model = _mlp(10, 14, 12, 4)  # 40 nodes
+    assert SpectralRegularizer(model, k=3).solver == "dense"
+    assert SpectralRegularizer(model, k=3, dense_max_nodes=39).solver == "tracking"
+    assert SpectralRegularizer(model, k=3, solver="dense").last_residual is None
 
 
 # --- errors ----------------------------------------------------------------------------------
