@@ -440,8 +440,10 @@ def _edges_from_blocks(blocks: Sequence[EdgeBlock], n_nodes: int, node_layer: np
     bipartite = True
     for block in blocks:
         rows, cols, weights = block.dst, block.src, _block_weights(block)
-        loops = np.intersect1d(rows, cols)
-        if loops.size:  # a node joined to itself (after a residual add): never cut, dropped
+        disjoint = rows.min() > cols.max() or cols.min() > rows.max()  # layers of a chain
+        if (
+            not disjoint and np.intersect1d(rows, cols).size
+        ):  # a node joined to itself (after a residual add): never cut, dropped
             weights = _drop_self_loops(rows, cols, weights)
         _add_at(degrees, rows, np.asarray(weights.sum(axis=1)).ravel())
         _add_at(degrees, cols, np.asarray(weights.sum(axis=0)).ravel())
@@ -850,11 +852,10 @@ def _kmeans_restarts(
     for _ in range(max_iter):
         current = centers[active]  # [A, k, d]
         new_labels, distances = _nearest_centers(augmented, current)
-        counts = _counts(new_labels, k).reshape(active.size, k)
+        new_centers, counts = _cluster_means(points32, new_labels, k)
         if counts.min() == 0:
             new_labels = _fill_empty_clusters(new_labels, distances, k)
-            counts = _counts(new_labels, k).reshape(active.size, k)
-        new_centers = _cluster_means(points32, new_labels, counts, k)
+            new_centers, counts = _cluster_means(points32, new_labels, k)
         shift = ((new_centers - current) ** 2).sum(axis=(1, 2), dtype=np.float64)
         unchanged = (new_labels == labels[active]).all(axis=1)
         labels[active] = new_labels
@@ -894,7 +895,7 @@ def _nearest_centers(augmented: np.ndarray, centers: np.ndarray) -> tuple[np.nda
     bits = max(1, (k - 1).bit_length())
     packed = distances.view(np.int32)
     packed &= np.int32(0x7FFFFFFF & ~((1 << bits) - 1))  # clear the sign bit and the low bits
-    packed |= np.arange(k, dtype=np.int32)[None, :, None]
+    packed |= np.repeat(np.arange(k, dtype=np.int32), n).reshape(1, k, n)  # contiguous: fast
     labels = np.minimum.reduce(packed, axis=1) & np.int32((1 << bits) - 1)
     return labels, distances
 
@@ -964,11 +965,9 @@ def _sq_distances(points: np.ndarray, norms: np.ndarray, centers: np.ndarray) ->
     return np.maximum(distances, 0.0, out=distances)
 
 
-def _cluster_means(
-    points: np.ndarray, labels: np.ndarray, counts: np.ndarray, k: int
-) -> np.ndarray:
-    """Mean of each cluster's points for every restart: ``[R, k, d]``, given the cluster sizes
-    ``counts`` (``[R, k]``).
+def _cluster_means(points: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of each cluster's points for every restart, ``[R, k, d]``, and the cluster sizes,
+    ``[R, k]`` (an empty cluster's mean is 0).
 
     The sums are one sparse product: ``S^T @ points`` with ``S`` the ``[n, R * k]`` one-hot
     matrix of every restart's labels (point i's row has a 1 in column ``r * k + labels[r, i]``
@@ -976,6 +975,7 @@ def _cluster_means(
     """
     n_restarts, n = labels.shape
     columns = (labels + k * np.arange(n_restarts)[:, None]).T.ravel()  # [n * R], row-major
+    counts = np.bincount(columns, minlength=n_restarts * k).reshape(n_restarts, k)
     one_hot = sp.csr_array(
         (
             np.ones(columns.size, dtype=points.dtype),
@@ -985,7 +985,7 @@ def _cluster_means(
         shape=(n, n_restarts * k),
     )
     sums = (one_hot.T @ points).reshape(n_restarts, k, -1)  # [R, k, d]
-    return sums / np.maximum(counts, 1).astype(points.dtype)[:, :, None]
+    return sums / np.maximum(counts, 1).astype(points.dtype)[:, :, None], counts
 
 
 def _fill_empty_clusters(labels: np.ndarray, distances: np.ndarray, k: int) -> np.ndarray:
@@ -1014,9 +1014,11 @@ def _ncuts_of_pieces(edges: _Edges, labels: np.ndarray, k: int, dtype: Any) -> n
 
     ``cut(C) = vol(C) - assoc(C, C)`` with ``assoc(C, C) = sum of A[i, j] over i, j in C`` (each
     edge twice), so ``ncut = sum_C (vol(C) - assoc(C, C)) / vol(C)``. For a dense piece W, the
-    within-cluster weight of every restart at once is one product ``W @ onehot(column labels)``
-    (``[rows, R * k]``), read at each row's own cluster; ``dtype=float32`` halves its cost where
-    the values only rank the restarts.
+    within-cluster weight of every restart at once is one product ``onehot(row labels)^T W``
+    (``[R * k, columns]``: each column of W summed by the clusters of its rows, in every restart),
+    read at each column's own cluster. The one-hot matrix is sparse (R ones per row of W), so the
+    product costs ``R`` passes over W where a dense one would cost ``R * k``; ``dtype=float32``
+    halves it again where the values only rank the restarts.
     """
     n_restarts = labels.shape[0]
     flat = labels + k * np.arange(n_restarts)[:, None]  # cluster ids unique across restarts
@@ -1030,12 +1032,19 @@ def _ncuts_of_pieces(edges: _Edges, labels: np.ndarray, k: int, dtype: Any) -> n
         row_ids = flat[:, piece.rows]  # [R, m]
         col_ids = flat[:, piece.cols]  # [R, c]
         if piece.dense:
-            one_hot = np.zeros((piece.cols.size, n_flat), dtype=dtype)
-            one_hot[np.arange(piece.cols.size)[None, :], col_ids] = 1.0
-            per_row = piece.weights_as(dtype) @ one_hot  # [m, R * k]
-            own = per_row[np.arange(piece.rows.size)[None, :], row_ids]  # [R, m]
+            # [m, R * k]: row i of W has a 1 at r * k + label_r(i) for each restart r, in order
+            one_hot = sp.csr_array(
+                (
+                    np.ones(row_ids.size, dtype=dtype),
+                    row_ids.T.ravel(),
+                    np.arange(0, row_ids.size + 1, n_restarts),
+                ),
+                shape=(piece.rows.size, n_flat),
+            )
+            per_cluster = one_hot.T @ piece.weights_as(dtype)  # [R * k, c]
+            own = per_cluster[col_ids, np.arange(piece.cols.size)[None, :]]  # [R, c]
             within += factor * np.bincount(
-                row_ids.ravel(), weights=own.ravel().astype(np.float64), minlength=n_flat
+                col_ids.ravel(), weights=own.ravel().astype(np.float64), minlength=n_flat
             )
             continue
         i, j, w = piece.edge_list()
