@@ -46,12 +46,13 @@ import threading
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import nn
 
@@ -270,6 +271,7 @@ class ClusterabilityTracker:
         # the traced graph of the model and the parameter shapes it was traced with
         self._traced: WeightGraph | None = None
         self._traced_signature: tuple[Any, ...] | None = None
+        self._topology: WeightGraph | None = None
         self._warned_skip = False
         self._warned_closed = False
         self._measure_queue: queue.Queue[Any] = queue.Queue()
@@ -567,12 +569,15 @@ class ClusterabilityTracker:
                     else:
                         return _Snapshot(
                             step,
-                            graph=self._traced,
+                            graph=self._topology,
                             weights=weights,
                             graph_seconds=time.perf_counter() - started,
                         )
                 graph = weight_graph(module, **self._graph_options)
                 self._traced, self._traced_signature = graph, shapes
+                # what later snapshots send the worker with their weights: no adjacency to copy
+                n = graph.n_nodes
+                self._topology = replace(graph, adjacency=sp.csr_array((n, n)))
                 return _Snapshot(step, graph=graph, graph_seconds=time.perf_counter() - started)
             state = module.state_dict()
             signature = {
@@ -657,10 +662,6 @@ class ClusterabilityTracker:
         """Measure one snapshot (measuring thread): report and PNG plots by name."""
         graph, graph_seconds = snapshot.graph, snapshot.graph_seconds
         module: nn.Module | None = None
-        if graph is not None and snapshot.weights is not None:
-            started = time.perf_counter()
-            graph = graph.with_weights(snapshot.weights)
-            graph_seconds += time.perf_counter() - started
         if graph is None:
             if snapshot.module is not None and snapshot.state is not None:
                 snapshot.module.load_state_dict(snapshot.state)
@@ -682,15 +683,15 @@ class ClusterabilityTracker:
             report, images, plot_error = measure_step(
                 graph, snapshot.step, options, self.plots, module
             )
-        else:
+        else:  # with weights, the worker rebuilds the graph from the traced topology
             report, images, plot_error = self._run(
-                "measure", graph, snapshot.step, options, self.plots
+                "measure", graph, snapshot.step, options, self.plots, None, snapshot.weights
             )
         if plot_error:
             _warn(f"clusterability plots at step {snapshot.step} failed: {plot_error}.")
         report.config["tracker_seed"] = self.seed
         report.config["worker"] = "thread" if self._worker is None else "process"
-        report.timings["graph"] = graph_seconds
+        report.timings["graph"] = report.timings.get("graph", 0.0) + graph_seconds
         report.timings["total"] = report.timings.get("total", 0.0) + graph_seconds
         return report, images
 
@@ -813,7 +814,7 @@ class ClusterabilityTracker:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
         self._template = None
-        self._traced = None
+        self._traced = self._topology = None
 
 
 def _check_interval(value: int | None, name: str) -> int | None:

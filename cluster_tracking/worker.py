@@ -13,7 +13,6 @@ loop for the seconds torch takes to import.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -22,9 +21,12 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from cluster_tracking.measure import measure
 from cluster_tracking.report import SCHEMA_VERSION, ClusterabilityReport
@@ -40,23 +42,35 @@ def measure_step(
     options: Mapping[str, Any],
     plots: bool,
     module: nn.Module | None = None,
+    weights: Sequence[np.ndarray] | None = None,
 ) -> tuple[ClusterabilityReport, dict[str, bytes], str | None]:
     """Measure one snapshot's weight graph and draw its plots (the worker's job).
 
     Args:
-        graph: the snapshot's weight graph.
+        graph: the snapshot's weight graph, or with ``weights`` its topology.
         step: its training step.
         options: keyword arguments of :func:`~cluster_tracking.measure.measure` (k, shuffles,
             shuffle, seed, n_jobs, ...).
         plots: draw ``adjacency`` and ``composition``.
         module: the model, for the ``random_init`` null model (which re-initialises it).
+        weights: the snapshot's weights, one per block of ``graph``: the graph is rebuilt from
+            them here (its sparse adjacency assembled in the worker, not in the training
+            process, where it would hold the GIL that the training thread needs), and the time
+            it takes is the report's ``graph`` timing.
 
     Returns:
         The report (with its ``step``), PNG bytes by plot name, and the error of the plots, if
         they failed (the report is still good).
     """
+    rebuild_seconds = 0.0
+    if weights is not None:
+        started = time.perf_counter()
+        graph = graph.with_weights(weights)
+        rebuild_seconds = time.perf_counter() - started
     report = measure(module if module is not None else graph, **options)
     report.step = step
+    report.timings["graph"] = report.timings.get("graph", 0.0) + rebuild_seconds
+    report.timings["total"] = report.timings.get("total", 0.0) + rebuild_seconds
     images: dict[str, bytes] = {}
     if not plots:
         return report, images, None
@@ -124,8 +138,12 @@ _WORKER_CALLS: dict[str, Any] = {"measure": measure_step, "summary": render_summ
 # Runs in the child: put the package's folder first on sys.path (so it imports this very copy of
 # cluster_tracking, whatever the training script did to sys.path), then serve requests.
 _WORKER_BOOTSTRAP = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from cluster_tracking.worker import _worker_main; _worker_main()"
+    "import os, sys\n"
+    "try:\n    os.nice(19)  # training keeps the CPU when both want it, imports included\n"
+    "except (OSError, AttributeError):\n    pass\n"
+    "sys.path.insert(0, sys.argv[1])\n"
+    "from cluster_tracking.worker import _worker_main\n"
+    "_worker_main()"
 )
 
 
@@ -155,7 +173,8 @@ class _WorkerProcess:
     """A child Python process that runs :data:`_WORKER_CALLS` for the tracker, one at a time.
 
     Requests and answers are pickled frames on the child's stdin and stdout (its own pipes: only
-    this tracker talks to it). The child runs at a lower CPU priority than training, exits when
+    this tracker talks to it). The child runs at the lowest CPU priority (nice 19, from its first
+    import on), so training keeps the cores when both want them; it exits when
     its stdin closes (so it never outlives the training process) and writes nothing else to the
     pipe (stray prints go to stderr).
     """
@@ -224,8 +243,6 @@ def _worker_main() -> None:
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(2, 1)  # anything printed goes to stderr, never into the pipe
-    with contextlib.suppress(OSError, AttributeError):
-        os.nice(5)  # training keeps the CPU when both want it
     # Ctrl-C in a terminal reaches the whole process group; the training script decides what
     # happens then (typically tracker.close()), and the worker goes when its pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
