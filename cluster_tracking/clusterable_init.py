@@ -21,8 +21,13 @@ import torch
 from torch import nn
 
 from cluster_tracking.errors import ConfigError, GraphError
-from cluster_tracking.graph import EdgeBlock, WeightGraph, _unwrap_module, weight_graph
-from cluster_tracking.regularizer import _layer_weight
+from cluster_tracking.graph import (
+    EdgeBlock,
+    WeightGraph,
+    _unwrap_module,
+    layer_weight,
+    weight_graph,
+)
 
 
 def clusterable_init_(
@@ -78,7 +83,7 @@ def clusterable_init_(
     done: set[int] = set()
     with torch.no_grad():
         for block in graph.blocks:
-            weight = _layer_weight(model, block)
+            weight = layer_weight(model, block)
             if id(weight) in done:
                 continue
             done.add(id(weight))

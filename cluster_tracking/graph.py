@@ -35,7 +35,14 @@ from cluster_tracking.weightgraph import (
     assemble_adjacency,
 )
 
-__all__ = ["EdgeBlock", "WeightGraph", "assemble_adjacency", "live_weights", "weight_graph"]
+__all__ = [
+    "EdgeBlock",
+    "WeightGraph",
+    "assemble_adjacency",
+    "layer_weight",
+    "live_weights",
+    "weight_graph",
+]
 
 _LAYERS_HINT = (
     "pass layers=[...] naming the Linear/Conv modules to use, in data-flow order, to build the "
@@ -182,11 +189,47 @@ def weight_graph(
 # ---------------------------------------------------------------------------------------------
 
 
+def layer_weight(model: nn.Module, block: EdgeBlock) -> torch.Tensor:
+    """The parameter holding ``block``'s weight in ``model`` (a module called twice shares it):
+    ``model.get_submodule(name).weight``, or ``model.get_parameter(name)`` for a functional layer.
+
+    Raises :class:`~cluster_tracking.errors.GraphError` when there is none, or when its shape is
+    no longer the one the graph read.
+    """
+    name = block.name.split("#", 1)[0]  # "layer#2": the second call of a shared layer
+    found: object = None
+    try:
+        found = getattr(model.get_submodule(name), "weight", None)
+    except AttributeError:
+        pass
+    if not isinstance(found, torch.Tensor):
+        try:
+            found = model.get_parameter(name)
+        except AttributeError:
+            found = None
+    if not isinstance(found, torch.Tensor):
+        raise GraphError(
+            f"Layer {block.name!r} of the weight graph has no weight tensor at "
+            f"model.get_submodule({name!r}).weight or model.get_parameter({name!r}); reading a "
+            "traced graph's weights again (the regulariser, the clusterable initialisation, the "
+            "tracker's later steps) needs each layer's weight to be a parameter of the model "
+            "(use nn.Linear/nn.Conv modules, or pass layers=[...])."
+        )
+    if tuple(found.shape) != block.weight.shape:
+        raise GraphError(
+            f"Layer {block.name!r} has a weight of shape {tuple(found.shape)} but the weight graph "
+            f"read {block.weight.shape}; the model changed shape since its graph was traced (build "
+            "the regulariser after the model's final shapes are set, e.g. after lazy modules have "
+            "run once)."
+        )
+    return found
+
+
 def live_weights(model: nn.Module, graph: WeightGraph) -> list[np.ndarray]:
     """The effective weight of every block of ``graph`` read again from ``model``'s parameters.
 
     ``graph`` must have been built from ``model`` (or a model of the same structure): each
-    block's layer is found by name, its weight copied to the CPU in float64 and the folded
+    block's weight is copied to the CPU in float64 (:func:`layer_weight`) and the folded
     BatchNorm's ``|gamma| / sqrt(running_var + eps)`` applied again, so
     ``graph.with_weights(live_weights(model, graph))`` is ``weight_graph(model)`` without tracing
     the model again (what the tracker does at every due step after the first). Raises
@@ -196,22 +239,7 @@ def live_weights(model: nn.Module, graph: WeightGraph) -> list[np.ndarray]:
     model = _unwrap_module(model)
     weights = []
     for block in graph.blocks:
-        name = block.name.split("#", 1)[0]  # "layer#2": the second call of a shared layer
-        label = f"layer {name!r}"
-        try:
-            tensor = getattr(model.get_submodule(name), "weight", None)
-        except AttributeError:
-            tensor = None
-        if not isinstance(tensor, torch.Tensor):
-            try:
-                tensor = model.get_parameter(name)
-            except AttributeError as error:
-                raise GraphError(f"{label} of the weight graph is not in the model.") from error
-        weight = _weight_array(tensor, label)
-        if weight.shape != block.weight.shape:
-            raise GraphError(
-                f"{label} has a weight of shape {weight.shape}, the graph {block.weight.shape}."
-            )
+        weight = _weight_array(layer_weight(model, block), f"layer {block.name!r}")
         if block.batchnorm is not None:
             try:
                 batchnorm = model.get_submodule(block.batchnorm)

@@ -21,7 +21,6 @@ reads.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -32,7 +31,13 @@ import torch
 from torch import nn
 
 from cluster_tracking.errors import ConfigError, GraphError
-from cluster_tracking.graph import EdgeBlock, WeightGraph, _unwrap_module, weight_graph
+from cluster_tracking.graph import (
+    EdgeBlock,
+    WeightGraph,
+    _unwrap_module,
+    layer_weight,
+    weight_graph,
+)
 from cluster_tracking.spectral import _bipartition
 
 Solver = Literal["auto", "dense", "iterative", "tracking"]
@@ -529,41 +534,12 @@ def _batchnorm_scale(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return scale
 
 
-def _layer_weight(model: nn.Module, block: EdgeBlock) -> torch.Tensor:
-    """The parameter holding ``block``'s weight (a module called twice shares it)."""
-    name = re.sub(r"#\d+$", "", block.name)
-    found: object = None
-    try:
-        found = getattr(model.get_submodule(name), "weight", None)
-    except AttributeError:
-        pass
-    if not isinstance(found, torch.Tensor):
-        try:
-            found = model.get_parameter(name)
-        except AttributeError:
-            found = None
-    if not isinstance(found, torch.Tensor):
-        raise GraphError(
-            f"Layer {block.name!r} of the weight graph has no weight tensor at "
-            f"model.get_submodule({name!r}).weight or model.get_parameter({name!r}); the "
-            "regulariser and the clusterable initialisation need each layer's weight to be a "
-            "parameter of the model (use nn.Linear/nn.Conv modules, or pass layers=[...])."
-        )
-    if tuple(found.shape) != block.weight.shape:
-        raise GraphError(
-            f"Layer {block.name!r} has a weight of shape {tuple(found.shape)} but the weight graph "
-            f"read {block.weight.shape}; build the regulariser after the model's final shapes are "
-            "set (e.g. after lazy modules have run once)."
-        )
-    return found
-
-
 def _live_block(
     model: nn.Module, block: EdgeBlock, position: np.ndarray | None, sides: np.ndarray | None
 ) -> _LiveBlock:
     """``block`` bound to the model's tensors, its nodes renumbered by ``position`` (if given);
     ``sides``: the bipartite sides, True for side O (in the graph's numbering)."""
-    weight = _layer_weight(model, block)
+    weight = layer_weight(model, block)
     device = weight.device
     batchnorm = None
     if block.batchnorm is not None:
