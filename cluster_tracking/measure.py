@@ -61,8 +61,9 @@ if TYPE_CHECKING:
 AUTO_K_RANGE = (2, 32)
 
 ProgressCallback = Callable[[int, int], None]
-#: Shuffled null networks per task sent to a worker process: small enough to balance the work
-#: at the end, large enough that sending the graph along costs little.
+#: Shuffled null networks per task sent to a worker process: small enough that no process waits
+#: long for the last task; each task costs a round trip (the weights themselves are mapped from
+#: a file, not sent).
 NULLS_PER_TASK = 2
 #: The environment of the shuffle nulls' worker processes: one BLAS/OpenMP thread each (their
 #: products are thin; more threads oversubscribe the cores the other workers use), and glibc's
@@ -400,7 +401,7 @@ def _shuffled_ncuts_with_workers(
     workers take tasks from the start while this process takes them from the end (a task it
     can still cancel is one no worker has taken), so this process works while the workers start
     (they import numpy and scipy only, not torch) and none waits at the end for more than a
-    task. Worker processes stay alive between calls (loky's reusable executor). A worker that
+    task. Worker processes stay alive between calls (:func:`_worker_processes`). A worker that
     dies (out of memory, killed) loses nothing: its tasks are measured here, with a warning.
     """
     size = max(1, min(NULLS_PER_TASK, math.ceil(n / (4 * workers))))
