@@ -268,10 +268,10 @@ class ClusterabilityTracker:
         self._template: nn.Module | None = None
         self._template_signature: dict[str, Any] | None = None
         self._structure_copy_failed = False
-        # the traced graph of the model and the parameter shapes it was traced with
-        self._traced: WeightGraph | None = None
-        self._traced_signature: tuple[Any, ...] | None = None
+        # the traced graph's topology (no adjacency: what later snapshots send the worker with
+        # their weights) and the parameter shapes it was traced with
         self._topology: WeightGraph | None = None
+        self._traced_signature: tuple[Any, ...] | None = None
         self._warned_skip = False
         self._warned_closed = False
         self._measure_queue: queue.Queue[Any] = queue.Queue()
@@ -561,9 +561,9 @@ class ClusterabilityTracker:
             if self._graph_options["layers"] is None:
                 started = time.perf_counter()
                 shapes = (id(module), *((n, p.shape) for n, p in module.named_parameters()))
-                if self._traced is not None and shapes == self._traced_signature:
+                if self._topology is not None and shapes == self._traced_signature:
                     try:
-                        weights = live_weights(module, self._traced)
+                        weights = live_weights(module, self._topology)
                     except GraphError:
                         pass  # the model changed under its graph: trace it again
                     else:
@@ -574,10 +574,9 @@ class ClusterabilityTracker:
                             graph_seconds=time.perf_counter() - started,
                         )
                 graph = weight_graph(module, **self._graph_options)
-                self._traced, self._traced_signature = graph, shapes
-                # what later snapshots send the worker with their weights: no adjacency to copy
                 n = graph.n_nodes
                 self._topology = replace(graph, adjacency=sp.csr_array((n, n)))
+                self._traced_signature = shapes
                 return _Snapshot(step, graph=graph, graph_seconds=time.perf_counter() - started)
             state = module.state_dict()
             signature = {
@@ -814,7 +813,7 @@ class ClusterabilityTracker:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
         self._template = None
-        self._traced = self._topology = None
+        self._topology = None
 
 
 def _check_interval(value: int | None, name: str) -> int | None:
