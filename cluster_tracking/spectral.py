@@ -854,7 +854,7 @@ def _kmeans_restarts(
         new_labels, distances = _nearest_centers(augmented, current)
         new_centers, counts = _cluster_means(points32, new_labels, k)
         if counts.min() == 0:
-            new_labels = _fill_empty_clusters(new_labels, distances, k)
+            new_labels = _fill_empty_clusters(new_labels, distances, counts)
             new_centers, counts = _cluster_means(points32, new_labels, k)
         shift = ((new_centers - current) ** 2).sum(axis=(1, 2), dtype=np.float64)
         unchanged = (new_labels == labels[active]).all(axis=1)
@@ -898,12 +898,6 @@ def _nearest_centers(augmented: np.ndarray, centers: np.ndarray) -> tuple[np.nda
     packed |= np.repeat(np.arange(k, dtype=np.int32), n).reshape(1, k, n)  # contiguous: fast
     labels = np.minimum.reduce(packed, axis=1) & np.int32((1 << bits) - 1)
     return labels, distances
-
-
-def _counts(labels: np.ndarray, k: int) -> np.ndarray:
-    """Size of each cluster of each restart: ``[R, k]``."""
-    offsets = k * np.arange(labels.shape[0])[:, None]
-    return np.bincount((labels + offsets).ravel(), minlength=labels.size and labels.shape[0] * k)
 
 
 def _kmeans_plus_plus(
@@ -988,13 +982,13 @@ def _cluster_means(points: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.n
     return sums / np.maximum(counts, 1).astype(points.dtype)[:, :, None], counts
 
 
-def _fill_empty_clusters(labels: np.ndarray, distances: np.ndarray, k: int) -> np.ndarray:
-    """Give every empty cluster the point farthest from its own center (per restart);
-    ``distances`` is ``[R, k, n]``."""
+def _fill_empty_clusters(
+    labels: np.ndarray, distances: np.ndarray, counts: np.ndarray
+) -> np.ndarray:
+    """Give every empty cluster the point farthest from its own center (per restart), given
+    ``distances`` (``[R, k, n]``) and the cluster sizes ``counts`` (``[R, k]``)."""
     n_init, n = labels.shape
-    counts = _counts(labels, k).reshape(n_init, k)
-    if counts.min() > 0:
-        return labels
+    counts = counts.copy()
     labels = labels.copy()
     own = distances[np.arange(n_init)[:, None], labels, np.arange(n)[None, :]].astype(np.float64)
     for r in np.flatnonzero(counts.min(axis=1) == 0):
