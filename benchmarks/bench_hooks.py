@@ -21,14 +21,13 @@ Then the two targets of the speed issue:
 
 Wall-clock numbers are for people to read; no test asserts on them.
 
-    python benchmarks/bench_hooks.py [--steps 600] [--every 100] [--shuffles 10] [--repeats 3]
-                                     [--digits-epochs 20]
+    python -m benchmarks.bench_hooks [--steps 600] [--every 100] [--shuffles 10] [--repeats 3]
+                                       [--digits-epochs 20]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import tempfile
 import time
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks.networks import paper_mlp
 from cluster_tracking.report import ClusterabilityReport
 from cluster_tracking.sinks import LocalDirectorySink
 from cluster_tracking.tracker import ClusterabilityTracker
@@ -129,12 +129,7 @@ def train_digits(epochs: int, tracker: ClusterabilityTracker | None) -> tuple[fl
 
 def paper_mlp_stalls(due_steps: int) -> list[float]:
     """Seconds inside tracker.step() at each due step of the paper's MLP (SGD, batch 128)."""
-    torch.manual_seed(0)
-    widths = [784, 256, 256, 256, 256, 10]
-    layers: list[nn.Module] = []
-    for n_in, n_out in itertools.pairwise(widths):
-        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
-    model = nn.Sequential(*layers[:-1])
+    model = paper_mlp()
     optimiser = torch.optim.SGD(model.parameters(), lr=0.01)
     tracker = ClusterabilityTracker(every_n_steps=20, k=12, shuffles=0, plots=False)
     x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))

@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
         print()
         print("Hooks (benchmarks/bench_hooks.py):", flush=True)
         extra = ["--repeats", "1"] if quick else []
-        subprocess.run([sys.executable, str(hooks), *extra], cwd=ROOT, check=False)
+        command = [sys.executable, "-m", "benchmarks.bench_hooks", *extra]
+        subprocess.run(command, cwd=ROOT, check=False)
 
 
 def _print_table(rows: list[tuple[str, str, str, str, str]]) -> None:
