@@ -28,6 +28,8 @@ Wall-clock numbers are for people to read; no test asserts on them.
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import tempfile
 import time
@@ -146,6 +148,50 @@ def paper_mlp_stalls(due_steps: int) -> list[float]:
     return stalls
 
 
+def cpu_seconds(function: Callable[[], object]) -> float:
+    """CPU time (user + system) this process spends in ``function()``."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    function()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def digits_cpu_budget(epochs: int, repeats: int) -> None:
+    """What the digits target asks of the CPU: the work of one measurement (CPU seconds, one
+    thread, in this process) against the epoch's, and the least wall time any schedule of that
+    work on this machine's cores can take."""
+    from cluster_tracking import measure
+    from cluster_tracking.demo import digits_mlp
+    from cluster_tracking.graph import weight_graph
+
+    graph = weight_graph(digits_mlp(0))
+    measure(graph, k=12, shuffles=20, n_jobs=1, seed=0)  # warm-up
+    one = statistics.median(
+        cpu_seconds(lambda seed=seed: measure(graph, k=12, shuffles=20, n_jobs=1, seed=seed))
+        for seed in range(repeats)
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the loop's own work, without OpenMP threads spinning
+    try:
+        loop_cpu = statistics.median(
+            cpu_seconds(lambda: train_digits(epochs, None)) for _ in range(repeats)
+        )
+        loop_wall = min(train_digits(epochs, None)[0] for _ in range(repeats))
+    finally:
+        torch.set_num_threads(threads)
+    cores = os.cpu_count() or 1
+    bound = max(loop_wall, (loop_cpu + epochs * one) / cores)
+    allowed = max(0.0, (1.1 * loop_wall * cores - loop_cpu) / epochs)
+    print(
+        f"CPU budget of that target: one measurement (330 nodes, 21 partitions) takes "
+        f"{1000 * one:.0f} ms of CPU, an epoch {1000 * loop_cpu / epochs:.0f} ms (one thread, "
+        f"{1000 * loop_wall / epochs:.0f} ms wall); {epochs} measurements and the loop need "
+        f"{loop_cpu + epochs * one:.2f} CPU s, so on {cores} cores no schedule finishes in under "
+        f"{bound:.2f} s = {bound / loop_wall:.2f}x the loop's wall time. 1.10x would need a "
+        f"measurement of at most {1000 * allowed:.0f} ms of CPU, with the loop never slowed."
+    )
+
+
 def issue_targets(epochs: int, repeats: int) -> None:
     train_digits(1, None)  # warm-up
     without: list[tuple[float, float]] = []
@@ -165,6 +211,7 @@ def issue_targets(epochs: int, repeats: int) -> None:
         f"({loop1 / loop0:.3f}x; {total1:.2f} s = {total1 / loop0:.3f}x with close()), "
         f"{reports} of {epochs} epochs measured (target: <= 1.10x)"
     )
+    digits_cpu_budget(epochs, repeats)
     stalls = paper_mlp_stalls(8)
     later = stalls[1:]
     print(

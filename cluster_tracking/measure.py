@@ -11,6 +11,8 @@ seed gives the same numbers whatever the number of workers or the joblib backend
 
 from __future__ import annotations
 
+import atexit
+import collections
 import math
 import os
 import platform
@@ -18,11 +20,10 @@ import secrets
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, wait
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from importlib.metadata import PackageNotFoundError
@@ -161,9 +162,10 @@ def measure(
         n_jobs: processes (or threads) measuring the null networks, this one included
             (-1 = all cores; ``None`` = 1, sequential).
         backend: joblib backend for the null networks, ``loky`` by default: worker processes
-            kept alive between calls. For the shuffles this process works too, taking null
-            networks from the end of the queue while ``n_jobs - 1`` workers take them from the
-            start, so no time is lost while the workers start. Also ``threading`` (no new
+            kept alive between calls (for the shuffles, this package's own, fed through pipes;
+            for ``random_init``, joblib's loky). For the shuffles this process works too, taking
+            null networks from the end of the queue while ``n_jobs - 1`` workers take them from
+            the start, so no time is lost while the workers start. Also ``threading`` (no new
             processes; the GIL limits the gain), ``multiprocessing`` and ``dask``.
         scheduler: address of a Dask scheduler, with ``backend="dask"`` (e.g.
             ``"tcp://127.0.0.1:8786"``); without it the current Dask client is used.
@@ -188,8 +190,9 @@ def measure(
             "torch.nn.Module, not a state_dict; use shuffle='layer' for bare weights."
         )
     if shuffles and _uses_worker_processes(method, n_jobs, backend):
-        # the workers start (about half a second) while this process builds and cuts the graph
-        _worker_processes(_effective_jobs(n_jobs, backend) - 1).submit(_ready)
+        # the workers start (about a third of a second) while this process builds and cuts the
+        # graph
+        _null_workers(_effective_jobs(n_jobs, backend) - 1).release()
 
     graph_options: dict[str, Any] = {
         "norm": norm,
@@ -377,7 +380,7 @@ def _null_ncuts(
 
 
 def _uses_worker_processes(method: str, n_jobs: int | None, backend: str | None) -> bool:
-    """Whether shuffle nulls run on this process and loky workers (see below)."""
+    """Whether shuffle nulls run on this process and worker processes (see below)."""
     return (
         method != "random_init"
         and (backend or "loky") == "loky"
@@ -395,64 +398,97 @@ def _shuffled_ncuts_with_workers(
     workers: int,
     progress: ProgressCallback | None,
 ) -> np.ndarray:
-    """The shuffle nulls on this process and ``workers - 1`` loky worker processes.
+    """The shuffle nulls on this process and ``workers - 1`` worker processes.
 
-    The null networks are cut into tasks of :data:`NULLS_PER_TASK`, all submitted at once; the
-    workers take tasks from the start while this process takes them from the end (a task it
-    can still cancel is one no worker has taken), so this process works while the workers start
-    (they import numpy and scipy only, not torch) and none waits at the end for more than a
-    task. Worker processes stay alive between calls (:func:`_worker_processes`). A worker that
-    dies (out of memory, killed) loses nothing: its tasks are measured here, with a warning.
+    The null networks are cut into tasks of :data:`NULLS_PER_TASK` in a queue. The workers take
+    tasks from its front (each fed by a thread of this process that waits on its pipe) while this
+    process takes them from its back, so this process works while the workers start (they import
+    numpy and scipy only, not torch) and none waits at the end for more than a task. Worker
+    processes stay alive between calls (:func:`_null_workers`). A worker that dies (out of
+    memory, killed) loses nothing: its task goes back in the queue, with a warning.
     """
     size = max(1, min(NULLS_PER_TASK, math.ceil(n / (4 * workers))))
     tasks = [list(range(start, min(n, start + size))) for start in range(0, n, size)]
     args = (graph.blocks, graph.n_nodes, graph.node_layer, method, ks, root, n_init)
-    executor = _worker_processes(workers - 1)
+    pool = _null_workers(workers - 1)
     shared = _SharedWeights(graph.blocks)
-    futures = [
-        executor.submit(_shuffled_task, task, shared.paths, shared.skeleton, *args[1:])
-        for task in tasks
-    ]
+    queue = collections.deque(range(len(tasks)))
     rows: dict[int, list[np.ndarray]] = {}
-    reported = 0
+    failures: list[str] = []  # errors raised in a worker
+    lost: list[str] = []  # why a worker stopped
+    changed = threading.Condition()
 
-    def collect(position: int, future: Future[list[np.ndarray]]) -> None:
-        try:
-            rows[position] = future.result()
-        except BrokenProcessPool as error:  # loky's TerminatedWorkerError is one
-            warnings.warn(
-                f"a worker process measuring null networks stopped ({error}); measuring its "
-                "null networks in this process instead.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            rows[position] = baselines.shuffled_ncuts(tasks[position], *args)
+    def serve(process: Any, busy: threading.Lock) -> None:
+        with busy:  # (a call interrupted in this process may still be running there)
+            while True:
+                with changed:
+                    if not queue or failures:
+                        return
+                    position = queue.popleft()
+                try:
+                    row = process.call(
+                        "nulls", tasks[position], shared.paths, shared.skeleton, *args[1:]
+                    )
+                except (EOFError, OSError) as error:  # the worker is gone: its task goes back
+                    with changed:
+                        lost.append(str(error))
+                        queue.appendleft(position)
+                        changed.notify_all()
+                    return
+                except Exception as error:  # raised again in the calling thread, below
+                    with changed:
+                        failures.append(str(error))
+                        changed.notify_all()
+                    return
+                with changed:
+                    rows[position] = row
+                    changed.notify_all()
+
+    feeders = [
+        threading.Thread(target=serve, args=member, daemon=True, name="cluster-tracking-nulls")
+        for member in pool.members()
+    ]
+    reported = 0
 
     def report_progress() -> None:
         nonlocal reported
-        for position, future in enumerate(futures):
-            if position not in rows and future.done() and not future.cancelled():
-                collect(position, future)
-        done = sum(len(tasks[position]) for position in rows)
+        done = sum(len(tasks[position]) for position in list(rows))
         if progress is not None and done > reported:
             progress(done, n)
         reported = done
 
     try:
+        for feeder in feeders:
+            feeder.start()
         with threadpool_limits(1):
-            for position in reversed(range(len(tasks))):
-                if not futures[position].cancel():  # a worker has it: the rest are taken too
-                    break
-                rows[position] = baselines.shuffled_ncuts(tasks[position], *args)
+            while True:
+                with changed:
+                    if failures:
+                        break
+                    if queue:
+                        position = queue.pop()
+                    elif len(rows) == len(tasks) or not any(f.is_alive() for f in feeders):
+                        break
+                    else:  # the workers have the last tasks
+                        changed.wait(timeout=0.5)
+                        position = None
+                if position is not None:
+                    rows[position] = baselines.shuffled_ncuts(tasks[position], *args)
                 report_progress()
-        pending = {futures[p] for p in range(len(tasks)) if p not in rows}
-        while pending:
-            _, pending = wait(pending, return_when=FIRST_COMPLETED)
-            report_progress()
     finally:
-        for future in futures:
-            future.cancel()  # an interrupted call leaves no work queued
+        with changed:
+            queue.clear()  # an interrupted call leaves no work queued
+        pool.release()
         shared.close()
+    for reason in lost:
+        warnings.warn(
+            f"a worker process measuring null networks stopped ({reason}); its null networks "
+            "were measured in this process instead.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    if failures:
+        raise RuntimeError(f"measuring null networks in a worker process failed: {failures[0]}")
     return np.stack([row for position in range(len(tasks)) for row in rows[position]])
 
 
@@ -517,33 +553,90 @@ def _shuffled_task(
     return baselines.shuffled_ncuts(indices, blocks, n_nodes, node_layer, method, ks, root, n_init)
 
 
-def _ready() -> int:
-    """A task that makes a fresh worker import this module (and numpy, scipy) in advance."""
-    return os.getpid()
+class _NullWorkers:
+    """``count`` worker processes for the shuffle nulls, each with a lock held while it serves
+    a call; they exit after :data:`_POOL_IDLE_SECONDS` without a call, or with this process.
+
+    They are :class:`~cluster_tracking.worker._WorkerProcess` children fed through their own
+    pipes, not a ``concurrent.futures`` pool: loky and ``multiprocessing`` start resource-tracker
+    processes beside the workers, which compete for the cores with the first null networks.
+    """
+
+    def __init__(self, count: int) -> None:
+        from cluster_tracking.worker import _WorkerProcess
+
+        self.processes = [
+            _WorkerProcess(nice=False, env=_WORKER_ENV, wait=False) for _ in range(count)
+        ]
+        self.locks = [threading.Lock() for _ in range(count)]
+        self.users = 0
+        self.idle: threading.Timer | None = None
+
+    def usable(self) -> bool:
+        return all(process.running() for process in self.processes)
+
+    def members(self) -> list[tuple[Any, threading.Lock]]:
+        return list(zip(self.processes, self.locks, strict=True))
+
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def release(self) -> None:
+        """One call is done with the workers; stop them if no call uses them for a while."""
+        with _POOLS_LOCK:
+            self.users -= 1
+            if self.users == 0:
+                self.idle = threading.Timer(_POOL_IDLE_SECONDS, self._stop_if_idle)
+                self.idle.daemon = True
+                self.idle.start()
+
+    def _stop_if_idle(self) -> None:
+        with _POOLS_LOCK:
+            if self.users or self.idle is None:
+                return
+            self.idle = None
+            if _POOLS.get(len(self.processes)) is self:
+                del _POOLS[len(self.processes)]
+        self.stop()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop(timeout=1.0)
 
 
-#: The shuffle nulls' worker processes by size, kept alive between calls (between the
-#: checkpoints of a training run) and shut down when idle for :data:`_POOL_IDLE_SECONDS`.
-_POOLS: dict[int, Any] = {}
+#: The shuffle nulls' worker processes by number, kept alive between calls (between the
+#: checkpoints of a training run) and stopped when idle for :data:`_POOL_IDLE_SECONDS`.
+_POOLS: dict[int, _NullWorkers] = {}
+_POOLS_LOCK = threading.Lock()
 _POOL_IDLE_SECONDS = 300
 
 
-def _worker_processes(count: int) -> Any:
-    """A loky process pool of ``count`` workers, one BLAS thread each.
-
-    loky, unlike ``multiprocessing``'s spawn and forkserver, does not re-run the user's
-    ``__main__`` script in its workers, and it is joblib's. The pool is this module's own, not
-    loky's global reusable executor, which joblib's ``loky`` backend resizes and configures.
-    """
-    from joblib.externals.loky import ProcessPoolExecutor
-
-    pool = _POOLS.get(count)
-    if pool is None or pool._flags.broken is not None or pool._flags.shutdown:
-        pool = ProcessPoolExecutor(
-            max_workers=count, timeout=_POOL_IDLE_SECONDS, env=dict(_WORKER_ENV)
-        )
-        _POOLS[count] = pool
+def _null_workers(count: int) -> _NullWorkers:
+    """The pool of ``count`` null workers, started (without waiting for them) if there is none
+    or one of its workers has died; the caller must :meth:`~_NullWorkers.release` it."""
+    stale = None
+    with _POOLS_LOCK:
+        pool = _POOLS.get(count)
+        if pool is not None and not pool.usable():
+            stale, pool = pool, None
+        if pool is None:
+            pool = _POOLS[count] = _NullWorkers(count)
+        if pool.idle is not None:
+            pool.idle.cancel()
+            pool.idle = None
+        pool.users += 1
+    if stale is not None:
+        stale.stop()
     return pool
+
+
+@atexit.register
+def _stop_null_workers() -> None:
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+        _POOLS.clear()
+    for pool in pools:
+        pool.stop()
 
 
 def _null_chunk(

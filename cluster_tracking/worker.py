@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cluster_tracking.measure import measure
+from cluster_tracking.measure import _shuffled_task, measure
 from cluster_tracking.report import SCHEMA_VERSION, ClusterabilityReport
 from cluster_tracking.weightgraph import WeightGraph
 
@@ -133,14 +133,19 @@ def render_summary(
     return files, None
 
 
-_WORKER_CALLS: dict[str, Any] = {"measure": measure_step, "summary": render_summary}
+_WORKER_CALLS: dict[str, Any] = {
+    "measure": measure_step,
+    "summary": render_summary,
+    "nulls": _shuffled_task,  # measure()'s null workers
+}
 
 # Runs in the child: put the package's folder first on sys.path (so it imports this very copy of
 # cluster_tracking, whatever the training script did to sys.path), then serve requests.
 _WORKER_BOOTSTRAP = (
     "import os, sys\n"
-    "try:\n    os.nice(19)  # training keeps the CPU when both want it, imports included\n"
-    "except (OSError, AttributeError):\n    pass\n"
+    "if sys.argv[2] == 'nice':\n"
+    "    try:\n        os.nice(19)  # training keeps the CPU when both want it, imports included\n"
+    "    except (OSError, AttributeError):\n        pass\n"
     "sys.path.insert(0, sys.argv[1])\n"
     "from cluster_tracking.worker import _worker_main\n"
     "_worker_main()"
@@ -170,40 +175,69 @@ def _read_frame(stream: Any) -> Any:
 
 
 class _WorkerProcess:
-    """A child Python process that runs :data:`_WORKER_CALLS` for the tracker, one at a time.
+    """A child Python process that runs :data:`_WORKER_CALLS`, one call at a time.
 
     Requests and answers are pickled frames on the child's stdin and stdout (its own pipes: only
-    this tracker talks to it). The child runs at the lowest CPU priority (nice 19, from its first
-    import on), so training keeps the cores when both want them; it exits when
-    its stdin closes (so it never outlives the training process) and writes nothing else to the
+    its owner talks to it). The tracker's child runs at the lowest CPU priority (``nice``: nice
+    19, from its first import on), so training keeps the cores when both want them. The child
+    exits when its stdin closes (so it never outlives its parent) and writes nothing else to the
     pipe (stray prints go to stderr).
+
+    Args:
+        start_timeout: seconds the child may take to start before it is killed.
+        nice: run the child at nice 19.
+        env: environment variables set in the child, on top of this process's.
+        wait: wait here until the child has started; otherwise the first :meth:`call` waits.
     """
 
-    def __init__(self, start_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        start_timeout: float = 120.0,
+        *,
+        nice: bool = True,
+        env: Mapping[str, str] | None = None,
+        wait: bool = True,
+    ) -> None:
         package_root = str(Path(__file__).resolve().parents[1])
         self._process = subprocess.Popen(
-            [sys.executable, "-c", _WORKER_BOOTSTRAP, package_root],
+            [sys.executable, "-c", _WORKER_BOOTSTRAP, package_root, "nice" if nice else "-"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
+            env={**os.environ, **env} if env else None,
         )
-        ready = threading.Event()
+        self._ready = threading.Event()
 
         def give_up() -> None:
-            if not ready.is_set():
-                self._process.kill()  # its pipe closes: the read below fails
+            if not self._ready.is_set():
+                self._process.kill()  # its pipe closes: the read of its first message fails
 
-        timer = threading.Timer(start_timeout, give_up)
-        timer.daemon = True
-        timer.start()
+        self._timer = threading.Timer(start_timeout, give_up)
+        self._timer.daemon = True
+        self._timer.start()
+        if wait:
+            self._await_ready()
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def running(self) -> bool:
+        """Whether the child is still running."""
+        return self._process.poll() is None
+
+    def _await_ready(self) -> None:
+        """Read the child's first message, which says it has started."""
+        if self._ready.is_set():
+            return
         try:
             kind, _ = _read_frame(self._process.stdout)
         except Exception:
             self.stop()
             raise
         finally:
-            ready.set()
-            timer.cancel()
+            self._ready.set()
+            self._timer.cancel()
         if kind != "ready":
             self.stop()
             raise RuntimeError(f"unexpected first message from the worker: {kind!r}")
@@ -213,6 +247,7 @@ class _WorkerProcess:
         raised, ``EOFError``/``OSError`` when the child is gone."""
         if self._process.poll() is not None:
             raise EOFError(f"the worker exited with code {self._process.returncode}")
+        self._await_ready()
         _write_frame(self._process.stdin, (name, args))
         kind, value = _read_frame(self._process.stdout)
         if kind == "error":

@@ -208,7 +208,7 @@ def test_progress_callback_reaches_the_total() -> None:
 
 
 def test_worker_processes_share_the_nulls_and_a_killed_worker_loses_nothing() -> None:
-    """n_jobs=2 runs the shuffles on this process and a loky worker (kept alive between calls):
+    """n_jobs=2 runs the shuffles on this process and a worker process (kept alive between calls):
     the same numbers as one process; if the worker dies mid-call, its nulls are measured here."""
     import os
     import signal
@@ -222,12 +222,12 @@ def test_worker_processes_share_the_nulls_and_a_killed_worker_loses_nothing() ->
     assert shared.baseline.ncuts == alone.baseline.ncuts
     assert shared.config["backend"] == "loky"
 
-    pool = measure_module._worker_processes(1)
+    pool = measure_module._POOLS[1]
     killed: list[int] = []
 
     def kill_the_worker(done: int, total: int) -> None:
         if not killed:
-            for pid in list(pool._processes):
+            for pid in pool.pids():
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
 
@@ -246,6 +246,7 @@ def test_worker_processes_share_the_nulls_and_a_killed_worker_loses_nothing() ->
     assert seen == sorted(seen) and seen[-1] == 40
     # the next call gets a fresh pool
     again = ct.measure(model, k=4, shuffles=40, seed=9, n_jobs=2)
+    assert measure_module._POOLS[1] is not pool and measure_module._POOLS[1].usable()
     assert again.baseline is not None and again.baseline.ncuts == alone.baseline.ncuts
 
 
