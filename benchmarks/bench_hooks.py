@@ -28,6 +28,7 @@ Wall-clock numbers are for people to read; no test asserts on them.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import statistics
@@ -167,7 +168,7 @@ def digits_cpu_budget(epochs: int, repeats: int) -> None:
     graph = weight_graph(digits_mlp(0))
     measure(graph, k=12, shuffles=20, n_jobs=1, seed=0)  # warm-up
     one = statistics.median(
-        cpu_seconds(lambda seed=seed: measure(graph, k=12, shuffles=20, n_jobs=1, seed=seed))
+        cpu_seconds(functools.partial(measure, graph, k=12, shuffles=20, n_jobs=1, seed=seed))
         for seed in range(repeats)
     )
     threads = torch.get_num_threads()

@@ -207,6 +207,44 @@ def test_the_model_is_traced_once_and_later_snapshots_only_copy_weights(
     assert [report.nodes.total for report in tracker.reports] == [44] * 4 + [46]
 
 
+def test_with_layers_the_graph_is_built_once_and_later_snapshots_only_copy_weights(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With layers=[...] the training thread builds the graph at the first due step only (no
+    tracing); no graph is built in a thread of the training process later, where it would hold
+    the GIL that training needs: later steps copy the weights, and the child process rebuilds."""
+    import cluster_tracking.tracker as tracker_module
+
+    built: list[str] = []
+    real = tracker_module.weight_graph
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        built.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracker_module, "weight_graph", counting)
+    trainer = Trainer(tiny_mlp(seed=2))
+    tracker = ClusterabilityTracker(
+        every_n_steps=1, layers=["0", "2", "4"], on_backlog="queue", plots=False, **FAST
+    )
+    copies = {}
+    for step in range(4):
+        trainer.step()
+        tracker.step(trainer.model, step)
+        copies[step] = copy.deepcopy(trainer.model)
+    trainer.model[4] = nn.Linear(16, 6)  # a new shape: built again
+    tracker.step(trainer.model, 4)
+    tracker.close()
+    assert built == [threading.main_thread().name] * 2
+    assert [report.nodes.total for report in tracker.reports] == [44] * 4 + [46]
+    for report in tracker.reports[:4]:
+        assert report.step is not None
+        expected = measure(
+            copies[report.step], seed=tracker.seed_for(report.step), n_jobs=1, **MEASURE
+        )
+        assert report.ncut == pytest.approx(expected.ncut, rel=1e-12)
+
+
 @pytest.mark.parametrize("layers", [None, ["0", "2", "4"]], ids=["traced", "layers"])
 def test_the_training_model_is_not_touched(layers: list[str] | None) -> None:
     trainer = Trainer(tiny_mlp())
