@@ -250,6 +250,28 @@ def test_worker_processes_share_the_nulls_and_a_killed_worker_loses_nothing() ->
     assert again.baseline is not None and again.baseline.ncuts == alone.baseline.ncuts
 
 
+def test_an_interrupted_call_leaves_the_worker_processes_usable() -> None:
+    """A call stopped mid-way (Ctrl-C in the progress callback) queues nothing more; the worker
+    finishes the task it has and serves the next call, which gets the same numbers."""
+    import sys
+
+    measure_module = sys.modules["cluster_tracking.measure"]
+    model = small_mlp(5, (12, 24, 24, 6))
+    alone = ct.measure(model, k=4, shuffles=40, seed=3, n_jobs=1)
+    ct.measure(model, k=4, shuffles=4, seed=3, n_jobs=2)  # the worker is up
+    pool = measure_module._POOLS[1]
+
+    def interrupt(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ct.measure(model, k=4, shuffles=40, seed=3, n_jobs=2, progress=interrupt)
+    again = ct.measure(model, k=4, shuffles=40, seed=3, n_jobs=2)
+    assert measure_module._POOLS[1] is pool and pool.usable()
+    assert alone.baseline is not None and again.baseline is not None
+    assert again.baseline.ncuts == alone.baseline.ncuts
+
+
 def test_the_null_workers_import_path_needs_no_torch() -> None:
     """The worker processes import the measuring core only: numpy and scipy, not torch (seconds
     to import on a small machine), so they start while the first nulls are measured."""
