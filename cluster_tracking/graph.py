@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import fx, nn
 
@@ -144,6 +145,31 @@ def weight_graph(
     Weights are detached, copied to the CPU as float64 (any device, any float dtype); the model is
     not modified, run or switched between train and eval mode.
     """
+    return _build_graph(model_or_state_dict, norm, preset, layers, assemble=True)
+
+
+def weight_topology(
+    model_or_state_dict: nn.Module | Mapping[str, Any],
+    *,
+    norm: Literal["l1", "l2"] = "l1",
+    preset: Preset = "default",
+    layers: Sequence[str] | None = None,
+) -> WeightGraph:
+    """:func:`weight_graph` without its sparse adjacency (an empty ``[n, n]`` matrix): the layers
+    and the weight blocks, from which ``graph.with_weights(weights)`` assembles the adjacency
+    elsewhere. The tracker's training thread takes this at a first due step, so that the
+    adjacency (the larger part of the work for an MLP) is assembled in the background."""
+    return _build_graph(model_or_state_dict, norm, preset, layers, assemble=False)
+
+
+def _build_graph(
+    model_or_state_dict: nn.Module | Mapping[str, Any],
+    norm: Literal["l1", "l2"],
+    preset: Preset,
+    layers: Sequence[str] | None,
+    *,
+    assemble: bool,
+) -> WeightGraph:
     if norm not in ("l1", "l2"):
         raise ConfigError(f"norm must be 'l1' or 'l2', got {norm!r}.")
     if preset not in ("default", "filan2021"):
@@ -180,7 +206,7 @@ def weight_graph(
             f"{type(model_or_state_dict).__name__}. Load the checkpoint first (torch.load) and "
             "pass the model, its state_dict, or the checkpoint dict."
         )
-    return builder.finish(preset, what)
+    return builder.finish(preset, what, assemble=assemble)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,8 +496,9 @@ class _Builder:
         spatial = next((f.spatial for f in resolved if f.spatial is not None), None)
         return _Feat(nodes, origin=f"the output of {desc}", spatial=spatial)
 
-    def finish(self, preset: Preset, what: str) -> WeightGraph:
-        """Merge identified nodes, number them in the public order and assemble the adjacency."""
+    def finish(self, preset: Preset, what: str, *, assemble: bool = True) -> WeightGraph:
+        """Merge identified nodes, number them in the public order and assemble the adjacency
+        (``assemble=False``: an empty one)."""
         if not self.specs:
             raise GraphError(
                 f"Found no nn.Linear or nn.Conv1d/2d/3d layer in {what} on the path from its "
@@ -544,7 +571,11 @@ class _Builder:
         return WeightGraph(
             layer_names=tuple(layer_names),
             widths=tuple(layer_widths),
-            adjacency=assemble_adjacency(blocks, n_nodes),
+            adjacency=(
+                assemble_adjacency(blocks, n_nodes)
+                if assemble
+                else sp.csr_array((n_nodes, n_nodes))
+            ),
             blocks=tuple(blocks),
             merged=merged,
             preset=preset,

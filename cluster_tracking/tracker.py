@@ -46,19 +46,18 @@ import threading
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import nn
 
 from cluster_tracking import baselines
 from cluster_tracking.errors import ConfigError, GraphError
-from cluster_tracking.graph import WeightGraph, live_weights, weight_graph
+from cluster_tracking.graph import WeightGraph, live_weights, weight_graph, weight_topology
 from cluster_tracking.report import ClusterabilityReport
 from cluster_tracking.sinks import Sink
 from cluster_tracking.worker import (
@@ -577,11 +576,15 @@ class ClusterabilityTracker:
                             weights=weights,
                             graph_seconds=time.perf_counter() - started,
                         )
-                graph = weight_graph(module, **self._graph_options)
-                n = graph.n_nodes
-                self._topology = replace(graph, adjacency=sp.csr_array((n, n)))
+                # the adjacency is assembled in the background, as at later steps
+                self._topology = weight_topology(module, **self._graph_options)
                 self._traced_signature = shapes
-                return _Snapshot(step, graph=graph, graph_seconds=time.perf_counter() - started)
+                return _Snapshot(
+                    step,
+                    graph=self._topology,
+                    weights=[block.weight for block in self._topology.blocks],
+                    graph_seconds=time.perf_counter() - started,
+                )
             state = module.state_dict()
             signature = {
                 name: (tuple(value.shape), value.dtype)

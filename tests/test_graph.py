@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster_tracking.errors import GraphError
-from cluster_tracking.graph import WeightGraph, weight_graph
+from cluster_tracking.graph import WeightGraph, weight_graph, weight_topology
 
 _M = TypeVar("_M", bound=nn.Module)
 
@@ -595,6 +595,10 @@ def test_live_weights_rebuild_the_graph_of_the_trained_model_without_tracing(
     again = first.with_weights(live_weights(model, first))
     _assert_same_graph(again, weight_graph(model))
     assert not np.allclose(_dense(again), _dense(first))
+    # the tracker's first due step: the topology alone, its adjacency assembled elsewhere
+    topology = weight_topology(model)
+    assert topology.adjacency.nnz == 0
+    _assert_same_graph(topology.with_weights(live_weights(model, topology)), weight_graph(model))
 
 
 def test_live_weights_of_a_changed_model_is_an_error() -> None:

@@ -216,13 +216,14 @@ def test_with_layers_the_graph_is_built_once_and_later_snapshots_only_copy_weigh
     import cluster_tracking.tracker as tracker_module
 
     built: list[str] = []
-    real = tracker_module.weight_graph
+    for name in ("weight_graph", "weight_topology"):
+        real = getattr(tracker_module, name)
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        built.append(threading.current_thread().name)
-        return real(*args, **kwargs)
+        def counting(*args: Any, real: Any = real, **kwargs: Any) -> Any:
+            built.append(threading.current_thread().name)
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(tracker_module, "weight_graph", counting)
+        monkeypatch.setattr(tracker_module, name, counting)
     trainer = Trainer(tiny_mlp(seed=2))
     tracker = ClusterabilityTracker(
         every_n_steps=1, layers=["0", "2", "4"], on_backlog="queue", plots=False, **FAST
