@@ -571,9 +571,10 @@ class _NullWorkers:
         self.locks = [threading.Lock() for _ in range(count)]
         self.users = 0
         self.idle: threading.Timer | None = None
+        self.owner = os.getpid()  # a forked child inherits the pipes, but must not use them
 
     def usable(self) -> bool:
-        return all(process.running() for process in self.processes)
+        return self.owner == os.getpid() and all(process.running() for process in self.processes)
 
     def members(self) -> list[tuple[Any, threading.Lock]]:
         return list(zip(self.processes, self.locks, strict=True))
@@ -619,6 +620,8 @@ def _null_workers(count: int) -> _NullWorkers:
         pool = _POOLS.get(count)
         if pool is not None and not pool.usable():
             stale, pool = pool, None
+            if stale.owner != os.getpid():
+                stale = None  # a forked child's copy: the workers are its parent's
         if pool is None:
             pool = _POOLS[count] = _NullWorkers(count)
         if pool.idle is not None:
@@ -633,7 +636,7 @@ def _null_workers(count: int) -> _NullWorkers:
 @atexit.register
 def _stop_null_workers() -> None:
     with _POOLS_LOCK:
-        pools = list(_POOLS.values())
+        pools = [pool for pool in _POOLS.values() if pool.owner == os.getpid()]
         _POOLS.clear()
     for pool in pools:
         pool.stop()

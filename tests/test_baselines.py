@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 
 import numpy as np
 import pytest
@@ -270,6 +271,38 @@ def test_an_interrupted_call_leaves_the_worker_processes_usable() -> None:
     assert measure_module._POOLS[1] is pool and pool.usable()
     assert alone.baseline is not None and again.baseline is not None
     assert again.baseline.ncuts == alone.baseline.ncuts
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forks the test process")
+def test_a_forked_child_starts_its_own_workers_and_leaves_the_parents_alone() -> None:
+    """A process forked after a call (a DataLoader worker, multiprocessing's fork) inherits the
+    pipes to its parent's workers; its own calls start its own workers instead of writing into
+    the parent's pipes, and its exit leaves the parent's workers running."""
+    import multiprocessing
+
+    measure_module = sys.modules["cluster_tracking.measure"]
+    model = small_mlp(6, (12, 24, 24, 6))
+    alone = ct.measure(model, k=4, shuffles=20, seed=4, n_jobs=1)
+    ct.measure(model, k=4, shuffles=4, seed=4, n_jobs=2)
+    pool = measure_module._POOLS[1]
+
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+
+    def child() -> None:
+        report = ct.measure(model, k=4, shuffles=20, seed=4, n_jobs=2)
+        assert report.baseline is not None
+        results.put(report.baseline.ncuts)
+
+    process = context.Process(target=child)
+    process.start()
+    from_child = results.get(timeout=120)
+    process.join(timeout=60)
+    assert process.exitcode == 0
+    again = ct.measure(model, k=4, shuffles=20, seed=4, n_jobs=2)
+    assert measure_module._POOLS[1] is pool and pool.usable()
+    assert alone.baseline is not None and again.baseline is not None
+    assert from_child == again.baseline.ncuts == alone.baseline.ncuts
 
 
 def test_the_null_workers_import_path_needs_no_torch() -> None:
