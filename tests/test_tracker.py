@@ -207,45 +207,6 @@ def test_the_model_is_traced_once_and_later_snapshots_only_copy_weights(
     assert [report.nodes.total for report in tracker.reports] == [44] * 4 + [46]
 
 
-def test_with_layers_the_graph_is_built_once_and_later_snapshots_only_copy_weights(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """With layers=[...] the training thread builds the graph at the first due step only (no
-    tracing); no graph is built in a thread of the training process later, where it would hold
-    the GIL that training needs: later steps copy the weights, and the child process rebuilds."""
-    import cluster_tracking.tracker as tracker_module
-
-    built: list[str] = []
-    for name in ("weight_graph", "weight_topology"):
-        real = getattr(tracker_module, name)
-
-        def counting(*args: Any, real: Any = real, **kwargs: Any) -> Any:
-            built.append(threading.current_thread().name)
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(tracker_module, name, counting)
-    trainer = Trainer(tiny_mlp(seed=2))
-    tracker = ClusterabilityTracker(
-        every_n_steps=1, layers=["0", "2", "4"], on_backlog="queue", plots=False, **FAST
-    )
-    copies = {}
-    for step in range(4):
-        trainer.step()
-        tracker.step(trainer.model, step)
-        copies[step] = copy.deepcopy(trainer.model)
-    trainer.model[4] = nn.Linear(16, 6)  # a new shape: built again
-    tracker.step(trainer.model, 4)
-    tracker.close()
-    assert built == [threading.main_thread().name] * 2
-    assert [report.nodes.total for report in tracker.reports] == [44] * 4 + [46]
-    for report in tracker.reports[:4]:
-        assert report.step is not None
-        expected = measure(
-            copies[report.step], seed=tracker.seed_for(report.step), n_jobs=1, **MEASURE
-        )
-        assert report.ncut == pytest.approx(expected.ncut, rel=1e-12)
-
-
 @pytest.mark.parametrize("layers", [None, ["0", "2", "4"]], ids=["traced", "layers"])
 def test_the_training_model_is_not_touched(layers: list[str] | None) -> None:
     trainer = Trainer(tiny_mlp())
@@ -284,7 +245,23 @@ def test_a_model_that_changes_shape_is_measured_as_it_is(layers: list[str] | Non
     assert widths == {0: [8, 16, 16, 4], 1: new, 2: new, 3: new}
 
 
-def test_layers_snapshots_measure_the_weights_of_their_step() -> None:
+def test_layers_snapshots_measure_the_weights_of_their_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With layers=[...] the training thread builds the graph at the first due step only (no
+    tracing); no graph is built in a thread of the training process later, where it would hold
+    the GIL that training needs: later steps copy the weights, and the child process rebuilds."""
+    import cluster_tracking.tracker as tracker_module
+
+    built: list[str] = []
+    for name in ("weight_graph", "weight_topology"):
+        real = getattr(tracker_module, name)
+
+        def counting(*args: Any, real: Any = real, **kwargs: Any) -> Any:
+            built.append(threading.current_thread().name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(tracker_module, name, counting)
     trainer = Trainer(tiny_mlp(seed=3))
     tracker = ClusterabilityTracker(
         every_n_steps=2, layers=["0", "2", "4"], on_backlog="queue", plots=False, **FAST
@@ -295,6 +272,7 @@ def test_layers_snapshots_measure_the_weights_of_their_step() -> None:
         if tracker.step(trainer.model, step):
             copies[step] = copy.deepcopy(trainer.model)
     tracker.close()
+    assert built == [threading.main_thread().name]
     assert [report.step for report in tracker.reports] == [0, 2, 4]
     for report in tracker.reports:
         assert report.step is not None
