@@ -281,25 +281,29 @@ def test_a_forked_child_starts_its_own_workers_and_leaves_the_parents_alone() ->
     import multiprocessing
 
     measure_module = sys.modules["cluster_tracking.measure"]
-    model = small_mlp(6, (12, 24, 24, 6))
-    alone = ct.measure(model, k=4, shuffles=20, seed=4, n_jobs=1)
-    ct.measure(model, k=4, shuffles=4, seed=4, n_jobs=2)
+    graph = ct.weight_graph(small_mlp(6, (12, 24, 24, 6)))  # the child needs no torch
+    alone = ct.measure(graph, k=4, shuffles=20, seed=4, n_jobs=1)
+    ct.measure(graph, k=4, shuffles=4, seed=4, n_jobs=2)
     pool = measure_module._POOLS[1]
 
     context = multiprocessing.get_context("fork")
     results = context.Queue()
 
     def child() -> None:
-        report = ct.measure(model, k=4, shuffles=20, seed=4, n_jobs=2)
+        report = ct.measure(graph, k=4, shuffles=20, seed=4, n_jobs=2)
         assert report.baseline is not None
         results.put(report.baseline.ncuts)
 
     process = context.Process(target=child)
     process.start()
-    from_child = results.get(timeout=120)
-    process.join(timeout=60)
+    try:
+        from_child = results.get(timeout=120)
+        process.join(timeout=60)
+    finally:
+        if process.is_alive():
+            process.kill()
     assert process.exitcode == 0
-    again = ct.measure(model, k=4, shuffles=20, seed=4, n_jobs=2)
+    again = ct.measure(graph, k=4, shuffles=20, seed=4, n_jobs=2)
     assert measure_module._POOLS[1] is pool and pool.usable()
     assert alone.baseline is not None and again.baseline is not None
     assert from_child == again.baseline.ncuts == alone.baseline.ncuts
