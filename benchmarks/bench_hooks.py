@@ -15,7 +15,9 @@ Then the two targets of the speed issue:
 
 * the demo's digits MLP (64-128-128-10, scikit-learn's digits, Adam, batch 32) trained for some
   epochs with a measurement at every epoch end (k=12, 20 shuffles), against the same run without
-  a tracker: wall time of the loop and of loop + ``close()``;
+  a tracker: wall time of the loop and of loop + ``close()``; and that target's CPU budget: the
+  CPU time of one measurement (ours and the scikit-learn reference's) against an epoch's, and
+  the least wall time any schedule of that work on this machine's cores can take;
 * the snapshot stall at the due steps of the paper's MLP (784-256-256-256-256-10): the first due
   step traces the model with ``torch.fx``, later ones only copy the weights.
 
