@@ -245,7 +245,7 @@ class _WorkerProcess:
     def call(self, name: str, *args: Any) -> Any:
         """Run ``_WORKER_CALLS[name](*args)`` in the child; raises :class:`_WorkerError` when it
         raised, ``EOFError``/``OSError`` when the child is gone."""
-        if self._process.poll() is not None:
+        if not self.running():
             raise EOFError(f"the worker exited with code {self._process.returncode}")
         self._await_ready()
         _write_frame(self._process.stdin, (name, args))
