@@ -110,8 +110,11 @@ class SpectralRegularizer:
       (on a bipartite graph; on other graphs, the Ritz vectors and their residuals, a block Krylov
       step), span the subspace in which this call's Rayleigh-Ritz finds its vectors; the same
       application gives their residuals ``r_i``, and the result is accepted only if every
-      ``r_i <= tol`` (default 2e-3). Otherwise (the first call, a large change of the weights,
-      evaluations far apart under ``every_n_steps``) the call falls back to the iterative solve,
+      ``r_i <= tol`` (default 2e-3). Otherwise (the weights moved further than one step
+      follows: evaluations far apart under ``every_n_steps``, a large learning rate) a second
+      application widens the subspace by the Ritz vectors' residuals (a block Krylov step, the
+      first application's images reused), accepted on the same check. When that fails too (the
+      first call, a large change of the weights) the call falls back to the iterative solve,
       from the tracked vectors to the iterative solver's default tolerance (or ``tol`` if
       smaller), so the fallback's result is as exact as ``"iterative"``'s.
 
@@ -172,7 +175,8 @@ class SpectralRegularizer:
         last_solver_applies: operator applications (each one pass over every weight in each
             direction, with ``k + max(4, k // 3)`` vectors, twice as many on a non-bipartite
             graph under ``"tracking"``) that the last evaluation used: 1 for a tracking step that
-            was accepted, more for a fallback or an iterative solve.
+            was accepted, 2 when it needed the widening step, more for a fallback or an iterative
+            solve.
         last_residual: the largest eigenvector residual ``||L w_i - lambda_i w_i||`` of the last
             evaluation (iterative and tracking solvers; ``None`` for the dense one).
 
@@ -373,6 +377,8 @@ class SpectralRegularizer:
         applications = 0
         if self._solver == "tracking" and state is not None:
             found = _tracking_step(operator, state, block_size, k, thresholds_at(tol))
+            if not found.converged:  # drifted: widen the subspace by the residuals, once
+                found = _extension_step(operator, found, block_size, k, thresholds_at(tol))
             applications = found.applications
             if not found.converged:  # drifted too far: solve from the tracked Ritz vectors
                 state, found = found.vectors, None
@@ -942,6 +948,34 @@ def _tracking_step(
     image, side = operator.apply(basis)
     found = _ritz_pairs(basis, image, side, block_size, n_wanted, thresholds)
     return replace(found, applications=1)
+
+
+def _extension_step(
+    operator: _Operator,
+    found: _Eigenpairs,
+    block_size: int,
+    n_wanted: int,
+    thresholds: Callable[[torch.Tensor], torch.Tensor],
+) -> _Eigenpairs:
+    """A tracking step whose residuals were too large, continued by one more application: the
+    Ritz vectors V and their residuals ``A V - V Theta`` span a block Krylov space of depth one,
+    in which Rayleigh-Ritz finds the top ``block_size`` pairs again. ``found``'s images are
+    reused, so only the new directions are applied (one application of the block)."""
+    residual = torch.addcmul(found.images, found.theta[:, None], found.vectors, value=-1.0)
+    extension = _orthonormal_extension(residual, found.vectors, operator.trivial)
+    if extension.shape[0] == 0:  # the Ritz vectors span an invariant subspace already
+        return found
+    image, side = operator.apply(extension)
+    sides = None if found.side is None or side is None else torch.cat([found.side, side])
+    extended = _ritz_pairs(
+        torch.cat([found.vectors, extension]),
+        torch.cat([found.images, image]),
+        sides,
+        block_size,
+        n_wanted,
+        thresholds,
+    )
+    return replace(extended, applications=found.applications + 1)
 
 
 def _orthonormal_rows(block: torch.Tensor, deflate: torch.Tensor) -> torch.Tensor:

@@ -315,6 +315,39 @@ def test_tracking_follows_convolutional_and_non_bipartite_graphs(make: object) -
         assert values.sum() - ahead[:4].sum() <= 4 * residual**2 / gap + 1e-12
 
 
+@pytest.mark.parametrize(
+    ("make", "k", "change"),
+    [(lambda: _mlp(48, 64, 64, 10, seed=8), 6, 3e-2), (lambda: _Residual().double(), 4, 2e-2)],
+)
+def test_tracking_widens_its_subspace_once_when_one_step_does_not_follow(
+    make: object, k: int, change: float
+) -> None:
+    """A change of the weights too large for one tracking step, as ``every_n_steps`` makes, is
+    followed with a second application (the residuals' block Krylov step), not a full solve."""
+    assert callable(make)
+    model = make()
+    reg = SpectralRegularizer(model, k=k, solver="tracking")
+    reg.eigenvalues()
+    reg.eigenvalues()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # every weight moved by about `change` (relative)
+        for param in model.parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+            param.mul_(1.0 + change * noise)
+
+    values = reg.eigenvalues()
+
+    assert reg.last_solver_applies == 2
+    residual = reg.last_residual
+    assert residual is not None and residual <= TRACKING_TOL[torch.float64]
+    exact = laplacian_eigenvalues(weight_graph(model), k + 2, seed=0)[1:]
+    gap = exact[k] - exact[k - 1]
+    assert np.all(values >= exact[:k] - 1e-12)  # interlacing: each an upper bound
+    assert values.sum() - exact[:k].sum() <= k * residual**2 / gap + 1e-12
+    reg.eigenvalues()
+    assert reg.last_solver_applies == 1  # and tracks in one application again
+
+
 def test_tracking_falls_back_to_the_full_solve_after_a_large_weight_change() -> None:
     model = _mlp(48, 64, 64, 10, seed=8)
     reg = SpectralRegularizer(model, k=6, solver="tracking")
@@ -328,7 +361,7 @@ def test_tracking_falls_back_to_the_full_solve_after_a_large_weight_change() -> 
 
     values = reg.eigenvalues()
 
-    assert reg.last_solver_applies > 1
+    assert reg.last_solver_applies > 2  # the tracking step, its widening, then the full solve
     residual = reg.last_residual  # the fallback solves to the iterative solver's tolerance
     assert residual is not None and residual <= DEFAULT_TOL[torch.float64]
     expected = laplacian_eigenvalues(weight_graph(model), 7, seed=0)[1:]
