@@ -147,7 +147,10 @@ class SpectralRegularizer:
         weight: the regularisation strength ``lambda`` (the penalty is ``lambda / k`` times the
             sum). Non-negative; 0 makes the penalty 0 but still computes it.
         every_n_steps: evaluate the penalty on every n-th call only (the first call included) and
-            return a zero tensor, with no gradient, on the calls in between, to amortise its cost.
+            return a zero tensor, with no gradient, on the calls in between, to amortise its cost
+            ("lazy regularisation"). An evaluation of an MLP costs a third to a half of a
+            batch-128 training step on a CPU; 4 brings that to 0.07-0.23x on average (README,
+            "Cost").
         rescale: with ``every_n_steps > 1``, multiply the evaluated penalty by ``every_n_steps``
             so that its average over calls, and the total push its gradient gives an SGD run,
             stay those of evaluating it every call (``True``, the default), or leave it as is so

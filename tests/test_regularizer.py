@@ -177,9 +177,21 @@ def test_zero_weights_get_a_zero_subgradient_and_dead_units_are_left_out() -> No
 # --- training --------------------------------------------------------------------------------
 
 
-def test_sgd_on_the_regulariser_lowers_the_eigenvalue_sum() -> None:
-    model = _mlp(16, 24, 24, 6, seed=3).float()
-    reg = SpectralRegularizer(model, k=5, weight=1.0)
+@pytest.mark.parametrize(
+    ("make", "k", "solver"),
+    [
+        (lambda: _mlp(16, 24, 24, 6, seed=3), 5, "dense"),
+        (lambda: _mlp(16, 24, 24, 6, seed=3), 5, "tracking"),
+        (_cnn, 4, "dense"),
+        (_cnn, 4, "tracking"),
+    ],
+)
+def test_sgd_on_the_regulariser_lowers_the_eigenvalue_sum(
+    make: object, k: int, solver: str
+) -> None:
+    assert callable(make)
+    model = make().float()
+    reg = SpectralRegularizer(model, k=k, weight=1.0, solver=solver)  # type: ignore[arg-type]
     normalize = ReLUWeightNormalizer(model)  # so the drop is not a rescaling artefact
     optimiser = torch.optim.SGD(model.parameters(), lr=2.0)
     before = reg.eigenvalues().sum()
