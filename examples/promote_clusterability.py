@@ -22,7 +22,7 @@ against ``layer``-shuffled networks) and prints a table: test accuracy, n-cut, t
 networks' mean n-cut, the z-score (negative: more clusterable than chance) and the seconds the
 training took.
 
-    python examples/promote_clusterability.py             # 3 seeds, about a minute
+    python examples/promote_clusterability.py             # 3 seeds, about 20 s
     python examples/promote_clusterability.py --quick     # 1 seed, fewer epochs and shuffles
 """
 
