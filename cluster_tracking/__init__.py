@@ -21,6 +21,7 @@ from importlib.metadata import version as _version
 from typing import TYPE_CHECKING, Any
 
 from cluster_tracking.errors import ClusterTrackingError, ConfigError, GraphError, SourceError
+from cluster_tracking.graph.types import EdgeBlock, WeightGraph
 from cluster_tracking.measure import measure
 from cluster_tracking.report import (
     METRIC_KEYS,
@@ -30,7 +31,6 @@ from cluster_tracking.report import (
     Partition,
 )
 from cluster_tracking.spectral import SpectralPartition, ncut, spectral_partition
-from cluster_tracking.weightgraph import EdgeBlock, WeightGraph
 
 if TYPE_CHECKING:
     from cluster_tracking.clusterable_init import clusterable_init_, module_assignment

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cluster_tracking.errors import ConfigError
+from cluster_tracking.graph.types import EdgeBlock
 from cluster_tracking.report import Baseline
 from cluster_tracking.spectral import block_ncuts, child_seed
-from cluster_tracking.weightgraph import EdgeBlock
 
 if TYPE_CHECKING:
     import torch

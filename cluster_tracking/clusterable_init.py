@@ -21,13 +21,8 @@ import torch
 from torch import nn
 
 from cluster_tracking.errors import ConfigError, GraphError
-from cluster_tracking.graph import (
-    EdgeBlock,
-    WeightGraph,
-    _unwrap_module,
-    layer_weight,
-    weight_graph,
-)
+from cluster_tracking.graph import EdgeBlock, WeightGraph, layer_weight, weight_graph
+from cluster_tracking.graph.weights import unwrap_module
 
 
 def clusterable_init_(
@@ -76,7 +71,7 @@ def clusterable_init_(
         GraphError: the model cannot become a weight graph.
     """
     modules, down_weight = _check_modules(modules), _check_down_weight(down_weight)
-    model = _unwrap_module(model)
+    model = unwrap_module(model)
     graph = weight_graph(model, layers=layers)
     labels = module_assignment(graph, modules, seed=seed)
     up = 1.0 + (1.0 - down_weight) * (modules - 1)

@@ -35,6 +35,7 @@ from threadpoolctl import threadpool_limits
 
 from cluster_tracking import baselines
 from cluster_tracking.errors import ConfigError
+from cluster_tracking.graph.types import WeightGraph
 from cluster_tracking.report import (
     ClusterabilityReport,
     ClusterSummary,
@@ -51,7 +52,6 @@ from cluster_tracking.spectral import (
     laplacian_eigenvalues,
     spectral_partitions,
 )
-from cluster_tracking.weightgraph import WeightGraph
 
 if TYPE_CHECKING:
     import torch

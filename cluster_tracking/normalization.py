@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from cluster_tracking.errors import ConfigError, GraphError
-from cluster_tracking.graph import _unwrap_module
+from cluster_tracking.graph.weights import unwrap_module
 
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -185,7 +185,7 @@ class ReLUWeightNormalizer:
             isinstance(norm, bool) or not isinstance(norm, (int, float)) or not norm > 0
         ):
             raise ConfigError(f"norm must be a positive number or None, got {norm!r}.")
-        self.model = _unwrap_module(model)
+        self.model = unwrap_module(model)
         self.norm = None if norm is None else float(norm)
         self.layers = _hidden_layers(self.model)
         for hidden in self.layers:

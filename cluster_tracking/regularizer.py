@@ -31,13 +31,8 @@ import torch
 from torch import nn
 
 from cluster_tracking.errors import ConfigError, GraphError
-from cluster_tracking.graph import (
-    EdgeBlock,
-    WeightGraph,
-    _unwrap_module,
-    layer_weight,
-    weight_graph,
-)
+from cluster_tracking.graph import EdgeBlock, WeightGraph, layer_weight, weight_graph
+from cluster_tracking.graph.weights import unwrap_module
 from cluster_tracking.spectral import _bipartition
 
 Solver = Literal["auto", "dense", "iterative", "tracking"]
@@ -224,7 +219,7 @@ class SpectralRegularizer:
         ):
             raise ConfigError(f"tol must be a positive number or None, got {tol!r}; e.g. 1e-6.")
         self.tol = None if tol is None else float(tol)
-        self.model = _unwrap_module(model)
+        self.model = unwrap_module(model)
         self.graph: WeightGraph = weight_graph(self.model, norm=norm, layers=layers)
         if self.k + 2 > self.graph.n_nodes:
             raise ConfigError(

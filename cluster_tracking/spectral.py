@@ -19,7 +19,7 @@ interior eigenvalues scikit-learn asks ARPACK for.
 
 How it is fast (``benchmarks/`` measures it against scikit-learn on the same graphs):
 
-- A :class:`~cluster_tracking.weightgraph.WeightGraph` is multiplied through its weight blocks
+- A :class:`~cluster_tracking.graph.types.WeightGraph` is multiplied through its weight blocks
   (dense BLAS products, one per layer), not through its sparse adjacency; null networks are
   partitioned straight from their shuffled blocks (:func:`block_ncuts`), never assembling an
   adjacency.
@@ -47,7 +47,7 @@ import scipy.sparse.csgraph as csgraph
 from threadpoolctl import threadpool_limits
 
 from cluster_tracking.errors import ConfigError
-from cluster_tracking.weightgraph import EdgeBlock, WeightGraph, _kernel_slice_norms
+from cluster_tracking.graph.types import EdgeBlock, WeightGraph, _kernel_slice_norms
 
 #: k-means with at most this many clusters finds nearest centers by a packed integer minimum
 #: (:func:`_nearest_centers`); more clusters use argmin.
@@ -106,7 +106,7 @@ def ncut(graph: WeightGraph | sp.sparray | sp.spmatrix | np.ndarray, labels: np.
     """Normalised cut of a partition: ``sum over clusters C of cut(C, rest) / vol(C)``.
 
     Args:
-        graph: a :class:`~cluster_tracking.weightgraph.WeightGraph` or a symmetric adjacency matrix.
+        graph: a :class:`~cluster_tracking.graph.types.WeightGraph` or a symmetric adjacency matrix.
         labels: cluster of every node, in node order (shape ``[n_nodes]``, integers). Nodes
             labelled ``-1`` belong to no cluster; they must have zero degree.
 
@@ -156,7 +156,7 @@ def spectral_partition(
     deterministic for a given ``seed``.
 
     Args:
-        graph: a :class:`~cluster_tracking.weightgraph.WeightGraph` or a symmetric adjacency matrix.
+        graph: a :class:`~cluster_tracking.graph.types.WeightGraph` or a symmetric adjacency matrix.
         k: number of clusters (the paper uses 12).
         seed: seed of the k-means starts and of the eigensolver's start vector.
         n_init: number of k-means restarts.

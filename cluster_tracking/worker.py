@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cluster_tracking.graph.types import WeightGraph
 from cluster_tracking.measure import _shuffled_task, measure
 from cluster_tracking.report import SCHEMA_VERSION, ClusterabilityReport
-from cluster_tracking.weightgraph import WeightGraph
 
 if TYPE_CHECKING:
     from torch import nn

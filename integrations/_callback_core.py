@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from cluster_tracking.errors import ClusterTrackingError, ConfigError, GraphError
+from cluster_tracking.graph import selection as graph_selection
 from cluster_tracking.graph import weight_graph
 from cluster_tracking.report import ClusterabilityReport
 from cluster_tracking.sinks import LocalDirectorySink, Sink
@@ -33,7 +33,6 @@ _log = logging.getLogger(__name__)
 
 # The module types the weight graph reads as layers (patterns select among these).
 _LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 def select_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
@@ -61,49 +60,46 @@ def select_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
         GraphError: a pattern matches no ``nn.Linear``/``nn.Conv`` module (the message lists
             them, and names modules of other types that the pattern did match).
     """
-    if isinstance(layers, str):
-        entries = [entry.strip() for entry in layers.split("|")]
-    elif isinstance(layers, Sequence) and all(isinstance(entry, str) for entry in layers):
-        entries = [entry.strip() for entry in layers]
-    else:
-        raise ConfigError(
-            f"layers must be a string like '*.intermediate.dense|*[0-9].output.dense' or a list "
-            f"of layer names, got {layers!r}."
-        )
-    if not entries or any(not entry for entry in entries):
-        raise ConfigError(
-            f"layers={layers!r} holds an empty entry, which selects no layer; name the Linear/Conv "
-            f"layers to use. Available: {_names(_layer_names(model))}."
-        )
-    order = {name: index for index, (name, _) in enumerate(model.named_modules())}
-    candidates = _layer_names(model)
-    selected: list[str] = []
+    if isinstance(layers, (str, Sequence)):
+        for entry in [layers] if isinstance(layers, str) else layers:
+            if not isinstance(entry, str):
+                break
+        else:
+            candidates = _layer_names(model)
+            try:
+                return graph_selection.select_layers(layers, candidates)
+            except GraphError as error:
+                raise GraphError(_no_match_message(model, layers, candidates)) from error
+    raise ConfigError(
+        f"layers must be a string like '*.intermediate.dense|*[0-9].output.dense' or a list "
+        f"of layer names, got {layers!r}."
+    )
+
+
+def _no_match_message(model: nn.Module, layers: str | Sequence[str], candidates: list[str]) -> str:
+    """The error for a pattern that matches no Linear/Conv module: which modules it did match."""
+    entries = graph_selection.parse_layers(layers) or []
     for entry in entries:
-        if not _GLOB_CHARS.search(entry):
-            selected.append(entry)
+        if not graph_selection.is_pattern(entry):
             continue
-        matches = [name for name in candidates if fnmatch.fnmatchcase(name, entry)]
-        if not matches:
-            others = [
-                f"{name} ({type(module).__name__})"
-                for name, module in model.named_modules()
-                if name and fnmatch.fnmatchcase(name, entry) and _has_weight(module)
-            ]
-            hint = (
-                f" It matches {_names(others)}, which the weight graph cannot read (it reads "
-                "nn.Linear and nn.Conv1d/2d/3d modules only)."
-                if others
-                else ""
-            )
-            raise GraphError(
-                f"layers pattern {entry!r} matches no nn.Linear/nn.Conv module of "
-                f"{type(model).__name__}.{hint} Linear/Conv modules: {_names(candidates)}."
-            )
-        selected.extend(matches)
-    unique = list(dict.fromkeys(selected))
-    if isinstance(layers, str):  # declaration order; unknown names last, for weight_graph to report
-        unique.sort(key=lambda name: order.get(name, len(order)))
-    return unique
+        if any(fnmatch.fnmatchcase(name, entry) for name in candidates):
+            continue
+        others = [
+            f"{name} ({type(module).__name__})"
+            for name, module in model.named_modules()
+            if name and fnmatch.fnmatchcase(name, entry) and _has_weight(module)
+        ]
+        hint = (
+            f" It matches {_names(others)}, which the weight graph cannot read (it reads "
+            "nn.Linear and nn.Conv1d/2d/3d modules only)."
+            if others
+            else ""
+        )
+        return (
+            f"layers pattern {entry!r} matches no nn.Linear/nn.Conv module of "
+            f"{type(model).__name__}.{hint} Linear/Conv modules: {_names(candidates)}."
+        )
+    return f"layers={layers!r} selects no layer; Linear/Conv modules: {_names(candidates)}."
 
 
 def _layer_names(model: nn.Module) -> list[str]:

@@ -27,6 +27,30 @@ Preset = Literal["default", "filan2021"]
 
 
 @dataclass(frozen=True)
+class WeightSource:
+    """How a block's effective weight is computed from the model's parameters, beyond the plain
+    ``weight`` (read again at every due step by :func:`~cluster_tracking.graph.live_weights`).
+
+    In this order: the parameter is read; ``transposed`` swaps its first two axes (GPT-2's
+    ``Conv1D`` and ``addmm`` store ``[in, out]``; ``ConvTranspose`` stores ``[in, out, *kernel]``);
+    ``gates`` sums the magnitudes of that many stacked ``[gates * out, in]`` row blocks (the four
+    gates of an LSTM, three of a GRU); ``columns`` reorders the input columns (a flattened
+    feature map read in another order than channel-major); each ``(parameter, index)`` of
+    ``input_scales`` multiplies input column ``i`` by ``|parameter[index[i]]|`` (a LayerNorm or
+    RMSNorm affine weight folded into the layers that read it) and each of ``output_scales``
+    output row ``j`` by ``|parameter[index[j]]|`` (a per-channel scale such as LayerScale applied
+    to the layer's output).
+    """
+
+    parameter: str
+    transposed: bool = False
+    gates: int = 1
+    columns: np.ndarray | None = None
+    input_scales: tuple[tuple[str, np.ndarray], ...] = ()
+    output_scales: tuple[tuple[str, np.ndarray], ...] = ()
+
+
+@dataclass(frozen=True)
 class EdgeBlock:
     """One weight tensor of the network and the nodes it joins.
 
@@ -38,6 +62,8 @@ class EdgeBlock:
     node numbering. ``name`` is the layer's name (``"name#2"`` for a module's second call) and
     ``batchnorm`` the qualified name of the BatchNorm folded into ``weight``, if any (the
     regulariser recomputes the effective weight from both modules' live parameters).
+    ``source`` says how ``weight`` comes from the parameters when it is more than the module's
+    ``weight`` (``None``: ``model.get_submodule(name).weight``, BatchNorm folded).
     Null models (shuffles) replace ``weight`` and keep everything else.
     """
 
@@ -49,6 +75,7 @@ class EdgeBlock:
     groups: int = 1
     norm: KernelNorm = "l1"
     batchnorm: str | None = None
+    source: WeightSource | None = None
 
     def edge_weights(self) -> np.ndarray:
         """Dense ``[len(dst), len(src)]`` matrix of edge weights between output and input nodes."""

@@ -1,0 +1,61 @@
+"""Weight graphs: a network's neurons as nodes, its weight magnitudes as edges.
+
+Filan et al. (2021), section 2. One idea per module:
+
+- :mod:`~cluster_tracking.graph.types`: the graph as data (:class:`WeightGraph`,
+  :class:`EdgeBlock`), numpy and scipy only, so worker processes import no torch;
+- :mod:`~cluster_tracking.graph.build`: the provisional graph the readers fill in, and the public
+  node numbering;
+- :mod:`~cluster_tracking.graph.fx_trace`: following a model's data flow with ``torch.fx``;
+- :mod:`~cluster_tracking.graph.export`: following it with ``torch.export`` and tensor shapes
+  (transformers, channels-last blocks, reshapes that move the channel axis);
+- :mod:`~cluster_tracking.graph.chain`: chains of named layers and bare state_dicts;
+- :mod:`~cluster_tracking.graph.weights`: reading weights (and reading them again at later steps);
+- :mod:`~cluster_tracking.graph.api`: :func:`weight_graph`, which picks the route.
+
+The torch-free types are imported here directly; the rest on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from cluster_tracking.graph.types import (
+    EdgeBlock,
+    WeightGraph,
+    WeightSource,
+    assemble_adjacency,
+)
+
+if TYPE_CHECKING:
+    from cluster_tracking.graph.api import weight_graph, weight_topology
+    from cluster_tracking.graph.selection import select_layers
+    from cluster_tracking.graph.weights import layer_weight, live_weights
+
+__all__ = [
+    "EdgeBlock",
+    "WeightGraph",
+    "WeightSource",
+    "assemble_adjacency",
+    "layer_weight",
+    "live_weights",
+    "select_layers",
+    "weight_graph",
+    "weight_topology",
+]
+
+_LAZY = {
+    "weight_graph": "cluster_tracking.graph.api",
+    "weight_topology": "cluster_tracking.graph.api",
+    "layer_weight": "cluster_tracking.graph.weights",
+    "live_weights": "cluster_tracking.graph.weights",
+    "select_layers": "cluster_tracking.graph.selection",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cluster_tracking.graph' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,209 @@
+"""Weight graphs read as chains: named layers (``layers=...``) and bare state_dicts.
+
+A chain has no data flow to follow: each layer reads the previous one's output (a Linear after
+a conv reads it flattened). That is right only for a network that *is* a chain, so a state_dict
+whose keys or shapes show anything else is refused with the options that give the right graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from cluster_tracking.errors import GraphError
+from cluster_tracking.graph.build import _BlockSpec, _Builder, _Feat
+from cluster_tracking.graph.fx_trace import BATCHNORM_MODULES, CONV_MODULES
+from cluster_tracking.graph.selection import select_layers
+from cluster_tracking.graph.weights import batchnorm_scale, fold_scale, weight_array
+
+
+@dataclass
+class _ChainEntry:
+    name: str
+    label: str  # how messages call it: "layer 'fc1' (Linear)" or "weight '0.weight'"
+    kind: Literal["linear", "conv", "batchnorm"]
+    weight: np.ndarray | None = None
+    groups: int | None = None  # None: inferred from the previous layer's width
+    scale: np.ndarray | None = None  # BatchNorm: the per-channel factor to fold
+
+
+def _build_chain(builder: _Builder, entries: Sequence[_ChainEntry], *, strict: bool) -> None:
+    """Each layer reads the previous one's output; a Linear after a conv reads it flattened."""
+    feat = _Feat(None, origin="the model input", placeholder="input")
+    last: _BlockSpec | None = None
+    last_is_conv = False
+    for entry in entries:
+        if entry.kind == "batchnorm":
+            assert entry.scale is not None
+            if last is None or last.folded is not None:
+                if strict:
+                    raise GraphError(
+                        f"{entry.label} is a BatchNorm that does not directly follow a Linear/Conv "
+                        "layer in layers=; put it right after the layer it normalises, or drop it."
+                    )
+                continue  # a state_dict's BatchNorm before any layer: input normalisation
+            builder.fold(last, entry.scale, entry.label, entry.name)
+            continue
+        assert entry.weight is not None
+        conv = entry.kind == "conv"
+        groups = entry.groups
+        if groups is None:
+            groups = _infer_groups(entry.weight, feat) if conv else 1
+        if not conv and last_is_conv:
+            feat = replace(feat, flat=True)
+        feat, last = builder.weight_layer(
+            entry.name, entry.weight, conv=conv, groups=groups, inp=feat, label=entry.label
+        )
+        last_is_conv = conv
+
+
+def _infer_groups(weight: np.ndarray, feat: _Feat) -> int:
+    """Groups of a state_dict conv: its input channels per group against the channels it reads."""
+    if feat.nodes is None:
+        return 1
+    width, per_group = len(feat.nodes), weight.shape[1]
+    if per_group and width % per_group == 0 and weight.shape[0] % (width // per_group) == 0:
+        return width // per_group
+    return 1
+
+
+def _list_names(names: Sequence[str]) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(repr(name) for name in names[:40])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
+
+
+def _module_chain_entries(model: nn.Module, selection: str | Sequence[str]) -> list[_ChainEntry]:
+    modules = dict(model.named_modules())
+    available = [n for n, m in modules.items() if isinstance(m, (nn.Linear, *CONV_MODULES))]
+    layers = select_layers(selection, available, what=type(model).__name__)
+    if not layers:
+        raise GraphError(
+            f"layers= is empty, which selects no graph; name the Linear/Conv layers to use. "
+            f"Available Linear/Conv layers: {_list_names(available)}."
+        )
+    entries = []
+    for name in layers:
+        module = modules.get(name)
+        label = f"layer {name!r} ({type(module).__name__})"
+        if layers.count(name) > 1:
+            raise GraphError(f"layers= names {name!r} more than once; name each layer once.")
+        if isinstance(module, nn.Linear):
+            entries.append(
+                _ChainEntry(name, label, "linear", weight_array(module.weight, label), 1)
+            )
+        elif isinstance(module, CONV_MODULES):
+            weight = weight_array(module.weight, label)
+            entries.append(_ChainEntry(name, label, "conv", weight, int(module.groups)))
+        elif isinstance(module, BATCHNORM_MODULES):
+            scale = batchnorm_scale(module, label)
+            entries.append(_ChainEntry(name, label, "batchnorm", scale=scale))
+        else:
+            what = "not a module of the model" if module is None else f"a {type(module).__name__}"
+            raise GraphError(
+                f"layers= names {name!r}, which is {what}; layers= takes the names of "
+                "Linear/Conv layers (and of BatchNorm layers to fold into the layer before them). "
+                f"Available Linear/Conv layers: {_list_names(available)}."
+            )
+    return entries
+
+
+def _unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> Any:
+    """The state_dict (or model) inside a checkpoint dict, e.g. ``{"state_dict": ...}``."""
+    found: Any = checkpoint
+    for _ in range(4):
+        if not isinstance(found, Mapping):
+            break
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = found.get(key)
+            if isinstance(inner, (Mapping, nn.Module)):
+                found = inner
+                break
+        else:
+            break
+    return found
+
+
+def _state_dict_tensors(state: Mapping[Any, Any]) -> dict[str, Any]:
+    tensors = {str(k): v for k, v in state.items() if isinstance(v, (torch.Tensor, np.ndarray))}
+    if not tensors:
+        raise GraphError(
+            "The dict holds no tensors; weight_graph takes a state_dict (name -> tensor) or a "
+            "checkpoint holding one under 'state_dict' or 'model_state_dict'."
+        )
+    for prefix in ("module.", "_orig_mod."):  # DistributedDataParallel / torch.compile
+        if all(key.startswith(prefix) for key in tensors):
+            tensors = {key.removeprefix(prefix): value for key, value in tensors.items()}
+    applied: dict[str, Any] = {}
+    for key, value in tensors.items():  # torch.nn.utils.prune: weight = weight_orig * weight_mask
+        if key.endswith("_mask") and key.removesuffix("_mask") + "_orig" in tensors:
+            continue
+        mask = tensors.get(key.removesuffix("_orig") + "_mask") if key.endswith("_orig") else None
+        if mask is not None:
+            applied[key.removesuffix("_orig")] = _as_cpu(value) * _as_cpu(mask)
+        else:
+            applied[key] = value
+    return applied
+
+
+def _as_cpu(value: Any) -> torch.Tensor:
+    return torch.as_tensor(value).detach().to(device="cpu", dtype=torch.float64)
+
+
+def _state_dict_entries(
+    state: Mapping[Any, Any], selection: str | Sequence[str] | None
+) -> list[_ChainEntry]:
+    tensors = _state_dict_tensors(state)
+    found: dict[str, tuple[Literal["linear", "conv", "batchnorm"], str]] = {}
+    for key, value in tensors.items():
+        if key.endswith(".running_var") or key == "running_var":
+            prefix = key.removesuffix("running_var").removesuffix(".")
+            found[prefix or "batchnorm"] = ("batchnorm", key)
+        elif key.endswith(".weight") or key == "weight":
+            prefix = key.removesuffix("weight").removesuffix(".")
+            if value.ndim == 2:
+                found[prefix or "weight"] = ("linear", key)
+            elif 3 <= value.ndim <= 5:
+                found[prefix or "weight"] = ("conv", key)
+    available = [name for name, (kind, _) in found.items() if kind != "batchnorm"]
+    layers = (
+        None if selection is None else select_layers(selection, available, what="the state_dict")
+    )
+    if layers is None:
+        selected = list(found)
+    else:
+        unknown = [name for name in layers if name not in found]
+        if not layers:
+            raise GraphError(
+                "layers= is empty, which selects no graph; name the Linear/Conv layers to use. "
+                f"Available layers: {_list_names(available)}."
+            )
+        if unknown:
+            raise GraphError(
+                f"layers= names {_list_names(unknown)}, not Linear/Conv weights of the "
+                f"state_dict. Available layers: {_list_names(available)}."
+            )
+        selected = list(layers)
+    entries = []
+    for name in selected:
+        kind, key = found[name]
+        label = f"weight {key!r}"
+        if kind != "batchnorm":
+            weight = weight_array(tensors[key], label)
+            entries.append(_ChainEntry(name, label, kind, weight, 1 if kind == "linear" else None))
+            continue
+        prefix = key.removesuffix("running_var")
+        running_var = weight_array(tensors[key], label)
+        gamma_value = tensors.get(prefix + "weight")
+        gamma = (
+            np.ones_like(running_var) if gamma_value is None else weight_array(gamma_value, label)
+        )
+        scale = fold_scale(gamma, running_var, 1e-5, label)
+        entries.append(_ChainEntry(name, f"BatchNorm {key!r}", "batchnorm", scale=scale))
+    return entries
