@@ -249,7 +249,7 @@ def audit_source(
             " A state_dict is read as the chain of its Linear/Conv layers in key order: pass "
             "--layers to choose them, or audit the pickled model with --trust-pickle to follow "
             "its real data flow."
-            if not is_module
+            if not is_module and "--arch" not in str(error)
             else ""
         )
         raise GraphError(f"{loaded.label}: {error}{hint}") from None

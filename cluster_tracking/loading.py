@@ -472,7 +472,9 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         raise SourceError(f"{path}: the safetensors file holds no tensors.")
     # A safetensors file does not keep the tensors' order: put the layers back in natural order
     # of their names ("2.weight" before "10.weight"), the declaration order of most models.
-    return {key: tensors[key] for key in sorted(tensors, key=_natural_key)}
+    from cluster_tracking.graph.chain import NameOrderedStateDict
+
+    return NameOrderedStateDict((key, tensors[key]) for key in sorted(tensors, key=_natural_key))
 
 
 def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:

@@ -370,19 +370,98 @@ def test_state_dict_of_a_sequential_gives_the_same_graph_as_the_model() -> None:
     _assert_same_graph(weight_graph(model.state_dict()), weight_graph(model))
 
 
-def test_state_dict_of_a_conv_chain_infers_groups_and_flatten() -> None:
+def test_state_dict_of_a_conv_chain_reads_flatten_and_refuses_to_infer_groups() -> None:
     torch.manual_seed(2)
-    model = nn.Sequential(
+    plain = nn.Sequential(
         nn.Conv2d(1, 4, 3),
         nn.BatchNorm2d(4),
         nn.ReLU(),
-        nn.Conv2d(4, 4, 3, groups=4),
+        nn.Conv2d(4, 4, 3),
         nn.ReLU(),
         nn.Flatten(),
         nn.Linear(16, 3),  # 4 channels x 2 x 2 for a 6 x 6 input
     )
-    model(torch.zeros(1, 1, 6, 6))
-    _assert_same_graph(weight_graph(model.state_dict()), weight_graph(model))
+    plain(torch.zeros(1, 1, 6, 6))
+    _assert_same_graph(weight_graph(plain.state_dict()), weight_graph(plain))
+
+    grouped = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=4))
+    # [4, 1, 3, 3] after 4 channels: a depthwise conv, or a 1-channel conv of another branch.
+    with pytest.raises(GraphError, match=r"'2\.weight'.*4-group convolution.*--arch"):
+        weight_graph(grouped.state_dict())
+
+
+class _ResNetBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.downsample = nn.Conv2d(4, 8, 1, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv2(torch.relu(self.conv1(x)))) + self.downsample(x)
+
+
+@pytest.mark.parametrize(
+    ("state", "seen"),
+    [
+        (_ResNetBlock().state_dict(), "a second branch .'downsample'."),
+        (nn.TransformerEncoderLayer(8, 2, 16).state_dict(), "attention .'self_attn.out_proj'."),
+        ({"embed.weight": torch.ones(10, 4), "fc.weight": torch.ones(3, 4)}, "an embedding"),
+        (
+            {"h.0.mlp.c_fc.weight": torch.ones(4, 16), "h.0.mlp.c_proj.weight": torch.ones(16, 4)},
+            "GPT-2-style Conv1D",
+        ),
+        (
+            {
+                "fc.weight": torch.ones(4, 3),
+                "head_a.weight": torch.ones(4, 4),
+                "head_b.weight": torch.ones(2, 4),
+            },
+            "several heads",
+        ),
+        (
+            {
+                "fc.weight": torch.ones(4, 3),
+                "norm.weight": torch.ones(4),
+                "out.weight": torch.ones(2, 4),
+            },
+            "normalisation weights without running statistics",
+        ),
+        (
+            {"0.weight": torch.ones(4, 3), "cls_token": torch.ones(1, 1, 4)},
+            "tensors that are not layer weights",
+        ),
+    ],
+    ids=["resnet-downsample", "attention", "embedding", "conv1d", "heads", "layernorm", "tokens"],
+)
+def test_state_dicts_that_are_not_chains_are_refused_naming_what_was_seen(
+    state: dict[str, torch.Tensor], seen: str
+) -> None:
+    with pytest.raises(GraphError, match=f"shows {seen}.*not a chain.*--arch"):
+        weight_graph(state)
+
+
+def test_name_ordered_state_dicts_are_chains_only_when_the_names_give_the_order() -> None:
+    from cluster_tracking.graph.chain import NameOrderedStateDict
+
+    numbered = NameOrderedStateDict(
+        {"fc1.weight": torch.ones(4, 3), "fc2.weight": torch.ones(2, 4)}
+    )
+    assert weight_graph(numbered).layer_names == ("input", "fc1", "fc2")
+    # "conv4" sorts before "stft_conv", the first layer: the names do not say the order.
+    named = NameOrderedStateDict(
+        {"conv4.weight": torch.ones(2, 4, 3), "stft_conv.weight": torch.ones(4, 1, 3)}
+    )
+    with pytest.raises(GraphError, match=r"do not say their order.*layers="):
+        weight_graph(named)
+    graph = weight_graph(named, layers=["stft_conv", "conv4"])
+    assert graph.layer_names == ("input", "stft_conv", "conv4")
+
+
+def test_conv1d_weights_under_layers_are_refused_from_a_state_dict() -> None:
+    state = {"h.0.mlp.c_fc.weight": torch.ones(4, 16), "h.0.mlp.c_proj.weight": torch.ones(16, 4)}
+    with pytest.raises(GraphError, match=r"Conv1D.*\[in, out\]"):
+        weight_graph(state, layers="h.*.mlp.*")
 
 
 @pytest.mark.parametrize("key", ["state_dict", "model_state_dict"])

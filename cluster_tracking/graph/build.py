@@ -26,6 +26,13 @@ from cluster_tracking.graph.types import (
     assemble_adjacency,
 )
 
+STATE_DICT_ADVICE = (
+    "A bare state_dict is read as a chain of its weights in key order, which is right only for a "
+    "network that is such a chain; for any other, measure the model itself (in the CLI: --arch "
+    "NAME for a torchvision/timm architecture, or a Hugging Face model folder with its "
+    "config.json), or name a chain with layers=/--layers in data-flow order."
+)
+
 LAYERS_HINT = (
     "pass layers=[...] naming the Linear/Conv modules to use, in data-flow order, to build the "
     "graph from them as a chain without tracing"
@@ -347,9 +354,5 @@ class _Builder:
 
 def _chain_advice(label: str) -> str:
     if label.startswith("weight "):
-        return (
-            "A bare state_dict is read as a chain of its weights in key order (the modules' "
-            "declaration order); for a network that is not such a chain, load the model class "
-            "and pass the model, or pass layers=[...] naming a chain."
-        )
+        return STATE_DICT_ADVICE
     return "Check the model, or pass layers=[...] naming Linear/Conv modules that form a chain."

@@ -7,6 +7,7 @@ whose keys or shapes show anything else is refused with the options that give th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from cluster_tracking.errors import GraphError
-from cluster_tracking.graph.build import _BlockSpec, _Builder, _Feat
+from cluster_tracking.graph.build import STATE_DICT_ADVICE, _BlockSpec, _Builder, _Feat
 from cluster_tracking.graph.fx_trace import BATCHNORM_MODULES, CONV_MODULES
 from cluster_tracking.graph.selection import select_layers
 from cluster_tracking.graph.weights import batchnorm_scale, fold_scale, weight_array
@@ -28,7 +29,7 @@ class _ChainEntry:
     label: str  # how messages call it: "layer 'fc1' (Linear)" or "weight '0.weight'"
     kind: Literal["linear", "conv", "batchnorm"]
     weight: np.ndarray | None = None
-    groups: int | None = None  # None: inferred from the previous layer's width
+    groups: int = 1  # a state_dict does not say a conv's groups: 1, never inferred
     scale: np.ndarray | None = None  # BatchNorm: the per-channel factor to fold
 
 
@@ -52,8 +53,8 @@ def _build_chain(builder: _Builder, entries: Sequence[_ChainEntry], *, strict: b
         assert entry.weight is not None
         conv = entry.kind == "conv"
         groups = entry.groups
-        if groups is None:
-            groups = _infer_groups(entry.weight, feat) if conv else 1
+        if conv and entry.label.startswith("weight ") and feat.nodes is not None:
+            _refuse_inferred_groups(entry, len(feat.nodes))
         if not conv and last_is_conv:
             feat = replace(feat, flat=True)
         feat, last = builder.weight_layer(
@@ -62,14 +63,20 @@ def _build_chain(builder: _Builder, entries: Sequence[_ChainEntry], *, strict: b
         last_is_conv = conv
 
 
-def _infer_groups(weight: np.ndarray, feat: _Feat) -> int:
-    """Groups of a state_dict conv: its input channels per group against the channels it reads."""
-    if feat.nodes is None:
-        return 1
-    width, per_group = len(feat.nodes), weight.shape[1]
-    if per_group and width % per_group == 0 and weight.shape[0] % (width // per_group) == 0:
-        return width // per_group
-    return 1
+def _refuse_inferred_groups(entry: _ChainEntry, width: int) -> None:
+    """A state_dict conv whose input channels match the previous layer only as a grouped conv:
+    the file cannot say whether it is one (a ResNet's 1x1 downsample conv, read after ``conv2``,
+    looks like a 2-group conv), so it is refused rather than guessed."""
+    assert entry.weight is not None
+    per_group = entry.weight.shape[1]
+    if per_group == width or not per_group or width % per_group:
+        return  # chains as it is, or does not chain at all (the builder says so)
+    raise GraphError(
+        f"{entry.label} reads {per_group} input channels per group, and the layer before it in "
+        f"key order gives {width}: the two chain only if it is a {width // per_group}-group "
+        "convolution, which a state_dict does not record (a second branch, such as a ResNet's "
+        f"downsample conv, looks the same). {STATE_DICT_ADVICE}"
+    )
 
 
 def _list_names(names: Sequence[str]) -> str:
@@ -130,6 +137,108 @@ def _unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> Any:
     return found
 
 
+class NameOrderedStateDict(dict):  # type: ignore[type-arg]
+    """A state_dict whose key order is its names' order, not the modules' declaration order
+    (a safetensors file sorts its keys): read as a whole-file chain only when the names
+    themselves say the order (see :func:`_refuse_non_chain`)."""
+
+
+# Name parts that show a state_dict is not one chain: a second branch, attention, embeddings,
+# GPT-2's Conv1D layers (stored [in, out]), several heads.
+_BRANCH_WORDS = frozenset("downsample shortcut skip residual branch proj_skip".split())
+_ATTENTION_WORDS = frozenset(
+    "attn attention self_attn q_proj k_proj v_proj o_proj qkv query key value in_proj".split()
+)
+_EMBEDDING_WORDS = frozenset("embed embeds embedding embeddings embed_tokens wte wpe".split())
+_CONV1D_WORDS = frozenset("c_attn c_fc c_proj".split())
+_LAYER_SUFFIXES = (
+    "weight",
+    "bias",
+    "running_mean",
+    "running_var",
+    "num_batches_tracked",
+)
+
+
+def _words(prefix: str) -> set[str]:
+    parts = set(prefix.split("."))
+    return parts | {piece for part in parts for piece in part.split("_")}
+
+
+def _refuse_non_chain(
+    tensors: Mapping[str, Any],
+    found: Mapping[str, tuple[str, str]],
+    *,
+    ordered_by_name: bool,
+) -> None:
+    """Refuse a whole state_dict whose keys or shapes show it is not one chain of layers: reading
+    it as a chain would give a wrong graph that looks right."""
+    names = list(found)
+    others = [
+        key
+        for key in tensors
+        if key.rsplit(".", 1)[-1] not in _LAYER_SUFFIXES and key not in _LAYER_SUFFIXES
+    ]
+    seen: list[str] = []
+    for name in names:
+        words = _words(name)
+        if words & _CONV1D_WORDS:
+            seen.append(f"GPT-2-style Conv1D layers stored [in, out] ({name!r})")
+        elif words & _ATTENTION_WORDS:
+            seen.append(f"attention ({name!r})")
+        elif words & _EMBEDDING_WORDS:
+            seen.append(f"an embedding ({name!r})")
+        elif words & _BRANCH_WORDS:
+            seen.append(f"a second branch ({name!r})")
+        if seen:
+            break
+    if not seen and others:
+        seen.append(f"tensors that are not layer weights ({_list_names(others[:4])})")
+    heads = [name for name in names if "head" in _words(name) or "heads" in _words(name)]
+    if not seen and len(heads) > 1:
+        seen.append(f"several heads ({_list_names(heads)})")
+    norms = [
+        key.removesuffix(".weight")
+        for key, value in tensors.items()
+        if key.endswith(".weight")
+        and getattr(value, "ndim", 0) == 1
+        and key.removesuffix("weight") + "running_var" not in tensors
+    ]
+    if not seen and norms:
+        seen.append(
+            f"normalisation weights without running statistics ({_list_names(norms[:4])}: "
+            "LayerNorm, GroupNorm or RMSNorm, which fold differently)"
+        )
+    if not seen and ordered_by_name and not _names_give_order(names):
+        seen.append(
+            "layer names that do not say their order (a safetensors file keeps no "
+            f"declaration order; its layers are {_list_names(names)})"
+        )
+    if seen:
+        raise GraphError(
+            f"The state_dict shows {seen[0]}, so it is not a chain of layers and cannot be read "
+            f"as one without guessing. {STATE_DICT_ADVICE}"
+        )
+
+
+def _refuse_conv1d(layers: Sequence[str]) -> None:
+    conv1d = [name for name in layers if _words(name) & _CONV1D_WORDS]
+    if conv1d:
+        raise GraphError(
+            f"layers= names {_list_names(conv1d)}, GPT-2-style Conv1D layers, whose weights are "
+            "stored [in, out] where a Linear stores [out, in]; a state_dict does not say which. "
+            "Measure the model itself (in the CLI: a Hugging Face model folder with its "
+            "config.json)."
+        )
+
+
+def _names_give_order(names: Sequence[str]) -> bool:
+    """Whether layer names alone give their order: all the same but for their numbers
+    (``0, 2, 4``; ``fc1, fc2, fc3``; ``layers.0.linear, layers.1.linear``)."""
+    stems = {re.sub(r"\d+", "#", name) for name in names}
+    return len(stems) <= 1
+
+
 def _state_dict_tensors(state: Mapping[Any, Any]) -> dict[str, Any]:
     tensors = {str(k): v for k, v in state.items() if isinstance(v, (torch.Tensor, np.ndarray))}
     if not tensors:
@@ -176,8 +285,10 @@ def _state_dict_entries(
         None if selection is None else select_layers(selection, available, what="the state_dict")
     )
     if layers is None:
+        _refuse_non_chain(tensors, found, ordered_by_name=isinstance(state, NameOrderedStateDict))
         selected = list(found)
     else:
+        _refuse_conv1d(layers)
         unknown = [name for name in layers if name not in found]
         if not layers:
             raise GraphError(
@@ -196,7 +307,7 @@ def _state_dict_entries(
         label = f"weight {key!r}"
         if kind != "batchnorm":
             weight = weight_array(tensors[key], label)
-            entries.append(_ChainEntry(name, label, kind, weight, 1 if kind == "linear" else None))
+            entries.append(_ChainEntry(name, label, kind, weight))
             continue
         prefix = key.removesuffix("running_var")
         running_var = weight_array(tensors[key], label)
