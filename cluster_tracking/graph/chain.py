@@ -137,7 +137,7 @@ def _unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> Any:
     return found
 
 
-class NameOrderedStateDict(dict):  # type: ignore[type-arg]
+class NameOrderedStateDict(dict):
     """A state_dict whose key order is its names' order, not the modules' declaration order
     (a safetensors file sorts its keys): read as a whole-file chain only when the names
     themselves say the order (see :func:`_refuse_non_chain`)."""
