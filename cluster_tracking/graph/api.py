@@ -30,6 +30,12 @@ from cluster_tracking.graph.chain import (
     _state_dict_entries,
     _unwrap_checkpoint,
 )
+from cluster_tracking.graph.export import (
+    ExportWalker,
+    example_inputs_for,
+    is_hugging_face,
+    lm_head_parameters,
+)
 from cluster_tracking.graph.fx_trace import FxWalker
 from cluster_tracking.graph.selection import parse_layers
 from cluster_tracking.graph.types import Preset, WeightGraph
@@ -44,6 +50,8 @@ def weight_graph(
     norm: Literal["l1", "l2"] = "l1",
     preset: Preset = "default",
     layers: str | Sequence[str] | None = None,
+    example_inputs: Any = None,
+    include_embeddings: bool = False,
 ) -> WeightGraph:
     """The weight graph of a network (Filan et al. 2021, section 2), ready for spectral clustering.
 
@@ -132,7 +140,15 @@ def weight_graph(
     Weights are detached, copied to the CPU as float64 (any device, any float dtype); the model is
     not modified, run or switched between train and eval mode.
     """
-    return _build_graph(model_or_state_dict, norm, preset, layers, assemble=True)
+    return _build_graph(
+        model_or_state_dict,
+        norm,
+        preset,
+        layers,
+        assemble=True,
+        example_inputs=example_inputs,
+        include_embeddings=include_embeddings,
+    )
 
 
 def weight_topology(
@@ -141,12 +157,22 @@ def weight_topology(
     norm: Literal["l1", "l2"] = "l1",
     preset: Preset = "default",
     layers: str | Sequence[str] | None = None,
+    example_inputs: Any = None,
+    include_embeddings: bool = False,
 ) -> WeightGraph:
     """:func:`weight_graph` without its sparse adjacency (an empty ``[n, n]`` matrix): the layers
     and the weight blocks, from which ``graph.with_weights(weights)`` assembles the adjacency
     elsewhere. The tracker's training thread takes this at a first due step, so that the
     adjacency (the larger part of the work for an MLP) is assembled in the background."""
-    return _build_graph(model_or_state_dict, norm, preset, layers, assemble=False)
+    return _build_graph(
+        model_or_state_dict,
+        norm,
+        preset,
+        layers,
+        assemble=False,
+        example_inputs=example_inputs,
+        include_embeddings=include_embeddings,
+    )
 
 
 def _build_graph(
@@ -156,6 +182,8 @@ def _build_graph(
     layers: str | Sequence[str] | None,
     *,
     assemble: bool,
+    example_inputs: Any = None,
+    include_embeddings: bool = False,
 ) -> WeightGraph:
     if norm not in ("l1", "l2"):
         raise ConfigError(f"norm must be 'l1' or 'l2', got {norm!r}.")
@@ -176,7 +204,7 @@ def _build_graph(
         model = unwrap_module(source)
         what = f"the model {type(model).__name__}"
         if selection is None:
-            FxWalker(model, builder).run()
+            _trace(model, builder, example_inputs, include_embeddings)
         else:
             _build_chain(builder, _module_chain_entries(model, selection), strict=True)
     elif isinstance(source, Mapping):
@@ -190,3 +218,37 @@ def _build_graph(
             "pass the model, its state_dict, or the checkpoint dict."
         )
     return builder.finish(preset, what, assemble=assemble)
+
+
+def _trace(
+    model: nn.Module, builder: _Builder, example_inputs: Any, include_embeddings: bool
+) -> None:
+    """Follow the model's data flow: ``torch.export`` with example inputs where there are some
+    (given, or known for Hugging Face and timm models), ``torch.fx`` otherwise."""
+    inputs = _as_inputs(example_inputs) if example_inputs is not None else None
+    if inputs is None and (include_embeddings or is_hugging_face(model)):
+        inputs = example_inputs_for(model)
+    if inputs is None:
+        try:
+            FxWalker(model, builder).run()
+            return
+        except GraphError:
+            inputs = example_inputs_for(model)
+            if inputs is None:
+                raise
+            builder.__init__(builder.norm)  # type: ignore[misc]
+    args, kwargs = inputs
+    skip = frozenset() if include_embeddings else lm_head_parameters(model)
+    ExportWalker(
+        model, builder, args, kwargs, include_embeddings=include_embeddings, skip=skip
+    ).run()
+
+
+def _as_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, tuple):
+        return example_inputs, {}
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}

@@ -23,6 +23,7 @@ from cluster_tracking.graph.types import (
     KernelNorm,
     Preset,
     WeightGraph,
+    WeightSource,
     assemble_adjacency,
 )
 
@@ -46,6 +47,10 @@ class _Layer:
     start: int  # first provisional node id
     width: int
 
+    @property
+    def end(self) -> int:
+        return self.start + self.width
+
 
 @dataclass
 class _BlockSpec:
@@ -57,6 +62,7 @@ class _BlockSpec:
     groups: int
     folded: str | None = None  # the BatchNorm folded into it (as messages call it)
     batchnorm: str | None = None  # that BatchNorm's module name (state_dict prefix)
+    source: WeightSource | None = None  # how the weight comes from parameters, if not plainly
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,9 @@ class _Builder:
         self.specs: list[_BlockSpec] = []
         self.inputs: dict[str, np.ndarray] = {}
         self._names: set[str] = set()
+        # Layers left out when no weight block reaches their nodes (an embedding whose output
+        # is only a bias of attention scores, say).
+        self.optional: set[str] = set()
 
     def new_layer(
         self, name: str, kind: Literal["input", "linear", "conv"], width: int
@@ -135,6 +144,26 @@ class _Builder:
         _, nodes = self.new_layer(f"input.{placeholder}", "input", width)
         self.inputs[placeholder] = nodes
         return replace(feat, nodes=nodes, flat=False)
+
+    def add_block(
+        self,
+        name: str,
+        kind: BlockKind,
+        weight: np.ndarray,
+        src: np.ndarray,
+        *,
+        groups: int = 1,
+        source: WeightSource | None = None,
+        dst: np.ndarray | None = None,
+    ) -> _BlockSpec:
+        """A weight block from nodes ``src`` to a new layer named ``name`` (or to the existing
+        nodes ``dst``: a recurrent layer's hidden-to-hidden weights)."""
+        if dst is None:
+            layer_kind: Literal["linear", "conv"] = "conv" if kind == "conv" else "linear"
+            name, dst = self.new_layer(name, layer_kind, weight.shape[0])
+        spec = _BlockSpec(name, kind, weight, src, dst, groups, source=source)
+        self.specs.append(spec)
+        return spec
 
     def weight_layer(
         self, name: str, weight: np.ndarray, *, conv: bool, groups: int, inp: _Feat, label: str
@@ -273,7 +302,19 @@ class _Builder:
         order = sorted(range(len(self.layers)), key=lambda i: self.layers[i].kind != "input")
         self.layers = [self.layers[i] for i in order]
         names = self._final_names()
-        kept = np.array([layer.kind == "conv" or not filan for layer in self.layers])
+        touched = {
+            self._find(int(i)) for spec in self.specs for i in np.concatenate([spec.src, spec.dst])
+        }
+        kept = np.array(
+            [
+                (layer.kind == "conv" or not filan)
+                and (
+                    layer.name not in self.optional
+                    or any(self._find(i) in touched for i in range(layer.start, layer.end))
+                )
+                for layer in self.layers
+            ]
+        )
         n_provisional = len(self.parent)
         layer_of = np.empty(n_provisional, dtype=np.int64)
         index = np.empty(n_provisional, dtype=np.int64)
@@ -321,7 +362,15 @@ class _Builder:
             norm: KernelNorm = "l1_induced" if filan and spec.kind == "conv" else self.norm
             blocks.append(
                 EdgeBlock(
-                    spec.name, spec.kind, spec.weight, src, dst, spec.groups, norm, spec.batchnorm
+                    spec.name,
+                    spec.kind,
+                    spec.weight,
+                    src,
+                    dst,
+                    spec.groups,
+                    norm,
+                    spec.batchnorm,
+                    spec.source,
                 )
             )
         if not blocks:
@@ -345,7 +394,7 @@ class _Builder:
 
     def _final_names(self) -> list[str]:
         """Layer names, the model input called ``"input"`` when there is one."""
-        inputs = [layer for layer in self.layers if layer.kind == "input"]
+        inputs = [layer for layer in self.layers if layer.name.startswith("input.")]
         names = [layer.name for layer in self.layers]
         if len(inputs) == 1 and "input" not in self._names:
             names[self.layers.index(inputs[0])] = "input"

@@ -160,6 +160,13 @@ def effective_weight(raw: np.ndarray, source: WeightSource, read: Any, label: st
         weight = np.array(weight, copy=True)
     for name, index in source.input_scales:
         factor = np.abs(np.asarray(read(name)).reshape(-1)[index])
+        per_group = weight.shape[1]
+        if len(factor) != per_group:  # a grouped conv: output b reads its group's channels
+            groups = len(factor) // per_group
+            by_group = factor.reshape(groups, 1, per_group)
+            factor_2d = np.repeat(by_group, weight.shape[0] // groups, axis=1)
+            weight *= factor_2d.reshape((weight.shape[0], per_group) + (1,) * (weight.ndim - 2))
+            continue
         weight *= factor.reshape((1, -1) + (1,) * (weight.ndim - 2))
     for name, index in source.output_scales:
         factor = np.abs(np.asarray(read(name)).reshape(-1)[index])
