@@ -35,8 +35,10 @@ STATE_DICT_ADVICE = (
 )
 
 LAYERS_HINT = (
-    "pass layers=[...] naming the Linear/Conv modules to use, in data-flow order, to build the "
-    "graph from them as a chain without tracing"
+    "pass example_inputs=(a small input tensor, ...) to follow the model with torch.export "
+    "instead (it follows reshapes, attention, recurrent and transposed-convolution layers), or "
+    "layers=[...] naming the Linear/Conv modules to use, in data-flow order, to build the graph "
+    "from them as a chain without tracing"
 )
 
 

@@ -52,14 +52,18 @@ import torch
 from torch import fx, nn
 
 from cluster_tracking.errors import GraphError
-from cluster_tracking.graph.build import LAYERS_HINT, _BlockSpec, _Builder, _Feat
+from cluster_tracking.graph.build import _BlockSpec, _Builder, _Feat
 from cluster_tracking.graph.types import BlockKind, WeightSource
 from cluster_tracking.graph.weights import batchnorm_scale, effective_weight, weight_array
 
 __all__ = ["ExportWalker", "example_inputs_for"]
 
+_CHAIN_HINT = (
+    "pass layers=[...] naming the Linear/Conv modules to use, in data-flow order, to build the "
+    "graph from them as a chain without tracing"
+)
 _EXPORT_HINT = (
-    "pass example_inputs=(tensor, ...) with a small input the model accepts, or " + LAYERS_HINT
+    "pass example_inputs=(tensor, ...) with a small input the model accepts, or " + _CHAIN_HINT
 )
 
 
@@ -458,7 +462,7 @@ class ExportWalker:
         )
         weight = effective_weight(raw, source, self._read, param.name)
         plain = not transposed and order is None and not input_scales
-        name = param.name.removesuffix(".weight")
+        name = param.name.removesuffix(".weight").removesuffix("_weight")
         if plain and param.name.endswith(".weight"):
             source_or_none: WeightSource | None = None
         else:
@@ -631,7 +635,6 @@ class ExportWalker:
     def _scaled(self, x: _Units, param: _Param, *, fold_output: bool) -> _Units:
         """``x`` times a per-unit parameter: folded into the layer before (``fold_output`` and
         ``x`` is that layer's raw output) or kept for the layers that read it."""
-        assert x.ids is not None
         size = int(np.prod(param.shape)) if param.shape else 1
         index = torch.arange(size).reshape(param.shape or (1,))
         try:
@@ -643,7 +646,7 @@ class ExportWalker:
             ) from error
         scale = _Scale(param.name, _compress(full))
         spec = x.spec
-        if fold_output and spec is not None and spec.folded is None:
+        if fold_output and spec is not None and spec.folded is None and x.ids is not None:
             axis = x.spec_axis % len(x.shape)
             ids, rows = _compress(x.ids), scale.index
             if not (_varying(rows) - {axis}) and _varying(ids) <= {axis}:
@@ -732,6 +735,11 @@ class ExportWalker:
         value = node.meta.get("val")
         if not isinstance(x, _Units):
             return self._tuple_of(node, _OTHER)
+        if x.ids is None and x.scales:
+            raise self._error(
+                f"{self._describe(node)} reshapes the model input after a normalisation and "
+                "before any layer reads it"
+            )
         if x.ids is None:  # the model input, reshaped before any layer reads it
             if isinstance(value, (tuple, list)):
                 return tuple(_Units(None, _shape(v) or (), x.origin, x.placeholder) for v in value)
@@ -969,7 +977,7 @@ class ExportWalker:
             return _OTHER
         shape = tuple(out_shape) if out_shape is not None else x.shape
         if x.ids is None:
-            return _Units(None, shape, x.origin, x.placeholder)
+            return _Units(None, shape, x.origin, x.placeholder, scales=x.scales)
         ids = x.ids if x.ids.ndim == len(shape) else _broadcast_to(x.ids, shape)
         return _Units(
             _compress(ids),
@@ -1051,7 +1059,7 @@ class ExportWalker:
         return f"{_base_name(node.target)} (fx node {node.name!r}{where})"
 
     def _error(self, message: str) -> GraphError:
-        return GraphError(f"The weight graph cannot follow {message}; {LAYERS_HINT}.")
+        return GraphError(f"The weight graph cannot follow {message}; {_CHAIN_HINT}.")
 
 
 def _vector(values: np.ndarray, length: int) -> np.ndarray:
