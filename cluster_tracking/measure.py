@@ -100,9 +100,11 @@ def measure(
     scheduler: str | None = ...,
     norm: Literal["l1", "l2"] = ...,
     preset: Literal["default", "filan2021"] = ...,
-    layers: Sequence[str] | None = ...,
+    layers: str | Sequence[str] | None = ...,
     init: str | None = ...,
     progress: ProgressCallback | None = ...,
+    example_inputs: Any = ...,
+    include_embeddings: bool = ...,
 ) -> ClusterabilityReport: ...
 
 
@@ -120,9 +122,11 @@ def measure(
     scheduler: str | None = ...,
     norm: Literal["l1", "l2"] = ...,
     preset: Literal["default", "filan2021"] = ...,
-    layers: Sequence[str] | None = ...,
+    layers: str | Sequence[str] | None = ...,
     init: str | None = ...,
     progress: ProgressCallback | None = ...,
+    example_inputs: Any = ...,
+    include_embeddings: bool = ...,
 ) -> list[ClusterabilityReport]: ...
 
 
@@ -139,9 +143,11 @@ def measure(
     scheduler: str | None = None,
     norm: Literal["l1", "l2"] = "l1",
     preset: Literal["default", "filan2021"] = "default",
-    layers: Sequence[str] | None = None,
+    layers: str | Sequence[str] | None = None,
     init: str | None = None,
     progress: ProgressCallback | None = None,
+    example_inputs: Any = None,
+    include_embeddings: bool = False,
 ) -> ClusterabilityReport | list[ClusterabilityReport]:
     """Measure how clusterable a network is (Filan et al. 2021).
 
@@ -171,11 +177,14 @@ def measure(
             ``"tcp://127.0.0.1:8786"``); without it the current Dask client is used.
         norm: kernel-slice norm for convolutions (``l1`` or ``l2``).
         preset: ``default`` or ``filan2021`` (the published code's conventions).
-        layers: names of the Linear/Conv modules that make the graph, for models that cannot be
-            traced or where only some layers matter.
+        layers: names (or ``|``-separated glob patterns) of the Linear/Conv modules that make
+            the graph, for models that cannot be traced or where only some layers matter.
         init: for ``random_init``: a named ``torch.nn.init`` scheme instead of
             ``reset_parameters()``.
         progress: called as ``progress(done, total)`` while null networks are measured.
+        example_inputs, include_embeddings: as for :func:`~cluster_tracking.graph.weight_graph`
+            (a small input to follow the model with ``torch.export``; embedding tables as
+            blocks).
 
     Returns:
         A :class:`~cluster_tracking.report.ClusterabilityReport` (a list of them for a list of k).
@@ -197,8 +206,12 @@ def measure(
     graph_options: dict[str, Any] = {
         "norm": norm,
         "preset": preset,
-        "layers": list(layers) if layers else None,
+        "layers": layers if isinstance(layers, str) else (list(layers) if layers else None),
     }
+    if example_inputs is not None:
+        graph_options["example_inputs"] = example_inputs
+    if include_embeddings:
+        graph_options["include_embeddings"] = True
     if isinstance(model, WeightGraph):
         graph = model
     else:

@@ -58,6 +58,7 @@ from torch import nn
 from cluster_tracking import baselines
 from cluster_tracking.errors import ConfigError, GraphError
 from cluster_tracking.graph import WeightGraph, live_weights, weight_graph, weight_topology
+from cluster_tracking.graph.selection import parse_layers
 from cluster_tracking.report import ClusterabilityReport
 from cluster_tracking.sinks import Sink
 from cluster_tracking.worker import (
@@ -155,6 +156,12 @@ class ClusterabilityTracker:
             ``random_init`` null model always measures in a thread (it needs the model).
         rank: this process's rank; ``None`` reads ``torch.distributed`` at each call. Only rank 0
             measures and logs.
+        example_inputs: a small input of the model (a tensor, a tuple of them, or a dict of
+            keyword inputs) to follow its data flow with ``torch.export`` where ``torch.fx``
+            cannot (recurrent layers, attention, transposed convolutions, reshapes that move the
+            channel axis); Hugging Face and timm models need none (their configs give one).
+        include_embeddings: add embedding tables and the LM head as weight blocks (see
+            :func:`~cluster_tracking.graph.weight_graph`).
 
     Raises:
         ConfigError: a setting is out of range (checked here, before training starts).
@@ -174,7 +181,7 @@ class ClusterabilityTracker:
         n_init: int | None = None,
         norm: Literal["l1", "l2"] = "l1",
         preset: Literal["default", "filan2021"] = "default",
-        layers: Sequence[str] | None = None,
+        layers: str | Sequence[str] | None = None,
         init: str | None = None,
         backend: str | None = None,
         on_backlog: OnBacklog = "skip",
@@ -182,6 +189,8 @@ class ClusterabilityTracker:
         plots: bool = True,
         worker: Literal["process", "thread"] = "process",
         rank: int | None = None,
+        example_inputs: Any = None,
+        include_embeddings: bool = False,
     ) -> None:
         self.sinks: list[Sink] = list(sinks)
         for sink in self.sinks:
@@ -213,8 +222,7 @@ class ClusterabilityTracker:
             raise ConfigError(f"norm must be 'l1' or 'l2', got {norm!r}.")
         if preset not in ("default", "filan2021"):
             raise ConfigError(f"preset must be 'default' or 'filan2021', got {preset!r}.")
-        if isinstance(layers, str):
-            raise ConfigError(f"layers must be a list of layer names, got the string {layers!r}.")
+        parse_layers(layers)  # a ConfigError now, not at the first due step
         if self.shuffle == "random_init" and layers is None:
             raise ConfigError(
                 "shuffle='random_init' traces every re-initialised copy of the model with "
@@ -243,7 +251,7 @@ class ClusterabilityTracker:
             "n_jobs": n_jobs,
             "norm": norm,
             "preset": preset,
-            "layers": list(layers) if layers is not None else None,
+            "layers": layers if isinstance(layers, str) or layers is None else list(layers),
             "init": init,
             "backend": backend,
         }
@@ -254,6 +262,10 @@ class ClusterabilityTracker:
             "preset": preset,
             "layers": self._measure_options["layers"],
         }
+        if example_inputs is not None:
+            self._graph_options["example_inputs"] = example_inputs
+        if include_embeddings:
+            self._graph_options["include_embeddings"] = True
 
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)

@@ -21,6 +21,7 @@ from torch import nn
 from cluster_tracking.errors import ClusterTrackingError, ConfigError, GraphError
 from cluster_tracking.graph import selection as graph_selection
 from cluster_tracking.graph import weight_graph
+from cluster_tracking.graph.chain import is_weight_layer
 from cluster_tracking.report import ClusterabilityReport
 from cluster_tracking.sinks import LocalDirectorySink, Sink
 from cluster_tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
@@ -30,9 +31,6 @@ from cluster_tracking.tracker import ClusterabilityTracker, ClusterTrackingWarni
 ModuleSelector = str | Callable[[Any], nn.Module]
 
 _log = logging.getLogger(__name__)
-
-# The module types the weight graph reads as layers (patterns select among these).
-_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def select_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
@@ -103,7 +101,7 @@ def _no_match_message(model: nn.Module, layers: str | Sequence[str], candidates:
 
 
 def _layer_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, _LAYER_TYPES)]
+    return [name for name, module in model.named_modules() if is_weight_layer(module)]
 
 
 def _has_weight(module: nn.Module) -> bool:

@@ -262,6 +262,54 @@ def test_a_model_without_a_graph_warns_once_and_training_goes_on(root: Path) -> 
     assert not (root / "clusterability").exists()
 
 
+class TinyLlamaLM(L.LightningModule):
+    """A 2-layer Llama-style causal LM (gated MLP, grouped-query attention) as ``self.model``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import transformers
+
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=50,
+            max_position_embeddings=32,
+        )
+        self.model = transformers.AutoModelForCausalLM.from_config(config)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (tokens,) = batch
+        return self.model(input_ids=tokens, labels=tokens).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+@pytest.mark.slow
+def test_a_whole_llama_is_measured_without_layers(root: Path) -> None:
+    from cluster_tracking.graph import weight_graph
+
+    tokens = torch.randint(0, 50, (32, 12), generator=torch.Generator().manual_seed(0))
+    callback = ClusterabilityCallback(module="model", every_n_steps=4, **FAST)
+    fit = trainer(root, callback, logger=False)
+    module = TinyLlamaLM()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit.fit(module, DataLoader(TensorDataset(tokens), batch_size=8))
+    assert not [w for w in caught if issubclass(w.category, ClusterTrackingWarning)]
+    assert [r.step for r in callback.reports] == [0, 4, 8]
+    final = weight_graph(module.model)
+    layers = callback.reports[-1].layers
+    assert [(layer.name, layer.width) for layer in layers] == list(
+        zip(final.layer_names, final.widths, strict=True)
+    )
+    assert final.merged["model.layers.0.mlp.up_proj"] == "model.layers.0.mlp.gate_proj"
+
+
 def test_options_are_checked_when_the_callback_is_created() -> None:
     with pytest.raises(ConfigError, match="k must be an integer >= 2"):
         ClusterabilityCallback(k=1)

@@ -14,11 +14,12 @@ import subprocess
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -264,12 +265,45 @@ def test_a_selection_that_makes_no_graph_is_a_clear_error() -> None:
         select_layers(model, "*.intermediate.dense|")
     with pytest.raises(ConfigError, match="layers must be a string"):
         select_layers(model, 3)  # type: ignore[arg-type]
-    # GPT-2's MLP is transformers' Conv1D, which the weight graph cannot read: said so.
-    gpt2 = transformers.AutoModelForCausalLM.from_config(
-        transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
+
+
+def tiny_gpt2() -> PreTrainedModel:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        vocab_size=50,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
     )
-    with pytest.raises(GraphError, match=r"transformer\.h\.0\.mlp\.c_fc \(Conv1D\)"):
-        select_layers(gpt2, "*.mlp.c_fc|*.mlp.c_proj")
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def tiny_llama() -> PreTrainedModel:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+        max_position_embeddings=32,
+    )
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def test_gpt2_conv1d_layers_are_read_in_their_own_layout() -> None:
+    # transformers' Conv1D stores [in, out]: c_fc is 16 -> 64, c_proj 64 -> 16.
+    gpt2 = tiny_gpt2()
+    layers = select_layers(gpt2, "*.h.0.mlp.c_fc|*.h.0.mlp.c_proj")
+    graph = weight_graph(gpt2, layers=layers)
+    assert graph.widths == (16, 64, 16)
+    fc = gpt2.transformer.h[0].mlp.c_fc.weight.detach().double().abs().numpy()
+    dense = graph.adjacency.toarray()
+    np.testing.assert_allclose(dense[16:80, 0:16], fc.T, rtol=1e-12)
 
 
 def test_an_unknown_layer_stops_training_before_the_first_step(root: Path) -> None:
@@ -293,12 +327,55 @@ def test_an_unknown_layer_stops_training_before_the_first_step(root: Path) -> No
     assert callback.tracker is None
 
 
-def test_a_whole_transformer_warns_once_and_training_goes_on(root: Path) -> None:
+def lm_data(n: int = 32) -> list[dict[str, Any]]:
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 50, (12,), generator=generator) for _ in range(n)]
+    return [{"input_ids": row, "labels": row} for row in rows]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_a_whole_transformer_is_measured_without_layers(
+    root: Path, make: Callable[[], PreTrainedModel]
+) -> None:
+    model = make()
+    callback = ClusterabilityTrainerCallback(every_n_steps=3, **FAST)
+    trainer = Trainer(
+        model=model,
+        args=arguments(root / "out", [], save_strategy="no"),
+        train_dataset=lm_data(),
+        callbacks=[callback],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if issubclass(w.category, ClusterTrackingWarning)]
+    assert [r.step for r in callback.reports] == [0, 3, 6]
+    final = weight_graph(model)  # the trained model, traced again
+    report = callback.reports[-1]
+    assert [layer.name for layer in report.layers] == list(final.layer_names)
+    assert [layer.width for layer in report.layers] == list(final.widths)
+    assert any(".mlp." in name for name in final.layer_names)
+
+
+class DataDependentMLP(TinyMLP):
+    """A forward that branches on the values of its input: neither torch.fx nor torch.export
+    can follow it."""
+
+    def forward(
+        self, features: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> SequenceClassifierOutput:
+        if features.sum() > 0:
+            features = features * 2
+        return super().forward(features, labels)
+
+
+def test_a_model_no_tracer_can_follow_warns_once_and_training_goes_on(root: Path) -> None:
     callback = ClusterabilityTrainerCallback(every_n_steps=1, **FAST)
     trainer = Trainer(
-        model=tiny_bert(),
+        model=DataDependentMLP(TinyConfig()),
         args=arguments(root / "out", []),
-        train_dataset=token_data(),
+        train_dataset=feature_data(),
         callbacks=[callback],
     )
     with warnings.catch_warnings(record=True) as caught:
@@ -307,7 +384,7 @@ def test_a_whole_transformer_warns_once_and_training_goes_on(root: Path) -> None
     ours = [w for w in caught if issubclass(w.category, ClusterTrackingWarning)]
     assert len(ours) == 1, [str(w.message) for w in ours]
     text = str(ours[0].message)
-    assert "torch.fx cannot trace" in text and "layers=" in text and "intermediate.dense" in text
+    assert "torch.export cannot trace" in text and "layers=" in text
     assert trainer.state.global_step == 6
     assert callback.tracker is None and callback.reports == []
 

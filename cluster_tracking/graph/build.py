@@ -168,7 +168,15 @@ class _Builder:
         return spec
 
     def weight_layer(
-        self, name: str, weight: np.ndarray, *, conv: bool, groups: int, inp: _Feat, label: str
+        self,
+        name: str,
+        weight: np.ndarray,
+        *,
+        conv: bool,
+        groups: int,
+        inp: _Feat,
+        label: str,
+        source: WeightSource | None = None,
     ) -> tuple[_Feat, _BlockSpec]:
         """Add a Linear/Conv layer reading ``inp``: its output nodes and its edge block."""
         n_out = weight.shape[0]
@@ -217,7 +225,9 @@ class _Builder:
                     f"layers do not chain. {_chain_advice(label)}"
                 )
         name, out_nodes = self.new_layer(name, "conv" if conv else "linear", n_out)
-        spec = _BlockSpec(name, kind, weight, feat.nodes, out_nodes, groups if conv else 1)
+        spec = _BlockSpec(
+            name, kind, weight, feat.nodes, out_nodes, groups if conv else 1, source=source
+        )
         self.specs.append(spec)
         spatial = weight.ndim - 2 if conv else 0
         return _Feat(out_nodes, origin=label, spatial=spatial), spec

@@ -20,6 +20,7 @@ from cluster_tracking.errors import GraphError
 from cluster_tracking.graph.build import STATE_DICT_ADVICE, _BlockSpec, _Builder, _Feat
 from cluster_tracking.graph.fx_trace import BATCHNORM_MODULES, CONV_MODULES
 from cluster_tracking.graph.selection import select_layers
+from cluster_tracking.graph.types import WeightSource
 from cluster_tracking.graph.weights import batchnorm_scale, fold_scale, weight_array
 
 
@@ -31,6 +32,7 @@ class _ChainEntry:
     weight: np.ndarray | None = None
     groups: int = 1  # a state_dict does not say a conv's groups: 1, never inferred
     scale: np.ndarray | None = None  # BatchNorm: the per-channel factor to fold
+    source: WeightSource | None = None  # a weight stored otherwise than [out, in] (Conv1D)
 
 
 def _build_chain(builder: _Builder, entries: Sequence[_ChainEntry], *, strict: bool) -> None:
@@ -58,7 +60,13 @@ def _build_chain(builder: _Builder, entries: Sequence[_ChainEntry], *, strict: b
         if not conv and last_is_conv:
             feat = replace(feat, flat=True)
         feat, last = builder.weight_layer(
-            entry.name, entry.weight, conv=conv, groups=groups, inp=feat, label=entry.label
+            entry.name,
+            entry.weight,
+            conv=conv,
+            groups=groups,
+            inp=feat,
+            label=entry.label,
+            source=entry.source,
         )
         last_is_conv = conv
 
@@ -86,9 +94,20 @@ def _list_names(names: Sequence[str]) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is
+    stored ``[in, out]`` (duck-typed, so transformers stays optional)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_weight_layer(module: nn.Module) -> bool:
+    """Whether a chain (``layers=``) can read ``module``: Linear, Conv or Conv1D."""
+    return isinstance(module, (nn.Linear, *CONV_MODULES)) or is_conv1d(module)
+
+
 def _module_chain_entries(model: nn.Module, selection: str | Sequence[str]) -> list[_ChainEntry]:
     modules = dict(model.named_modules())
-    available = [n for n, m in modules.items() if isinstance(m, (nn.Linear, *CONV_MODULES))]
+    available = [n for n, m in modules.items() if is_weight_layer(m)]
     layers = select_layers(selection, available, what=type(model).__name__)
     if not layers:
         raise GraphError(
@@ -101,7 +120,11 @@ def _module_chain_entries(model: nn.Module, selection: str | Sequence[str]) -> l
         label = f"layer {name!r} ({type(module).__name__})"
         if layers.count(name) > 1:
             raise GraphError(f"layers= names {name!r} more than once; name each layer once.")
-        if isinstance(module, nn.Linear):
+        if module is not None and is_conv1d(module):  # GPT-2's Conv1D: weight stored [in, out]
+            weight = weight_array(module.weight, label).T
+            source = WeightSource(f"{name}.weight", transposed=True)
+            entries.append(_ChainEntry(name, label, "linear", weight, source=source))
+        elif isinstance(module, nn.Linear):
             entries.append(
                 _ChainEntry(name, label, "linear", weight_array(module.weight, label), 1)
             )
