@@ -382,6 +382,16 @@ def _load_directory(folder: Path, *, trust_pickle: bool, source: str) -> LoadedM
             prefix=prefix,
             notes=notes,
         )
+    from cluster_tracking.pretrained import is_model_folder, load_model_folder
+
+    if is_model_folder(folder):
+        model = load_model_folder(folder)
+        return LoadedModel(
+            source=source,
+            label=folder.name,
+            weights=model,
+            format=f"Hugging Face model folder ({type(model).__name__}, safetensors)",
+        )
     files = _weight_files(folder)
     if not files:
         listed = _list_names(sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")))
