@@ -117,6 +117,13 @@ _IDENTITIES = frozenset(
     "alias clone contiguous detach _to_copy to lift_fresh_copy type_as dropout feature_dropout "
     "alpha_dropout feature_alpha_dropout _assert_tensor_metadata".split()
 )
+_PARAM_MOVES = frozenset("t numpy_T adjoint mT transpose permute view".split())
+# Activations ATen does not tag as pointwise (each keeps units apart).
+_ACTIVATIONS = frozenset(
+    "hardswish hardsigmoid hardtanh relu6 gelu silu mish elu selu celu leaky_relu softplus "
+    "softshrink hardshrink tanhshrink threshold log_sigmoid log_sigmoid_forward prelu "
+    "_prelu_kernel rrelu".split()
+)
 _CHANNEL_NORMALISATIONS = frozenset("softmax _softmax log_softmax _log_softmax".split())
 _REDUCTIONS = frozenset(
     "sum mean amax amin max min var std var_mean std_mean norm linalg_vector_norm logsumexp prod "
@@ -296,7 +303,7 @@ class ExportWalker:
         if name == "embedding":
             return self._embedding(node, args, out_shape)
         if not units:
-            if params and (name in _IDENTITIES or name in ("t", "transpose", "permute", "view")):
+            if params and (name in _IDENTITIES or name in _PARAM_MOVES):
                 return self._param_move(name, args, out_shape)
             return self._tuple_of(node, _OTHER)
         if name in _NOT_UNITS:
@@ -313,7 +320,12 @@ class ExportWalker:
             return self._recurrent(node, name, args)
         if name in _ATTENTION:
             return self._attention(node, args)
-        if name in _IDENTITIES or name in _CHANNEL_NORMALISATIONS or name in _PASS_NORMALISATIONS:
+        if (
+            name in _IDENTITIES
+            or name in _CHANNEL_NORMALISATIONS
+            or name in _PASS_NORMALISATIONS
+            or name in _ACTIVATIONS
+        ):
             first = args[0]
             return self._tuple_of(
                 node, self._carry(first, out_shape, keep_spec=name in _IDENTITIES)
@@ -352,7 +364,7 @@ class ExportWalker:
         ndim = len(param.shape)
         if ndim != 2:
             return _OTHER
-        swapped = name == "t" or (
+        swapped = name in ("t", "numpy_T", "adjoint", "mT") or (
             name == "transpose" and sorted(int(d) % 2 for d in args[1:3]) == [0, 1]
         )
         if name == "permute":
@@ -497,7 +509,10 @@ class ExportWalker:
     ) -> Any:
         x, weight = args[0], args[1]
         if not isinstance(x, _Units) or not isinstance(weight, _Param):
-            raise self._error(f"{self._describe(node)} applies a weight that is not a parameter")
+            raise self._error(
+                f"{self._describe(node)} applies a weight that is not a parameter of the model "
+                "(computed from parameters, e.g. by a weight_norm parametrization, or reshaped)"
+            )
         transposed = name in _TRANSPOSED_CONVOLUTIONS
         if name in ("convolution", "_convolution"):
             transposed = bool(args[6])
