@@ -2,21 +2,30 @@
 
 An observed n-cut means little alone: a network's widths and weight distribution already set what
 n-cut spectral clustering can reach. The paper compares it with the n-cuts of *shuffled* networks,
-each weight tensor shuffled separately:
+each weight tensor shuffled separately (:func:`shuffle_tensor`):
 
-- ``layer``: permute all entries of the tensor (keeps the multiset of values);
+- ``layer``: permute the tensor's live entries (keeps the multiset of values);
 - ``layer_nonzero``: permute only the non-zero entries, keeping the sparsity mask (the honest null
   for pruned networks);
 - ``layer_nonzero_distribution``: keep the mask, draw new non-zero values from a Gaussian kernel
   density fitted to the tensor's non-zero values;
-- ``layer_all_distribution``: draw every entry from a Gaussian kernel density fitted to all values;
+- ``layer_all_distribution``: permute the live entries, then draw every non-zero one from that
+  density (the published code's ``layer`` then ``layer_nonzero_distribution``): exact zeros stay
+  zero, in moved places;
+- ``layer_all_distribution_dense`` (opt-in): draw every live entry, zeros included, from a density
+  fitted to all of them;
 
 and with ``random_init``: the same architecture freshly initialised by its modules' own
 ``reset_parameters()`` (or a named ``torch.nn.init`` scheme).
 
+In every shuffle a dead (zero-degree) unit stays dead: only entries joining two live nodes move
+(:func:`live_masks`), which is the published code's deletion of zero-degree nodes before
+shuffling. Under ``preset="filan2021"`` a convolution is shuffled as its matrix of channel norms
+and the kernel density has the fixed bandwidth 0.01 (:func:`kde_bandwidth`), as published.
+
 The statistics (:func:`null_statistics`): ``z = (ncut - mean) / std`` with the population std, the
 one-sided ``p = (r + 1) / (n + 1)`` with ``r`` the number of null n-cuts strictly below the observed
-one, and the percentile rank.
+one (the published code calls this number the "percentile"), and the percentile rank.
 """
 
 from __future__ import annotations
@@ -195,6 +204,8 @@ def null_blocks(
     method: str,
     rng: np.random.Generator,
     preset: str = "default",
+    *,
+    prepared: tuple[list[EdgeBlock], list[np.ndarray | None]] | None = None,
 ) -> list[EdgeBlock]:
     """The weight blocks of one shuffled null network.
 
@@ -203,14 +214,24 @@ def null_blocks(
     ``[out, in]`` matrix of channel norms (the published code shuffles the matrices that
     ``extract_cnn_weights_filters_as_units`` returns), so its null block is a ``linear`` block
     of those norms; under ``default`` its kernel entries are shuffled and the norms taken after.
+    ``prepared``: what :func:`prepare_null_blocks` returned for these blocks (it is the same for
+    every null network of a graph).
     """
-    if check_preset(preset) == "filan2021":
-        blocks = [_as_channel_norm_block(block) for block in blocks]
-    masks = live_masks(blocks, n_nodes)
+    blocks, masks = prepared or prepare_null_blocks(blocks, n_nodes, preset)
     shuffled = shuffle_weights(
         [block.weight for block in blocks], method, rng, live=masks, preset=preset
     )
     return [replace(block, weight=weight) for block, weight in zip(blocks, shuffled, strict=True)]
+
+
+def prepare_null_blocks(
+    blocks: Sequence[EdgeBlock], n_nodes: int, preset: str = "default"
+) -> tuple[list[EdgeBlock], list[np.ndarray | None]]:
+    """The blocks a preset shuffles (under ``filan2021``, convolutions as channel-norm blocks)
+    and their :func:`live_masks`."""
+    if check_preset(preset) == "filan2021":
+        blocks = [_as_channel_norm_block(block) for block in blocks]
+    return list(blocks), live_masks(blocks, n_nodes)
 
 
 def _as_channel_norm_block(block: EdgeBlock) -> EdgeBlock:
@@ -291,9 +312,10 @@ def shuffled_ncuts(
     torch: worker processes that run it start fast.
     """
     rows = []
+    prepared = prepare_null_blocks(blocks, n_nodes, preset)
     for index in indices:
         rng = np.random.default_rng(child_seed(root, 1, index))
-        shuffled = null_blocks(blocks, n_nodes, method, rng, preset)
+        shuffled = null_blocks(blocks, n_nodes, method, rng, preset, prepared=prepared)
         ncuts = block_ncuts(
             shuffled,
             n_nodes,
