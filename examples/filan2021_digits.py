@@ -16,8 +16,8 @@ Filan et al. (2021), "Clusterability in Neural Networks" (arXiv:2103.03386), wit
    the default's Scott's rule, on the trained and the pruned net, and on the same nets with every
    weight multiplied by 10 (the n-cut does not change; a null should not either).
 
-Run: ``python examples/filan2021_digits.py`` (``--networks 30 --shuffles 30`` by default; about
-10 minutes on two busy cores). It prints Markdown tables (the README's are from this script).
+Run: ``python examples/filan2021_digits.py`` (``--networks 30 --shuffles 30`` by default; 450 s
+on two shared cores). It prints Markdown tables (the README's are from this script).
 """
 
 from __future__ import annotations
