@@ -112,6 +112,15 @@ def test_preset_nulls_are_clustered_by_scikit_learn_too() -> None:
     assert ncut[0] == pytest.approx(expected, rel=1e-12)
 
 
+def test_preset_numbers_do_not_depend_on_the_workers() -> None:
+    model = with_dead_units(mlp((16, 20, 20, 6), 4))
+    one = ct.measure(model, k=4, shuffles=6, seed=3, n_jobs=1, preset="filan2021")
+    two = ct.measure(model, k=4, shuffles=6, seed=3, n_jobs=2, preset="filan2021")
+    assert one.baseline is not None and two.baseline is not None
+    assert one.baseline.ncuts == two.baseline.ncuts and one.ncut == two.ncut
+    assert one.nodes.removed == 2
+
+
 # --- dead units stay dead ------------------------------------------------------------------------
 
 
