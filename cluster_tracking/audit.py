@@ -50,7 +50,7 @@ from cluster_tracking.loading import (
     mlflow_client,
     parse_source,
 )
-from cluster_tracking.report import ClusterabilityReport
+from cluster_tracking.report import ClusterabilityReport, mixed_procedures
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -621,6 +621,9 @@ def run_compare(
         if result.loaded.source in labels and result.loaded.source.startswith("models:/"):
             result.loaded.label = labels[result.loaded.source]
     ordered = sorted(batch.results, key=_z_order)
+    mixed = mixed_procedures(result.report for result in ordered)
+    if mixed is not None:
+        _stderr().print(f"warning: {mixed}", markup=False)
     if log_run:
         for result in ordered:
             try:

@@ -2,21 +2,30 @@
 
 An observed n-cut means little alone: a network's widths and weight distribution already set what
 n-cut spectral clustering can reach. The paper compares it with the n-cuts of *shuffled* networks,
-each weight tensor shuffled separately:
+each weight tensor shuffled separately (:func:`shuffle_tensor`):
 
-- ``layer``: permute all entries of the tensor (keeps the multiset of values);
+- ``layer``: permute the tensor's live entries (keeps the multiset of values);
 - ``layer_nonzero``: permute only the non-zero entries, keeping the sparsity mask (the honest null
   for pruned networks);
 - ``layer_nonzero_distribution``: keep the mask, draw new non-zero values from a Gaussian kernel
   density fitted to the tensor's non-zero values;
-- ``layer_all_distribution``: draw every entry from a Gaussian kernel density fitted to all values;
+- ``layer_all_distribution``: permute the live entries, then draw every non-zero one from that
+  density (the published code's ``layer`` then ``layer_nonzero_distribution``): exact zeros stay
+  zero, in moved places;
+- ``layer_all_distribution_dense`` (opt-in): draw every live entry, zeros included, from a density
+  fitted to all of them;
 
 and with ``random_init``: the same architecture freshly initialised by its modules' own
 ``reset_parameters()`` (or a named ``torch.nn.init`` scheme).
 
+In every shuffle a dead (zero-degree) unit stays dead: only entries joining two live nodes move
+(:func:`live_masks`), which is the published code's deletion of zero-degree nodes before
+shuffling. Under ``preset="filan2021"`` a convolution is shuffled as its matrix of channel norms
+and the kernel density has the fixed bandwidth 0.01 (:func:`kde_bandwidth`), as published.
+
 The statistics (:func:`null_statistics`): ``z = (ncut - mean) / std`` with the population std, the
 one-sided ``p = (r + 1) / (n + 1)`` with ``r`` the number of null n-cuts strictly below the observed
-one, and the percentile rank.
+one (the published code calls this number the "percentile"), and the percentile rank.
 """
 
 from __future__ import annotations
@@ -43,8 +52,14 @@ SHUFFLE_METHODS = (
     "layer_nonzero",
     "layer_nonzero_distribution",
     "layer_all_distribution",
+    "layer_all_distribution_dense",
 )
 NULL_METHODS = (*SHUFFLE_METHODS, "random_init")
+PRESETS = ("default", "filan2021")
+
+#: The kernel density bandwidth of the ``filan2021`` preset: the published code's
+#: ``KernelDensity(kernel="gaussian", bandwidth=0.01)``, in the weights' own units.
+FILAN2021_BANDWIDTH = 0.01
 
 #: Named initialisations accepted by ``random_init`` (besides the modules' own
 #: ``reset_parameters``), applied to every weight tensor of two or more dimensions: the name of
@@ -70,34 +85,209 @@ def check_method(method: str) -> str:
     return method
 
 
-def shuffle_tensor(weight: np.ndarray, method: str, rng: np.random.Generator) -> np.ndarray:
-    """One weight tensor shuffled by ``method`` (a new array; ``weight`` is left alone)."""
-    if method == "layer":
-        return rng.permutation(weight.ravel()).reshape(weight.shape)
-    if method == "layer_all_distribution":
-        return _kde_resample(weight.ravel(), weight.size, rng).reshape(weight.shape)
-    mask = weight != 0
-    values = weight[mask]
-    if values.size < 2:
-        raise ConfigError(
-            f"the {method!r} null needs at least 2 non-zero weights per tensor, but a tensor of "
-            f"shape {weight.shape} has {values.size}; use shuffle='layer' for such networks."
-        )
-    shuffled = np.zeros_like(weight)
-    if method == "layer_nonzero":
-        shuffled[mask] = rng.permutation(values)
-    elif method == "layer_nonzero_distribution":
-        shuffled[mask] = _kde_resample(values, values.size, rng)
-    else:
+def check_preset(preset: str) -> str:
+    """Validate a preset name."""
+    if preset not in PRESETS:
+        raise ConfigError(f"preset must be 'default' or 'filan2021', got {preset!r}.")
+    return preset
+
+
+def kde_bandwidth(values: np.ndarray, preset: str = "default") -> float:
+    """Bandwidth of the Gaussian kernel density that the distribution nulls sample from.
+
+    ``default``: Scott's rule, ``std(values) * n^(-1/5)`` (scipy's ``gaussian_kde`` default in
+    1-D). It scales with the weights, so the null of ``c * W`` is ``c`` times the null of ``W``
+    and the z-score, like the n-cut itself, does not depend on the weights' overall scale.
+    ``filan2021``: the published code's fixed :data:`FILAN2021_BANDWIDTH` (0.01), whatever the
+    scale of the values.
+    """
+    if check_preset(preset) == "filan2021":
+        return FILAN2021_BANDWIDTH
+    return float(np.std(values)) * values.size ** (-1.0 / 5.0)
+
+
+def shuffle_tensor(
+    weight: np.ndarray,
+    method: str,
+    rng: np.random.Generator,
+    *,
+    live: np.ndarray | None = None,
+    preset: str = "default",
+) -> np.ndarray:
+    """One weight tensor shuffled by ``method`` (a new array; ``weight`` is left alone).
+
+    ``live`` (bool, ``weight``'s shape) marks the entries that join two nodes of non-zero
+    degree; the others (entries of dead units, all zero) are left as they are, so that no null
+    network brings a dead unit back to life: the published code deletes zero-degree nodes
+    before shuffling, and shuffling the entries among the live ones is the same null. ``None``:
+    every entry is live. ``preset`` picks the kernel density's bandwidth (:func:`kde_bandwidth`).
+
+    - ``layer``: the live entries permuted;
+    - ``layer_nonzero``: the non-zero entries permuted, zeros kept in place;
+    - ``layer_nonzero_distribution``: zeros kept in place, every non-zero entry drawn afresh
+      from a Gaussian kernel density fitted to the non-zero values;
+    - ``layer_all_distribution``: the live entries permuted (zeros move, their number is kept),
+      then every non-zero entry drawn from the density of the non-zero values, as the published
+      code does (``layer`` then ``layer_nonzero_distribution``): exact zeros stay exact zeros;
+    - ``layer_all_distribution_dense``: every live entry, zeros included, drawn from a density
+      fitted to all live values (a pruned network's null is then dense).
+    """
+    check_preset(preset)
+    if method in ("layer_nonzero", "layer_nonzero_distribution"):
+        mask = weight != 0
+        values = weight[mask]
+        if values.size < 2:
+            raise ConfigError(
+                f"the {method!r} null needs at least 2 non-zero weights per tensor, but a tensor "
+                f"of shape {weight.shape} has {values.size}; use shuffle='layer' for such "
+                "networks."
+            )
+        shuffled = weight.copy()
+        if method == "layer_nonzero":
+            shuffled[mask] = rng.permutation(values)
+        else:
+            shuffled[mask] = _kde_resample(values, values.size, rng, kde_bandwidth(values, preset))
+        return shuffled
+    if method not in SHUFFLE_METHODS:
         raise ConfigError(f"{method!r} is not a shuffle; choose one of {SHUFFLE_METHODS}.")
+    if live is None or live.all():
+        # every entry live: the same draws as the masked path below, without the masks
+        flat = weight.ravel()
+        if method == "layer_all_distribution_dense":
+            drawn = _kde_resample(flat, flat.size, rng, kde_bandwidth(flat, preset))
+            return drawn.reshape(weight.shape)
+        shuffled = rng.permutation(flat).reshape(weight.shape)
+        if method == "layer_all_distribution":
+            _redraw_nonzero(shuffled, shuffled != 0, rng, preset)
+        return shuffled
+    values = weight[live]
+    shuffled = weight.copy()
+    if method == "layer_all_distribution_dense":
+        if values.size:
+            shuffled[live] = _kde_resample(values, values.size, rng, kde_bandwidth(values, preset))
+        return shuffled
+    shuffled[live] = rng.permutation(values)
+    if method == "layer_all_distribution":
+        _redraw_nonzero(shuffled, live & (shuffled != 0), rng, preset)
     return shuffled
 
 
+def _redraw_nonzero(
+    shuffled: np.ndarray, mask: np.ndarray, rng: np.random.Generator, preset: str
+) -> None:
+    """Draw the entries at ``mask`` afresh from the density of their values, in place."""
+    values = shuffled[mask]
+    if values.size:
+        shuffled[mask] = _kde_resample(values, values.size, rng, kde_bandwidth(values, preset))
+
+
 def shuffle_weights(
-    weights: Sequence[np.ndarray], method: str, rng: np.random.Generator
+    weights: Sequence[np.ndarray],
+    method: str,
+    rng: np.random.Generator,
+    *,
+    live: Sequence[np.ndarray | None] | None = None,
+    preset: str = "default",
 ) -> list[np.ndarray]:
-    """Every tensor shuffled separately by ``method`` (see the module docstring)."""
-    return [shuffle_tensor(weight, method, rng) for weight in weights]
+    """Every tensor shuffled separately by ``method`` (see :func:`shuffle_tensor`); ``live``
+    holds one mask (or ``None``) per tensor."""
+    masks = [None] * len(weights) if live is None else list(live)
+    return [
+        shuffle_tensor(weight, method, rng, live=mask, preset=preset)
+        for weight, mask in zip(weights, masks, strict=True)
+    ]
+
+
+def null_blocks(
+    blocks: Sequence[EdgeBlock],
+    n_nodes: int,
+    method: str,
+    rng: np.random.Generator,
+    preset: str = "default",
+    *,
+    prepared: tuple[list[EdgeBlock], list[np.ndarray | None]] | None = None,
+) -> list[EdgeBlock]:
+    """The weight blocks of one shuffled null network.
+
+    Zero-degree nodes stay zero-degree: only entries joining two live nodes are shuffled
+    (:func:`live_masks`). Under ``preset="filan2021"`` a convolution is shuffled as its
+    ``[out, in]`` matrix of channel norms (the published code shuffles the matrices that
+    ``extract_cnn_weights_filters_as_units`` returns), so its null block is a ``linear`` block
+    of those norms; under ``default`` its kernel entries are shuffled and the norms taken after.
+    ``prepared``: what :func:`prepare_null_blocks` returned for these blocks (it is the same for
+    every null network of a graph).
+    """
+    blocks, masks = prepared or prepare_null_blocks(blocks, n_nodes, preset)
+    shuffled = shuffle_weights(
+        [block.weight for block in blocks], method, rng, live=masks, preset=preset
+    )
+    return [replace(block, weight=weight) for block, weight in zip(blocks, shuffled, strict=True)]
+
+
+def prepare_null_blocks(
+    blocks: Sequence[EdgeBlock], n_nodes: int, preset: str = "default"
+) -> tuple[list[EdgeBlock], list[np.ndarray | None]]:
+    """The blocks a preset shuffles (under ``filan2021``, convolutions as channel-norm blocks)
+    and their :func:`live_masks`."""
+    if check_preset(preset) == "filan2021":
+        blocks = [_as_channel_norm_block(block) for block in blocks]
+    return list(blocks), live_masks(blocks, n_nodes)
+
+
+def _as_channel_norm_block(block: EdgeBlock) -> EdgeBlock:
+    """A convolution as the ``linear`` block of its ``[out, in]`` channel norms (a grouped one
+    with zeros between groups, as the published code's ``depthwise_conv_to_conv`` makes it)."""
+    if block.kind != "conv":
+        return block
+    return replace(block, kind="linear", weight=block.edge_weights(), groups=1, norm="l1")
+
+
+def node_degrees(blocks: Sequence[EdgeBlock], n_nodes: int) -> np.ndarray:
+    """Weighted degree of every node of the graph made of ``blocks`` (self-loops left out, as in
+    the adjacency), shape ``[n_nodes]``."""
+    degrees = np.zeros(n_nodes)
+    for block in blocks:
+        edges = block.edge_weights()  # [out, in]
+        loops = block.dst[:, None] == block.src[None, :]
+        if loops.any():
+            edges = np.where(loops, 0.0, edges)
+        degrees += np.bincount(block.dst, weights=edges.sum(axis=1), minlength=n_nodes)
+        degrees += np.bincount(block.src, weights=edges.sum(axis=0), minlength=n_nodes)
+    return degrees
+
+
+def live_masks(blocks: Sequence[EdgeBlock], n_nodes: int) -> list[np.ndarray | None]:
+    """For each block, the entries of its weight tensor that join two nodes of non-zero degree
+    (bool, the tensor's shape), or ``None`` when all of them do.
+
+    An entry of a dead (zero-degree) unit is zero; keeping these entries out of the shuffle is
+    the published code's ``delete_isolated_ccs`` *before* shuffling: a dead input pixel stays
+    dead in every null network.
+    """
+    active = node_degrees(blocks, n_nodes) > 0
+    masks: list[np.ndarray | None] = []
+    for block in blocks:
+        out_live, in_live = active[block.dst], active[block.src]
+        if out_live.all() and in_live.all():
+            masks.append(None)
+            continue
+        weight = block.weight
+        if block.kind == "linear":
+            live = out_live[:, None] & in_live[None, :]
+        elif block.kind == "flatten":
+            per_channel = weight.shape[1] // len(block.src)
+            live = out_live[:, None] & np.repeat(in_live, per_channel)[None, :]
+        else:  # conv [out, in / groups, *kernel]: a slice is live when both its channels are
+            if block.groups > 1:
+                rows, cols = block._group_pattern()
+                slices = out_live[rows] & in_live[cols]
+            else:
+                slices = out_live[:, None] & in_live[None, :]
+            live = np.broadcast_to(
+                slices.reshape(*slices.shape, *([1] * (weight.ndim - 2))), weight.shape
+            )
+        masks.append(np.ascontiguousarray(live))
+    return masks
 
 
 def shuffled_ncuts(
@@ -108,27 +298,32 @@ def shuffled_ncuts(
     method: str,
     ks: Sequence[int],
     root: np.random.SeedSequence,
-    n_init: int,
+    n_init: int | None,
+    preset: str = "default",
 ) -> list[np.ndarray]:
     """n-cuts at every k of the shuffled null networks ``indices``: one ``[len(ks)]`` row each.
 
-    Null network i shuffles the graph's weight blocks with the stream keyed ``(1, i)`` under
-    ``root`` and is partitioned with the streams keyed ``(2, i, ...)``, so its numbers do not
-    depend on which process computes it. A shuffled network keeps the graph's topology, so it is
-    partitioned straight from its weight blocks, without assembling a sparse adjacency (the same
-    numbers as ``spectral_partitions(graph.with_weights(shuffled))`` gives, n-cut only). Needs no
+    Null network i shuffles the graph's weight blocks (:func:`null_blocks`) with the stream
+    keyed ``(1, i)`` under ``root`` and is partitioned with the streams keyed ``(2, i, ...)``,
+    so its numbers do not depend on which process computes it. Under ``default`` a shuffled
+    network is partitioned straight from its weight blocks, without assembling a sparse
+    adjacency (the same numbers as ``spectral_partitions(graph.with_weights(shuffled))`` gives,
+    n-cut only); under ``filan2021`` by scikit-learn, as the observed network is. Needs no
     torch: worker processes that run it start fast.
     """
     rows = []
-    weights = [block.weight for block in blocks]
+    prepared = prepare_null_blocks(blocks, n_nodes, preset)
     for index in indices:
         rng = np.random.default_rng(child_seed(root, 1, index))
-        shuffled = shuffle_weights(weights, method, rng)
-        null_blocks = [
-            replace(block, weight=weight) for block, weight in zip(blocks, shuffled, strict=True)
-        ]
+        shuffled = null_blocks(blocks, n_nodes, method, rng, preset, prepared=prepared)
         ncuts = block_ncuts(
-            null_blocks, n_nodes, node_layer, ks, seed=child_seed(root, 2, index), n_init=n_init
+            shuffled,
+            n_nodes,
+            node_layer,
+            ks,
+            seed=child_seed(root, 2, index),
+            n_init=n_init,
+            preset=preset,
         )
         rows.append(np.array(ncuts))
     return rows
@@ -147,13 +342,12 @@ def check_shuffle_preconditions(weights: Sequence[np.ndarray], method: str) -> N
             )
 
 
-def _kde_resample(values: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Draw ``size`` values from a Gaussian kernel density fitted to ``values``.
-
-    Bandwidth by Scott's rule, ``std * n^(-1/5)`` (scipy's ``gaussian_kde`` default in 1-D):
-    pick a data point at random, then add Gaussian noise of that width.
-    """
-    bandwidth = float(np.std(values)) * values.size ** (-1.0 / 5.0)
+def _kde_resample(
+    values: np.ndarray, size: int, rng: np.random.Generator, bandwidth: float
+) -> np.ndarray:
+    """Draw ``size`` values from a Gaussian kernel density of width ``bandwidth`` on ``values``:
+    pick a data point at random, then add Gaussian noise of that width (what scikit-learn's
+    ``KernelDensity(kernel="gaussian").sample`` does)."""
     centers = values[rng.integers(0, values.size, size=size)]
     return centers + rng.normal(0.0, 1.0, size=size) * bandwidth
 

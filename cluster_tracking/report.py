@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -212,6 +213,45 @@ class ClusterabilityReport:
         if not isinstance(data, dict):
             raise SourceError("report JSON must be an object.")
         return cls.from_dict(data)
+
+
+#: The procedure of a report written before ``config["procedure"]`` was recorded: its partition
+#: came from the default clustering and its nulls from the old conventions, even under
+#: ``preset="filan2021"`` (which then changed the graph of convolutional networks only).
+UNRECORDED_PROCEDURE = "unrecorded"
+
+
+def procedure_of(report: ClusterabilityReport | Mapping[str, Any]) -> str:
+    """Which procedure produced a report's numbers: ``"default"`` (this package's clustering and
+    nulls), ``"filan2021"`` (the published procedure of Filan et al. 2021), or
+    :data:`UNRECORDED_PROCEDURE` for reports written before it was recorded. Takes a report or
+    its ``config``.
+
+    A z-score depends on the procedure (the default's restarts, chosen by n-cut, give null
+    n-cuts of a smaller spread than scikit-learn's, chosen by inertia), so numbers of different
+    procedures must not be set side by side as if they were one measure.
+    """
+    config = report.config if isinstance(report, ClusterabilityReport) else report
+    return str(config.get("procedure", UNRECORDED_PROCEDURE))
+
+
+def mixed_procedures(
+    reports: Iterable[ClusterabilityReport | Mapping[str, Any]],
+) -> str | None:
+    """A warning, for a person, when ``reports`` (or their configs) come from more than one
+    procedure (:func:`procedure_of`); ``None`` when they all come from one."""
+    counts: dict[str, int] = {}
+    for report in reports:
+        name = procedure_of(report)
+        counts[name] = counts.get(name, 0) + 1
+    if len(counts) < 2:
+        return None
+    listed = ", ".join(f"{count} by {name!r}" for name, count in sorted(counts.items()))
+    return (
+        f"these results come from different procedures ({listed}): their n-cuts and z-scores "
+        "are not comparable (the filan2021 preset clusters as scikit-learn does, with a wider "
+        "null spread and so smaller |z|); measure them all with one preset."
+    )
 
 
 def ave_in_out(ncut: float, k: int) -> float | None:

@@ -9,6 +9,12 @@ The partition follows Shi & Malik / von Luxburg's normalised spectral clustering
 3. run k-means on the embedding from many random starts and keep the partition whose **n-cut**
    (the quantity we report) is lowest, where scikit-learn keeps the lowest k-means inertia.
 
+Under ``preset="filan2021"`` the partition is scikit-learn's own ``SpectralClustering(...,
+eigen_solver="arpack")`` as the published code of Filan et al. calls it (:func:`filan2021_labels`):
+ARPACK eigenvectors, k-means to convergence, the restart of lowest inertia kept, 25 restarts (100
+above 2,000 nodes). Its n-cuts are higher and its null spread wider than the default's; the
+preset exists so that numbers can be set beside the paper's.
+
 The n-cut of a partition into clusters ``C_1..C_k`` is ``sum_c cut(C_c, rest) / vol(C_c)`` with
 ``vol(C) = sum of the degrees of C's nodes``; lower means more clusterable.
 
@@ -80,6 +86,24 @@ FLOAT32_TOL = 1e-5
 #: Block Krylov: block size is the number of wanted vectors plus this; at most this many blocks.
 KRYLOV_OVERSAMPLE = 8
 KRYLOV_MAX_BLOCKS = 40
+#: The ``filan2021`` preset's k-means restarts: :data:`FILAN2021_N_INIT`, or
+#: :data:`FILAN2021_LARGE_N_INIT` on graphs of more than :data:`FILAN2021_LARGE_NODES`
+#: non-isolated nodes (the published code's ``cluster_net``).
+FILAN2021_N_INIT = 25
+FILAN2021_LARGE_N_INIT = 100
+FILAN2021_LARGE_NODES = 2000
+#: Which clustering procedure each preset runs (recorded in ``report.config["clustering"]``).
+CLUSTERING_PROCEDURES = {
+    "default": (
+        "cluster-tracking: block-Krylov embedding to PARTITION_TOL in float32, k-means capped at "
+        "KMEANS_MAX_ITER iterations, the restart of lowest n-cut kept"
+    ),
+    "filan2021": (
+        "scikit-learn SpectralClustering(affinity='precomputed', eigen_solver='arpack', "
+        "assign_labels='kmeans'): ARPACK eigenvectors, k-means to convergence, the restart of "
+        "lowest inertia kept; n_init 25, 100 above 2000 nodes"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -146,22 +170,29 @@ def spectral_partition(
     k: int = 12,
     *,
     seed: int | np.random.SeedSequence | None = None,
-    n_init: int = DEFAULT_N_INIT,
+    n_init: int | None = None,
+    preset: str = "default",
 ) -> SpectralPartition:
     """Partition a weight graph into ``k`` clusters by normalised spectral clustering.
 
-    Zero-degree nodes are removed first and labelled ``-1``. Of ``n_init`` k-means restarts on the
-    spectral embedding, the one with the lowest n-cut is kept. Clusters are numbered in the order
+    Zero-degree nodes are removed first and labelled ``-1``. Clusters are numbered in the order
     of their first node, so the same partition always gets the same labels. The result is
     deterministic for a given ``seed``.
+
+    ``preset="default"``: of ``n_init`` k-means restarts (default :data:`DEFAULT_N_INIT`) on the
+    spectral embedding, the one with the lowest n-cut is kept. ``preset="filan2021"``: the
+    published procedure, scikit-learn's ``SpectralClustering(affinity="precomputed",
+    eigen_solver="arpack", assign_labels="kmeans")`` itself (:func:`filan2021_labels`), with
+    ``n_init`` 25, or 100 above 2,000 nodes, unless ``n_init`` is given.
 
     Args:
         graph: a :class:`~cluster_tracking.graph.types.WeightGraph` or a symmetric adjacency matrix.
         k: number of clusters (the paper uses 12).
         seed: seed of the k-means starts and of the eigensolver's start vector.
-        n_init: number of k-means restarts.
+        n_init: number of k-means restarts (``None``: the preset's).
+        preset: the clustering procedure, ``"default"`` or ``"filan2021"``.
     """
-    return spectral_partitions(graph, [k], seed=seed, n_init=n_init)[0]
+    return spectral_partitions(graph, [k], seed=seed, n_init=n_init, preset=preset)[0]
 
 
 def spectral_partitions(
@@ -169,20 +200,113 @@ def spectral_partitions(
     ks: Sequence[int],
     *,
     seed: int | np.random.SeedSequence | None = None,
-    n_init: int = DEFAULT_N_INIT,
+    n_init: int | None = None,
+    preset: str = "default",
 ) -> list[SpectralPartition]:
     """:func:`spectral_partition` for several k at once, sharing one eigendecomposition.
 
     The eigenvectors of the k smallest Laplacian eigenvalues are the first k of those for the
     largest k, so one embedding serves every k. k-means for each k draws from its own stream,
     derived from ``seed`` and k, so a k's partition does not depend on which other k are asked.
+    (Under ``filan2021`` scikit-learn embeds once per k, as the published code does.)
     """
-    n_init = _check_positive_int(n_init, "n_init")
+    if n_init is not None:
+        n_init = _check_positive_int(n_init, "n_init")
     edges = _edges_of(graph)
     # BLAS on one thread: its operands are thin (blocks of ~20 vectors), where threads gain little
     # and, on a busy machine, lose much (spinning OpenBLAS threads: 10x slower measured).
     with threadpool_limits(1):
-        return _partitions(edges, ks, seed=seed, n_init=n_init, eigenvalues=True)
+        if _check_preset(preset) == "filan2021":
+            return _filan2021_partitions(edges, ks, seed=seed, n_init=n_init, eigenvalues=True)
+        return _partitions(edges, ks, seed=seed, n_init=n_init or DEFAULT_N_INIT, eigenvalues=True)
+
+
+def filan2021_n_init(n_active: int) -> int:
+    """k-means restarts of the published procedure: 25, or 100 above 2,000 (non-isolated)
+    nodes (``cluster_net`` in the published code)."""
+    return FILAN2021_LARGE_N_INIT if n_active > FILAN2021_LARGE_NODES else FILAN2021_N_INIT
+
+
+def filan2021_labels(
+    adjacency: sp.csr_array, k: int, *, random_state: int, n_init: int | None = None
+) -> np.ndarray:
+    """Cluster labels of scikit-learn's ``SpectralClustering`` as the published code calls it.
+
+    ``SpectralClustering(n_clusters=k, affinity="precomputed", eigen_solver="arpack",
+    assign_labels="kmeans", n_init=n_init, random_state=random_state).fit(adjacency).labels_``:
+    the normalised-Laplacian embedding solved by ARPACK to machine precision, k-means run to
+    convergence from ``n_init`` k-means++ starts (default :func:`filan2021_n_init`), the start
+    of lowest inertia kept. ``adjacency`` must have no zero-degree node (the published code
+    deletes them first); it is passed as sparse CSR, as the published ``weights_to_graph`` makes
+    it. Labels are scikit-learn's own (not renumbered).
+    """
+    from sklearn.cluster import SpectralClustering
+
+    clustering = SpectralClustering(
+        n_clusters=k,
+        affinity="precomputed",
+        eigen_solver="arpack",
+        assign_labels="kmeans",
+        n_init=filan2021_n_init(adjacency.shape[0]) if n_init is None else n_init,
+        random_state=random_state,
+    )
+    return np.asarray(clustering.fit(sp.csr_matrix(adjacency)).labels_, dtype=np.int64)
+
+
+def _filan2021_partitions(
+    edges: _Edges,
+    ks: Sequence[int],
+    *,
+    seed: int | np.random.SeedSequence | None,
+    n_init: int | None,
+    eigenvalues: bool,
+) -> list[SpectralPartition]:
+    """The partitions of the published procedure (:func:`filan2021_labels`) at every k.
+
+    scikit-learn's ``random_state`` for k is drawn from the stream keyed ``(1, k)`` under
+    ``seed``; the n-cut is computed on the partition scikit-learn returns.
+    """
+    root = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    ks = [_check_k(k, edges.n_active, edges.n_nodes) for k in ks]
+    if not ks:
+        raise ConfigError("at least one k is needed.")
+    adjacency = _sparse_adjacency(edges)
+    values = np.zeros(max(ks))
+    if eigenvalues:
+        solver = _EigenSolver(edges, max(ks), np.random.default_rng(child_seed(root, 0)))
+        values = solver.solve(EIGENVALUE_TOL, vectors=False)[0]
+    partitions = []
+    for k in ks:
+        random_state = int(child_seed(root, 1, k).generate_state(1)[0])
+        found = filan2021_labels(adjacency, k, random_state=random_state, n_init=n_init)
+        labels = np.full(edges.n_nodes, -1, dtype=np.int64)
+        labels[edges.active] = _canonical_labels(found)
+        partitions.append(
+            SpectralPartition(
+                labels=labels,
+                ncut=float(_ncuts_of_pieces(edges, found[None, :], k, np.float64)[0]),
+                k=k,
+                eigenvalues=values[:k].copy(),
+                n_isolated=edges.n_nodes - edges.n_active,
+            )
+        )
+    return partitions
+
+
+def _sparse_adjacency(edges: _Edges) -> sp.csr_array:
+    """The ``[n_active, n_active]`` adjacency of the edge pieces as a sparse matrix."""
+    n = edges.n_active
+    total = sp.csr_array((n, n))
+    for piece in edges.pieces:
+        block = sp.coo_array(piece.weights)
+        placed = sp.coo_array(
+            (block.data, (piece.rows[block.row], piece.cols[block.col])), shape=(n, n)
+        ).tocsr()
+        total = total + (placed if piece.symmetric else placed + placed.T)
+    total = sp.csr_array(total)
+    total.eliminate_zeros()
+    total.sort_indices()
+    return total
 
 
 def _partitions(
@@ -237,16 +361,22 @@ def block_ncuts(
     ks: Sequence[int],
     *,
     seed: int | np.random.SeedSequence | None = None,
-    n_init: int = DEFAULT_N_INIT,
+    n_init: int | None = None,
+    preset: str = "default",
 ) -> list[float]:
     """n-cut of the spectral partition at every k of the graph made of ``blocks``.
 
-    The same numbers as ``spectral_partitions(graph.with_weights(...), ks)`` gives, without
-    assembling the sparse adjacency: what the null models need (their eigenvalues are not
-    refined, since only the n-cut is reported).
+    The same numbers as ``spectral_partitions(graph.with_weights(...), ks, preset=preset)``
+    gives, without assembling the sparse adjacency of the whole graph: what the null models
+    need (their eigenvalues are not computed, since only the n-cut is reported).
     """
     edges = _edges_from_blocks(blocks, n_nodes, node_layer)
-    parts = _partitions(edges, ks, seed=seed, n_init=n_init, eigenvalues=False)
+    if _check_preset(preset) == "filan2021":
+        parts = _filan2021_partitions(edges, ks, seed=seed, n_init=n_init, eigenvalues=False)
+    else:
+        parts = _partitions(
+            edges, ks, seed=seed, n_init=n_init or DEFAULT_N_INIT, eigenvalues=False
+        )
     return [part.ncut for part in parts]
 
 
@@ -1098,6 +1228,12 @@ def _check_positive_int(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
     return int(value)
+
+
+def _check_preset(preset: str) -> str:
+    if preset not in ("default", "filan2021"):
+        raise ConfigError(f"preset must be 'default' or 'filan2021', got {preset!r}.")
+    return preset
 
 
 def _check_k(k: int, n_active: int, n_nodes: int) -> int:
