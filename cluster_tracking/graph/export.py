@@ -336,6 +336,9 @@ class ExportWalker:
             return self._cat(node, name, args, kwargs, out_shape)
         if name in ("constant_pad_nd", "pad"):
             return self._pad(node, args, out_shape)
+        if name in ("reshape_as", "view_as", "expand_as") and out_shape is not None:
+            target = "expand" if name == "expand_as" else "reshape"
+            return self._move(node, target, (args[0], list(out_shape)), {})
         if name in _MOVES:
             return self._move(node, name, args, kwargs)
         if name in _REDUCTIONS:
@@ -761,13 +764,15 @@ class ExportWalker:
             return _Units(None, _shape(value) or (), x.origin, x.placeholder)
         concrete = [self._concrete(a) for a in args[1:]]
         concrete_kwargs = {k: self._concrete(v) for k, v in kwargs.items()}
-        op = node.target
-        if name in ("view", "_unsafe_view", "view_copy"):
+        op: Any = node.target
+        if name in ("view", "_unsafe_view", "view_copy", "reshape"):
             op = torch.ops.aten.reshape.default
+        elif name == "expand":
+            op = torch.ops.aten.expand.default
 
         def move(tensor: torch.Tensor) -> Any:
             try:
-                return op(tensor.expand(x.shape), *concrete, **concrete_kwargs)  # type: ignore[operator]
+                return op(tensor.expand(x.shape), *concrete, **concrete_kwargs)
             except Exception as error:
                 raise self._error(
                     f"{self._describe(node)} could not be followed on the unit map ({error})"
