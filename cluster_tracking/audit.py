@@ -173,10 +173,16 @@ def parse_k(text: str | int) -> int | Literal["auto"]:
 
 
 def parse_layers(values: Sequence[str] | None) -> tuple[str, ...] | None:
-    """``--layers``, repeated and/or comma-separated, as one tuple of names."""
+    """``--layers``, repeated and/or separated by commas or ``|``, as one tuple of names or glob
+    patterns (:mod:`cluster_tracking.graph.selection` expands the patterns)."""
     if not values:
         return None
-    names = tuple(name.strip() for value in values for name in str(value).split(","))
+    names = tuple(
+        name.strip()
+        for value in values
+        for part in str(value).split(",")
+        for name in part.split("|")
+    )
     names = tuple(name for name in names if name)
     if not names:
         raise ConfigError("--layers names no layer; give layer names, e.g. --layers 0,2,4.")

@@ -283,6 +283,10 @@ class ClusterabilityTracker:
         # their weights) and the parameter shapes it was traced with
         self._topology: WeightGraph | None = None
         self._traced_signature: tuple[Any, ...] | None = None
+        # A model the graph cannot follow: not traced again while its parameters stay the same,
+        # and said once.
+        self._untraceable: tuple[tuple[Any, ...], str] | None = None
+        self._warned_untraceable = False
         self._warned_skip = False
         self._warned_closed = False
         self._measure_queue: queue.Queue[Any] = queue.Queue()
@@ -542,10 +546,18 @@ class ClusterabilityTracker:
                 self._waiting -= 1
                 self._failed.append(step)
                 self._finish_one()
-            _warn(
-                f"could not snapshot the model for clusterability at step {step}: "
-                f"{_describe(error)}. Training goes on; this step is not measured."
-            )
+            if not isinstance(error, GraphError):
+                _warn(
+                    f"could not snapshot the model for clusterability at step {step}: "
+                    f"{_describe(error)}. Training goes on; this step is not measured."
+                )
+            elif not self._warned_untraceable:
+                self._warned_untraceable = True
+                _warn(
+                    f"could not build the weight graph for clusterability at step {step}: "
+                    f"{_describe(error)}. Training goes on; no due step of this model is "
+                    "measured (warned once)."
+                )
             return False
         self._measure_queue.put(snapshot)
         return True
@@ -588,8 +600,14 @@ class ClusterabilityTracker:
                             weights=weights,
                             graph_seconds=time.perf_counter() - started,
                         )
+                if self._untraceable is not None and self._untraceable[0] == shapes:
+                    raise GraphError(self._untraceable[1])
                 # the adjacency is assembled in the background, as at later steps
-                self._topology = weight_topology(module, **self._graph_options)
+                try:
+                    self._topology = weight_topology(module, **self._graph_options)
+                except GraphError as error:
+                    self._untraceable = (shapes, str(error))
+                    raise
                 self._traced_signature = shapes
                 return _Snapshot(
                     step,

@@ -584,3 +584,28 @@ def test_close_with_a_timeout_gives_up_with_a_warning() -> None:
         tracker.close(timeout=0.2)  # the measurement is stuck: close returns anyway
     assert tracker.closed
     tracker.gate.set()  # let the background thread finish
+
+
+class _DataDependent(nn.Module):
+    """A forward that branches on its input's values: no tracer can follow it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x if x.sum() > 0 else -x)
+
+
+def test_a_model_the_graph_cannot_follow_warns_once_per_tracker() -> None:
+    model = _DataDependent()
+    tracker = ClusterabilityTracker(every_n_steps=1, **FAST)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        measured = [tracker.step(model, step) for step in range(5)]
+        tracker.close()
+    ours = [w for w in caught if issubclass(w.category, ClusterTrackingWarning)]
+    assert measured == [False] * 5
+    assert len(ours) == 1, [str(w.message) for w in ours]
+    assert "torch.fx cannot trace" in str(ours[0].message)
+    assert "example_inputs=" in str(ours[0].message)
