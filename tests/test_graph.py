@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _tiny_models import ResNetBlock
 from torch import nn
 
 from cluster_tracking.errors import GraphError
@@ -390,21 +391,10 @@ def test_state_dict_of_a_conv_chain_reads_flatten_and_refuses_to_infer_groups() 
         weight_graph(grouped.state_dict())
 
 
-class _ResNetBlock(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(4, 8, 3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.downsample = nn.Conv2d(4, 8, 1, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv2(torch.relu(self.conv1(x)))) + self.downsample(x)
-
-
 @pytest.mark.parametrize(
     ("state", "seen"),
     [
-        (_ResNetBlock().state_dict(), "a second branch .'downsample'."),
+        (ResNetBlock().state_dict(), "a second branch .'downsample'."),
         (nn.TransformerEncoderLayer(8, 2, 16).state_dict(), "attention .'self_attn.out_proj'."),
         ({"embed.weight": torch.ones(10, 4), "fc.weight": torch.ones(3, 4)}, "an embedding"),
         (

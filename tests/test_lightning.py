@@ -267,19 +267,9 @@ class TinyLlamaLM(L.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        import transformers
+        from _tiny_models import tiny_llama
 
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=50,
-            max_position_embeddings=32,
-        )
-        self.model = transformers.AutoModelForCausalLM.from_config(config)
+        self.model = tiny_llama()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         (tokens,) = batch

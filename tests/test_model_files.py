@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from _tiny_models import ResNetBlock, tiny_gpt2, tiny_llama
 from safetensors.torch import save_file
 from torch import nn
 
@@ -29,32 +30,6 @@ from cluster_tracking.pretrained import load_model_folder
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "cluster_tracking.cli"]
-
-
-def _llama() -> transformers.PreTrainedModel:
-    config = transformers.LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=50,
-        max_position_embeddings=32,
-    )
-    return transformers.LlamaForCausalLM(config)
-
-
-def _gpt2() -> transformers.PreTrainedModel:
-    config = transformers.GPT2Config(
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        vocab_size=50,
-        n_positions=16,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.GPT2LMHeadModel(config)
 
 
 def _bert() -> transformers.PreTrainedModel:
@@ -89,7 +64,9 @@ def _assert_same_graph(a: WeightGraph, b: WeightGraph) -> None:
     np.testing.assert_allclose(a.adjacency.toarray(), b.adjacency.toarray(), rtol=1e-12)
 
 
-@pytest.mark.parametrize("make", [_llama, _gpt2, _bert, _vit], ids=["llama", "gpt2", "bert", "vit"])
+@pytest.mark.parametrize(
+    "make", [tiny_llama, tiny_gpt2, _bert, _vit], ids=["llama", "gpt2", "bert", "vit"]
+)
 def test_a_hugging_face_folder_gives_the_live_models_graph(
     tmp_path: Path, make: Callable[[], transformers.PreTrainedModel]
 ) -> None:
@@ -116,7 +93,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_the_audit_of_a_llama_folder_gives_the_live_models_ncut(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = _llama()
+    model = tiny_llama()
     model.save_pretrained(tmp_path / "llama")
     live = ct.measure(model, k=4, shuffles=6, seed=0, n_jobs=1)
     done = _cli(
@@ -130,7 +107,7 @@ def test_the_audit_of_a_llama_folder_gives_the_live_models_ncut(tmp_path: Path) 
 
 
 def test_a_folder_whose_config_needs_remote_code_is_refused(tmp_path: Path) -> None:
-    model = _llama()
+    model = tiny_llama()
     model.save_pretrained(tmp_path / "remote")
     config = json.loads((tmp_path / "remote" / "config.json").read_text())
     config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
@@ -139,19 +116,8 @@ def test_a_folder_whose_config_needs_remote_code_is_refused(tmp_path: Path) -> N
         load_model_folder(tmp_path / "remote")
 
 
-class _ResNetBlock(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(4, 8, 3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.downsample = nn.Conv2d(4, 8, 1, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv2(torch.relu(self.conv1(x)))) + self.downsample(x)
-
-
 def test_a_state_dict_that_is_not_a_chain_exits_4_naming_what_to_pass(tmp_path: Path) -> None:
-    torch.save(_ResNetBlock().state_dict(), tmp_path / "resnet.pt")
+    torch.save(ResNetBlock().state_dict(), tmp_path / "resnet.pt")
     save_file(
         {"conv4.weight": torch.randn(2, 4, 3), "stft_conv.weight": torch.randn(4, 1, 3)},
         str(tmp_path / "named.safetensors"),

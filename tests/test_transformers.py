@@ -24,6 +24,7 @@ import pytest
 import torch
 import transformers
 import wandb
+from _tiny_models import tiny_gpt2, tiny_llama
 from _wandb_offline import find_run_dir, offline_wandb, read_offline_run
 from mlflow import MlflowClient
 from torch import nn
@@ -265,34 +266,6 @@ def test_a_selection_that_makes_no_graph_is_a_clear_error() -> None:
         select_layers(model, "*.intermediate.dense|")
     with pytest.raises(ConfigError, match="layers must be a string"):
         select_layers(model, 3)  # type: ignore[arg-type]
-
-
-def tiny_gpt2() -> PreTrainedModel:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        vocab_size=50,
-        n_positions=16,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.AutoModelForCausalLM.from_config(config)
-
-
-def tiny_llama() -> PreTrainedModel:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=50,
-        max_position_embeddings=32,
-    )
-    return transformers.AutoModelForCausalLM.from_config(config)
 
 
 def test_gpt2_conv1d_layers_are_read_in_their_own_layout() -> None:

@@ -646,9 +646,7 @@ class ExportWalker:
             if len(channels) == len(x.spec.dst) and np.array_equal(channels, x.spec.dst):
                 self.builder.fold(x.spec, scale, f"layer {module_name!r}", module_name)
         del weight
-        if isinstance(value, (tuple, list)):
-            return (result,) + (_OTHER,) * (len(value) - 1)
-        return result
+        return _first_of(value, result)
 
     def _scaled(self, x: _Units, param: _Param, *, fold_output: bool) -> _Units:
         """``x`` times a per-unit parameter: folded into the layer before (``fold_output`` and
@@ -740,9 +738,7 @@ class ExportWalker:
         result = _Units(
             _compress(_broadcast_to(ids, out_shape)), out_shape, f"attention {v.origin}"
         )
-        if isinstance(value, (tuple, list)):
-            return (result,) + (_OTHER,) * (len(value) - 1)
-        return result
+        return _first_of(value, result)
 
     # -- data movement ---------------------------------------------------------------------------
 
@@ -880,9 +876,7 @@ class ExportWalker:
         value = node.meta.get("val")
         shape = _shape(value[0] if isinstance(value, (tuple, list)) else value)
         result = self._carry(x, shape, keep_spec=False)
-        if isinstance(value, (tuple, list)):
-            return (result,) + (_OTHER,) * (len(value) - 1)
-        return result
+        return _first_of(value, result)
 
     def _reduce(
         self,
@@ -912,9 +906,7 @@ class ExportWalker:
         if shape is not None and len(shape) < ndim:
             ids = ids.squeeze(sorted(axes)) if axes else ids
         result = _Units(_compress(ids), shape or x.shape, x.origin)
-        if isinstance(value, (tuple, list)):
-            return (result,) + (_OTHER,) * (len(value) - 1)
-        return result
+        return _first_of(value, result)
 
     def _index(self, node: fx.Node, name: str, args: tuple[Any, ...], out_shape: Any) -> Any:
         x = args[0]
@@ -1080,6 +1072,14 @@ class ExportWalker:
 
     def _error(self, message: str) -> GraphError:
         return GraphError(f"The weight graph cannot follow {message}; {_CHAIN_HINT}.")
+
+
+def _first_of(value: Any, result: Any) -> Any:
+    """``result`` where the op returns one tensor, or the first of its outputs (the rest carry
+    no units: statistics, indices)."""
+    if isinstance(value, (tuple, list)):
+        return (result,) + (_OTHER,) * (len(value) - 1)
+    return result
 
 
 def _vector(values: np.ndarray, length: int) -> np.ndarray:
