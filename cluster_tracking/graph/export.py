@@ -1140,18 +1140,36 @@ def example_inputs_for(model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any
     """Small example inputs for a model whose input is known without the user saying it: a
     Hugging Face model (from its config) or a timm model (its ``pretrained_cfg`` input size).
     ``None`` when there is no way to know."""
+    device = _device_of(model)
     if is_hugging_face(model):
-        return (), _hugging_face_inputs(model)
+        return (), _hugging_face_inputs(model, device)
     config = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(config, Mapping) and isinstance(config.get("input_size"), (tuple, list)):
         size = tuple(int(s) for s in config["input_size"])
-        return (torch.zeros((1, *size)),), {}
+        return (torch.zeros((1, *size), device=device, dtype=_float_dtype_of(model)),), {}
     return None
 
 
-def _hugging_face_inputs(model: nn.Module) -> dict[str, Any]:
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's weights are (example inputs go there too)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if not tensor.is_meta:
+            return tensor.device
+    return torch.device("cpu")
+
+
+def _float_dtype_of(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point weights (a bf16 model takes bf16 images)."""
+    for tensor in model.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def _hugging_face_inputs(model: nn.Module, device: torch.device) -> dict[str, Any]:
     import inspect
 
+    floats: dict[str, Any] = {"device": device, "dtype": _float_dtype_of(model)}
     config: Any = model.config
     main = str(getattr(model, "main_input_name", "input_ids"))
     parameters = inspect.signature(model.forward).parameters
@@ -1159,7 +1177,8 @@ def _hugging_face_inputs(model: nn.Module) -> dict[str, Any]:
     tokens = 8
     if main == "input_ids":
         vocabulary = int(getattr(config, "vocab_size", 32) or 32)
-        inputs[main] = (torch.arange(tokens) % max(vocabulary - 1, 1)).reshape(1, tokens) + 1
+        ids = torch.arange(tokens, device=device) % max(vocabulary - 1, 1)
+        inputs[main] = ids.reshape(1, tokens) + 1
     elif main == "pixel_values":
         channels = int(getattr(config, "num_channels", 3) or 3)
         size = getattr(config, "image_size", 32)
@@ -1167,13 +1186,13 @@ def _hugging_face_inputs(model: nn.Module) -> dict[str, Any]:
             height, width = int(size[0]), int(size[-1])
         else:
             height = width = int(size or 32)
-        inputs[main] = torch.zeros(1, channels, height, width)
+        inputs[main] = torch.zeros(1, channels, height, width, **floats)
     elif main == "input_features":
         mels = int(getattr(config, "num_mel_bins", 80) or 80)
         frames = 2 * int(getattr(config, "max_source_positions", 1500) or 1500)
-        inputs[main] = torch.zeros(1, mels, frames)
+        inputs[main] = torch.zeros(1, mels, frames, **floats)
     elif main == "input_values":
-        inputs[main] = torch.zeros(1, 16000)
+        inputs[main] = torch.zeros(1, 16000, **floats)
     else:
         raise GraphError(
             f"{type(model).__name__} takes {main!r} as its main input, for which the weight graph "
@@ -1181,7 +1200,7 @@ def _hugging_face_inputs(model: nn.Module) -> dict[str, Any]:
         )
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in parameters:
         start = int(getattr(config, "decoder_start_token_id", 0) or 0)
-        inputs["decoder_input_ids"] = torch.full((1, 4), start, dtype=torch.long)
+        inputs["decoder_input_ids"] = torch.full((1, 4), start, dtype=torch.long, device=device)
     if "use_cache" in parameters:
         inputs["use_cache"] = False
     return inputs
