@@ -222,7 +222,8 @@ class ClusterabilityTracker:
             raise ConfigError(f"norm must be 'l1' or 'l2', got {norm!r}.")
         if preset not in ("default", "filan2021"):
             raise ConfigError(f"preset must be 'default' or 'filan2021', got {preset!r}.")
-        parse_layers(layers)  # a ConfigError now, not at the first due step
+        if layers:
+            parse_layers(layers)  # a ConfigError now, not at the first due step
         if self.shuffle == "random_init" and layers is None:
             raise ConfigError(
                 "shuffle='random_init' traces every re-initialised copy of the model with "

@@ -389,3 +389,35 @@ def test_a_model_fx_cannot_follow_is_an_error_that_names_example_inputs() -> Non
 def test_example_inputs_the_model_rejects_are_an_error_naming_the_cause() -> None:
     with pytest.raises(GraphError, match=r"torch.export cannot trace Sequential.*example_inputs="):
         weight_graph(nn.Sequential(nn.Linear(3, 2)), example_inputs=torch.zeros(2, 7))
+
+
+class _EinsumAttention(nn.Module):
+    def __init__(self, einsum: bool) -> None:
+        super().__init__()
+        self.einsum = einsum
+        self.q, self.k, self.v, self.o = (nn.Linear(4, 4) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.einsum:
+            scores = torch.einsum("bid,bjd->bij", q, k).softmax(-1)
+            return x + self.o(torch.einsum("bij,bjd->bid", scores, v))
+        return x + self.o((q @ k.transpose(1, 2)).softmax(-1) @ v)
+
+
+def test_attention_written_with_einsum_gives_the_matmul_graph() -> None:
+    torch.manual_seed(4)
+    with_einsum, with_matmul = _EinsumAttention(True), _EinsumAttention(False)
+    with_matmul.load_state_dict(with_einsum.state_dict())
+    example = torch.zeros(1, 3, 4)
+    _assert_same_graph(
+        weight_graph(with_einsum, example_inputs=example),
+        weight_graph(with_matmul, example_inputs=example),
+    )
+
+
+def test_in_place_activations_and_dropout_pass_units_through() -> None:
+    model = nn.Sequential(
+        nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Dropout(0.1, inplace=True), nn.Linear(5, 2)
+    )
+    _assert_same_graph(weight_graph(model, example_inputs=torch.zeros(2, 4)), weight_graph(model))

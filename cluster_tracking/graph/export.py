@@ -296,6 +296,8 @@ class ExportWalker:
                 return container[index]
             return _OTHER
         name = _base_name(target)
+        if name.endswith("_") and not name.startswith("_"):
+            name = name[:-1]  # an in-place op (relu_, dropout_) acts as its functional form
         values = list(_flatten((args, kwargs)))
         units = [v for v in values if isinstance(v, _Units)]
         params = [v for v in values if isinstance(v, _Param)]
@@ -310,6 +312,8 @@ class ExportWalker:
             return self._tuple_of(node, _OTHER)
         if name in ("linear", "addmm", "mm", "matmul", "bmm", "baddbmm"):
             return self._product(node, name, args)
+        if name == "einsum":
+            return self._einsum(node, args)
         if name in _CONVOLUTIONS or name in _TRANSPOSED_CONVOLUTIONS:
             return self._convolution(node, name, args, kwargs)
         if name in ("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"):
@@ -700,6 +704,50 @@ class ExportWalker:
         if isinstance(left, _Units):
             return self._over_positions(node, left, axis=len(left.shape) - 1, out_shape=out_shape)
         return _OTHER
+
+    def _einsum(self, node: fx.Node, args: tuple[Any, ...]) -> Any:
+        """``einsum`` between activations: as ``matmul`` (scores carry no units; a product over
+        positions carries the units of the operand that has them)."""
+        equation, operands = str(args[0]).replace(" ", ""), list(args[1])
+        out_shape = _shape(node.meta.get("val"))
+        if "->" not in equation or "." in equation or out_shape is None:
+            raise self._error(f"{self._describe(node)} has an implicit or ellipsis equation")
+        inputs, output = equation.split("->")
+        labels = inputs.split(",")
+        if any(isinstance(o, _Param) for o in operands):
+            raise self._error(
+                f"{self._describe(node)} applies a parameter through einsum; the weight graph "
+                "reads weights from linear, matmul and convolution ops"
+            )
+        units = [(o, s) for o, s in zip(operands, labels, strict=True) if isinstance(o, _Units)]
+        if any(u.ids is None for u, _ in units):
+            raise self._error(f"{self._describe(node)} mixes the model input before any layer")
+        contracted = set("".join(labels)) - set(output)
+
+        def unit_labels(x: _Units, subscripts: str) -> set[str]:
+            assert x.ids is not None
+            return {subscripts[d] for d in _varying(x.ids)}
+
+        summed = [unit_labels(u, s) & contracted for u, s in units]
+        if len(units) == 2 and all(summed):
+            return _OTHER  # q k^T: the units of both are contracted
+        if len(units) == 1 and not summed[0]:
+            x, subscripts = units[0]
+            assert x.ids is not None
+            if len(set(subscripts)) != len(subscripts) or len(subscripts) != x.ids.ndim:
+                raise self._error(f"{self._describe(node)} takes a diagonal ({equation})")
+            kept = [label for label in subscripts if label in output]
+            # The contracted dims carry no units, so the map has size 1 there: drop them.
+            ids = x.ids.reshape([x.ids.shape[subscripts.index(label)] for label in kept])
+            ids = ids.permute([kept.index(label) for label in output if label in kept])
+            sizes = iter(ids.shape)
+            shape = [next(sizes) if label in kept else 1 for label in output]
+            result = ids.reshape(shape)
+            return _Units(_compress(_broadcast_to(result, out_shape)), out_shape, x.origin)
+        raise self._error(
+            f"{self._describe(node)} ({equation}) mixes the units of an activation with weights "
+            "that are not parameters of the model"
+        )
 
     def _over_positions(
         self, node: fx.Node, x: _Units, *, axis: int, out_shape: tuple[int, ...]
