@@ -94,8 +94,9 @@ class FxWalker:
             reason = (str(exc).strip().splitlines() or [""])[0][:300]
             raise GraphError(
                 f"torch.fx cannot trace {type(self.model).__name__} ({type(exc).__name__}: "
-                f"{reason}). The weight graph follows the model's data flow by symbolic tracing, "
-                f"which fails on data-dependent control flow; {LAYERS_HINT}."
+                f"{reason}). Symbolic tracing runs the forward pass without real tensors, so it "
+                "stops at Python code that needs their values or shapes; "
+                f"{LAYERS_HINT}."
             ) from exc
         for node in graph.nodes:
             self.env[node] = self._step(node)
