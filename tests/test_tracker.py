@@ -522,7 +522,7 @@ def test_settings_are_checked_before_training() -> None:
         {"seed": -1},
         {"norm": "l3"},
         {"preset": "paper"},
-        {"layers": "0"},
+        {"layers": [3]},  # names are strings ("0|2" and globs are fine)
         {"shuffle": "random_init"},  # traces re-initialised copies: needs layers=[...]
     ):
         with pytest.raises(ConfigError):
