@@ -144,3 +144,27 @@ def test_a_chain_reads_the_same_from_its_state_dict_and_safetensors(tmp_path: Pa
     for name in ("chain.pt", "chain.safetensors"):
         loaded = load_source(str(tmp_path / name))
         _assert_same_graph(weight_graph(loaded.weights), live)
+
+
+def test_arch_rebuilds_a_state_dicts_model_and_gives_the_live_graph() -> None:
+    from cluster_tracking.architectures import load_into_architecture
+
+    torch.manual_seed(2)
+    live = ResNetBlock()
+    model = load_into_architecture("_tiny_models:ResNetBlock", live.state_dict())
+    _assert_same_graph(
+        weight_graph(model, example_inputs=torch.zeros(1, 4, 8, 8)), weight_graph(live)
+    )
+    wrong = {**live.state_dict(), "extra.weight": torch.ones(2, 2)}
+    with pytest.raises(SourceError, match=r"does not fit --arch.*unexpected 'extra\.weight'"):
+        load_into_architecture("_tiny_models:ResNetBlock", wrong)
+
+
+def test_an_unknown_arch_names_what_it_tried() -> None:
+    from cluster_tracking.architectures import build_architecture
+    from cluster_tracking.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"not a model of .*torchvision.*timm"):
+        build_architecture("no_such_net")
+    with pytest.raises(ConfigError, match="no function 'Nope'"):
+        build_architecture("_tiny_models:Nope")
