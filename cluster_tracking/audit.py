@@ -26,13 +26,14 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -40,6 +41,14 @@ import typer
 
 from cluster_tracking.errors import ClusterTrackingError, ConfigError, GraphError, SourceError
 from cluster_tracking.graph import WeightGraph
+from cluster_tracking.limits import (
+    MAX_JOBS_NOTE,
+    MAX_SHUFFLES,
+    cpu_count,
+    current_memory_limit,
+    format_size,
+    memory_limit,
+)
 from cluster_tracking.loading import (
     LoadedModel,
     PlatformError,
@@ -63,18 +72,27 @@ EXIT_SOURCE = 3
 EXIT_MODEL = 4
 EXIT_PLATFORM = 5
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success",
     EXIT_INTERNAL: "unexpected internal error (a bug; please report it)",
-    EXIT_USAGE: "bad command line or option value (unknown option, --shuffles 1, --k above the "
-    "node count, --log-to-run on a local file...)",
-    EXIT_SOURCE: "source not found or unreadable: missing or corrupt file, unknown URI scheme, no "
-    "such run/model/artifact, a run without a model, a pickle refused without --trust-pickle",
+    EXIT_USAGE: "bad command line or option value (unknown option, --shuffles 1 or above "
+    f"{MAX_SHUFFLES}, --k above the node count, a malformed tracking URI or scheduler address, a "
+    "--plot/--csv extension, a run whose estimated memory passes --max-memory, --log-to-run on "
+    "a local file...)",
+    EXIT_SOURCE: "source not found or unreadable: missing or corrupt file, not a regular file "
+    "(a device, FIFO or socket), a folder too large to search, sizes declared in the file that "
+    "it does not hold or that pass --max-memory, a path in MLmodel outside the model's folder, "
+    "unknown URI scheme, no such run/model/artifact, a run without a model, a pickle refused "
+    "without --trust-pickle",
     EXIT_MODEL: "the model cannot be measured: no Linear/Conv layers, weights that do not chain, "
-    "an unknown --layers name, NaN weights",
-    EXIT_PLATFORM: "MLflow or W&B unreachable, refusing, or not installed",
+    "an unknown --layers name, NaN weights, empty or all-zero weights, bool (mask) or integer "
+    "(quantized) weights",
+    EXIT_PLATFORM: "MLflow, W&B or the Dask scheduler unreachable, silent (10 s at most), "
+    "refusing, or not installed; a file store MLflow 3 refuses",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_TERMINATED: "terminated (SIGTERM)",
 }
 
 #: Artifact folder of ``--log-to-run`` in an MLflow run (``-2``, ``-3``... if taken).
@@ -110,6 +128,8 @@ class AuditSettings:
             :func:`~cluster_tracking.graph.weight_graph`).
         trust_pickle: unpickle pickled models for real (runs code from the file).
         tracking_uri: MLflow tracking server or store of ``runs:/``/``models:/`` sources.
+        max_memory: bytes the readers and the run may use (``None``: half the memory available,
+            :func:`~cluster_tracking.limits.default_memory_limit`).
     """
 
     k: int | Literal["auto"] = 12
@@ -124,6 +144,7 @@ class AuditSettings:
     preset: Literal["default", "filan2021"] = "default"
     trust_pickle: bool = False
     tracking_uri: str | None = None
+    max_memory: int | None = None
 
     def check(self) -> None:
         """Validate the settings before any source is read.
@@ -142,6 +163,24 @@ class AuditSettings:
                 f"--shuffles {self.shuffles}: a null model needs at least 2 networks to have a "
                 "spread (the paper uses 50-100); pass --shuffles 0 to skip it."
             )
+        if self.shuffles > MAX_SHUFFLES:
+            raise ConfigError(
+                f"--shuffles {self.shuffles} is above the limit of {MAX_SHUFFLES} (the paper uses "
+                f"50-100; {MAX_SHUFFLES} already resolves p to 1e-4)."
+            )
+        if self.jobs == 0 or self.jobs < -1:
+            raise ConfigError(
+                f"--jobs {self.jobs}: give a number of workers >= 1, or -1 for all cores."
+            )
+        if self.scheduler is not None and not re.fullmatch(
+            r"(tcp|tls|ws|wss|ucx)://[^\s/:]+:\d{1,5}/?", self.scheduler
+        ):
+            raise ConfigError(
+                f"--scheduler {self.scheduler!r} is not a Dask scheduler address; write "
+                "tcp://HOST:PORT, e.g. tcp://127.0.0.1:8786."
+            )
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise ConfigError(f"--max-memory must be positive, got {self.max_memory}.")
         try:
             check_method(self.method)
         except ConfigError as error:
@@ -158,6 +197,109 @@ class AuditSettings:
             raise ConfigError(f"--preset must be default or filan2021, got {self.preset!r}.")
         if self.preset == "filan2021" and self.norm != "l1":
             raise ConfigError("--preset filan2021 fixes the kernel norm; drop --norm l2.")
+
+
+def capped_jobs(settings: AuditSettings) -> tuple[AuditSettings, str | None]:
+    """``settings`` with ``--jobs`` capped to the CPUs this process may use, and a note saying
+    so (``None`` when nothing changed). A Dask cluster's workers are not local: left as given."""
+    cpus = cpu_count()
+    if settings.backend == "dask" or settings.jobs <= cpus:
+        return settings, None
+    note = MAX_JOBS_NOTE.format(asked=settings.jobs, cpus=cpus)
+    return replace(settings, jobs=cpus), note
+
+
+#: Bytes per stored edge that one measured network holds (the adjacency and its shuffled,
+#: normalised and symmetrised copies), and per node and eigenvector (solver work space).
+_BYTES_PER_EDGE = 72
+_BYTES_PER_NODE_VECTOR = 48
+
+
+def run_memory_estimate(graph: WeightGraph, settings: AuditSettings) -> int:
+    """Bytes a measurement of ``graph`` with ``settings`` will hold, roughly: one network per
+    worker measured at once (and this process's own), each its adjacency's copies and the
+    eigensolver's vectors."""
+    k = 32 if settings.k == "auto" else int(settings.k)
+    per_network = (
+        graph.adjacency.nnz * _BYTES_PER_EDGE + graph.n_nodes * (k + 8) * _BYTES_PER_NODE_VECTOR
+    )
+    jobs = cpu_count() if settings.jobs == -1 else settings.jobs
+    workers = (
+        0 if not settings.shuffles or settings.backend == "dask" else min(jobs, settings.shuffles)
+    )
+    return per_network * (workers + 1)
+
+
+def check_run_size(graph: WeightGraph, settings: AuditSettings, label: str) -> None:
+    """Refuse a measurement whose estimated memory (:func:`run_memory_estimate`) passes the
+    limit, before it starts.
+
+    Raises:
+        ConfigError: with the estimate, the limit, and what to lower.
+    """
+    estimate = run_memory_estimate(graph, settings)
+    limit = settings.max_memory if settings.max_memory is not None else current_memory_limit()
+    if estimate > limit:
+        raise ConfigError(
+            f"{label}: measuring its weight graph ({graph.n_nodes} nodes, "
+            f"{graph.adjacency.nnz} edges) with --jobs {settings.jobs} would need about "
+            f"{format_size(estimate)}, more than the memory limit of {format_size(limit)}; "
+            "lower --jobs, audit fewer --layers, or raise --max-memory if the machine has it."
+        )
+
+
+def check_scheduler(address: str, timeout: float = 8.0) -> None:
+    """Check that a Dask scheduler answers at ``address`` (its handshake) within ``timeout``
+    seconds: a port that accepts but never answers would otherwise hang the client.
+
+    Raises:
+        PlatformError: nothing answers, or distributed is not installed.
+    """
+    import asyncio
+
+    try:
+        from distributed.comm import connect
+    except ImportError as error:
+        raise PlatformError(
+            "--backend dask needs Dask's distributed scheduler: "
+            "pip install 'cluster-tracking[dask]'"
+        ) from error
+
+    async def handshake() -> None:
+        comm = await connect(address, timeout=timeout / 2)
+        await comm.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(handshake(), timeout))
+    except (asyncio.TimeoutError, TimeoutError) as error:
+        raise PlatformError(
+            f"the Dask scheduler at {address} did not answer within {timeout:.0f} s; is it a "
+            "Dask scheduler, and is it running?"
+        ) from error
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error)
+        raise PlatformError(
+            f"cannot reach the Dask scheduler at {address} ({reason}); start one with `dask "
+            "scheduler` or pass the right address."
+        ) from error
+
+
+_PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def check_output_paths(csv_path: str | None, plot_path: str | None) -> None:
+    """``--csv`` must end in ``.csv``, ``--plot`` in ``.png``, ``.pdf`` or ``.svg``.
+
+    Raises:
+        ConfigError: another extension (the file would hold a format its name does not say).
+    """
+    if csv_path is not None and Path(csv_path).suffix.lower() != ".csv":
+        raise ConfigError(f"--csv {csv_path!r}: the file name must end in .csv.")
+    if plot_path is not None and Path(plot_path).suffix.lower() not in _PLOT_SUFFIXES:
+        raise ConfigError(
+            f"--plot {plot_path!r}: the file name must end in .png, .pdf or .svg (the format is "
+            "chosen by it)."
+        )
 
 
 def parse_k(text: str | int) -> int | Literal["auto"]:
@@ -235,9 +377,14 @@ def audit_source(
     from cluster_tracking.measure import measure
 
     started = time.perf_counter()
-    loaded = load_source(
-        source, trust_pickle=settings.trust_pickle, tracking_uri=settings.tracking_uri
-    )
+    with memory_limit(settings.max_memory) as limit:
+        loaded = load_source(
+            source,
+            trust_pickle=settings.trust_pickle,
+            tracking_uri=settings.tracking_uri,
+            max_memory=limit,
+        )
+    settings = replace(settings, max_memory=limit)
     layers = loaded.layer_names(settings.layers)
     is_module = not isinstance(loaded.weights, dict)
     if settings.method == "random_init" and settings.shuffles and not is_module:
@@ -259,6 +406,7 @@ def audit_source(
             else ""
         )
         raise GraphError(f"{loaded.label}: {error}{hint}") from None
+    check_run_size(graph, settings, loaded.label)
     report = measure(
         loaded.weights if settings.method == "random_init" else graph,
         k=settings.k,
@@ -553,6 +701,7 @@ def run_audit(
         ClusterTrackingError: a setting or a source is invalid (before anything is measured).
     """
     refs = _check_sources(sources, settings, log_run=log_run, step=step)
+    settings = _with_capped_jobs(settings)
     if out is not None:
         _make_folder(Path(out))
     batch = _audit_all(refs, settings)
@@ -609,7 +758,11 @@ def run_compare(
         raise ConfigError(
             "compare needs sources or --experiment NAME; e.g. cluster-tracking compare a.pt b.pt."
         )
+    check_output_paths(
+        None if csv_path is None else str(csv_path), None if plot_path is None else str(plot_path)
+    )
     _check_sources(listed, settings, log_run=log_run, step=step)
+    settings = _with_capped_jobs(settings)
     if experiments:
         found, skipped = experiment_sources(experiments, tracking_uri=settings.tracking_uri)
         if not found:
@@ -673,6 +826,8 @@ def _check_sources(
     if step is not None and not log_run:
         raise ConfigError("--step is the step of --log-to-run's metrics: add --log-to-run.")
     refs = [parse_source(source) for source in sources]
+    if settings.backend == "dask" and settings.scheduler is not None and settings.shuffles:
+        check_scheduler(settings.scheduler)
     if log_run:
         local = [ref.uri for ref in refs if not ref.remote]
         if local:
@@ -681,6 +836,13 @@ def _check_sources(
                 f"models:/ or wandb-artifact:// sources; {local[0]!r} is a local file."
             )
     return refs
+
+
+def _with_capped_jobs(settings: AuditSettings) -> AuditSettings:
+    capped, note = capped_jobs(settings)
+    if note:
+        _stderr().print(f"note: {note}", markup=False)
+    return capped
 
 
 def _audit_all(refs: Sequence[SourceRef], settings: AuditSettings) -> _Batch:
@@ -996,18 +1158,92 @@ def _print_error(message: str) -> None:
     _stderr().print(f"[bold red]error:[/bold red] {escape(text)}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C raises :class:`KeyboardInterrupt`, so that
+    both stop the same way (workers stopped, one line); exit code 143."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _descendants() -> list[int]:
+    """Process ids of this process's children and their children (Linux ``/proc``)."""
+    parents: dict[int, list[int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(name))
+        except (OSError, IndexError, ValueError):
+            continue
+    found: list[int] = []
+    pending = [os.getpid()]
+    while pending:
+        for child in parents.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
+def stop_workers(grace: float = 2.0) -> None:
+    """Stop every worker process this command started (joblib's loky executor, the null
+    workers, their helpers): SIGTERM, then SIGKILL after ``grace`` seconds."""
+    loky = sys.modules.get("joblib.externals.loky.reusable_executor")
+    executor = getattr(loky, "_executor", None)
+    if executor is not None:
+        try:
+            executor.shutdown(wait=False, kill_workers=True)
+        except Exception:  # best effort: the processes are signalled below anyway
+            pass
+    children = _descendants()
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.monotonic() + grace
+    while children and time.monotonic() < deadline:
+        for pid in list(children):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # not our child (a grandchild) or already reaped
+                done = pid if not os.path.exists(f"/proc/{pid}") else 0
+            if done:
+                children.remove(pid)
+        time.sleep(0.05)
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, os.WNOHANG)
+        except OSError:
+            pass
+
+
 @contextmanager
 def cli_guard() -> Iterator[None]:
     """Run a command: third-party chatter silenced, every error one red line and an exit code.
 
     A :class:`~cluster_tracking.errors.ClusterTrackingError` exits with its code of
-    :data:`EXIT_CODES`; Ctrl-C with 130; anything else (a bug) with 1, still as one line
-    (set ``CLUSTER_TRACKING_TRACEBACK=1`` to see the traceback).
+    :data:`EXIT_CODES`; Ctrl-C with 130 and SIGTERM with 143, after the workers were stopped;
+    anything else (a bug) with 1, still as one line (set ``CLUSTER_TRACKING_TRACEBACK=1`` to see
+    the traceback).
     """
     quiet = ("mlflow", "alembic", "urllib3", "wandb", "matplotlib", "torch")
     levels = {name: logging.getLogger(name).level for name in quiet}
     for name in quiet:
         logging.getLogger(name).setLevel(logging.ERROR)
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    previous_int = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -1017,9 +1253,14 @@ def cli_guard() -> Iterator[None]:
     except ClusterTrackingError as error:
         _print_error(str(error))
         raise typer.Exit(exit_code(error)) from None
-    except KeyboardInterrupt:
-        _print_error("interrupted.")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, Terminated)
+        if main_thread:  # a second signal must not interrupt the clean-up
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stop_workers()
+        _print_error("terminated." if terminated else "interrupted.")
+        raise typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED) from None
     except Exception as error:
         if os.environ.get("CLUSTER_TRACKING_TRACEBACK"):
             raise
@@ -1032,6 +1273,10 @@ def cli_guard() -> Iterator[None]:
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if main_thread and previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def exit_codes_help() -> str:

@@ -17,15 +17,58 @@ To add a command, write its implementation in its own module and add a function 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from cluster_tracking.errors import ClusterTrackingError
+from cluster_tracking.limits import MAX_SHUFFLES
 
-app = typer.Typer(
+# Click's exception classes, wherever this Typer takes Click from (click, or its vendored copy).
+_CLICK_ERRORS = sys.modules[typer.BadParameter.__module__]
+_UsageError: type[Exception] = _CLICK_ERRORS.UsageError
+_ClickException: type[Exception] = _CLICK_ERRORS.ClickException
+_NoArgsIsHelp: type[Exception] | None = getattr(_CLICK_ERRORS, "NoArgsIsHelpError", None)
+
+
+class _OneLineTyper(typer.Typer):
+    """Typer, with every command-line mistake (unknown option, missing source, a value out of
+    range) as one line on stderr, ``error: ... (see cluster-tracking COMMAND --help)``, and exit
+    code 2, like every other error of the CLI (not Typer's boxed usage message)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        command = typer.main.get_command(self)
+        arguments = list(args[0]) if args else kwargs.pop("args", None)
+        try:
+            code = command.main(
+                args=arguments,
+                prog_name=kwargs.pop("prog_name", "cluster-tracking"),
+                standalone_mode=False,
+                **kwargs,
+            )
+        except _UsageError as error:
+            if _NoArgsIsHelp is not None and isinstance(error, _NoArgsIsHelp):
+                error.show()  # type: ignore[attr-defined]  # the help page, as Typer shows it
+                sys.exit(getattr(error, "exit_code", 2))
+            context = getattr(error, "ctx", None)
+            where = context.command_path if context is not None else "cluster-tracking"
+            message = " ".join(error.format_message().split())  # type: ignore[attr-defined]
+            typer.echo(f"error: {message} (see {where} --help)", err=True)
+            sys.exit(2)
+        except typer.Abort:
+            typer.echo("error: interrupted.", err=True)
+            sys.exit(130)
+        except _ClickException as error:
+            message = " ".join(error.format_message().split())  # type: ignore[attr-defined]
+            typer.echo(f"error: {message}", err=True)
+            sys.exit(getattr(error, "exit_code", 1))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = _OneLineTyper(
     name="cluster-tracking",
     help=(
         "Measure how clusterable neural networks are (Filan et al. 2021, arXiv:2103.03386) and "
@@ -43,8 +86,11 @@ app = typer.Typer(
         "--trust-pickle); "
         "**4** the model cannot be measured (no Linear/Conv layers, weights that do not "
         "chain, an unknown --layers name, NaN weights); "
-        "**5** MLflow or W&B unreachable, refusing, or not installed; "
-        "**130** interrupted."
+        "**5** MLflow, W&B or the Dask scheduler unreachable, silent, refusing, or not "
+        "installed; "
+        "**130** interrupted; **143** terminated (SIGTERM). "
+        "Usage mistakes are one line and exit 2; the readers' limits (--max-memory, "
+        "--shuffles, --jobs) are in cluster-tracking audit --help."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -96,11 +142,18 @@ def main(
 @app.command()
 def demo(
     epochs: Annotated[
-        int, typer.Option(min=1, help="Training epochs; clusterability is measured after each.")
+        int,
+        typer.Option(
+            min=1, max=1000, help="Training epochs; clusterability is measured after each."
+        ),
     ] = 8,
     shuffles: Annotated[
         int,
-        typer.Option(help="Weight-shuffled networks per measurement (the null model)."),
+        typer.Option(
+            min=0,
+            max=MAX_SHUFFLES,
+            help="Weight-shuffled networks per measurement (the null model).",
+        ),
     ] = 20,
     tracking_uri: Annotated[
         str | None,
@@ -123,7 +176,9 @@ def demo(
     clusterability/ncut, z_score, p_value, ... and plots and report.html as artifacts.
     Prints a table of the measured steps and how to open the MLflow dashboard.
     """
-    with cli_errors():
+    from cluster_tracking.audit import cli_guard
+
+    with cli_guard(), cli_errors():
         from cluster_tracking.demo import print_demo_result, run_demo
 
         result = run_demo(
@@ -153,7 +208,7 @@ ShufflesOption = Annotated[
     int,
     typer.Option(
         help="Weight-shuffled networks in the null model (the paper uses 50-100); 0 skips it "
-        "(no z or p).",
+        f"(no z or p). At most {MAX_SHUFFLES}.",
         rich_help_panel=_MEASURE,
     ),
 ]
@@ -175,7 +230,22 @@ SeedOption = Annotated[
 JobsOption = Annotated[
     int,
     typer.Option(
-        help="Parallel workers for the null networks (-1: all cores).", rich_help_panel=_MEASURE
+        help="Parallel workers for the null networks (-1: all cores); more than the CPUs this "
+        "process may use are capped to their number, with a note.",
+        rich_help_panel=_MEASURE,
+    ),
+]
+MaxMemoryOption = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        metavar="SIZE",
+        help="Memory the readers and the measurement may use, e.g. 2GiB or 512MiB. Sizes a file "
+        "declares (tensor shapes, archive members) are checked against it before anything is "
+        "allocated, and a run estimated above it is refused, with the estimate. Default: half "
+        "the memory available (and of the address space left under ulimit -v).",
+        show_default=False,
+        rich_help_panel=_SOURCE,
     ),
 ]
 BackendOption = Annotated[
@@ -282,7 +352,7 @@ _AUDIT_EPILOG = (
     "* cluster-tracking audit models:/digits-mlp@champion --log-to-run\n"
     "* cluster-tracking audit wandb-artifact://team/project/model-abc123:v4\n\n"
     "Exit codes: 0 success, 1 internal error, 2 bad option, 3 source not found or unreadable, "
-    "4 model cannot be measured, 5 MLflow/W&B unreachable, 130 interrupted."
+    "4 model cannot be measured, 5 MLflow/W&B unreachable, 130 interrupted, 143 terminated."
 )
 
 
@@ -313,6 +383,7 @@ def audit(
     preset: PresetOption = "default",
     trust_pickle: TrustOption = False,
     tracking_uri: TrackingUriOption = None,
+    max_memory: MaxMemoryOption = None,
     json_output: JsonOption = False,
     out: Annotated[
         str | None,
@@ -341,6 +412,7 @@ def audit(
 
     with cli_guard():
         from cluster_tracking.audit import AuditSettings, parse_k, parse_layers, run_audit
+        from cluster_tracking.limits import parse_size
 
         settings = AuditSettings(
             k=parse_k(k),
@@ -355,6 +427,7 @@ def audit(
             preset=preset,  # type: ignore[arg-type]
             trust_pickle=trust_pickle,
             tracking_uri=tracking_uri,
+            max_memory=None if max_memory is None else parse_size(max_memory),
         )
         code = run_audit(
             sources, settings, json_output=json_output, out=out, log_run=log_to_run, step=step
@@ -407,6 +480,7 @@ def compare(
     preset: PresetOption = "default",
     trust_pickle: TrustOption = False,
     tracking_uri: TrackingUriOption = None,
+    max_memory: MaxMemoryOption = None,
     csv: Annotated[
         str | None,
         typer.Option(
@@ -443,6 +517,7 @@ def compare(
 
     with cli_guard():
         from cluster_tracking.audit import AuditSettings, parse_k, parse_layers, run_compare
+        from cluster_tracking.limits import parse_size
 
         settings = AuditSettings(
             k=parse_k(k),
@@ -457,6 +532,7 @@ def compare(
             preset=preset,  # type: ignore[arg-type]
             trust_pickle=trust_pickle,
             tracking_uri=tracking_uri,
+            max_memory=None if max_memory is None else parse_size(max_memory),
         )
         code = run_compare(
             sources or [],

@@ -109,6 +109,8 @@ def run_demo(
     Raises:
         ConfigError: a setting is out of range.
         SinkError: mlflow is not installed or the tracking store cannot be used.
+        PlatformError: the tracking server does not answer within seconds, or MLflow would
+            refuse the store (a file store without ``MLFLOW_ALLOW_FILE_STORE=true``).
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}.")
@@ -126,6 +128,9 @@ def run_demo(
     ClusterabilityTracker(k=k, shuffles=shuffles, seed=seed)  # checks the settings, starts nothing
     started = time.perf_counter()
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    from cluster_tracking.loading import check_tracking_uri
+
+    check_tracking_uri(uri, existing=False)  # a malformed, silent or refused store: in seconds
     x_train, y_train, x_test, y_test = load_digits_split(seed)
     model = digits_mlp(seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)

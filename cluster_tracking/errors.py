@@ -22,3 +22,8 @@ class ConfigError(ClusterTrackingError, ValueError):
 
 class SourceError(ClusterTrackingError):
     """A checkpoint, logged model or URI cannot be found, read or trusted."""
+
+
+class LimitError(SourceError):
+    """Reading a source would take more memory than the limit allows (``--max-memory``), or the
+    source is larger than any reader accepts; the message gives the estimate and the limit."""

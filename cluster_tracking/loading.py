@@ -36,8 +36,21 @@ Safety. Loading never runs code from the file unless the user passes ``trust_pic
   ``mlflow.pytorch.load_model`` for an MLflow model saved with pickle), which gives the model's
   own class and lets the weight graph follow its real data flow.
 
+Hostile input. Only regular files are read (devices, FIFOs and sockets are refused before they
+are opened; symlinks are followed only to regular files); a folder is searched to
+:data:`MAX_FOLDER_DEPTH` levels and :data:`MAX_FOLDER_ENTRIES` entries. Every size a file declares
+(safetensors header and offsets, zip members, ``.pt2`` shapes) is checked against the bytes really
+there and against the memory limit (:mod:`cluster_tracking.limits`, ``--max-memory``) before
+anything is allocated; deflated zip members are inflated as a stream against that limit first.
+Every path an ``MLmodel`` file names must stay inside the model's folder. Weights whose
+magnitudes mean nothing alone (bool masks, integer tensors without their quantization scales),
+empty layers and all-zero models are refused with a :class:`~cluster_tracking.errors.GraphError`;
+PyTorch's own quantized tensors are dequantized first.
+
 Errors are :class:`~cluster_tracking.errors.SourceError` (missing, unreadable or untrusted
-source), :class:`PlatformError` (MLflow or W&B cannot be reached or refuses) and
+source; :class:`~cluster_tracking.errors.LimitError` when it would pass the memory limit),
+:class:`PlatformError` (MLflow or W&B cannot be reached or refuses),
+:class:`~cluster_tracking.errors.GraphError` (weights that cannot be measured) and
 :class:`~cluster_tracking.errors.ConfigError`.
 """
 
@@ -45,10 +58,12 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import re
 import socket
+import stat
 import tempfile
 import urllib.error
 import urllib.parse
@@ -63,7 +78,14 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from cluster_tracking.errors import SourceError
+from cluster_tracking.errors import (
+    ClusterTrackingError,
+    ConfigError,
+    GraphError,
+    LimitError,
+    SourceError,
+)
+from cluster_tracking.limits import MemoryBudget, format_size, memory_limit
 
 __all__ = [
     "WEIGHT_SUFFIXES",
@@ -71,6 +93,7 @@ __all__ = [
     "PlatformError",
     "RunTarget",
     "SourceRef",
+    "check_tracking_uri",
     "experiment_sources",
     "load_file",
     "load_source",
@@ -84,6 +107,17 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".pt2")
 
 #: Seconds a tracking server's ``/health`` check (and a W&B request) may take.
 PROBE_TIMEOUT = 5.0
+
+#: How deep (folders inside the source folder) and how many entries a folder source is searched.
+MAX_FOLDER_DEPTH = 4
+MAX_FOLDER_ENTRIES = 2000
+
+#: Largest safetensors header and ``.pt2`` weights config read (bytes of JSON).
+MAX_HEADER_BYTES = 100 * 2**20
+
+#: Objects of an unpickled checkpoint visited when looking for stand-ins (a DAG of shared lists
+#: visited path by path would otherwise take forever).
+MAX_WALK_VISITS = 200_000
 
 #: Keys of a checkpoint dict that hold the model's weights, in the order they are tried.
 CHECKPOINT_KEYS = (
@@ -316,6 +350,7 @@ def load_source(
     *,
     trust_pickle: bool = False,
     tracking_uri: str | None = None,
+    max_memory: int | None = None,
 ) -> LoadedModel:
     """Read the weights of a model source (see the module docstring).
 
@@ -325,6 +360,9 @@ def load_source(
             files the user trusts). Without it nothing from the file is imported or called.
         tracking_uri: the MLflow tracking server or store of ``runs:/`` and ``models:/``
             sources; ``None``: ``MLFLOW_TRACKING_URI``, else MLflow's default.
+        max_memory: bytes the readers may hold (what the file declares is checked against it
+            before it is allocated); ``None``: the limit in force
+            (:func:`~cluster_tracking.limits.current_memory_limit`).
 
     Returns:
         The weights, how they were read, and the run they came from.
@@ -332,41 +370,168 @@ def load_source(
     Raises:
         SourceError: the source does not exist, cannot be read, holds no weights, or would need
             unpickling without ``trust_pickle``.
+        LimitError: reading it would pass the memory limit.
+        GraphError: its weights cannot be measured (empty, all zero, bool or integer).
         PlatformError: MLflow or W&B cannot be reached, or refuses.
     """
     ref = source if isinstance(source, SourceRef) else parse_source(source)
-    if ref.kind == "file":
-        assert ref.path is not None
-        return load_file(ref.path, trust_pickle=trust_pickle, source=ref.uri)
-    if ref.kind == "wandb-artifact":
-        return _load_wandb(ref, trust_pickle=trust_pickle)
-    with mlflow_client(tracking_uri) as (client, uri):
-        if ref.kind == "mlflow-run":
-            return _load_mlflow_run(client, uri, ref, trust_pickle=trust_pickle)
-        return _load_mlflow_model(client, uri, ref, trust_pickle=trust_pickle)
+    with memory_limit(max_memory):
+        if ref.kind == "file":
+            assert ref.path is not None
+            return load_file(ref.path, trust_pickle=trust_pickle, source=ref.uri)
+        if ref.kind == "wandb-artifact":
+            return _load_wandb(ref, trust_pickle=trust_pickle)
+        with mlflow_client(tracking_uri) as (client, uri):
+            if ref.kind == "mlflow-run":
+                return _load_mlflow_run(client, uri, ref, trust_pickle=trust_pickle)
+            return _load_mlflow_model(client, uri, ref, trust_pickle=trust_pickle)
 
 
 def load_file(
-    path: str | os.PathLike[str], *, trust_pickle: bool = False, source: str | None = None
+    path: str | os.PathLike[str],
+    *,
+    trust_pickle: bool = False,
+    source: str | None = None,
+    max_memory: int | None = None,
 ) -> LoadedModel:
     """Read a local weight file or folder (see the module docstring).
 
     Raises:
-        SourceError: missing, unreadable or corrupt, no weights in it, or a pickle that would need
-            ``trust_pickle``.
+        SourceError: missing, unreadable, not a regular file or folder, corrupt, no weights in
+            it, or a pickle that would need ``trust_pickle``.
+        LimitError: reading it would pass the memory limit (``max_memory``).
+        GraphError: its weights cannot be measured (empty, all zero, bool or integer).
     """
     target = Path(path)
     shown = source or str(path)
-    if not target.exists():
-        raise SourceError(f"{shown}: no such file or folder.")
+    with memory_limit(max_memory):
+        mode = _file_mode(target, shown)
+        try:
+            if stat.S_ISDIR(mode):
+                loaded = _load_directory(target, trust_pickle=trust_pickle, source=shown)
+            else:
+                weights, what, prefix, notes = _read_weight_file(target, trust_pickle=trust_pickle)
+                loaded = LoadedModel(
+                    source=shown,
+                    label=target.name,
+                    weights=weights,
+                    format=what,
+                    prefix=prefix,
+                    notes=notes,
+                )
+        except PermissionError as error:
+            raise SourceError(f"{shown}: cannot read it ({error.strerror}).") from error
+        except MemoryError as error:
+            raise LimitError(
+                f"{shown}: ran out of memory while reading it; raise --max-memory only if the "
+                "machine has more, or audit it on a larger machine."
+            ) from error
+    loaded.weights, more = _checked_weights(loaded.weights, shown)
+    loaded.notes.extend(more)
+    return loaded
+
+
+def _is_weight(name: str, value: Any) -> bool:
+    """A tensor the weight graph reads as edges: a ``weight`` of two or more dimensions."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() >= 2
+        and name.rsplit(".", 1)[-1] in ("weight", "weight_orig")
+    )
+
+
+def _checked_weights(
+    weights: nn.Module | dict[str, Any], shown: str
+) -> tuple[nn.Module | dict[str, Any], list[str]]:
+    """The weights a reader returned, checked before they reach the weight graph.
+
+    PyTorch's quantized tensors are dequantized (their scales are stored with them). Refused
+    with a :class:`~cluster_tracking.errors.GraphError` (exit 4): bool weights (a mask's 0/1
+    would be measured as a graph), integer weights (quantized values whose scales are stored
+    elsewhere: their magnitudes mean nothing alone), a layer without neurons (a dimension of
+    size 0), and a model whose weights are all zero (a graph without edges).
+    """
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    notes: list[str] = []
+    dequantized = [
+        key
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor) and value.is_quantized
+    ]
+    if dequantized and isinstance(weights, dict):
+        weights = {
+            key: value.dequantize() if key in dequantized else value
+            for key, value in weights.items()
+        }
+        state = weights
+        notes.append(
+            f"PyTorch-quantized tensors {_list_names(dequantized, 4)} were dequantized with their "
+            "stored scales before measuring."
+        )
+    graph_weights = {key: value for key, value in state.items() if _is_weight(key, value)}
+    for key, value in graph_weights.items():
+        shape = list(value.shape)
+        if value.dtype == torch.bool:
+            raise GraphError(
+                f"{shown}: {key} holds bool values (shape {shape}): a mask, not weights; a 0/1 "
+                "graph says nothing about clusterability. Audit the weights the mask applies to "
+                "(e.g. weight_orig * weight_mask of a pruned layer)."
+            )
+        if value.is_quantized:
+            raise GraphError(
+                f"{shown}: {key} is a quantized tensor inside a pickled module; save "
+                "model.dequantize().state_dict() or audit the float model."
+            )
+        if not (value.is_floating_point() or value.is_complex()):
+            raise GraphError(
+                f"{shown}: {key} holds integer values ({str(value.dtype).removeprefix('torch.')}, "
+                f"shape {shape}): quantized weights, whose magnitudes mean nothing without the "
+                "scales and zero points stored beside them, which this reader does not know. "
+                "Dequantize the model and audit its float weights."
+            )
+        if value.numel() == 0:
+            raise GraphError(
+                f"{shown}: {key} has shape {shape}: a layer without neurons, so there is no "
+                "weight graph to measure."
+            )
+    if graph_weights and all(not bool(torch.any(value != 0)) for value in graph_weights.values()):
+        raise GraphError(
+            f"{shown}: every weight is zero ({len(graph_weights)} weight tensors): the weight "
+            "graph has no edges, so it has no clusters to measure (an untrained or wiped model?)."
+        )
+    return weights, notes
+
+
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _file_mode(path: Path, shown: str) -> int:
+    """The mode of ``path`` (symlinks followed); only regular files and folders pass.
+
+    Nothing is opened: a FIFO without a writer or ``/dev/zero`` would block or never end.
+    """
     try:
-        if target.is_dir():
-            return _load_directory(target, trust_pickle=trust_pickle, source=shown)
-        weights, what, prefix, notes = _read_weight_file(target, trust_pickle=trust_pickle)
+        info = path.stat()
+    except FileNotFoundError:
+        dangling = path.is_symlink()
+        raise SourceError(
+            f"{shown}: " + ("a symlink to nothing." if dangling else "no such file or folder.")
+        ) from None
     except PermissionError as error:
-        raise SourceError(f"{shown}: cannot read it ({error.strerror}).") from error
-    return LoadedModel(
-        source=shown, label=target.name, weights=weights, format=what, prefix=prefix, notes=notes
+        raise SourceError(f"{shown}: cannot read it ({error.strerror}).") from None
+    except (OSError, ValueError) as error:
+        raise SourceError(f"{shown}: cannot read it ({_first_line(error)}).") from None
+    if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):
+        return info.st_mode
+    kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a regular file")
+    via = " (through a symlink)" if path.is_symlink() else ""
+    raise SourceError(
+        f"{shown} is {kind}{via}, not a regular file; audit reads weight files and folders only."
     )
 
 
@@ -392,9 +557,10 @@ def _load_directory(folder: Path, *, trust_pickle: bool, source: str) -> LoadedM
             weights=model,
             format=f"Hugging Face model folder ({type(model).__name__}, safetensors)",
         )
-    files = _weight_files(folder)
+    scan = _scan_folder(folder, source)
+    files = scan.weight_files()
     if not files:
-        listed = _list_names(sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")))
+        listed = _list_names([p.relative_to(folder).as_posix() for p in scan.entries])
         raise SourceError(
             f"{source} holds no model: no MLmodel file and no weight file "
             f"({', '.join(WEIGHT_SUFFIXES)}); it holds {listed}."
@@ -415,13 +581,66 @@ def _load_directory(folder: Path, *, trust_pickle: bool, source: str) -> LoadedM
     )
 
 
+@dataclass
+class _FolderScan:
+    """What a bounded search of a folder found: every entry (sorted), and the regular files."""
+
+    entries: list[Path]
+    files: list[Path]
+
+    def weight_files(self) -> list[Path]:
+        """Weight files; a ``log_state_dict`` folder's ``state_dict.pth`` wins."""
+        found = [p for p in self.files if p.name.lower().endswith(WEIGHT_SUFFIXES)]
+        preferred = [p for p in found if p.name == "state_dict.pth"]
+        return preferred if len(preferred) == 1 else found
+
+
+def _scan_folder(folder: Path, source: str) -> _FolderScan:
+    """Search ``folder`` breadth-first, :data:`MAX_FOLDER_DEPTH` levels and
+    :data:`MAX_FOLDER_ENTRIES` entries at most, without following symlinked folders; regular
+    files only (a symlink counts when it leads to one).
+
+    Raises:
+        SourceError: the folder holds more entries than that (a home folder, ``/usr``...).
+    """
+    entries: list[Path] = []
+    files: list[Path] = []
+    pending: list[tuple[Path, int]] = [(folder, 0)]
+    while pending:
+        current, depth = pending.pop(0)
+        try:
+            with os.scandir(current) as listing:
+                children = sorted(listing, key=lambda entry: entry.name)
+        except OSError:
+            continue
+        for entry in children:
+            entries.append(Path(entry.path))
+            if len(entries) > MAX_FOLDER_ENTRIES:
+                weights = [
+                    p.relative_to(folder).as_posix()
+                    for p in files
+                    if p.name.lower().endswith(WEIGHT_SUFFIXES)
+                ]
+                raise SourceError(
+                    f"{source} is a folder of more than {MAX_FOLDER_ENTRIES} entries (searched "
+                    f"{MAX_FOLDER_DEPTH} levels deep at most), not a model folder; weight files "
+                    f"among the first {MAX_FOLDER_ENTRIES}: {_list_names(weights, 5)}. Audit the "
+                    "weight file or the model's own folder."
+                )
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if depth < MAX_FOLDER_DEPTH:
+                        pending.append((Path(entry.path), depth + 1))
+                elif entry.is_file(follow_symlinks=True):
+                    files.append(Path(entry.path))
+            except OSError:
+                continue
+    return _FolderScan(entries=sorted(entries), files=sorted(files))
+
+
 def _weight_files(folder: Path) -> list[Path]:
-    """Weight files under ``folder``; a ``log_state_dict`` folder's ``state_dict.pth`` wins."""
-    files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(WEIGHT_SUFFIXES)
-    )
-    preferred = [p for p in files if p.name == "state_dict.pth"]
-    return preferred if len(preferred) == 1 else files
+    """Weight files under ``folder`` (a bounded search); ``state_dict.pth`` wins."""
+    return _scan_folder(folder, str(folder)).weight_files()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,28 +651,43 @@ _Read = tuple["nn.Module | dict[str, Any]", str, str, list[str]]
 
 
 def _read_weight_file(path: Path, *, trust_pickle: bool) -> _Read:
-    """``(weights, format, prefix, notes)`` of one file, chosen by its content."""
+    """``(weights, format, prefix, notes)`` of one file, chosen by its content.
+
+    The file must be regular (checked again here: a folder search may name a symlink), and its
+    size and every size it declares are budgeted (:class:`~cluster_tracking.limits.MemoryBudget`)
+    before anything is read into memory.
+    """
+    _file_mode(path, str(path))
+    if not path.is_file():
+        raise SourceError(f"{path} is a folder where a weight file was expected.")
+    size = path.stat().st_size
+    if not size:
+        raise SourceError(f"{path}: the file is empty.")
+    budget = MemoryBudget(path)
     with open(path, "rb") as handle:
         head = handle.read(16)
-    if not head:
-        raise SourceError(f"{path}: the file is empty.")
     name = path.name.lower()
     if name.endswith(".safetensors") or _looks_like_safetensors(head):
         note = (
             "a safetensors file does not keep the layer order: the layers were ordered by name "
             "(natural order); pass --layers to give the data-flow order if it differs."
         )
-        return _read_safetensors(path), "state_dict (safetensors)", "", [note]
-    if not zipfile.is_zipfile(path):
+        return _read_safetensors(path, budget), "state_dict (safetensors)", "", [note]
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as error:
+        raise SourceError(f"{path}: cannot read it ({_first_line(error)}).") from error
+    if not is_zip:
         if head[:1] == b"\x80" or name.endswith((".pt", ".pth", ".bin", ".ckpt")):
-            # torch.save's legacy (pre-1.6) format, or a bare pickle.
+            # torch.save's legacy (pre-1.6) format, or a bare pickle: its tensors are at most
+            # as large as the file (storages are read from it).
+            budget.take(2 * size, f"a {format_size(size)} pickle, read and unpickled")
             return _read_torch_file(path, trust_pickle=trust_pickle)
         raise SourceError(
             f"{path}: not a weight file PyTorch or safetensors can read (neither a torch.save "
             "zip archive nor a safetensors file)."
         )
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
+    names = _check_zip(path, budget)
     if any(n.endswith("/models/model.json") or "/data/weights/" in n for n in names) and not any(
         n.endswith("/data.pkl") for n in names
     ):
@@ -463,18 +697,136 @@ def _read_weight_file(path: Path, *, trust_pickle: bool) -> _Read:
     return _read_torch_file(path, trust_pickle=trust_pickle)
 
 
+def _check_zip(path: Path, budget: MemoryBudget) -> list[str]:
+    """The member names of a zip archive, after its declared sizes were budgeted and every
+    compressed member was inflated as a stream (never trusted: a member that inflates past its
+    declared size fails its CRC check here, before PyTorch allocates it).
+
+    Raises:
+        SourceError: not a readable zip archive, or a member that does not match its size.
+        LimitError: the members together pass the memory limit.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            declared = sum(info.file_size for info in infos)
+            budget.take(declared, f"{len(infos)} archive members of {format_size(declared)}")
+            for info in infos:
+                if info.compress_type == zipfile.ZIP_STORED or info.is_dir():
+                    continue
+                with archive.open(info) as member:
+                    while member.read(1 << 20):
+                        pass
+            return [info.filename for info in infos]
+    except LimitError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as error:
+        raise SourceError(
+            f"{path}: a damaged zip archive ({_first_line(error)}); the file may be truncated or "
+            "corrupt."
+        ) from error
+    except NotImplementedError as error:
+        raise SourceError(
+            f"{path}: a zip archive compressed in a way PyTorch cannot read ({_first_line(error)})."
+        ) from error
+
+
 def _looks_like_safetensors(head: bytes) -> bool:
     """A safetensors file: an 8-byte little-endian header length, then a JSON object."""
     return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30
 
 
-def _read_safetensors(path: Path) -> dict[str, Any]:
+# Bytes per element of each safetensors dtype.
+_SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+
+
+def _check_safetensors_header(path: Path, budget: MemoryBudget) -> None:
+    """Check what a safetensors header declares against the file, before safetensors reads it.
+
+    The header (8-byte little-endian length, then JSON) must fit in the file; each tensor's
+    ``data_offsets`` must lie inside the data that follows and hold exactly ``prod(shape)``
+    elements of its dtype; the tensors together are budgeted.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise SourceError(f"{path}: not a safetensors file (shorter than its 8-byte header).")
+        length = int.from_bytes(prefix, "little")
+        if length > size - 8 or length > MAX_HEADER_BYTES:
+            raise SourceError(
+                f"{path}: the safetensors header declares {length} bytes, but the file holds "
+                f"{size - 8} after its length; the file is truncated or not safetensors."
+            )
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise SourceError(
+            f"{path}: the safetensors header is not JSON ({_first_line(error)})."
+        ) from error
+    if not isinstance(header, dict):
+        raise SourceError(f"{path}: the safetensors header is not a JSON object.")
+    data_size = size - 8 - length
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        bad = f"{path}: the safetensors entry {str(key)[:80]!r}"
+        if not isinstance(entry, dict):
+            raise SourceError(f"{bad} is not an object.")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in _SAFETENSORS_ITEMSIZE:
+            raise SourceError(f"{bad} has an unknown dtype {str(dtype)[:20]!r}.")
+        if not isinstance(shape, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+        ):
+            raise SourceError(f"{bad} has a malformed shape.")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_size
+        ):
+            raise SourceError(
+                f"{bad} has data offsets {str(offsets)[:60]} outside the {data_size} bytes of "
+                "data in the file; the file is truncated or corrupt."
+            )
+        numel = 1
+        for n in shape:
+            numel *= n
+        needed = numel * _SAFETENSORS_ITEMSIZE[dtype]
+        if needed != offsets[1] - offsets[0]:
+            raise SourceError(
+                f"{bad} declares shape {shape} ({format_size(needed)}) but its record holds "
+                f"{offsets[1] - offsets[0]} bytes; the file is corrupt."
+            )
+        budget.take(needed, f"tensor {str(key)[:80]!r} of shape {shape}")
+
+
+def _read_safetensors(path: Path, budget: MemoryBudget | None = None) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file as load_safetensors
 
+    _check_safetensors_header(path, budget or MemoryBudget(path))
     try:
         tensors = load_safetensors(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as error:
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as error:
         raise SourceError(
             f"{path}: not a readable safetensors file ({_first_line(error)})."
         ) from error
@@ -611,8 +963,12 @@ def _stand_in_state_dict(root: _StandIn) -> dict[str, Any]:
     """The ``state_dict()`` of a pickled ``nn.Module`` read with stand-ins, in declaration order:
     each module's parameters, then its persistent buffers, then its children."""
     found: dict[str, Any] = {}
+    seen: set[int] = set()
 
     def visit(node: _StandIn, prefix: str, depth: int) -> None:
+        if id(node) in seen or len(seen) > MAX_WALK_VISITS:
+            return  # a module shared by two parents is read once (as its state_dict() does)
+        seen.add(id(node))
         state = node.__dict__.get("_state")
         if isinstance(state, tuple) and len(state) == 2:
             state = state[0]
@@ -686,10 +1042,12 @@ def _from_checkpoint(loaded: Any, path: Path, trusted: bool, notes: list[str]) -
     return weights, kind, prefix, notes
 
 
-def _find_weights(value: Any, path: Path, where: str = "") -> tuple[Any, str]:
+def _find_weights(value: Any, path: Path, where: str = "", depth: int = 0) -> tuple[Any, str]:
     """``(weights, description)``: a module, or a state_dict of string keys and tensors."""
     label = f"{path}{where}"
     inside = f", under {where}" if where else ""
+    if depth > 8:
+        raise SourceError(f"{path}: checkpoint dicts nested too deep to hold a model's weights.")
     if isinstance(value, nn.Module):
         return value, "module"
     if isinstance(value, _StandIn):
@@ -710,7 +1068,7 @@ def _find_weights(value: Any, path: Path, where: str = "") -> tuple[Any, str]:
         for key in CHECKPOINT_KEYS:
             inner = value.get(key)
             if isinstance(inner, (Mapping, nn.Module, _StandIn)):
-                return _find_weights(inner, path, f"{where}[{key!r}]")
+                return _find_weights(inner, path, f"{where}[{key!r}]", depth + 1)
         nested = [
             key
             for key, inner in value.items()
@@ -718,7 +1076,7 @@ def _find_weights(value: Any, path: Path, where: str = "") -> tuple[Any, str]:
             and any(isinstance(v, torch.Tensor) for v in inner.values())
         ]
         if len(nested) == 1:
-            return _find_weights(value[nested[0]], path, f"{where}[{nested[0]!r}]")
+            return _find_weights(value[nested[0]], path, f"{where}[{nested[0]!r}]", depth + 1)
         keys = _list_names([str(key) for key in value.keys()], 12)
         raise SourceError(
             f"{label} is a dict without a model's weights (keys: {keys}); audit a state_dict or "
@@ -730,19 +1088,35 @@ def _find_weights(value: Any, path: Path, where: str = "") -> tuple[Any, str]:
     )
 
 
-def _walk(value: Any, depth: int = 0) -> Iterator[Any]:
-    """Every object in nested dicts/lists/tuples and stand-in states (bounded depth)."""
-    yield value
-    if depth > 16:
-        return
-    if isinstance(value, Mapping):
-        for item in value.values():
-            yield from _walk(item, depth + 1)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _walk(item, depth + 1)
-    elif isinstance(value, _StandIn):
-        yield from _walk(value.__dict__.get("_state"), depth + 1)
+def _walk(value: Any, max_depth: int = 16, max_visits: int = MAX_WALK_VISITS) -> Iterator[Any]:
+    """Every object in nested dicts/lists/tuples and stand-in states, each once.
+
+    Bounded in depth *and* in visits: a pickle's memo lets a 2 KB file hold a DAG of shared
+    lists whose paths number in the billions; each container is entered once, and the walk
+    stops after ``max_visits`` objects.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    visits = 0
+    while stack and visits < max_visits:
+        item, depth = stack.pop()
+        visits += 1
+        yield item
+        if depth >= max_depth:
+            continue
+        if isinstance(item, (Mapping, list, tuple, _StandIn)):
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+        if isinstance(item, Mapping):
+            children = list(item.values())
+        elif isinstance(item, (list, tuple)):
+            children = list(item)
+        elif isinstance(item, _StandIn):
+            children = [item.__dict__.get("_state")]
+        else:
+            continue
+        stack.extend((child, depth + 1) for child in reversed(children))
 
 
 def _strip_common_prefix(state: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -788,31 +1162,56 @@ def _read_pt2(path: Path) -> dict[str, Any]:
     The archive's ``<model>/data/weights/<model>_weights_config.json`` lists each weight (its
     state_dict name, record, dtype, sizes, strides, storage offset); the records are raw tensor
     bytes (``use_pickle: false``) or ``torch.save`` payloads, read with ``weights_only=True``.
+    What a config declares is checked against its record's real length and budgeted
+    (:class:`~cluster_tracking.limits.MemoryBudget`) before the record is read.
     """
+    budget = MemoryBudget(path)
     try:
         with zipfile.ZipFile(path) as archive:
-            configs = sorted(
-                n for n in archive.namelist() if re.search(r"data/weights/[^/]+_config\.json$", n)
-            )
+            names = archive.namelist()
+            configs = sorted(n for n in names if re.search(r"data/weights/[^/]+_config\.json$", n))
             if not configs:
                 raise SourceError(f"{path}: a torch.export archive without weights.")
-            byteorder = [n for n in archive.namelist() if n.endswith("/byteorder")]
-            if byteorder and archive.read(byteorder[0]).strip() not in (b"", b"little"):
+            byteorder = [n for n in names if n.endswith("/byteorder")]
+            if byteorder and _read_member(archive, byteorder[0], path, 64).strip() not in (
+                b"",
+                b"little",
+            ):
                 raise SourceError(f"{path}: a big-endian torch.export archive; re-export it here.")
             state: dict[str, Any] = {}
             for config_name in configs:
                 folder = config_name.rsplit("/", 1)[0]
-                entries = json.loads(archive.read(config_name))["config"]
+                config = json.loads(_read_member(archive, config_name, path, MAX_HEADER_BYTES))
+                entries = config["config"] if isinstance(config, Mapping) else None
+                if not isinstance(entries, Mapping):
+                    raise SourceError(f"{path}: {config_name} has no 'config' object.")
                 for fqn, entry in entries.items():
-                    record = archive.read(f"{folder}/{entry['path_name']}")
-                    state[str(fqn)] = _pt2_tensor(record, entry, path)
-    except (KeyError, ValueError, TypeError, zipfile.BadZipFile) as error:
+                    if not isinstance(entry, Mapping):
+                        raise SourceError(f"{path}: the entry of {str(fqn)[:80]!r} is malformed.")
+                    state[str(fqn)] = _pt2_tensor(
+                        archive, f"{folder}/{entry['path_name']}", entry, path, budget
+                    )
+    except ClusterTrackingError:
+        raise
+    except MemoryError as error:
+        raise LimitError(f"{path}: ran out of memory reading the torch.export archive.") from error
+    except Exception as error:  # a damaged archive or config raises many kinds
         raise SourceError(
             f"{path}: a torch.export archive this version cannot read ({_first_line(error)})."
         ) from error
     if not state:
         raise SourceError(f"{path}: the torch.export archive holds no weights.")
     return _group_by_module(state)
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, path: Path, limit: int) -> bytes:
+    """A small archive member (a config), refused when it declares more than ``limit`` bytes."""
+    info = archive.getinfo(name)
+    if info.file_size > limit:
+        raise SourceError(
+            f"{path}: {name} declares {format_size(info.file_size)}, more than a config holds."
+        )
+    return archive.read(info)
 
 
 def _group_by_module(state: dict[str, Any]) -> dict[str, Any]:
@@ -827,9 +1226,19 @@ def _group_by_module(state: dict[str, Any]) -> dict[str, Any]:
     return {key: state[key] for keys in order.values() for key in keys}
 
 
-def _pt2_tensor(record: bytes, entry: Mapping[str, Any], path: Path) -> torch.Tensor:
+def _pt2_tensor(
+    archive: zipfile.ZipFile,
+    name: str,
+    entry: Mapping[str, Any],
+    path: Path,
+    budget: MemoryBudget,
+) -> torch.Tensor:
+    """One weight of a ``.pt2`` archive: its declared layout checked against its record."""
+    info = archive.getinfo(name)
+    record_size = info.file_size
     if entry.get("use_pickle", True):
-        value = torch.load(io.BytesIO(record), map_location="cpu", weights_only=True)
+        budget.take(2 * record_size, f"record {name!r} of {format_size(record_size)}, unpickled")
+        value = torch.load(io.BytesIO(archive.read(info)), map_location="cpu", weights_only=True)
         if not isinstance(value, torch.Tensor):
             raise SourceError(f"{path}: weight {entry.get('path_name')!r} is not a tensor.")
         return value
@@ -839,10 +1248,42 @@ def _pt2_tensor(record: bytes, entry: Mapping[str, Any], path: Path) -> torch.Te
         raise SourceError(f"{path}: weight dtype code {meta['dtype']} is not supported.")
     sizes = [int(size["as_int"]) for size in meta["sizes"]]
     strides = [int(stride["as_int"]) for stride in meta["strides"]]
-    offset = int(meta.get("storage_offset", {}).get("as_int", 0))
-    if not record:
+    offset = int((meta.get("storage_offset") or {}).get("as_int", 0))
+    if len(sizes) != len(strides) or min([*sizes, *strides, offset, 0]) < 0 or len(sizes) > 8:
+        raise SourceError(
+            f"{path}: weight record {name!r} declares an impossible layout (sizes {sizes}, "
+            f"strides {strides}, offset {offset})."
+        )
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    # Elements the view reaches: offset + sum((size - 1) * stride) + 1 (none for an empty one).
+    elements = (
+        0
+        if 0 in sizes
+        else offset + sum((n - 1) * s for n, s in zip(sizes, strides, strict=True)) + 1
+    )
+    numel = math.prod(sizes)
+    if elements * itemsize > record_size:
+        raise SourceError(
+            f"{path}: weight record {name!r} holds {record_size} bytes, shorter than the "
+            f"{format_size(elements * itemsize)} its declared shape {sizes} needs; the archive is "
+            "truncated or corrupt."
+        )
+    budget.take(
+        record_size + numel * itemsize, f"record {name!r} of shape {sizes}, read and copied"
+    )
+    if not numel:
         return torch.empty(sizes, dtype=dtype)
-    storage = torch.frombuffer(bytearray(record), dtype=dtype)
+    buffer = bytearray(record_size)
+    with archive.open(info) as member:
+        view = memoryview(buffer)
+        filled = 0
+        while filled < record_size:
+            count = member.readinto(view[filled:])  # type: ignore[attr-defined]
+            if not count:
+                raise SourceError(f"{path}: weight record {name!r} ends early.")
+            filled += count
+    usable = record_size - record_size % itemsize
+    storage = torch.frombuffer(buffer, dtype=dtype, count=usable // itemsize)
     return torch.as_strided(storage, sizes, strides, offset).clone()
 
 
@@ -854,26 +1295,45 @@ def _pt2_tensor(record: bytes, entry: Mapping[str, Any], path: Path) -> torch.Te
 def _read_mlflow_model_dir(folder: Path, *, trust_pickle: bool) -> _Read:
     import yaml
 
+    spec_file = folder / "MLmodel"
+    _file_mode(spec_file, f"{folder}/MLmodel")
+    if spec_file.stat().st_size > MAX_HEADER_BYTES:
+        raise SourceError(f"{folder}/MLmodel is larger than any MLmodel file; is it one?")
     try:
-        spec = yaml.safe_load((folder / "MLmodel").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as error:
+        spec = yaml.safe_load(spec_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as error:
         raise SourceError(f"{folder}/MLmodel cannot be read ({_first_line(error)}).") from error
-    flavors = spec.get("flavors") or {}
+    if spec is None:
+        spec = {}
+    flavors = spec.get("flavors") if isinstance(spec, Mapping) else None
+    if not isinstance(spec, Mapping) or not isinstance(flavors, (Mapping, type(None))):
+        raise SourceError(
+            f"{folder}/MLmodel is not an MLflow model file (a YAML mapping with 'flavors'); the "
+            "folder may not hold an MLflow model."
+        )
+    flavors = flavors or {}
     pytorch = flavors.get("pytorch")
     if not isinstance(pytorch, Mapping):
         raise SourceError(
             f"the MLflow model in {folder.name!r} is not a PyTorch model (flavors: "
-            f"{_list_names(sorted(flavors))}); audit models logged with mlflow.pytorch or a "
-            "state_dict."
+            f"{_list_names(sorted(str(name) for name in flavors))}); audit models logged with "
+            "mlflow.pytorch or a state_dict."
         )
-    data = folder / str(pytorch.get("model_data", "data"))
+    for flavor in flavors.values():
+        for key in _MLMODEL_PATH_KEYS:
+            if isinstance(flavor, Mapping) and flavor.get(key) is not None:
+                _inside(folder, flavor[key], f"its {key!r} path")
+    data = _inside(folder, pytorch.get("model_data", "data"), "its 'model_data' path")
     exported, pickled = data / "model.pt2", data / "model.pth"
     if exported.is_file():
+        _inside(folder, exported, "its data/model.pt2")
         return _read_pt2(exported), "MLflow PyTorch model (torch.export archive)", "", []
     if not pickled.is_file():
-        files = [p for p in _weight_files(data)] if data.is_dir() else []
+        files = _weight_files(data) if data.is_dir() else []
         if len(files) == 1:
-            return _read_weight_file(files[0], trust_pickle=trust_pickle)
+            return _read_weight_file(
+                _inside(folder, files[0], "its weight file"), trust_pickle=trust_pickle
+            )
         raise SourceError(
             f"the MLflow model in {folder.name!r} has neither data/model.pt2 nor data/model.pth."
         )
@@ -886,8 +1346,35 @@ def _read_mlflow_model_dir(folder: Path, *, trust_pickle: bool) -> _Read:
                 "",
                 ["unpickled with --trust-pickle (code from the model was run)."],
             )
-    weights, what, prefix, notes = _read_torch_file(pickled, trust_pickle=False)
+    weights, what, prefix, notes = _read_torch_file(
+        _inside(folder, pickled, "its data/model.pth"), trust_pickle=False
+    )
     return weights, f"MLflow PyTorch model ({what})", prefix, notes
+
+
+#: Keys of an MLmodel flavor that name a path inside the model's folder.
+_MLMODEL_PATH_KEYS = ("model_data", "data", "code", "model_path", "artifacts_path")
+
+
+def _inside(folder: Path, named: Any, what: str) -> Path:
+    """``folder / named``, refused unless it resolves (symlinks followed) inside ``folder``.
+
+    An ``MLmodel`` file names paths; one that is absolute, climbs out with ``..`` or leads out
+    through a symlink would make the audit read a file the source does not hold.
+    """
+    if not isinstance(named, (str, os.PathLike)) or not str(named).strip():
+        raise SourceError(f"{folder}/MLmodel: {what} is not a path ({str(named)[:80]!r}).")
+    root = folder.resolve()
+    try:
+        target = (folder / named).resolve()
+    except (OSError, RuntimeError, ValueError) as error:
+        raise SourceError(f"{folder}/MLmodel: {what} cannot be resolved ({error}).") from error
+    if target != root and root not in target.parents:
+        raise SourceError(
+            f"{folder}/MLmodel: {what} {str(named)[:120]!r} leads outside the model's folder "
+            f"(to {target}); refusing to read a file the source does not hold."
+        )
+    return folder / named
 
 
 def _mlflow_load_trusted(folder: Path) -> nn.Module | None:
@@ -930,7 +1417,7 @@ def mlflow_client(tracking_uri: str | None = None) -> Iterator[tuple[Any, str]]:
     """``(MlflowClient, tracking URI)`` on ``tracking_uri``, failing fast when the server is down.
 
     MLflow retries an unanswered request for minutes by default; inside this context it retries
-    once (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=1``, backoff 1 s, 30 s timeout, unless the user set
+    once (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=1``, backoff 1 s, 10 s timeout, unless the user set
     them), the artifact progress bars are off, and an HTTP server's ``/health`` is checked
     first (a few seconds at most). A local store (``sqlite:///...``, a folder) must exist: an
     audit never creates one.
@@ -952,11 +1439,11 @@ def mlflow_client(tracking_uri: str | None = None) -> Iterator[tuple[Any, str]]:
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": os.environ.get(
             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"
         ),
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
     with _environment(**settings):
-        _check_tracking_store(uri)
+        check_tracking_uri(uri)
         with _mlflow_uris(mlflow, uri):
             yield MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
@@ -974,6 +1461,60 @@ def _mlflow_uris(mlflow: Any, uri: str) -> Iterator[None]:
     finally:
         mlflow.set_tracking_uri(tracking)
         mlflow.set_registry_uri(registry)
+
+
+#: Schemes of MLflow tracking URIs (database schemes may add ``+driver``).
+TRACKING_SCHEMES = (
+    "http",
+    "https",
+    "sqlite",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "file",
+    "databricks",
+    "databricks-uc",
+    "uc",
+)
+
+
+def check_tracking_uri(uri: str, *, existing: bool = True) -> None:
+    """Check an MLflow tracking URI before MLflow is given it, in seconds at most.
+
+    The scheme must be one MLflow knows; an HTTP server must answer ``/health`` within
+    :data:`PROBE_TIMEOUT` seconds (connect and read); a local folder store (``file:``, a plain
+    path) needs ``MLFLOW_ALLOW_FILE_STORE=true`` under MLflow 3, which refuses it otherwise;
+    with ``existing``, a local store must already exist (an audit never creates one).
+
+    Raises:
+        ConfigError: a malformed URI or an unknown scheme (exit 2).
+        PlatformError: the server does not answer, the store does not exist, or MLflow would
+            refuse it (exit 5).
+    """
+    text = str(uri).strip()
+    parsed = urllib.parse.urlparse(text)
+    scheme = parsed.scheme.lower()
+    if len(scheme) == 1:  # a Windows drive letter: a path
+        scheme = ""
+    if scheme and scheme.split("+", 1)[0] not in TRACKING_SCHEMES:
+        raise ConfigError(
+            f"tracking URI {text!r}: unknown scheme {scheme + ':'!r}; use http(s)://HOST:PORT, "
+            "sqlite:///FILE.db, a database URI (postgresql://...) or a folder."
+        )
+    if scheme in ("http", "https") and not parsed.hostname:
+        raise ConfigError(f"tracking URI {text!r} names no host; write http://HOST:PORT.")
+    if scheme in ("", "file") and not _file_store_allowed():
+        raise PlatformError(
+            f"{text} is a file store (an mlruns/ folder), which MLflow 3 refuses by default: "
+            "set MLFLOW_ALLOW_FILE_STORE=true to read it, or migrate it to a database once with "
+            "`mlflow migrate-filestore` and pass --tracking-uri sqlite:///mlflow.db."
+        )
+    if existing or scheme in ("http", "https"):
+        _check_tracking_store(text)
+
+
+def _file_store_allowed() -> bool:
+    return os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("1", "true", "yes")
 
 
 def _check_tracking_store(uri: str) -> None:
@@ -1339,6 +1880,12 @@ def wandb_api() -> Any:
         raise PlatformError(
             f"cannot reach W&B at {base}: check the network, or WANDB_BASE_URL for a local server."
         )
+    silent = _silent(base)
+    if silent:
+        raise PlatformError(
+            f"W&B at {base} accepts connections but does not answer HTTP ({silent}); check the "
+            "server, or WANDB_BASE_URL."
+        )
     try:
         return wandb.Api(timeout=int(PROBE_TIMEOUT))
     except Exception as error:
@@ -1358,6 +1905,18 @@ def _wandb_error(error: BaseException, what: str) -> SourceError:
     if not _reachable(base):
         return PlatformError(f"cannot reach W&B at {base} to read {what} ({message}).")
     return PlatformError(f"W&B at {base} failed to give {what} ({message}).")
+
+
+def _silent(url: str) -> str | None:
+    """Why ``url`` gives no HTTP answer within :data:`PROBE_TIMEOUT` seconds (connect and
+    read), or ``None`` when it answers (any status: an error page is an answer)."""
+    try:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except (OSError, ValueError) as error:
+        return _first_line(getattr(error, "reason", error))
 
 
 def _reachable(url: str) -> bool:
