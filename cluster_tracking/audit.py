@@ -215,14 +215,13 @@ _BYTES_PER_EDGE = 72
 _BYTES_PER_NODE_VECTOR = 48
 
 
-def run_memory_estimate(graph: WeightGraph, settings: AuditSettings) -> int:
-    """Bytes a measurement of ``graph`` with ``settings`` will hold, roughly: one network per
+def run_memory_estimate(n_nodes: int, n_stored: int, settings: AuditSettings) -> int:
+    """Bytes a measurement of a weight graph of ``n_nodes`` nodes and ``n_stored`` stored
+    adjacency entries (each edge twice) will hold with ``settings``, roughly: one network per
     worker measured at once (and this process's own), each its adjacency's copies and the
     eigensolver's vectors."""
     k = 32 if settings.k == "auto" else int(settings.k)
-    per_network = (
-        graph.adjacency.nnz * _BYTES_PER_EDGE + graph.n_nodes * (k + 8) * _BYTES_PER_NODE_VECTOR
-    )
+    per_network = n_stored * _BYTES_PER_EDGE + n_nodes * (k + 8) * _BYTES_PER_NODE_VECTOR
     jobs = cpu_count() if settings.jobs == -1 else settings.jobs
     workers = (
         0 if not settings.shuffles or settings.backend == "dask" else min(jobs, settings.shuffles)
@@ -230,19 +229,32 @@ def run_memory_estimate(graph: WeightGraph, settings: AuditSettings) -> int:
     return per_network * (workers + 1)
 
 
-def check_run_size(graph: WeightGraph, settings: AuditSettings, label: str) -> None:
+def weight_extent(state: dict[str, Any]) -> tuple[int, int]:
+    """``(nodes, edges)`` at most of the weight graph of a state_dict: every weight of two or
+    more dimensions counted as a full bipartite block (``out * in`` edges, ``out + in`` nodes),
+    before the graph is built (building it allocates by its edges)."""
+    nodes = edges = 0
+    for key, value in state.items():
+        shape: tuple[int, ...] = tuple(getattr(value, "shape", ()))
+        if key.rsplit(".", 1)[-1] in ("weight", "weight_orig") and len(shape) >= 2:
+            nodes += int(shape[0]) + int(shape[1])
+            edges += int(shape[0]) * int(shape[1])
+    return nodes, edges
+
+
+def check_run_size(n_nodes: int, n_stored: int, settings: AuditSettings, label: str) -> None:
     """Refuse a measurement whose estimated memory (:func:`run_memory_estimate`) passes the
     limit, before it starts.
 
     Raises:
         ConfigError: with the estimate, the limit, and what to lower.
     """
-    estimate = run_memory_estimate(graph, settings)
+    estimate = run_memory_estimate(n_nodes, n_stored, settings)
     limit = settings.max_memory if settings.max_memory is not None else current_memory_limit()
     if estimate > limit:
         raise ConfigError(
-            f"{label}: measuring its weight graph ({graph.n_nodes} nodes, "
-            f"{graph.adjacency.nnz} edges) with --jobs {settings.jobs} would need about "
+            f"{label}: measuring its weight graph ({n_nodes} nodes, "
+            f"{n_stored // 2} edges) with --jobs {settings.jobs} would need about "
             f"{format_size(estimate)}, more than the memory limit of {format_size(limit)}; "
             "lower --jobs, audit fewer --layers, or raise --max-memory if the machine has it."
         )
@@ -387,6 +399,9 @@ def audit_source(
     settings = replace(settings, max_memory=limit)
     layers = loaded.layer_names(settings.layers)
     is_module = not isinstance(loaded.weights, dict)
+    if isinstance(loaded.weights, dict):  # before the graph, whose building allocates by edges
+        nodes, edges = weight_extent(loaded.weights)
+        check_run_size(nodes, 2 * edges, settings, loaded.label)
     if settings.method == "random_init" and settings.shuffles and not is_module:
         raise ConfigError(
             f"{loaded.label}: --method random_init re-initialises the model's own modules, so it "
@@ -406,7 +421,7 @@ def audit_source(
             else ""
         )
         raise GraphError(f"{loaded.label}: {error}{hint}") from None
-    check_run_size(graph, settings, loaded.label)
+    check_run_size(graph.n_nodes, graph.adjacency.nnz, settings, loaded.label)
     report = measure(
         loaded.weights if settings.method == "random_init" else graph,
         k=settings.k,

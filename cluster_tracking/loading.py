@@ -440,6 +440,16 @@ def _is_weight(name: str, value: Any) -> bool:
     )
 
 
+def _all_zero(value: torch.Tensor) -> bool:
+    """Whether every value of ``value`` is zero, without materialising a view larger than its
+    storage (a weight expanded from one stored element: its values are its storage's)."""
+    storage = value.untyped_storage()
+    if value.numel() * value.element_size() > storage.nbytes():
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+        return not bool(raw.any())
+    return not bool(value.any())
+
+
 def _checked_weights(
     weights: nn.Module | dict[str, Any], shown: str
 ) -> tuple[nn.Module | dict[str, Any], list[str]]:
@@ -494,7 +504,7 @@ def _checked_weights(
                 f"{shown}: {key} has shape {shape}: a layer without neurons, so there is no "
                 "weight graph to measure."
             )
-    if graph_weights and all(not bool(torch.any(value != 0)) for value in graph_weights.values()):
+    if graph_weights and all(_all_zero(value) for value in graph_weights.values()):
         raise GraphError(
             f"{shown}: every weight is zero ({len(graph_weights)} weight tensors): the weight "
             "graph has no edges, so it has no clusters to measure (an untrained or wiped model?)."

@@ -182,6 +182,9 @@ CASES: dict[str, Case] = {
     "run estimated above --max-memory": audit(
         "{in}/wide.pt", "--max-memory", "40MiB", code=2, says="would need about"
     ),
+    "2 KB file declaring a 30000 x 30000 weight": audit(
+        "{in}/expanded.pt", code=2, says="would need about"
+    ),
     "unknown option": audit("{in}/good.pt", "--bogus", code=2, says="No such option"),
     "option without its value": case("audit", "{in}/good.pt", "--k", code=2, says="--k"),
     "missing source": case("audit", code=2, says="Missing argument"),
@@ -348,6 +351,8 @@ def make_inputs(folder: Path, outside: Path) -> None:
     nested["state_dict"] = nested
     torch.save(nested, folder / "self-nested.pt")
     torch.save([1, 2, 3], folder / "a-list.pt")
+    # One stored element, viewed as 900 million (stride 0): tiny on disk, huge as a graph.
+    torch.save({"0.weight": torch.ones(1, 1).expand(30000, 30000)}, folder / "expanded.pt")
     torch.save({"state_dict": good, "history": _dag()}, folder / "dag.pt")
     torch.save(
         {"0.weight": torch.rand(600, 600) + 0.1, "2.weight": torch.rand(8, 600)}, folder / "wide.pt"
