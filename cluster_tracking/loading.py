@@ -56,6 +56,7 @@ source; :class:`~cluster_tracking.errors.LimitError` when it would pass the memo
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -469,10 +470,9 @@ def _checked_weights(
         if isinstance(value, torch.Tensor) and value.is_quantized
     ]
     if dequantized and isinstance(weights, dict):
-        weights = {
-            key: value.dequantize() if key in dequantized else value
-            for key, value in weights.items()
-        }
+        weights = copy.copy(weights)  # keeps its type (a name-ordered state_dict stays one)
+        for key in dequantized:
+            weights[key] = weights[key].dequantize()
         state = weights
         notes.append(
             f"PyTorch-quantized tensors {_list_names(dequantized, 4)} were dequantized with their "
