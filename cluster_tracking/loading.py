@@ -1513,6 +1513,8 @@ def check_tracking_uri(uri: str, *, existing: bool = True) -> None:
         )
     if scheme in ("http", "https") and not parsed.hostname:
         raise ConfigError(f"tracking URI {text!r} names no host; write http://HOST:PORT.")
+    if not scheme and text.lower() in TRACKING_SCHEMES:
+        return  # a bare profile URI: "databricks", "databricks-uc", "uc"
     if scheme in ("", "file") and not _file_store_allowed():
         raise PlatformError(
             f"{text} is a file store (an mlruns/ folder), which MLflow 3 refuses by default: "

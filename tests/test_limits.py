@@ -27,7 +27,7 @@ from cluster_tracking.limits import (
     memory_limit,
     parse_size,
 )
-from cluster_tracking.loading import load_file
+from cluster_tracking.loading import PlatformError, check_tracking_uri, load_file
 
 
 @pytest.mark.parametrize(
@@ -129,3 +129,26 @@ def test_an_expanded_zero_weight_is_refused_without_materialising_it(tmp_path: P
             load_file(tmp_path / "z.pt")
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.mark.parametrize(
+    ("uri", "error", "says"),
+    [
+        ("nonsense://x", ConfigError, "unknown scheme"),
+        ("http://", ConfigError, "names no host"),
+        ("file:/nowhere/mlruns", PlatformError, "MLFLOW_ALLOW_FILE_STORE=true"),
+        ("/nowhere/mlruns", PlatformError, "mlflow migrate-filestore"),
+        ("databricks", None, ""),
+        ("sqlite:///new.db", None, ""),
+        ("postgresql+psycopg2://user@host/db", None, ""),
+    ],
+)
+def test_a_tracking_uri_is_checked_before_mlflow_gets_it(
+    uri: str, error: type[Exception] | None, says: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    if error is None:
+        check_tracking_uri(uri, existing=False)  # a store the demo may create: no error
+    else:
+        with pytest.raises(error, match=re.escape(says)):
+            check_tracking_uri(uri, existing=False)
