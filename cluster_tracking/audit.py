@@ -222,11 +222,15 @@ def run_memory_estimate(n_nodes: int, n_stored: int, settings: AuditSettings) ->
     eigensolver's vectors."""
     k = 32 if settings.k == "auto" else int(settings.k)
     per_network = n_stored * _BYTES_PER_EDGE + n_nodes * (k + 8) * _BYTES_PER_NODE_VECTOR
+    return per_network * (_workers(settings) + 1)
+
+
+def _workers(settings: AuditSettings) -> int:
+    """Local worker processes (or threads) measuring null networks at once."""
+    if not settings.shuffles or settings.backend == "dask":
+        return 0
     jobs = cpu_count() if settings.jobs == -1 else settings.jobs
-    workers = (
-        0 if not settings.shuffles or settings.backend == "dask" else min(jobs, settings.shuffles)
-    )
-    return per_network * (workers + 1)
+    return min(jobs, settings.shuffles)
 
 
 def weight_extent(state: dict[str, Any]) -> tuple[int, int]:
@@ -254,7 +258,7 @@ def check_run_size(n_nodes: int, n_stored: int, settings: AuditSettings, label: 
     if estimate > limit:
         raise ConfigError(
             f"{label}: measuring its weight graph ({n_nodes} nodes, "
-            f"{n_stored // 2} edges) with --jobs {settings.jobs} would need about "
+            f"{n_stored // 2} edges) with {_workers(settings)} worker(s) would need about "
             f"{format_size(estimate)}, more than the memory limit of {format_size(limit)}; "
             "lower --jobs, audit fewer --layers, or raise --max-memory if the machine has it."
         )
