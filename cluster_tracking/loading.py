@@ -560,6 +560,11 @@ def _load_directory(folder: Path, *, trust_pickle: bool, source: str) -> LoadedM
     from cluster_tracking.pretrained import is_model_folder, load_model_folder
 
     if is_model_folder(folder):
+        # transformers reads the shards itself: check what they declare against the limit first.
+        budget = MemoryBudget(source)
+        for shard in sorted(folder.glob("*.safetensors")):
+            _file_mode(shard, str(shard))
+            _check_safetensors_header(shard, budget)
         model = load_model_folder(folder)
         return LoadedModel(
             source=source,
