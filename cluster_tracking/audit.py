@@ -130,6 +130,11 @@ class AuditSettings:
         tracking_uri: MLflow tracking server or store of ``runs:/``/``models:/`` sources.
         max_memory: bytes the readers and the run may use (``None``: half the memory available,
             :func:`~cluster_tracking.limits.default_memory_limit`).
+        arch: the architecture of a bare state_dict (:mod:`cluster_tracking.architectures`: a
+            torchvision or timm name, or ``package.module:function``); the state_dict is loaded
+            into it and the model's data flow followed.
+        input_shape: one example's shape (``(3, 224, 224)``), for models that ``torch.fx``
+            cannot trace: they are followed with ``torch.export`` on ``zeros(1, *input_shape)``.
     """
 
     k: int | Literal["auto"] = 12
@@ -145,6 +150,8 @@ class AuditSettings:
     trust_pickle: bool = False
     tracking_uri: str | None = None
     max_memory: int | None = None
+    arch: str | None = None
+    input_shape: tuple[int, ...] | None = None
 
     def check(self) -> None:
         """Validate the settings before any source is read.
@@ -330,6 +337,19 @@ def parse_k(text: str | int) -> int | Literal["auto"]:
     return int(value)
 
 
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """``--input-shape 3,224,224`` as ``(3, 224, 224)``."""
+    if text is None:
+        return None
+    parts = [part.strip() for part in str(text).replace("x", ",").split(",") if part.strip()]
+    if not parts or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise ConfigError(
+            f"--input-shape must be positive whole numbers separated by commas, e.g. 3,224,224; "
+            f"got {text!r}."
+        )
+    return tuple(int(part) for part in parts)
+
+
 def parse_layers(values: Sequence[str] | None) -> tuple[str, ...] | None:
     """``--layers``, repeated and/or separated by commas or ``|``, as one tuple of names or glob
     patterns (:mod:`cluster_tracking.graph.selection` expands the patterns)."""
@@ -406,6 +426,27 @@ def audit_source(
     if isinstance(loaded.weights, dict):  # before the graph, whose building allocates by edges
         nodes, edges = weight_extent(loaded.weights)
         check_run_size(nodes, 2 * edges, settings, loaded.label)
+    if settings.arch is not None:
+        if not isinstance(loaded.weights, dict):
+            raise ConfigError(
+                f"{loaded.label} is a model already ({loaded.format}); --arch builds the model "
+                "of a bare state_dict: drop it."
+            )
+        from cluster_tracking.architectures import load_into_architecture
+
+        try:
+            model = load_into_architecture(settings.arch, loaded.weights)
+        except (ConfigError, SourceError) as error:
+            raise type(error)(f"{loaded.label}: {error}") from None
+        loaded = replace(
+            loaded, weights=model, format=f"{loaded.format}, as --arch {settings.arch}"
+        )
+        is_module = True
+    example = None
+    if settings.input_shape is not None and is_module:
+        import torch
+
+        example = torch.zeros((1, *settings.input_shape))
     if settings.method == "random_init" and settings.shuffles and not is_module:
         raise ConfigError(
             f"{loaded.label}: --method random_init re-initialises the model's own modules, so it "
@@ -414,7 +455,11 @@ def audit_source(
         )
     try:
         graph = weight_graph(
-            loaded.weights, norm=settings.norm, preset=settings.preset, layers=layers
+            loaded.weights,
+            norm=settings.norm,
+            preset=settings.preset,
+            layers=layers,
+            example_inputs=example,
         )
     except GraphError as error:
         hint = (

@@ -272,8 +272,32 @@ LayersOption = Annotated[
     typer.Option(
         metavar="NAMES",
         help="Layers that make the graph, in data-flow order (repeat the option or separate "
-        "names by commas): state_dict prefixes such as 0,2,4 or fc1,fc2. Default: every "
-        "Linear/Conv weight, read as a chain in key order.",
+        "names by commas or |): state_dict prefixes such as 0,2,4 or fc1,fc2, or glob patterns "
+        "such as 'blocks.*.mlp.*'. Default: the whole model; a bare state_dict is read as a "
+        "chain in key order when it is one.",
+        show_default=False,
+        rich_help_panel=_MEASURE,
+    ),
+]
+ArchOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="NAME",
+        help="The architecture of a bare state_dict: a torchvision or timm model name (resnet18, "
+        "convnext_atto), or package.module:function of your own code that returns the model. The "
+        "weights are loaded into it and its real data flow is followed, instead of reading the "
+        "file as a chain of layers.",
+        show_default=False,
+        rich_help_panel=_MEASURE,
+    ),
+]
+InputShapeOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="SHAPE",
+        help="One example's shape, e.g. 3,224,224: models torch.fx cannot trace (attention, "
+        "recurrent layers) are followed with torch.export on zeros of this shape. Hugging Face "
+        "and timm models need none.",
         show_default=False,
         rich_help_panel=_MEASURE,
     ),
@@ -379,6 +403,8 @@ def audit(
     backend: BackendOption = None,
     scheduler: SchedulerOption = None,
     layers: LayersOption = None,
+    arch: ArchOption = None,
+    input_shape: InputShapeOption = None,
     norm: NormOption = "l1",
     preset: PresetOption = "default",
     trust_pickle: TrustOption = False,
@@ -411,7 +437,13 @@ def audit(
     from cluster_tracking.audit import cli_guard
 
     with cli_guard():
-        from cluster_tracking.audit import AuditSettings, parse_k, parse_layers, run_audit
+        from cluster_tracking.audit import (
+            AuditSettings,
+            parse_k,
+            parse_layers,
+            parse_shape,
+            run_audit,
+        )
         from cluster_tracking.limits import parse_size
 
         settings = AuditSettings(
@@ -428,6 +460,8 @@ def audit(
             trust_pickle=trust_pickle,
             tracking_uri=tracking_uri,
             max_memory=None if max_memory is None else parse_size(max_memory),
+            arch=arch,
+            input_shape=parse_shape(input_shape),
         )
         code = run_audit(
             sources, settings, json_output=json_output, out=out, log_run=log_to_run, step=step
@@ -476,6 +510,8 @@ def compare(
     backend: BackendOption = None,
     scheduler: SchedulerOption = None,
     layers: LayersOption = None,
+    arch: ArchOption = None,
+    input_shape: InputShapeOption = None,
     norm: NormOption = "l1",
     preset: PresetOption = "default",
     trust_pickle: TrustOption = False,
@@ -516,7 +552,13 @@ def compare(
     from cluster_tracking.audit import cli_guard
 
     with cli_guard():
-        from cluster_tracking.audit import AuditSettings, parse_k, parse_layers, run_compare
+        from cluster_tracking.audit import (
+            AuditSettings,
+            parse_k,
+            parse_layers,
+            parse_shape,
+            run_compare,
+        )
         from cluster_tracking.limits import parse_size
 
         settings = AuditSettings(
@@ -533,6 +575,8 @@ def compare(
             trust_pickle=trust_pickle,
             tracking_uri=tracking_uri,
             max_memory=None if max_memory is None else parse_size(max_memory),
+            arch=arch,
+            input_shape=parse_shape(input_shape),
         )
         code = run_compare(
             sources or [],

@@ -678,3 +678,15 @@ def test_live_weights_of_a_changed_model_is_an_error() -> None:
     wider.out = nn.Linear(8, 5)
     with pytest.raises(GraphError, match="shape"):
         live_weights(wider, graph)
+
+
+def test_masks_quantized_integers_and_all_zero_weights_are_refused() -> None:
+    with pytest.raises(GraphError, match=r"torch\.bool values \(a mask\)"):
+        weight_graph({"0.weight": torch.ones(3, 2, dtype=torch.bool)})
+    with pytest.raises(GraphError, match=r"torch\.int8 values \(quantized weights without"):
+        weight_graph({"0.weight": torch.ones(3, 2, dtype=torch.int8)})
+    zero = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+    for layer in (zero[0], zero[2]):
+        nn.init.zeros_(layer.weight)
+    with pytest.raises(GraphError, match=r"Every weight .* is zero"):
+        weight_graph(zero)

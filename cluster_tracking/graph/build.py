@@ -30,8 +30,9 @@ from cluster_tracking.graph.types import (
 STATE_DICT_ADVICE = (
     "A bare state_dict is read as a chain of its weights in key order, which is right only for a "
     "network that is such a chain; for any other, measure the model itself (in the CLI: --arch "
-    "NAME for a torchvision/timm architecture, or a Hugging Face model folder with its "
-    "config.json), or name a chain with layers=/--layers in data-flow order."
+    "NAME, a torchvision or timm architecture or package.module:function of your own code, or a "
+    "Hugging Face model folder with its config.json), or name a chain with layers=/--layers in "
+    "data-flow order."
 )
 
 LAYERS_HINT = (
@@ -389,6 +390,11 @@ class _Builder:
             raise GraphError(
                 f"preset='filan2021' keeps only convolution-to-convolution edges, and {what} has "
                 "no convolution reading another one's output; use preset='default'."
+            )
+        if not any(np.any(block.weight) for block in blocks):
+            raise GraphError(
+                f"Every weight of {what} that the graph reads is zero, so it has no edges to "
+                "cluster; measure a trained or initialised network."
             )
         n_nodes = int(sum(layer_widths))
         return WeightGraph(

@@ -42,6 +42,12 @@ def weight_array(tensor: Any, label: str) -> np.ndarray:
             t = t.to_dense()
         if t.is_complex():
             raise GraphError(f"{label} has complex weights; a weight graph needs real ones.")
+        if not t.is_floating_point():
+            what = "a mask" if t.dtype == torch.bool else "quantized weights without their scales"
+            raise GraphError(
+                f"{label} holds {t.dtype} values ({what}); their magnitudes are not weights. "
+                "Measure the float weights (apply the mask, or dequantize with the scales first)."
+            )
         array = t.to(device="cpu", dtype=torch.float64, copy=True).numpy()
     else:
         raise GraphError(f"{label} is a {type(tensor).__name__}, not a weight tensor.")
