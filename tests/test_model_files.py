@@ -128,6 +128,7 @@ def test_a_state_dict_that_is_not_a_chain_exits_4_naming_what_to_pass(tmp_path: 
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
         assert seen in lines[0] and "--layers" in lines[0] and "config.json" in lines[0]
+        assert "--arch" in lines[0]
 
 
 def test_a_chain_reads_the_same_from_its_state_dict_and_safetensors(tmp_path: Path) -> None:
@@ -168,3 +169,37 @@ def test_an_unknown_arch_names_what_it_tried() -> None:
         build_architecture("no_such_net")
     with pytest.raises(ConfigError, match="no function 'Nope'"):
         build_architecture("_tiny_models:Nope")
+
+
+@pytest.mark.slow
+def test_the_audit_with_arch_gives_the_live_models_ncut(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    live = ResNetBlock()
+    torch.save(live.state_dict(), tmp_path / "block.pt")
+    expected = ct.measure(live, k=3, shuffles=6, seed=0, n_jobs=1)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    done = subprocess.run(
+        [
+            *CLI,
+            "audit",
+            "block.pt",
+            "--arch",
+            "_tiny_models:ResNetBlock",
+            "--k",
+            "3",
+            "--shuffles",
+            "6",
+            "--seed",
+            "0",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[0])
+    assert report["ncut"] == pytest.approx(expected.ncut, rel=1e-9)
+    assert report["baseline"]["z_score"] == pytest.approx(expected.baseline.z_score, rel=1e-6)
