@@ -23,10 +23,18 @@ and the child process rebuilds each step's graph from it and the copied weights.
 
 Guarantees:
 
-* **Never blocks training.** When a measurement is still waiting to start at the next due step,
-  ``on_backlog="skip"`` (the default) drops the new snapshot and records the step in
-  :attr:`ClusterabilityTracker.skipped_steps` (and in the summary); ``on_backlog="queue"`` keeps
-  every snapshot in memory until it is measured.
+* **Measures during training, within a budget.** The worker runs at normal priority, so it gets
+  its share of the CPU even when the training loop keeps every core busy, and the tracker paces it
+  to ``max_overhead`` (default 0.1) of the machine: over any stretch of training, the CPU seconds
+  spent measuring stay below ``max_overhead * cores * wall seconds`` (the worker's one-off start
+  aside). ``close()`` measures what is left at full speed.
+* **Never blocks training; the newest due step wins.** When ``max_pending`` snapshots already
+  wait at a due step, ``on_backlog="skip"`` (the default) replaces the oldest waiting one with the
+  new one, so the dashboard follows training; ``on_backlog="queue"`` replaces the newest waiting
+  one (the older ones are measured in order). Either way the last due step is always measured,
+  replaced steps are listed in :attr:`ClusterabilityTracker.skipped_steps` and the summary, their
+  count is logged with every measurement as ``clusterability/skipped_steps``, and the first one
+  gives a warning that names the knobs.
 * **Never takes training down.** Every failure in snapshotting, measuring, plotting or logging
   becomes a :class:`ClusterTrackingWarning` and the run goes on; ``close()`` never raises.
 * **Reproducible.** Step ``s`` is measured with the seed :meth:`ClusterabilityTracker.seed_for`
@@ -38,6 +46,8 @@ Guarantees:
 from __future__ import annotations
 
 import copy
+import inspect
+import os
 import queue
 import secrets
 import shutil
@@ -45,6 +55,8 @@ import tempfile
 import threading
 import time
 import warnings
+import zlib
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +71,7 @@ from cluster_tracking import baselines
 from cluster_tracking.errors import ConfigError, GraphError
 from cluster_tracking.graph import WeightGraph, live_weights, weight_graph, weight_topology
 from cluster_tracking.report import ClusterabilityReport
-from cluster_tracking.sinks import Sink
+from cluster_tracking.sinks import SKIPPED_STEPS_METRIC, Sink
 from cluster_tracking.worker import (
     _WORKER_CALLS,
     _describe,
@@ -69,6 +81,9 @@ from cluster_tracking.worker import (
 )
 
 OnBacklog = Literal["skip", "queue"]
+
+#: ``max_pending`` when it is not given: 1 with ``on_backlog="skip"``, this with ``"queue"``.
+DEFAULT_QUEUE_PENDING = 16
 
 #: Per-step artifact names the tracker writes (under ``clusterability/step-<step>/``).
 STEP_ARTIFACTS = ("report.json", "adjacency.png", "composition.png")
@@ -99,9 +114,14 @@ class _Snapshot:
     state: dict[str, Any] | None = None
     graph_seconds: float = 0.0
     weights: list[np.ndarray] | None = None
+    explicit: bool = False  # a checkpoint(): never replaced by a newer due step
 
 
 _STOP = object()
+
+
+class _Abandoned(Exception):
+    """``close(timeout)`` gave up: the measurement in progress is dropped."""
 
 
 class ClusterabilityTracker:
@@ -141,15 +161,28 @@ class ClusterabilityTracker:
         norm, preset, layers, init, backend: forwarded to
             :func:`~cluster_tracking.measure.measure` (see there).
         on_backlog: what a due step does while ``max_pending`` snapshots already wait for the
-            worker: ``"skip"`` drops it (recorded in :attr:`skipped_steps`); ``"queue"`` keeps it
-            (each waiting snapshot holds a CPU copy of the weights: float64 weight graph, or the
-            float32 ``state_dict`` with ``layers=``).
-        max_pending: how many snapshots may wait while a measurement runs (``"skip"`` only).
+            worker (measuring cannot keep up): ``"skip"`` (default) replaces the *oldest*
+            waiting snapshot with the new one (newest wins: measurements follow training);
+            ``"queue"`` replaces the *newest* waiting one, so the first ``max_pending - 1``
+            waiting steps are measured in order, and then the latest. Replaced steps are
+            recorded in :attr:`skipped_steps` and counted in the metric
+            ``clusterability/skipped_steps``. Snapshots of :meth:`checkpoint` are never replaced.
+        max_pending: how many snapshots may wait while a measurement runs, in both modes (each
+            holds a CPU copy of the weights). ``None``: 1 with ``"skip"``, 16 with ``"queue"``.
+        max_overhead: the share of the machine measuring may take while training runs, as a
+            fraction of its CPU time: the worker's CPU seconds (and the tracker's background
+            threads') stay below ``max_overhead * cores * wall seconds`` since the first due
+            step; a measurement starts only when that budget allows, and a newer due step
+            replaces the waiting one meanwhile. With a loop that keeps every core busy, the
+            loop runs about this fraction slower. ``None``: no limit (measure back to back).
+            The default 0.1 is measured by ``benchmarks/bench_load.py``. ``close()`` measures
+            what is left without the limit.
         plots: draw the PNG plots and the HTML report (``False``: JSON only, faster).
-        worker: where measurements run. ``"process"`` (default): in a child Python process
-            started at the first due step (a few seconds, in the background; it imports
-            cluster-tracking, ~400 MB of memory), so they never compete with training for the
-            GIL. ``"thread"``: in a thread of the training process; no extra process, but a
+        worker: where measurements run. ``"process"`` (default): in a child Python process at
+            normal priority, started at the first due step (a few seconds, in the background; it
+            imports cluster-tracking, ~400 MB of memory), so they never compete with training
+            for the GIL; it never outlives the tracker (``close(timeout=...)`` kills it).
+            ``"thread"``: in a thread of the training process; no extra process, but a
             Python-bound training loop runs slower while a measurement runs. If the process
             cannot start or dies, the tracker warns and goes on with a thread. The
             ``random_init`` null model always measures in a thread (it needs the model).
@@ -178,7 +211,8 @@ class ClusterabilityTracker:
         init: str | None = None,
         backend: str | None = None,
         on_backlog: OnBacklog = "skip",
-        max_pending: int = 1,
+        max_pending: int | None = None,
+        max_overhead: float | None = 0.1,
         plots: bool = True,
         worker: Literal["process", "thread"] = "process",
         rank: int | None = None,
@@ -230,9 +264,21 @@ class ClusterabilityTracker:
         if on_backlog not in ("skip", "queue"):
             raise ConfigError(f"on_backlog must be 'skip' or 'queue', got {on_backlog!r}.")
         self.on_backlog: OnBacklog = on_backlog
+        if max_pending is None:
+            max_pending = 1 if on_backlog == "skip" else DEFAULT_QUEUE_PENDING
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ConfigError(f"max_pending must be an integer >= 1, got {max_pending!r}.")
         self.max_pending = max_pending
+        if max_overhead is not None and (
+            isinstance(max_overhead, bool)
+            or not isinstance(max_overhead, (int, float))
+            or not 0 < max_overhead <= 1
+        ):
+            raise ConfigError(
+                f"max_overhead must be a fraction in (0, 1] (0.1: measuring may take a tenth "
+                f"of the machine) or None for no limit, got {max_overhead!r}."
+            )
+        self.max_overhead = None if max_overhead is None else float(max_overhead)
         if worker not in ("process", "thread"):
             raise ConfigError(f"worker must be 'process' or 'thread', got {worker!r}.")
         self.worker = worker
@@ -257,10 +303,12 @@ class ClusterabilityTracker:
 
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
+        self._wake = threading.Condition(self._lock)  # a snapshot waits, or close() began
         self._requested: set[int] = set()
-        self._waiting = 0  # snapshots queued, not yet picked up by the worker
+        self._pending: deque[_Snapshot] = deque()  # snapshots waiting for the worker
         self._in_flight = 0  # snapshots not yet measured *and* logged
-        self._reports: dict[int, ClusterabilityReport] = {}
+        # reports by step as compressed JSON (about 1/4 of the in-memory objects' size)
+        self._reports: dict[int, bytes] = {}
         self._skipped: list[int] = []
         self._failed: list[int] = []
         self._last_images: tuple[int, dict[str, bytes]] | None = None
@@ -273,7 +321,13 @@ class ClusterabilityTracker:
         self._traced_signature: tuple[Any, ...] | None = None
         self._warned_skip = False
         self._warned_closed = False
-        self._measure_queue: queue.Queue[Any] = queue.Queue()
+        self._stopping = False  # close() began: measure what waits, then stop
+        self._closing = threading.Event()  # close() began: no more pacing
+        self._abandoned = False  # close(timeout) gave up: drop everything left
+        self._cores = _cores()
+        self._budget_start: float | None = None
+        self._log_cpu = 0.0  # CPU seconds of the logging thread
+        self._dead_worker_cpu = 0.0  # CPU seconds of worker processes that ended
         self._log_queue: queue.Queue[Any] = queue.Queue()
         self._measure_thread: threading.Thread | None = None
         self._log_thread: threading.Thread | None = None
@@ -301,6 +355,8 @@ class ClusterabilityTracker:
             "clusterability.every_n_steps": self.every_n_steps,
             "clusterability.every_n_epochs": self.every_n_epochs,
             "clusterability.on_backlog": self.on_backlog,
+            "clusterability.max_pending": self.max_pending,
+            "clusterability.max_overhead": self.max_overhead,
             "clusterability.version": __version__,
         }
         if options["layers"] is not None:
@@ -315,11 +371,13 @@ class ClusterabilityTracker:
     def reports(self) -> list[ClusterabilityReport]:
         """The reports measured so far, by step."""
         with self._lock:
-            return [self._reports[step] for step in sorted(self._reports)]
+            packed = [self._reports[step] for step in sorted(self._reports)]
+        return [ClusterabilityReport.from_json(zlib.decompress(data).decode()) for data in packed]
 
     @property
     def skipped_steps(self) -> list[int]:
-        """Due steps dropped because a measurement was still pending (``on_backlog="skip"``)."""
+        """Due steps not measured because measuring could not keep up: a newer due step
+        replaced their snapshot while it waited (see ``on_backlog``)."""
         with self._lock:
             return sorted(self._skipped)
 
@@ -505,29 +563,12 @@ class ClusterabilityTracker:
                     return False
                 self._skipped.remove(step)
             self._requested.add(step)
-            skip = not explicit and self.on_backlog == "skip" and self._waiting >= self.max_pending
-            warn_skip = skip and not self._warned_skip
-            if skip:
-                self._skipped.append(step)
-                self._warned_skip = True
-            else:
-                self._waiting += 1
-                self._in_flight += 1
-        if skip:
-            if warn_skip:
-                _warn(
-                    f"clusterability at step {step} skipped: the previous measurement is still "
-                    "running (on_backlog='skip'; skipped steps are listed in the summary). "
-                    "Measure less often, use fewer shuffles, or pass on_backlog='queue' to keep "
-                    "every step."
-                )
-            return False
+            self._in_flight += 1
         try:
             self._ensure_started()
             snapshot = self._snapshot(model, step)
         except Exception as error:
             with self._idle:
-                self._waiting -= 1
                 self._failed.append(step)
                 self._finish_one()
             _warn(
@@ -535,8 +576,42 @@ class ClusterabilityTracker:
                 f"{_describe(error)}. Training goes on; this step is not measured."
             )
             return False
-        self._measure_queue.put(snapshot)
-        return True
+        snapshot.explicit = explicit
+        taken = True
+        with self._wake:
+            if not explicit and len(self._pending) >= self.max_pending:
+                replaceable = [waiting for waiting in self._pending if not waiting.explicit]
+                if replaceable:  # newest wins: a waiting snapshot makes room
+                    victim = replaceable[0] if self.on_backlog == "skip" else replaceable[-1]
+                    self._pending.remove(victim)
+                    self._skipped.append(victim.step)
+                else:  # only checkpoints wait, and they are never dropped
+                    self._skipped.append(step)
+                    taken = False
+                self._finish_one()
+                warn_skip, self._warned_skip = not self._warned_skip, True
+            else:
+                warn_skip = False
+            if taken:
+                self._pending.append(snapshot)
+                self._wake.notify_all()
+        if warn_skip:
+            budget = (
+                "no max_overhead limit"
+                if self.max_overhead is None
+                else f"max_overhead={self.max_overhead:g}, {self.max_overhead:.0%} of "
+                f"{self._cores} core(s)"
+            )
+            _warn(
+                f"clusterability cannot keep up with training ({budget}, "
+                f"every_n_steps={self.every_n_steps}, shuffles={self.shuffles}, "
+                f"plots={self.plots}): a newer due step replaced a waiting one "
+                f"(on_backlog={self.on_backlog!r}, max_pending={self.max_pending}); skipped "
+                f"steps are counted in the metric {SKIPPED_STEPS_METRIC} and listed in the "
+                "summary. To measure more of them, raise max_overhead, measure less often, use "
+                "fewer shuffles, or pass plots=False."
+            )
+        return taken
 
     def _snapshot(self, model: nn.Module | Mapping[str, Any], step: int) -> _Snapshot:
         """Copy the weights to the CPU (the only work done in the training thread).
@@ -634,35 +709,67 @@ class ClusterabilityTracker:
     # ---------------------------------------------------------------------- measuring thread
 
     def _measure_loop(self) -> None:
+        self._budget_start = time.monotonic()
         while True:
-            item = self._measure_queue.get()
-            if item is _STOP:
-                self._send_summary()
-                self._log_queue.put(_STOP)
-                if self._worker is not None:
-                    self._worker.stop()
-                return
+            with self._wake:
+                while not self._pending and not self._stopping:
+                    self._wake.wait()
+                if not self._pending or self._abandoned:
+                    break
+            self._pace()  # newer due steps may replace the waiting snapshot meanwhile
             with self._lock:
-                self._waiting -= 1
+                if self._abandoned or not self._pending:
+                    break
+                item = self._pending.popleft()
             try:
                 report, images = self._measure(item)
             except Exception as error:
                 with self._idle:
                     self._failed.append(item.step)
                     self._finish_one()
-                _warn(
-                    f"clusterability measurement at step {item.step} failed: "
-                    f"{_describe(error)}. Training goes on; this step is not logged."
-                )
+                if not self._abandoned:
+                    _warn(
+                        f"clusterability measurement at step {item.step} failed: "
+                        f"{_describe(error)}. Training goes on; this step is not logged."
+                    )
                 continue
             finally:
                 item.state = item.graph = item.module = item.weights = None  # free the copy now
             with self._lock:
-                self._reports[item.step] = report
+                if self._abandoned:
+                    break
+                # due steps before this one that were skipped (the metric at this step)
+                report.config["skipped_steps"] = sum(1 for s in self._skipped if s < item.step)
+                self._reports[item.step] = zlib.compress(report.to_json().encode("utf-8"))
                 if images and (self._last_images is None or item.step >= self._last_images[0]):
                     self._last_images = (item.step, images)
             artifacts = self._step_artifacts(report, images)
             self._log_queue.put(("report", report, artifacts))
+        if not self._abandoned:
+            self._send_summary()
+            self._log_queue.put(_STOP)
+        if self._worker is not None:
+            self._worker.stop()
+
+    def _cpu_spent(self) -> float:
+        """CPU seconds spent measuring so far (measuring thread): the worker process (its start
+        aside), this thread (which measures with ``worker="thread"``) and the logging thread."""
+        worker = 0.0
+        if self._worker is not None:
+            worker = self._worker.cpu_seconds - self._worker.start_cpu_seconds
+        return self._dead_worker_cpu + worker + time.thread_time() + self._log_cpu
+
+    def _pace(self) -> None:
+        """Wait until the CPU budget allows the next measurement (``max_overhead``)."""
+        if self.max_overhead is None or self._budget_start is None:
+            return
+        rate = self.max_overhead * self._cores  # CPU seconds per wall-clock second
+        while not self._closing.is_set():
+            allowed = rate * (time.monotonic() - self._budget_start)
+            over = self._cpu_spent() - allowed
+            if over <= 0:
+                return
+            self._closing.wait(over / rate)
 
     def _measure(self, snapshot: _Snapshot) -> tuple[ClusterabilityReport, dict[str, bytes]]:
         """Measure one snapshot (measuring thread): report and PNG plots by name."""
@@ -707,14 +814,19 @@ class ClusterabilityTracker:
         if self.worker == "process" and self.shuffle != "random_init" and not self._worker_failed:
             try:
                 if self._worker is None:
-                    self._worker = _WorkerProcess()
+                    self._worker = _WorkerProcess(die_with_thread=True)
+                if self._abandoned:
+                    raise _Abandoned("close() gave up")
                 return self._worker.call(name, *args)
             except _WorkerError:
                 raise  # the function failed in the worker: a measurement error, not a dead worker
             except Exception as error:
+                if self._abandoned:
+                    raise _Abandoned("close() gave up") from error  # the worker was ended
                 self._worker_failed = True
                 if self._worker is not None:
                     self._worker.stop()
+                    self._dead_worker_cpu += self._worker.cpu_seconds
                 self._worker = None
                 _warn(
                     f"the clusterability worker process failed ({_describe(error)}); measuring "
@@ -765,6 +877,7 @@ class ClusterabilityTracker:
 
     def _log_loop(self) -> None:
         while True:
+            self._log_cpu = time.thread_time()  # counted in the budget (see _pace)
             item = self._log_queue.get()
             if item is _STOP:
                 return
@@ -801,26 +914,51 @@ class ClusterabilityTracker:
             return None if deadline is None else max(0.0, deadline - time.monotonic())
 
         if self._measure_thread is not None and self._log_thread is not None:
-            self._measure_queue.put(_STOP)
+            with self._wake:
+                self._stopping = True
+                self._wake.notify_all()
+            self._closing.set()  # measure what is left at full speed
             self._measure_thread.join(remaining())
+            if self._measure_thread.is_alive():
+                self._give_up(timeout)
             self._log_thread.join(remaining())
-            if self._measure_thread.is_alive() or self._log_thread.is_alive():
-                with self._lock:
-                    pending = self._in_flight
+            if self._log_thread.is_alive():
                 _warn(
-                    f"gave up waiting for the clusterability tracker after {timeout} s with "
-                    f"{pending} measurement(s) not yet logged; the sinks were not closed."
+                    f"gave up waiting for the clusterability tracker's sinks after {timeout} s "
+                    "(a sink is still busy with a report); the sinks were not closed."
                 )
                 return
         for sink in self.sinks:
             try:
-                sink.close()
+                if "timeout" in inspect.signature(sink.close).parameters:
+                    sink.close(timeout=remaining())  # type: ignore[call-arg]
+                else:
+                    sink.close()
             except Exception as error:
                 _warn(f"closing {sink!r} failed: {_describe(error)}.")
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
         self._template = None
         self._topology = None
+
+    def _give_up(self, timeout: float | None) -> None:
+        """``close(timeout)`` ran out while measuring: drop what waits, end the worker process
+        (no orphan is left), and let the logging thread deliver what was measured."""
+        with self._lock:
+            self._abandoned = True
+            dropped = sorted([snapshot.step for snapshot in self._pending])
+            self._pending.clear()
+            unmeasured = self._in_flight - self._log_queue.qsize()
+        worker = self._worker
+        if worker is not None:
+            worker.kill()
+        self._log_queue.put(_STOP)  # after the reports already measured
+        _warn(
+            f"gave up waiting for the clusterability tracker after {timeout} s: "
+            f"{max(unmeasured, len(dropped))} due step(s) were not measured"
+            f"{' (' + ', '.join(map(str, dropped)) + ' waiting)' if dropped else ''}; the worker "
+            "process was ended. What was measured goes to the sinks."
+        )
 
 
 def _check_interval(value: int | None, name: str) -> int | None:
@@ -863,11 +1001,20 @@ def _structure_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _warn(message: str) -> None:
     warnings.warn(message, ClusterTrackingWarning, stacklevel=3)
 
 
 __all__ = [
+    "SKIPPED_STEPS_METRIC",
     "STEP_ARTIFACTS",
     "SUMMARY_ARTIFACTS",
     "ClusterTrackingWarning",

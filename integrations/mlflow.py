@@ -49,7 +49,13 @@ from typing import Any
 
 from cluster_tracking.outbox import DEFAULT_SPOOL_ROOT, Item, Outbox
 from cluster_tracking.report import ClusterabilityReport
-from cluster_tracking.sinks import ARTIFACT_ROOT, LocalDirectorySink, SinkError, step_artifact_dir
+from cluster_tracking.sinks import (
+    ARTIFACT_ROOT,
+    LocalDirectorySink,
+    SinkError,
+    logged_metrics,
+    step_artifact_dir,
+)
 from cluster_tracking.tracker import ClusterTrackingWarning
 
 __all__ = ["INSTALL_HINT", "MlflowSink"]
@@ -189,7 +195,7 @@ class MlflowSink:
                     "kind": "report",
                     "step": int(step),
                     "timestamp_ms": int(time.time() * 1000),
-                    "metrics": report.metrics(),
+                    "metrics": logged_metrics(report),
                     "folder": step_artifact_dir(step),
                     "files": sorted(Path(name).name for name in artifacts),
                 }

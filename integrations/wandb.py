@@ -73,7 +73,13 @@ from typing import TYPE_CHECKING, Any
 from cluster_tracking.integrations.mlflow import _describe, _is_rank_zero, _warn
 from cluster_tracking.outbox import DEFAULT_SPOOL_ROOT, Item, Outbox
 from cluster_tracking.report import ClusterabilityReport
-from cluster_tracking.sinks import ARTIFACT_ROOT, LocalDirectorySink, SinkError, step_artifact_dir
+from cluster_tracking.sinks import (
+    ARTIFACT_ROOT,
+    LocalDirectorySink,
+    SinkError,
+    logged_metrics,
+    step_artifact_dir,
+)
 
 if TYPE_CHECKING:
     from wandb import Run
@@ -237,7 +243,7 @@ class WandbSink:
                 {
                     "kind": "report",
                     "step": int(step),
-                    "metrics": report.metrics(),
+                    "metrics": logged_metrics(report),
                     "clusters": _cluster_table(report),
                     "folder": step_artifact_dir(step),
                     "files": sorted(Path(name).name for name in artifacts),
