@@ -84,6 +84,8 @@ OnBacklog = Literal["skip", "queue"]
 
 #: ``max_pending`` when it is not given: 1 with ``on_backlog="skip"``, this with ``"queue"``.
 DEFAULT_QUEUE_PENDING = 16
+#: While measuring cannot keep up, only every this-many-th measurement draws its plots.
+PLOTS_WHILE_BEHIND_EVERY = 5
 
 #: Per-step artifact names the tracker writes (under ``clusterability/step-<step>/``).
 STEP_ARTIFACTS = ("report.json", "adjacency.png", "composition.png")
@@ -115,6 +117,7 @@ class _Snapshot:
     graph_seconds: float = 0.0
     weights: list[np.ndarray] | None = None
     explicit: bool = False  # a checkpoint(): never replaced by a newer due step
+    plots: bool = True  # draw this step's plots (the tracker thins them while behind)
 
 
 _STOP = object()
@@ -177,7 +180,11 @@ class ClusterabilityTracker:
             loop runs about this fraction slower. ``None``: no limit (measure back to back).
             The default 0.1 is measured by ``benchmarks/bench_load.py``. ``close()`` measures
             what is left without the limit.
-        plots: draw the PNG plots and the HTML report (``False``: JSON only, faster).
+        plots: draw the PNG plots and the HTML report (``False``: JSON only, faster). The
+            plots cost about twice the measurement itself, so while measuring cannot keep up
+            (due steps were skipped since the previous measurement) only every 5th
+            measurement draws them; the metrics and ``report.json`` of every measured step are
+            logged all the same, and the last measurement (at ``close()``) has its plots.
         worker: where measurements run. ``"process"`` (default): in a child Python process at
             normal priority, started at the first due step (a few seconds, in the background; it
             imports cluster-tracking, ~400 MB of memory), so they never compete with training
@@ -327,6 +334,8 @@ class ClusterabilityTracker:
         self._cores = _cores()
         self._budget_start: float | None = None
         self._log_cpu = 0.0  # CPU seconds of the logging thread
+        self._skipped_since = 0  # steps skipped since the last measurement began
+        self._behind = 0  # measurements in a row that began with skipped steps behind them
         self._dead_worker_cpu = 0.0  # CPU seconds of worker processes that ended
         self._log_queue: queue.Queue[Any] = queue.Queue()
         self._measure_thread: threading.Thread | None = None
@@ -585,8 +594,10 @@ class ClusterabilityTracker:
                     victim = replaceable[0] if self.on_backlog == "skip" else replaceable[-1]
                     self._pending.remove(victim)
                     self._skipped.append(victim.step)
+                    self._skipped_since += 1
                 else:  # only checkpoints wait, and they are never dropped
                     self._skipped.append(step)
+                    self._skipped_since += 1
                     taken = False
                 self._finish_one()
                 warn_skip, self._warned_skip = not self._warned_skip, True
@@ -721,6 +732,14 @@ class ClusterabilityTracker:
                 if self._abandoned or not self._pending:
                     break
                 item = self._pending.popleft()
+                # plots are thinned first while measuring cannot keep up
+                self._behind = self._behind + 1 if self._skipped_since else 0
+                self._skipped_since = 0
+                item.plots = self.plots and (
+                    self._closing.is_set()
+                    or self._behind == 0
+                    or self._behind % PLOTS_WHILE_BEHIND_EVERY == 1
+                )
             try:
                 report, images = self._measure(item)
             except Exception as error:
@@ -794,11 +813,11 @@ class ClusterabilityTracker:
         }
         if module is not None:  # re-initialised copies need the module: measured here
             report, images, plot_error = measure_step(
-                graph, snapshot.step, options, self.plots, module
+                graph, snapshot.step, options, snapshot.plots, module
             )
         else:  # with weights, the worker rebuilds the graph from the traced topology
             report, images, plot_error = self._run(
-                "measure", graph, snapshot.step, options, self.plots, None, snapshot.weights
+                "measure", graph, snapshot.step, options, snapshot.plots, None, snapshot.weights
             )
         if plot_error:
             _warn(f"clusterability plots at step {snapshot.step} failed: {plot_error}.")
