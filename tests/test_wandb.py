@@ -127,17 +127,23 @@ def test_metrics_table_images_artifacts_and_summary_land_in_the_run(
 
     rows = {row[STEP_METRIC]: row for row in offline.rows_with("clusterability/ncut")}
     partitions = offline.artifacts_named(f"clusterability-partition-{run.id}")
-    assert [artifact.metadata["step"] for artifact in partitions] == steps
-    for report, artifact in zip(reports, partitions, strict=True):
+    # versions on the default schedule (partition_every=10): the first step, and the last at the end
+    assert [artifact.metadata["step"] for artifact in partitions] == [0, 9]
+    versions = {artifact.metadata["step"]: artifact for artifact in partitions}
+    for report in reports:
         folder = f"clusterability/step-{report.step}"
-        # One artifact version per step: aliased by step, holding the report and both plots.
-        assert artifact.type == PARTITION_ARTIFACT_TYPE
-        assert set(artifact.aliases) == {f"step-{report.step}", "latest"}
-        assert set(artifact.files) == {f"{folder}/{name}" for name in STEP_ARTIFACTS}
-        assert artifact.metadata["ncut"] == pytest.approx(report.ncut)
-        staged = ClusterabilityReport.from_json(artifact.files[f"{folder}/report.json"].read_text())
-        assert staged.step == report.step
-        assert staged.partition.labels == report.partition.labels
+        artifact = versions.get(report.step)
+        if artifact is not None:
+            # A version is aliased by step and holds the report and both plots.
+            assert artifact.type == PARTITION_ARTIFACT_TYPE
+            assert set(artifact.aliases) == {f"step-{report.step}", "latest"}
+            assert set(artifact.files) == {f"{folder}/{name}" for name in STEP_ARTIFACTS}
+            assert artifact.metadata["ncut"] == pytest.approx(report.ncut)
+            staged = ClusterabilityReport.from_json(
+                artifact.files[f"{folder}/report.json"].read_text()
+            )
+            assert staged.step == report.step
+            assert staged.partition.labels == report.partition.labels
 
         # The cluster table: one row per cluster, per-layer node counts.
         row = rows[report.step]
@@ -156,7 +162,8 @@ def test_metrics_table_images_artifacts_and_summary_land_in_the_run(
             image = row[f"clusterability/{name}"]
             assert image["_type"] == "image-file"
             logged = (offline.files / image["path"]).read_bytes()
-            assert logged == artifact.files[f"{folder}/{name}.png"].read_bytes()
+            if artifact is not None:
+                assert logged == artifact.files[f"{folder}/{name}.png"].read_bytes()
 
     # The end: summary artifact, native trajectory plot with the null band, summary fields.
     (summary_artifact,) = offline.artifacts_named(f"clusterability-summary-{run.id}")
@@ -235,7 +242,7 @@ def test_failing_wandb_spools_keeps_training_and_delivers_each_step_once(
     assert_metrics_match(offline, reports)  # series() fails on a step logged twice
     assert offline.series("train/loss", "_step") == pytest.approx(losses)
     partitions = offline.artifacts_named(f"clusterability-partition-{run.id}")
-    assert [artifact.metadata["step"] for artifact in partitions] == [0, 2, 4]
+    assert [artifact.metadata["step"] for artifact in partitions] == [0, 4]
     assert offline.summary["clusterability/final_step"] == 4
 
 
@@ -302,3 +309,35 @@ def test_missing_wandb_names_the_pip_extra(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(SinkError, match=r"pip install 'cluster-tracking\[wandb\]'"):
         WandbSink()
     assert "cluster-tracking[wandb]" in INSTALL_HINT
+
+
+def test_nothing_is_left_outside_wandb_dir_and_versions_follow_the_schedule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, cache = tmp_path / "data", tmp_path / "cache"  # W&B's shared folders, outside WANDB_DIR
+    extra = {"WANDB_DATA_DIR": str(data), "WANDB_CACHE_DIR": str(cache)}
+    with offline_wandb(tmp_path / "wandb-home", monkeypatch, extra) as home:
+        run = start_run(home)
+        sink = WandbSink(run, spool_dir=tmp_path / "spool", partition_every=5)
+        tracker = ClusterabilityTracker([sink], every_n_steps=1, **FAST)
+        train(tiny_mlp(), tracker, run, steps=12)
+        tracker.close()
+        run.finish()
+        # (wandb-core writes its own debug log to the cache folder, tracker or not)
+        shared = [data, cache / "artifacts"]
+        left = [path for folder in shared for path in folder.rglob("*") if path.is_file()]
+        assert left == [], "W&B files outside WANDB_DIR after finish()"
+        offline = read_run(home, run)
+    assert [report.step for report in tracker.reports] == list(range(12))
+    partitions = offline.artifacts_named(f"clusterability-partition-{run.id}")
+    # measurements 0, 5 and 10 on the schedule, and the last (step 11) at the end
+    assert [artifact.metadata["step"] for artifact in partitions] == [0, 5, 10, 11]
+    for artifact in partitions:
+        folder = f"clusterability/step-{artifact.metadata['step']}"
+        assert set(artifact.files) == {f"{folder}/{name}" for name in STEP_ARTIFACTS}
+        for path in artifact.files.values():
+            assert home in path.parents  # staged inside WANDB_DIR, readable by `wandb sync`
+        report = ClusterabilityReport.from_json(artifact.files[f"{folder}/report.json"].read_text())
+        assert report.step == artifact.metadata["step"]
+    (summary,) = offline.artifacts_named(f"clusterability-summary-{run.id}")
+    assert set(summary.files) == {f"clusterability/{name}" for name in SUMMARY_ARTIFACTS}
