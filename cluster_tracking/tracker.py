@@ -314,8 +314,11 @@ class ClusterabilityTracker:
         self._requested: set[int] = set()
         self._pending: deque[_Snapshot] = deque()  # snapshots waiting for the worker
         self._in_flight = 0  # snapshots not yet measured *and* logged
-        # reports by step as compressed JSON (about 1/4 of the in-memory objects' size)
-        self._reports: dict[int, bytes] = {}
+        # Reports live in an unnamed temporary file as compressed JSON (about 2 KB each for a
+        # 600-node MLP); memory keeps only where each one is, so the training process does not
+        # grow with the number of measurements. The file goes when the tracker does.
+        self._reports: dict[int, tuple[int, int]] = {}  # step -> (offset, length)
+        self._report_file: Any = None
         self._skipped: list[int] = []
         self._failed: list[int] = []
         self._last_images: tuple[int, dict[str, bytes]] | None = None
@@ -380,7 +383,11 @@ class ClusterabilityTracker:
     def reports(self) -> list[ClusterabilityReport]:
         """The reports measured so far, by step."""
         with self._lock:
-            packed = [self._reports[step] for step in sorted(self._reports)]
+            packed = []
+            for step in sorted(self._reports):
+                offset, length = self._reports[step]
+                self._report_file.seek(offset)
+                packed.append(self._report_file.read(length))
         return [ClusterabilityReport.from_json(zlib.decompress(data).decode()) for data in packed]
 
     @property
@@ -759,7 +766,7 @@ class ClusterabilityTracker:
                     break
                 # due steps before this one that were skipped (the metric at this step)
                 report.config["skipped_steps"] = sum(1 for s in self._skipped if s < item.step)
-                self._reports[item.step] = zlib.compress(report.to_json().encode("utf-8"))
+                self._keep_report(item.step, report)
                 if images and (self._last_images is None or item.step >= self._last_images[0]):
                     self._last_images = (item.step, images)
             artifacts = self._step_artifacts(report, images)
@@ -769,6 +776,15 @@ class ClusterabilityTracker:
             self._log_queue.put(_STOP)
         if self._worker is not None:
             self._worker.stop()
+
+    def _keep_report(self, step: int, report: ClusterabilityReport) -> None:
+        """Append ``report`` to the reports file (with the lock held)."""
+        if self._report_file is None:
+            self._report_file = tempfile.TemporaryFile(prefix="cluster-tracking-reports-")
+        data = zlib.compress(report.to_json().encode("utf-8"))
+        offset = self._report_file.seek(0, os.SEEK_END)
+        self._report_file.write(data)
+        self._reports[step] = (offset, len(data))
 
     def _cpu_spent(self) -> float:
         """CPU seconds spent measuring so far (measuring thread): the worker process (its start

@@ -263,7 +263,7 @@ class WandbSink:
         if self.inert:
             return
         with self._lock:
-            self.spool.log_report(report, step, artifacts)
+            self.spool.copy_artifacts(artifacts, self.spool.path / step_artifact_dir(step))
             every = self.partition_every
             item = {
                 "kind": "report",
@@ -275,8 +275,9 @@ class WandbSink:
                 "version": every is not None and self._measured % every == 0,
             }
             self._measured += 1
-            self._last_report = item
-            self._append(item)
+            previous, self._last_report = self._last_report, self._outbox.append(item)
+            if previous is not None and all(previous is not kept for kept in self._outbox.items):
+                shutil.rmtree(self.spool.path / previous["folder"], ignore_errors=True)
             self._drain()
 
     def log_summary(
@@ -351,7 +352,22 @@ class WandbSink:
 
     def _drain(self) -> bool:
         """Send every undelivered part, in order; stop at the first one W&B does not take."""
-        if not self._outbox.drain(self._deliver):
+        delivered = self._outbox.drain(self._deliver)
+        for item in self._outbox.prune():  # delivered items leave the spool at once
+            if item is self._last_report and not item["version"]:
+                continue  # its files are versioned at the end (see partition_every)
+            if item["kind"] in ("report", "summary"):
+                folder = self.spool.path / item["folder"]
+                if item["kind"] == "summary":
+                    for name in item["files"]:
+                        (folder / name).unlink(missing_ok=True)
+                    if item.get("partition"):  # the last step's files, versioned at the end
+                        shutil.rmtree(
+                            self.spool.path / item["partition"]["folder"], ignore_errors=True
+                        )
+                else:
+                    shutil.rmtree(folder, ignore_errors=True)
+        if not delivered:
             return False
         self._offline_error = None
         return True
