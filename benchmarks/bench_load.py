@@ -10,10 +10,12 @@ where a slow server is wanted, a TCP proxy started here that delays every reques
    the run, the loop's wall time against the bare loop's, the growth of this process's RSS and of
    the spool and the tracker's working files per 1,000 steps and per measurement, and the time of
    ``close()``.
-2. **Slow server.** Shorter runs through the proxy at 0, 1, 2 and 5 s per request: metrics
-   delivered, lost and duplicated (read back from the server), and ``close()`` time.
-3. **Backlog at close.** 19 measurements queued behind a server answering in 1 s: ``close()`` time
-   and what was delivered.
+2. **Slow server.** Shorter runs through the proxy at 0, 1, 2 and 5 s per request, measuring
+   without a CPU budget (``max_overhead=None``, as many reports as the machine can make): metrics
+   delivered, lost and duplicated (read back from the server), requests (``/health`` probes
+   among them), and ``close()`` time.
+3. **Backlog at close.** 19 measurements spooled while the server was unreachable, then the
+   server back behind a proxy answering in 1 s: ``close()`` time and what was delivered.
 
 Wall-clock numbers are for people to read; no test asserts on them.
 
@@ -37,7 +39,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _servers import DelayingProxy, MlflowServer
+from _servers import DelayingProxy, MlflowServer, free_port
 
 from cluster_tracking.report import METRIC_KEYS
 from cluster_tracking.tracker import ClusterabilityTracker
@@ -199,7 +201,10 @@ def slow_server(server: MlflowServer, steps: int, batch: int, delays: list[float
         run_id = client.create_run("0", run_name=f"bench-delay-{delay}").info.run_id
         with DelayingProxy(server.port, delay) as proxy, tempfile.TemporaryDirectory() as spool:
             sink = MlflowSink(run_id, tracking_uri=proxy.uri, spool_dir=spool)
-            tracker = ClusterabilityTracker([sink], every_n_steps=EVERY, shuffles=SHUFFLES)
+            # no CPU budget here: as many reports as the machine can measure, to load the sink
+            tracker = ClusterabilityTracker(
+                [sink], every_n_steps=EVERY, shuffles=SHUFFLES, max_overhead=None
+            )
             loop = Loop(batch)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -226,14 +231,17 @@ def slow_server(server: MlflowServer, steps: int, batch: int, delays: list[float
 
 
 def backlog_at_close(server: MlflowServer, batch: int, reports: int, delay: float) -> None:
+    """``reports`` measurements spooled while the server was unreachable, then ``close()``
+    with the server back behind a proxy that answers in ``delay`` seconds."""
     from mlflow import MlflowClient
 
     from cluster_tracking.integrations.mlflow import MlflowSink
 
     client = MlflowClient(server.uri)
     run_id = client.create_run("0", run_name="bench-backlog").info.run_id
-    with DelayingProxy(server.port, delay) as proxy, tempfile.TemporaryDirectory() as spool:
-        sink = MlflowSink(run_id, tracking_uri=proxy.uri, spool_dir=spool)
+    port = free_port()  # nothing listens there yet: the server is unreachable
+    with tempfile.TemporaryDirectory() as spool:
+        sink = MlflowSink(run_id, tracking_uri=f"http://127.0.0.1:{port}", spool_dir=spool)
         tracker = ClusterabilityTracker(
             [sink], shuffles=SHUFFLES, on_backlog="queue", max_pending=reports, max_overhead=None
         )
@@ -243,18 +251,21 @@ def backlog_at_close(server: MlflowServer, batch: int, reports: int, delay: floa
             for step in range(reports):
                 loop.step()
                 tracker.checkpoint(loop.model, step)
-            tracker.flush()  # all measured and handed to the sink: its backlog
+            tracker.flush()  # all measured and handed to the sink, which could not deliver
             queued = sink.pending
-            closing = time.perf_counter()
-            tracker.close()
-            close_seconds = time.perf_counter() - closing
+            with DelayingProxy(server.port, delay, port=port) as proxy:
+                closing = time.perf_counter()
+                tracker.close()
+                close_seconds = time.perf_counter() - closing
         measured = [report.step for report in tracker.reports]
         delivered, lost, duplicated = delivery(client, run_id, measured)
+        artifacts = client.list_artifacts(run_id, "clusterability")
+    with_files = sum(1 for info in artifacts if info.is_dir)
     print(
-        f"== backlog: {reports} reports measured, {queued} items waiting in the sink behind a "
-        f"server answering in {delay:g} s: close() {close_seconds:.1f} s; metrics "
-        f"{delivered} delivered, {lost} lost, {duplicated} duplicated; "
-        f"{len(caught)} warning(s)"
+        f"== backlog: {reports} reports measured while the server was unreachable, {queued} "
+        f"items spooled; then the server answers in {delay:g} s: close() {close_seconds:.1f} s, "
+        f"{proxy.requests} requests; metrics {delivered} delivered, {lost} lost, "
+        f"{duplicated} duplicated; {with_files} step folders of artifacts (the rest thinned)"
     )
     for warning in caught:
         print(f"  warning: {str(warning.message)[:200]}")

@@ -35,6 +35,9 @@ Guarantees:
   replaced steps are listed in :attr:`ClusterabilityTracker.skipped_steps` and the summary, their
   count is logged with every measurement as ``clusterability/skipped_steps``, and the first one
   gives a warning that names the knobs.
+* **Bounded.** At most ``max_pending`` snapshots wait; reports are kept in an unnamed temporary
+  file, not in memory; a step's working files go once every sink has them, and while the sinks
+  are behind (8 or more reports waiting for them) new reports reach them without their plots.
 * **Never takes training down.** Every failure in snapshotting, measuring, plotting or logging
   becomes a :class:`ClusterTrackingWarning` and the run goes on; ``close()`` never raises.
 * **Reproducible.** Step ``s`` is measured with the seed :meth:`ClusterabilityTracker.seed_for`
@@ -55,6 +58,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 import zlib
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -86,6 +90,8 @@ OnBacklog = Literal["skip", "queue"]
 DEFAULT_QUEUE_PENDING = 16
 #: While measuring cannot keep up, only every this-many-th measurement draws its plots.
 PLOTS_WHILE_BEHIND_EVERY = 5
+#: Reports waiting for the sinks beyond which a new report goes to them without its plots.
+LOG_BACKLOG_WITH_PLOTS = 8
 
 #: Per-step artifact names the tracker writes (under ``clusterability/step-<step>/``).
 STEP_ARTIFACTS = ("report.json", "adjacency.png", "composition.png")
@@ -97,7 +103,7 @@ class ClusterTrackingWarning(UserWarning):
     """Something went wrong in a hook (a measurement, a plot, a sink) and training went on."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (a waiting snapshot is replaced by identity)
 class _Snapshot:
     """The weights of one due step, on the CPU, waiting for the worker: one of
 
@@ -330,6 +336,7 @@ class ClusterabilityTracker:
         self._topology: WeightGraph | None = None
         self._traced_signature: tuple[Any, ...] | None = None
         self._warned_skip = False
+        self._warned_slow_sinks = False
         self._warned_closed = False
         self._stopping = False  # close() began: measure what waits, then stop
         self._closing = threading.Event()  # close() began: no more pacing
@@ -769,6 +776,16 @@ class ClusterabilityTracker:
                 self._keep_report(item.step, report)
                 if images and (self._last_images is None or item.step >= self._last_images[0]):
                     self._last_images = (item.step, images)
+            if images and self._log_queue.qsize() >= LOG_BACKLOG_WITH_PLOTS:
+                images = {}  # the sinks are behind: keep the working files small
+                if not self._warned_slow_sinks:
+                    self._warned_slow_sinks = True
+                    _warn(
+                        f"the clusterability sinks are slower than the measurements "
+                        f"({self._log_queue.qsize()} reports wait for them): the plots of "
+                        f"steps measured while {LOG_BACKLOG_WITH_PLOTS} or more reports wait are "
+                        "not written (their metrics and report.json are)."
+                    )
             artifacts = self._step_artifacts(report, images)
             self._log_queue.put(("report", report, artifacts))
         if not self._abandoned:
@@ -781,6 +798,7 @@ class ClusterabilityTracker:
         """Append ``report`` to the reports file (with the lock held)."""
         if self._report_file is None:
             self._report_file = tempfile.TemporaryFile(prefix="cluster-tracking-reports-")
+            weakref.finalize(self, self._report_file.close)  # the file goes with the tracker
         data = zlib.compress(report.to_json().encode("utf-8"))
         offset = self._report_file.seek(0, os.SEEK_END)
         self._report_file.write(data)

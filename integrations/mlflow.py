@@ -153,7 +153,7 @@ class MlflowSink:
         backoff: float = 0.5,
         probe_timeout: float = 10.0,
         max_backlog: int = 8,
-        upload_threads: int = 4,
+        upload_threads: int = 8,
         retry_interval: float = 5.0,
     ) -> None:
         mlflow = _import_mlflow()
@@ -382,9 +382,12 @@ class MlflowSink:
         with self._send_lock:
             ok = self._deliver_all(deadline)
             with self._lock:
-                for item in self._outbox.prune():
+                for item in self._outbox.prune():  # delivered: its files leave the spool
                     if item["kind"] == "report":
                         shutil.rmtree(self.spool_path / item["folder"], ignore_errors=True)
+                    elif item["kind"] == "summary":
+                        for name in item["files"]:
+                            (self.spool_path / item["folder"] / name).unlink(missing_ok=True)
                 left = self._outbox.pending
         if ok and not left and self._offline_error is not None:
             _log.info("MLflow at %s answers again; spooled items delivered.", self.tracking_uri)
@@ -404,20 +407,15 @@ class MlflowSink:
                     return False
         reports = [(item, keys) for item, keys in waiting if item["kind"] == "report"]
         metric_keys = {key: item for item, keys in reports for key in keys if "metrics" in key}
-        if metric_keys:
-            if late() or not self._attempt(
-                list(metric_keys), lambda: self._send_metrics(metric_keys)
-            ):
-                return False
-        artifact_keys = {key: item for item, keys in reports for key in keys if "artifacts" in key}
-        if artifact_keys:
-            if late() or not self._upload(artifact_keys):
-                return False
-        for item, keys in waiting:  # the summary last, after every report
-            if item["kind"] == "summary":
-                if late() or not self._attempt(keys, lambda i=item: self._send_files([i])):
-                    return False
-        return True
+        # every file of every waiting report, and of the summary, a few at a time, while the
+        # metrics of every waiting report go in one request
+        files = {key: item for item, keys in reports for key in keys if "artifacts" in key}
+        files.update(
+            {key: item for item, keys in waiting if item["kind"] == "summary" for key in keys}
+        )
+        if late() or not (metric_keys or files):
+            return not late()
+        return self._upload(files, metric_keys)
 
     def _attempt(self, keys: list[str], send: Any) -> bool:
         """Run ``send()`` for ``keys`` with retries; record them done. False when the server
@@ -484,30 +482,42 @@ class MlflowSink:
         for start in range(0, len(metrics), 1000):
             self._client.log_batch(self.run_id, metrics=metrics[start : start + 1000], **self._sync)
 
-    def _upload(self, keys: Mapping[str, Item]) -> bool:
-        """Upload the artifacts of every waiting report, ``upload_threads`` files at a time."""
+    def _upload(self, keys: Mapping[str, Item], metric_keys: Mapping[str, Item]) -> bool:
+        """Send the metrics of ``metric_keys`` in one request and upload the files of ``keys``
+        (artifact parts), ``upload_threads`` requests at a time; a part is done when all its
+        files are. False when something stayed undelivered."""
         from concurrent.futures import ThreadPoolExecutor
 
-        with self._lock:
+        with self._lock:  # from here on, _thin() leaves these alone
+            keys = {key: item for key, item in keys.items() if key not in self._outbox.thinned}
             self._in_flight = {item["seq"] for item in keys.values()}
+        tasks = [(key, entry, name) for key, entry in keys.items() for name in entry["files"]]
         try:
             with ThreadPoolExecutor(self.upload_threads) as pool:
+                metrics = (
+                    pool.submit(
+                        self._attempt, list(metric_keys), lambda: self._send_metrics(metric_keys)
+                    )
+                    if metric_keys
+                    else None
+                )
                 results = list(
                     pool.map(
-                        lambda pair: self._attempt([pair[0]], lambda: self._send_files([pair[1]])),
-                        list(keys.items()),
+                        lambda task: self._attempt([], lambda: self._send_file(*task[1:])), tasks
                     )
                 )
+                metrics_ok = metrics is None or metrics.result()
         finally:
             with self._lock:
                 self._in_flight = set()
-        return all(results)
+        failed = {key for (key, _, _), ok in zip(tasks, results, strict=True) if not ok}
+        with self._lock:
+            self._outbox.mark(done=[key for key in keys if key not in failed])
+        return metrics_ok and not failed
 
-    def _send_files(self, entries: Sequence[Item]) -> None:
-        for entry in entries:
-            folder = self.spool_path / entry["folder"]
-            for name in entry["files"]:
-                self._client.log_artifact(self.run_id, str(folder / name), entry["folder"])
+    def _send_file(self, entry: Item, name: str) -> None:
+        folder = self.spool_path / entry["folder"]
+        self._client.log_artifact(self.run_id, str(folder / name), entry["folder"])
 
     @property
     def _sync(self) -> dict[str, Any]:

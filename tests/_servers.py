@@ -166,16 +166,17 @@ class DelayingProxy:
     Args:
         target_port: the port of the server on 127.0.0.1.
         delay: seconds each request waits.
+        port: the proxy's own port (0: a free one).
     """
 
-    def __init__(self, target_port: int, delay: float = 0.0) -> None:
+    def __init__(self, target_port: int, delay: float = 0.0, port: int = 0) -> None:
         self.target_port = target_port
         self.delay = delay
         self.requests = 0
         self.request_lines: list[str] = []  # "METHOD /path" of every request, in order
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
+        self._listener.bind(("127.0.0.1", port))
         self._listener.listen(64)
         self.port = int(self._listener.getsockname()[1])
         self.uri = f"http://127.0.0.1:{self.port}"

@@ -484,6 +484,35 @@ def test_a_blocked_sink_does_not_stall_training(tmp_path: Path) -> None:
     assert [report.step for report in sink.read_reports()] == list(range(0, 20, 2))
 
 
+def test_while_the_sinks_are_behind_new_reports_come_without_plots(tmp_path: Path) -> None:
+    sink = BlockingSink(tmp_path)
+    trainer = Trainer(tiny_mlp())
+    tracker = ClusterabilityTracker(
+        [sink], every_n_steps=1, on_backlog="queue", max_overhead=None, **FAST
+    )
+    with pytest.warns(ClusterTrackingWarning, match="sinks are slower"):
+        tracker.step(trainer.model, 0)
+        assert sink.blocked.wait(60)  # the sink hangs on step 0's report
+        for step in range(1, 13):
+            trainer.step()
+            tracker.step(trainer.model, step)
+        for _ in range(600):  # wait until all 12 are measured and waiting for the sink
+            if tracker._log_queue.qsize() >= 12:
+                break
+            threading.Event().wait(0.1)
+        sink.release.set()
+        tracker.close()
+    assert [report.step for report in sink.read_reports()] == list(range(13))
+    with_plots = [
+        step
+        for step in range(13)
+        if (tmp_path / f"clusterability/step-{step}/adjacency.png").exists()
+    ]
+    assert with_plots == list(range(9))  # 0, then 1-8 while fewer than 8 waited
+    for step in range(13):  # every report.json is there
+        assert (tmp_path / f"clusterability/step-{step}/report.json").exists()
+
+
 def test_context_manager_closes_and_close_is_idempotent(tmp_path: Path) -> None:
     trainer = Trainer(tiny_mlp())
     with ClusterabilityTracker([LocalDirectorySink(tmp_path)], every_n_steps=1, **FAST) as tracker:
