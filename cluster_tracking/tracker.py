@@ -25,8 +25,8 @@ Guarantees:
 
 * **Measures during training, within a budget.** The worker runs at normal priority, so it gets
   its share of the CPU even when the training loop keeps every core busy, and the tracker paces it
-  to ``max_overhead`` (default 0.1) of the machine: over any stretch of training, the CPU seconds
-  spent measuring stay below ``max_overhead * cores * wall seconds`` (the worker's one-off start
+  to ``max_overhead`` (default 0.1) of the wall time: since the first due step, the time spent
+  measuring stays below ``max_overhead`` times the time elapsed (the worker's one-off start
   aside). ``close()`` measures what is left at full speed.
 * **Never blocks training; the newest due step wins.** When ``max_pending`` snapshots already
   wait at a due step, ``on_backlog="skip"`` (the default) replaces the oldest waiting one with the
@@ -178,14 +178,14 @@ class ClusterabilityTracker:
             ``clusterability/skipped_steps``. Snapshots of :meth:`checkpoint` are never replaced.
         max_pending: how many snapshots may wait while a measurement runs, in both modes (each
             holds a CPU copy of the weights). ``None``: 1 with ``"skip"``, 16 with ``"queue"``.
-        max_overhead: the share of the machine measuring may take while training runs, as a
-            fraction of its CPU time: the worker's CPU seconds (and the tracker's background
-            threads') stay below ``max_overhead * cores * wall seconds`` since the first due
-            step; a measurement starts only when that budget allows, and a newer due step
-            replaces the waiting one meanwhile. With a loop that keeps every core busy, the
-            loop runs about this fraction slower. ``None``: no limit (measure back to back).
-            The default 0.1 is measured by ``benchmarks/bench_load.py``. ``close()`` measures
-            what is left without the limit.
+        max_overhead: the fraction of training wall time measuring may take: since the first
+            due step, the wall time of the measurements (in the worker, from request to
+            answer) and the logging thread's CPU time stay below ``max_overhead`` times the
+            time elapsed; a measurement starts only when that budget allows, and a newer due
+            step replaces the waiting one meanwhile. A loop that keeps every core busy slows
+            down only while a measurement runs, so it runs at most about this fraction slower.
+            ``None``: no limit (measure back to back, which can slow such a loop 2-4x).
+            ``close()`` measures what is left without the limit.
         plots: draw the PNG plots and the HTML report (``False``: JSON only, faster). The
             plots cost about twice the measurement itself, so while measuring cannot keep up
             (due steps were skipped since the previous measurement) only every 5th
@@ -341,12 +341,11 @@ class ClusterabilityTracker:
         self._stopping = False  # close() began: measure what waits, then stop
         self._closing = threading.Event()  # close() began: no more pacing
         self._abandoned = False  # close(timeout) gave up: drop everything left
-        self._cores = _cores()
         self._budget_start: float | None = None
         self._log_cpu = 0.0  # CPU seconds of the logging thread
         self._skipped_since = 0  # steps skipped since the last measurement began
         self._behind = 0  # measurements in a row that began with skipped steps behind them
-        self._dead_worker_cpu = 0.0  # CPU seconds of worker processes that ended
+        self._busy_seconds = 0.0  # wall time of the measurements so far
         self._log_queue: queue.Queue[Any] = queue.Queue()
         self._measure_thread: threading.Thread | None = None
         self._log_thread: threading.Thread | None = None
@@ -624,8 +623,8 @@ class ClusterabilityTracker:
             budget = (
                 "no max_overhead limit"
                 if self.max_overhead is None
-                else f"max_overhead={self.max_overhead:g}, {self.max_overhead:.0%} of "
-                f"{self._cores} core(s)"
+                else f"max_overhead={self.max_overhead:g}: measuring takes at most "
+                f"{self.max_overhead:.0%} of the wall time"
             )
             _warn(
                 f"clusterability cannot keep up with training ({budget}, "
@@ -754,6 +753,7 @@ class ClusterabilityTracker:
                     or self._behind == 0
                     or self._behind % PLOTS_WHILE_BEHIND_EVERY == 1
                 )
+            started = time.monotonic()
             try:
                 report, images = self._measure(item)
             except Exception as error:
@@ -768,6 +768,7 @@ class ClusterabilityTracker:
                 continue
             finally:
                 item.state = item.graph = item.module = item.weights = None  # free the copy now
+                self._busy_seconds += time.monotonic() - started
             with self._lock:
                 if self._abandoned:
                     break
@@ -804,22 +805,19 @@ class ClusterabilityTracker:
         self._report_file.write(data)
         self._reports[step] = (offset, len(data))
 
-    def _cpu_spent(self) -> float:
-        """CPU seconds spent measuring so far (measuring thread): the worker process (its start
-        aside), this thread (which measures with ``worker="thread"``) and the logging thread."""
-        worker = 0.0
-        if self._worker is not None:
-            worker = self._worker.cpu_seconds - self._worker.start_cpu_seconds
-        return self._dead_worker_cpu + worker + time.thread_time() + self._log_cpu
+    def _spent(self) -> float:
+        """Seconds spent measuring so far: the wall time of every measurement (in the worker
+        process or this thread, from request to answer) and the logging thread's CPU time."""
+        return self._busy_seconds + self._log_cpu
 
     def _pace(self) -> None:
         """Wait until the CPU budget allows the next measurement (``max_overhead``)."""
         if self.max_overhead is None or self._budget_start is None:
             return
-        rate = self.max_overhead * self._cores  # CPU seconds per wall-clock second
+        rate = self.max_overhead  # seconds measuring per wall-clock second
         while not self._closing.is_set():
             allowed = rate * (time.monotonic() - self._budget_start)
-            over = self._cpu_spent() - allowed
+            over = self._spent() - allowed
             if over <= 0:
                 return
             self._closing.wait(over / rate)
@@ -867,7 +865,9 @@ class ClusterabilityTracker:
         if self.worker == "process" and self.shuffle != "random_init" and not self._worker_failed:
             try:
                 if self._worker is None:
+                    started = time.monotonic()
                     self._worker = _WorkerProcess(die_with_thread=True)
+                    self._busy_seconds -= time.monotonic() - started  # its start is not counted
                 if self._abandoned:
                     raise _Abandoned("close() gave up")
                 return self._worker.call(name, *args)
@@ -879,7 +879,6 @@ class ClusterabilityTracker:
                 self._worker_failed = True
                 if self._worker is not None:
                     self._worker.stop()
-                    self._dead_worker_cpu += self._worker.cpu_seconds
                 self._worker = None
                 _warn(
                     f"the clusterability worker process failed ({_describe(error)}); measuring "
@@ -1052,14 +1051,6 @@ def _structure_copy(module: nn.Module) -> nn.Module:
     for buffer in module.buffers():
         memo[id(buffer)] = _cpu_copy(buffer)
     return copy.deepcopy(module, memo)
-
-
-def _cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _warn(message: str) -> None:
