@@ -866,7 +866,10 @@ class ClusterabilityTracker:
             try:
                 if self._worker is None:
                     started = time.monotonic()
-                    self._worker = _WorkerProcess(die_with_thread=True)
+                    self._worker = _WorkerProcess(
+                        die_with_thread=True,
+                        env={"CLUSTER_TRACKING_WARM_PLOTS": "1" if self.plots else "0"},
+                    )
                     self._busy_seconds -= time.monotonic() - started  # its start is not counted
                 if self._abandoned:
                     raise _Abandoned("close() gave up")

@@ -316,6 +316,11 @@ def _worker_main() -> None:
     # Ctrl-C in a terminal reaches the whole process group; the training script decides what
     # happens then (typically tracker.close()), and the worker goes when its pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.environ.get("CLUSTER_TRACKING_WARM_PLOTS") == "1":
+        try:  # part of the start, not of the first measurement (the tracker's budget)
+            from cluster_tracking import html_report, plots  # noqa: F401
+        except Exception:
+            pass
     try:
         _write_frame(answers, ("ready", None, time.process_time()))
     except OSError:  # the parent is gone already
