@@ -183,7 +183,8 @@ class ClusterabilityTracker:
             answer) and the logging thread's CPU time stay below ``max_overhead`` times the
             time elapsed; a measurement starts only when that budget allows, and a newer due
             step replaces the waiting one meanwhile. A loop that keeps every core busy slows
-            down only while a measurement runs, so it runs at most about this fraction slower.
+            down mostly while a measurement runs; the worker's one-off start (about 2 s of CPU)
+            and the tracker's threads come on top (``benchmarks/bench_load.py``).
             ``None``: no limit (measure back to back, which can slow such a loop 2-4x).
             ``close()`` measures what is left without the limit.
         plots: draw the PNG plots and the HTML report (``False``: JSON only, faster). The
