@@ -9,10 +9,14 @@ Two files in the spool folder:
 - ``outbox.jsonl``: one item per line, numbered by ``seq``; a line cut short by a crash is
   ignored (it was never acknowledged);
 - ``delivered.json``: the item parts that are ``done`` (acknowledged), ``attempted`` (sent, but
-  the outcome is unknown, so the sink checks the platform before sending again) and ``dropped``
-  (refused for good; kept in the spool). A part's key is ``"<seq>:<part>"``.
+  the outcome is unknown, so the sink checks the platform before sending again), ``dropped``
+  (refused for good; kept in the spool) and ``thinned`` (given up on purpose to keep a backlog
+  bounded, e.g. the plots of an old step while the platform was slow), and ``next_seq``. A part's
+  key is ``"<seq>:<part>"``.
 
-The sink decides what the parts of an item are and how to send one; the outbox only keeps count.
+Delivered items leave the outbox at once (:meth:`Outbox.prune`), so at steady state with a
+reachable platform the outbox holds only what is in flight, however long the run. The sink decides
+what the parts of an item are and how to send one; the outbox only keeps count.
 """
 
 from __future__ import annotations
@@ -55,12 +59,16 @@ class Outbox:
         record = _read_json(self._record_file)
         self.done: set[str] = set(record.get("done", []))
         self.dropped: set[str] = set(record.get("dropped", []))
+        self.thinned: set[str] = set(record.get("thinned", []))
+        self._next_seq = int(record.get("next_seq", 0))
         # After a restart nobody knows whether an in-flight send landed: check before resending.
         self.attempted: set[str] = set(record.get("attempted", []))
 
     def append(self, item: Item) -> Item:
         """Number ``item`` and write it durably at the end of the outbox."""
-        item = {"seq": self.items[-1]["seq"] + 1 if self.items else 0, **item}
+        seq = max(self._next_seq, self.items[-1]["seq"] + 1 if self.items else 0)
+        item = {"seq": seq, **item}
+        self._next_seq = seq + 1
         line = json.dumps(item, allow_nan=False) + "\n"
         if not _ends_with_newline(self._items_file):
             line = "\n" + line  # after a line cut short by a crash
@@ -70,9 +78,10 @@ class Outbox:
         return item
 
     def undelivered(self, item: Item) -> list[str]:
-        """Keys of the parts of ``item`` neither done nor dropped, in delivery order."""
+        """Keys of the parts of ``item`` neither done, dropped nor thinned, in delivery order."""
         keys = [f"{item['seq']}:{part}" for part in self._parts(item)]
-        return [key for key in keys if key not in self.done and key not in self.dropped]
+        settled = (self.done, self.dropped, self.thinned)
+        return [key for key in keys if not any(key in keys_ for keys_ in settled)]
 
     @property
     def pending(self) -> int:
@@ -89,25 +98,67 @@ class Outbox:
         return True
 
     def mark(
-        self, *, done: str | None = None, attempted: str | None = None, dropped: str | None = None
+        self,
+        *,
+        done: str | Sequence[str] | None = None,
+        attempted: str | Sequence[str] | None = None,
+        dropped: str | None = None,
+        thinned: str | None = None,
     ) -> None:
-        """Record a part as attempted, done or dropped, and write the record atomically."""
-        if done is not None:
-            self.done.add(done)
-            self.attempted.discard(done)
-        if attempted is not None:
-            self.attempted.add(attempted)
-        if dropped is not None:
-            self.dropped.add(dropped)
+        """Record parts as attempted, done, dropped or thinned (one key or several), and write
+        the record atomically."""
+        for key in _keys(done):
+            self.done.add(key)
+            self.attempted.discard(key)
+        self.attempted.update(_keys(attempted))
+        self.dropped.update(_keys(dropped))
+        for key in _keys(thinned):
+            self.thinned.add(key)
+            self.attempted.discard(key)
+        self._write_record()
+
+    def prune(self) -> list[Item]:
+        """Remove the items whose every part is done or thinned from the outbox and the record
+        (an item with a dropped part stays, for a person to look at). Returns the removed items."""
+        removed = [
+            item
+            for item in self.items
+            if all(
+                f"{item['seq']}:{part}" in self.done or f"{item['seq']}:{part}" in self.thinned
+                for part in self._parts(item)
+            )
+        ]
+        if not removed:
+            return []
+        gone = {item["seq"] for item in removed}
+        self.items = [item for item in self.items if item["seq"] not in gone]
+        lines = "".join(json.dumps(item, allow_nan=False) + "\n" for item in self.items)
+        temporary = self._items_file.with_name(self._items_file.name + ".tmp")
+        temporary.write_text(lines, encoding="utf-8")
+        os.replace(temporary, self._items_file)
+        for keys in (self.done, self.thinned, self.attempted):
+            keys.difference_update({key for key in keys if _key_order(key)[0] in gone})
+        self._write_record()
+        return removed
+
+    def _write_record(self) -> None:
         record = {
             **self._identity,
+            "next_seq": self._next_seq,
             "done": sorted(self.done, key=_key_order),
             "attempted": sorted(self.attempted, key=_key_order),
             "dropped": sorted(self.dropped, key=_key_order),
+            "thinned": sorted(self.thinned, key=_key_order),
         }
         temporary = self._record_file.with_name(self._record_file.name + ".tmp")
         temporary.write_text(json.dumps(record, indent=1), encoding="utf-8")
         os.replace(temporary, self._record_file)
+
+
+def _keys(value: str | Sequence[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _key_order(key: str) -> tuple[int, str]:

@@ -31,6 +31,9 @@ from cluster_tracking.report import ClusterabilityReport
 
 #: Folder of every artifact the tracker logs, in every sink (public: dashboards rely on it).
 ARTIFACT_ROOT = "clusterability"
+#: The metric logged with every measurement besides the report's own: how many due steps were
+#: skipped so far because measuring could not keep up (see the tracker's ``max_overhead``).
+SKIPPED_STEPS_METRIC = f"{ARTIFACT_ROOT}/skipped_steps"
 
 
 class SinkError(ClusterTrackingError):
@@ -40,6 +43,17 @@ class SinkError(ClusterTrackingError):
 def step_artifact_dir(step: int) -> str:
     """The artifact folder of one measured step: ``clusterability/step-<step>``."""
     return f"{ARTIFACT_ROOT}/step-{int(step)}"
+
+
+def logged_metrics(report: ClusterabilityReport) -> dict[str, float]:
+    """The metrics a platform sink logs for one measurement: ``report.metrics()`` and, for a
+    tracker's report, :data:`SKIPPED_STEPS_METRIC` (the tracker records it in
+    ``report.config["skipped_steps"]``)."""
+    metrics = report.metrics()
+    skipped = report.config.get("skipped_steps")
+    if isinstance(skipped, int) and not isinstance(skipped, bool):
+        metrics[SKIPPED_STEPS_METRIC] = float(skipped)
+    return metrics
 
 
 @runtime_checkable

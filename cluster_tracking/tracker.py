@@ -23,10 +23,21 @@ and the child process rebuilds each step's graph from it and the copied weights.
 
 Guarantees:
 
-* **Never blocks training.** When a measurement is still waiting to start at the next due step,
-  ``on_backlog="skip"`` (the default) drops the new snapshot and records the step in
-  :attr:`ClusterabilityTracker.skipped_steps` (and in the summary); ``on_backlog="queue"`` keeps
-  every snapshot in memory until it is measured.
+* **Measures during training, within a budget.** The worker runs at normal priority, so it gets
+  its share of the CPU even when the training loop keeps every core busy, and the tracker paces it
+  to ``max_overhead`` (default 0.1) of the wall time: since the first due step, the time spent
+  measuring stays below ``max_overhead`` times the time elapsed (the worker's one-off start
+  aside). ``close()`` measures what is left at full speed.
+* **Never blocks training; the newest due step wins.** When ``max_pending`` snapshots already
+  wait at a due step, ``on_backlog="skip"`` (the default) replaces the oldest waiting one with the
+  new one, so the dashboard follows training; ``on_backlog="queue"`` replaces the newest waiting
+  one (the older ones are measured in order). Either way the last due step is always measured,
+  replaced steps are listed in :attr:`ClusterabilityTracker.skipped_steps` and the summary, their
+  count is logged with every measurement as ``clusterability/skipped_steps``, and the first one
+  gives a warning that names the knobs.
+* **Bounded.** At most ``max_pending`` snapshots wait; reports are kept in an unnamed temporary
+  file, not in memory; a step's working files go once every sink has them, and while the sinks
+  are behind (8 or more reports waiting for them) new reports reach them without their plots.
 * **Never takes training down.** Every failure in snapshotting, measuring, plotting or logging
   becomes a :class:`ClusterTrackingWarning` and the run goes on; ``close()`` never raises.
 * **Reproducible.** Step ``s`` is measured with the seed :meth:`ClusterabilityTracker.seed_for`
@@ -38,6 +49,8 @@ Guarantees:
 from __future__ import annotations
 
 import copy
+import inspect
+import os
 import queue
 import secrets
 import shutil
@@ -45,6 +58,9 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
+import zlib
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +76,7 @@ from cluster_tracking.errors import ConfigError, GraphError
 from cluster_tracking.graph import WeightGraph, live_weights, weight_graph, weight_topology
 from cluster_tracking.graph.selection import parse_layers
 from cluster_tracking.report import ClusterabilityReport
-from cluster_tracking.sinks import Sink
+from cluster_tracking.sinks import SKIPPED_STEPS_METRIC, Sink
 from cluster_tracking.worker import (
     _WORKER_CALLS,
     _describe,
@@ -70,6 +86,13 @@ from cluster_tracking.worker import (
 )
 
 OnBacklog = Literal["skip", "queue"]
+
+#: ``max_pending`` when it is not given: 1 with ``on_backlog="skip"``, this with ``"queue"``.
+DEFAULT_QUEUE_PENDING = 16
+#: While measuring cannot keep up, only every this-many-th measurement draws its plots.
+PLOTS_WHILE_BEHIND_EVERY = 5
+#: Reports waiting for the sinks beyond which a new report goes to them without its plots.
+LOG_BACKLOG_WITH_PLOTS = 8
 
 #: Per-step artifact names the tracker writes (under ``clusterability/step-<step>/``).
 STEP_ARTIFACTS = ("report.json", "adjacency.png", "composition.png")
@@ -81,7 +104,7 @@ class ClusterTrackingWarning(UserWarning):
     """Something went wrong in a hook (a measurement, a plot, a sink) and training went on."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (a waiting snapshot is replaced by identity)
 class _Snapshot:
     """The weights of one due step, on the CPU, waiting for the worker: one of
 
@@ -100,9 +123,15 @@ class _Snapshot:
     state: dict[str, Any] | None = None
     graph_seconds: float = 0.0
     weights: list[np.ndarray] | None = None
+    explicit: bool = False  # a checkpoint(): never replaced by a newer due step
+    plots: bool = True  # draw this step's plots (the tracker thins them while behind)
 
 
 _STOP = object()
+
+
+class _Abandoned(Exception):
+    """``close(timeout)`` gave up: the measurement in progress is dropped."""
 
 
 class ClusterabilityTracker:
@@ -142,15 +171,33 @@ class ClusterabilityTracker:
         norm, preset, layers, init, backend: forwarded to
             :func:`~cluster_tracking.measure.measure` (see there).
         on_backlog: what a due step does while ``max_pending`` snapshots already wait for the
-            worker: ``"skip"`` drops it (recorded in :attr:`skipped_steps`); ``"queue"`` keeps it
-            (each waiting snapshot holds a CPU copy of the weights: float64 weight graph, or the
-            float32 ``state_dict`` with ``layers=``).
-        max_pending: how many snapshots may wait while a measurement runs (``"skip"`` only).
-        plots: draw the PNG plots and the HTML report (``False``: JSON only, faster).
-        worker: where measurements run. ``"process"`` (default): in a child Python process
-            started at the first due step (a few seconds, in the background; it imports
-            cluster-tracking, ~400 MB of memory), so they never compete with training for the
-            GIL. ``"thread"``: in a thread of the training process; no extra process, but a
+            worker (measuring cannot keep up): ``"skip"`` (default) replaces the *oldest*
+            waiting snapshot with the new one (newest wins: measurements follow training);
+            ``"queue"`` replaces the *newest* waiting one, so the first ``max_pending - 1``
+            waiting steps are measured in order, and then the latest. Replaced steps are
+            recorded in :attr:`skipped_steps` and counted in the metric
+            ``clusterability/skipped_steps``. Snapshots of :meth:`checkpoint` are never replaced.
+        max_pending: how many snapshots may wait while a measurement runs, in both modes (each
+            holds a CPU copy of the weights). ``None``: 1 with ``"skip"``, 16 with ``"queue"``.
+        max_overhead: the fraction of training wall time measuring may take: since the first
+            due step, the wall time of the measurements (in the worker, from request to
+            answer) and the logging thread's CPU time stay below ``max_overhead`` times the
+            time elapsed; a measurement starts only when that budget allows, and a newer due
+            step replaces the waiting one meanwhile. A loop that keeps every core busy slows
+            down mostly while a measurement runs; the worker's one-off start (about 2 s of CPU)
+            and the tracker's threads come on top (``benchmarks/bench_load.py``).
+            ``None``: no limit (measure back to back, which can slow such a loop 2-4x).
+            ``close()`` measures what is left without the limit.
+        plots: draw the PNG plots and the HTML report (``False``: JSON only, faster). The
+            plots cost about twice the measurement itself, so while measuring cannot keep up
+            (due steps were skipped since the previous measurement) only every 5th
+            measurement draws them; the metrics and ``report.json`` of every measured step are
+            logged all the same, and the last measurement (at ``close()``) has its plots.
+        worker: where measurements run. ``"process"`` (default): in a child Python process at
+            normal priority, started at the first due step (a few seconds, in the background; it
+            imports cluster-tracking, ~400 MB of memory), so they never compete with training
+            for the GIL; it never outlives the tracker (``close(timeout=...)`` kills it).
+            ``"thread"``: in a thread of the training process; no extra process, but a
             Python-bound training loop runs slower while a measurement runs. If the process
             cannot start or dies, the tracker warns and goes on with a thread. The
             ``random_init`` null model always measures in a thread (it needs the model).
@@ -185,7 +232,8 @@ class ClusterabilityTracker:
         init: str | None = None,
         backend: str | None = None,
         on_backlog: OnBacklog = "skip",
-        max_pending: int = 1,
+        max_pending: int | None = None,
+        max_overhead: float | None = 0.1,
         plots: bool = True,
         worker: Literal["process", "thread"] = "process",
         rank: int | None = None,
@@ -239,9 +287,21 @@ class ClusterabilityTracker:
         if on_backlog not in ("skip", "queue"):
             raise ConfigError(f"on_backlog must be 'skip' or 'queue', got {on_backlog!r}.")
         self.on_backlog: OnBacklog = on_backlog
+        if max_pending is None:
+            max_pending = 1 if on_backlog == "skip" else DEFAULT_QUEUE_PENDING
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ConfigError(f"max_pending must be an integer >= 1, got {max_pending!r}.")
         self.max_pending = max_pending
+        if max_overhead is not None and (
+            isinstance(max_overhead, bool)
+            or not isinstance(max_overhead, (int, float))
+            or not 0 < max_overhead <= 1
+        ):
+            raise ConfigError(
+                f"max_overhead must be a fraction in (0, 1] (0.1: measuring may take a tenth "
+                f"of the machine) or None for no limit, got {max_overhead!r}."
+            )
+        self.max_overhead = None if max_overhead is None else float(max_overhead)
         if worker not in ("process", "thread"):
             raise ConfigError(f"worker must be 'process' or 'thread', got {worker!r}.")
         self.worker = worker
@@ -270,10 +330,15 @@ class ClusterabilityTracker:
 
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
+        self._wake = threading.Condition(self._lock)  # a snapshot waits, or close() began
         self._requested: set[int] = set()
-        self._waiting = 0  # snapshots queued, not yet picked up by the worker
+        self._pending: deque[_Snapshot] = deque()  # snapshots waiting for the worker
         self._in_flight = 0  # snapshots not yet measured *and* logged
-        self._reports: dict[int, ClusterabilityReport] = {}
+        # Reports live in an unnamed temporary file as compressed JSON (about 2 KB each for a
+        # 600-node MLP); memory keeps only where each one is, so the training process does not
+        # grow with the number of measurements. The file goes when the tracker does.
+        self._reports: dict[int, tuple[int, int]] = {}  # step -> (offset, length)
+        self._report_file: Any = None
         self._skipped: list[int] = []
         self._failed: list[int] = []
         self._last_images: tuple[int, dict[str, bytes]] | None = None
@@ -289,8 +354,16 @@ class ClusterabilityTracker:
         self._untraceable: tuple[tuple[Any, ...], str] | None = None
         self._warned_untraceable = False
         self._warned_skip = False
+        self._warned_slow_sinks = False
         self._warned_closed = False
-        self._measure_queue: queue.Queue[Any] = queue.Queue()
+        self._stopping = False  # close() began: measure what waits, then stop
+        self._closing = threading.Event()  # close() began: no more pacing
+        self._abandoned = False  # close(timeout) gave up: drop everything left
+        self._budget_start: float | None = None
+        self._log_cpu = 0.0  # CPU seconds of the logging thread
+        self._skipped_since = 0  # steps skipped since the last measurement began
+        self._behind = 0  # measurements in a row that began with skipped steps behind them
+        self._busy_seconds = 0.0  # wall time of the measurements so far
         self._log_queue: queue.Queue[Any] = queue.Queue()
         self._measure_thread: threading.Thread | None = None
         self._log_thread: threading.Thread | None = None
@@ -318,6 +391,8 @@ class ClusterabilityTracker:
             "clusterability.every_n_steps": self.every_n_steps,
             "clusterability.every_n_epochs": self.every_n_epochs,
             "clusterability.on_backlog": self.on_backlog,
+            "clusterability.max_pending": self.max_pending,
+            "clusterability.max_overhead": self.max_overhead,
             "clusterability.version": __version__,
         }
         if options["layers"] is not None:
@@ -332,11 +407,17 @@ class ClusterabilityTracker:
     def reports(self) -> list[ClusterabilityReport]:
         """The reports measured so far, by step."""
         with self._lock:
-            return [self._reports[step] for step in sorted(self._reports)]
+            packed = []
+            for step in sorted(self._reports):
+                offset, length = self._reports[step]
+                self._report_file.seek(offset)
+                packed.append(self._report_file.read(length))
+        return [ClusterabilityReport.from_json(zlib.decompress(data).decode()) for data in packed]
 
     @property
     def skipped_steps(self) -> list[int]:
-        """Due steps dropped because a measurement was still pending (``on_backlog="skip"``)."""
+        """Due steps not measured because measuring could not keep up: a newer due step
+        replaced their snapshot while it waited (see ``on_backlog``)."""
         with self._lock:
             return sorted(self._skipped)
 
@@ -522,29 +603,12 @@ class ClusterabilityTracker:
                     return False
                 self._skipped.remove(step)
             self._requested.add(step)
-            skip = not explicit and self.on_backlog == "skip" and self._waiting >= self.max_pending
-            warn_skip = skip and not self._warned_skip
-            if skip:
-                self._skipped.append(step)
-                self._warned_skip = True
-            else:
-                self._waiting += 1
-                self._in_flight += 1
-        if skip:
-            if warn_skip:
-                _warn(
-                    f"clusterability at step {step} skipped: the previous measurement is still "
-                    "running (on_backlog='skip'; skipped steps are listed in the summary). "
-                    "Measure less often, use fewer shuffles, or pass on_backlog='queue' to keep "
-                    "every step."
-                )
-            return False
+            self._in_flight += 1
         try:
             self._ensure_started()
             snapshot = self._snapshot(model, step)
         except Exception as error:
             with self._idle:
-                self._waiting -= 1
                 self._failed.append(step)
                 self._finish_one()
             if not isinstance(error, GraphError):
@@ -560,8 +624,44 @@ class ClusterabilityTracker:
                     "measured (warned once)."
                 )
             return False
-        self._measure_queue.put(snapshot)
-        return True
+        snapshot.explicit = explicit
+        taken = True
+        with self._wake:
+            if not explicit and len(self._pending) >= self.max_pending:
+                replaceable = [waiting for waiting in self._pending if not waiting.explicit]
+                if replaceable:  # newest wins: a waiting snapshot makes room
+                    victim = replaceable[0] if self.on_backlog == "skip" else replaceable[-1]
+                    self._pending.remove(victim)
+                    self._skipped.append(victim.step)
+                    self._skipped_since += 1
+                else:  # only checkpoints wait, and they are never dropped
+                    self._skipped.append(step)
+                    self._skipped_since += 1
+                    taken = False
+                self._finish_one()
+                warn_skip, self._warned_skip = not self._warned_skip, True
+            else:
+                warn_skip = False
+            if taken:
+                self._pending.append(snapshot)
+                self._wake.notify_all()
+        if warn_skip:
+            budget = (
+                "no max_overhead limit"
+                if self.max_overhead is None
+                else f"max_overhead={self.max_overhead:g}: measuring takes at most "
+                f"{self.max_overhead:.0%} of the wall time"
+            )
+            _warn(
+                f"clusterability cannot keep up with training ({budget}, "
+                f"every_n_steps={self.every_n_steps}, shuffles={self.shuffles}, "
+                f"plots={self.plots}): a newer due step replaced a waiting one "
+                f"(on_backlog={self.on_backlog!r}, max_pending={self.max_pending}); skipped "
+                f"steps are counted in the metric {SKIPPED_STEPS_METRIC} and listed in the "
+                "summary. To measure more of them, raise max_overhead, measure less often, use "
+                "fewer shuffles, or pass plots=False."
+            )
+        return taken
 
     def _snapshot(self, model: nn.Module | Mapping[str, Any], step: int) -> _Snapshot:
         """Copy the weights to the CPU (the only work done in the training thread).
@@ -665,35 +765,94 @@ class ClusterabilityTracker:
     # ---------------------------------------------------------------------- measuring thread
 
     def _measure_loop(self) -> None:
+        self._budget_start = time.monotonic()
         while True:
-            item = self._measure_queue.get()
-            if item is _STOP:
-                self._send_summary()
-                self._log_queue.put(_STOP)
-                if self._worker is not None:
-                    self._worker.stop()
-                return
+            with self._wake:
+                while not self._pending and not self._stopping:
+                    self._wake.wait()
+                if not self._pending or self._abandoned:
+                    break
+            self._pace()  # newer due steps may replace the waiting snapshot meanwhile
             with self._lock:
-                self._waiting -= 1
+                if self._abandoned or not self._pending:
+                    break
+                item = self._pending.popleft()
+                # plots are thinned first while measuring cannot keep up
+                self._behind = self._behind + 1 if self._skipped_since else 0
+                self._skipped_since = 0
+                item.plots = self.plots and (
+                    self._closing.is_set()
+                    or self._behind == 0
+                    or self._behind % PLOTS_WHILE_BEHIND_EVERY == 1
+                )
+            started = time.monotonic()
             try:
                 report, images = self._measure(item)
             except Exception as error:
                 with self._idle:
                     self._failed.append(item.step)
                     self._finish_one()
-                _warn(
-                    f"clusterability measurement at step {item.step} failed: "
-                    f"{_describe(error)}. Training goes on; this step is not logged."
-                )
+                if not self._abandoned:
+                    _warn(
+                        f"clusterability measurement at step {item.step} failed: "
+                        f"{_describe(error)}. Training goes on; this step is not logged."
+                    )
                 continue
             finally:
                 item.state = item.graph = item.module = item.weights = None  # free the copy now
+                self._busy_seconds += time.monotonic() - started
             with self._lock:
-                self._reports[item.step] = report
+                if self._abandoned:
+                    break
+                # due steps before this one that were skipped (the metric at this step)
+                report.config["skipped_steps"] = sum(1 for s in self._skipped if s < item.step)
+                self._keep_report(item.step, report)
                 if images and (self._last_images is None or item.step >= self._last_images[0]):
                     self._last_images = (item.step, images)
+            if images and self._log_queue.qsize() >= LOG_BACKLOG_WITH_PLOTS:
+                images = {}  # the sinks are behind: keep the working files small
+                if not self._warned_slow_sinks:
+                    self._warned_slow_sinks = True
+                    _warn(
+                        f"the clusterability sinks are slower than the measurements "
+                        f"({self._log_queue.qsize()} reports wait for them): the plots of "
+                        f"steps measured while {LOG_BACKLOG_WITH_PLOTS} or more reports wait are "
+                        "not written (their metrics and report.json are)."
+                    )
             artifacts = self._step_artifacts(report, images)
             self._log_queue.put(("report", report, artifacts))
+        if not self._abandoned:
+            self._send_summary()
+            self._log_queue.put(_STOP)
+        if self._worker is not None:
+            self._worker.stop()
+
+    def _keep_report(self, step: int, report: ClusterabilityReport) -> None:
+        """Append ``report`` to the reports file (with the lock held)."""
+        if self._report_file is None:
+            self._report_file = tempfile.TemporaryFile(prefix="cluster-tracking-reports-")
+            weakref.finalize(self, self._report_file.close)  # the file goes with the tracker
+        data = zlib.compress(report.to_json().encode("utf-8"))
+        offset = self._report_file.seek(0, os.SEEK_END)
+        self._report_file.write(data)
+        self._reports[step] = (offset, len(data))
+
+    def _spent(self) -> float:
+        """Seconds spent measuring so far: the wall time of every measurement (in the worker
+        process or this thread, from request to answer) and the logging thread's CPU time."""
+        return self._busy_seconds + self._log_cpu
+
+    def _pace(self) -> None:
+        """Wait until the CPU budget allows the next measurement (``max_overhead``)."""
+        if self.max_overhead is None or self._budget_start is None:
+            return
+        rate = self.max_overhead  # seconds measuring per wall-clock second
+        while not self._closing.is_set():
+            allowed = rate * (time.monotonic() - self._budget_start)
+            over = self._spent() - allowed
+            if over <= 0:
+                return
+            self._closing.wait(over / rate)
 
     def _measure(self, snapshot: _Snapshot) -> tuple[ClusterabilityReport, dict[str, bytes]]:
         """Measure one snapshot (measuring thread): report and PNG plots by name."""
@@ -718,11 +877,11 @@ class ClusterabilityTracker:
         }
         if module is not None:  # re-initialised copies need the module: measured here
             report, images, plot_error = measure_step(
-                graph, snapshot.step, options, self.plots, module
+                graph, snapshot.step, options, snapshot.plots, module
             )
         else:  # with weights, the worker rebuilds the graph from the traced topology
             report, images, plot_error = self._run(
-                "measure", graph, snapshot.step, options, self.plots, None, snapshot.weights
+                "measure", graph, snapshot.step, options, snapshot.plots, None, snapshot.weights
             )
         if plot_error:
             _warn(f"clusterability plots at step {snapshot.step} failed: {plot_error}.")
@@ -738,11 +897,20 @@ class ClusterabilityTracker:
         if self.worker == "process" and self.shuffle != "random_init" and not self._worker_failed:
             try:
                 if self._worker is None:
-                    self._worker = _WorkerProcess()
+                    started = time.monotonic()
+                    self._worker = _WorkerProcess(
+                        die_with_thread=True,
+                        env={"CLUSTER_TRACKING_WARM_PLOTS": "1" if self.plots else "0"},
+                    )
+                    self._busy_seconds -= time.monotonic() - started  # its start is not counted
+                if self._abandoned:
+                    raise _Abandoned("close() gave up")
                 return self._worker.call(name, *args)
             except _WorkerError:
                 raise  # the function failed in the worker: a measurement error, not a dead worker
             except Exception as error:
+                if self._abandoned:
+                    raise _Abandoned("close() gave up") from error  # the worker was ended
                 self._worker_failed = True
                 if self._worker is not None:
                     self._worker.stop()
@@ -796,6 +964,7 @@ class ClusterabilityTracker:
 
     def _log_loop(self) -> None:
         while True:
+            self._log_cpu = time.thread_time()  # counted in the budget (see _pace)
             item = self._log_queue.get()
             if item is _STOP:
                 return
@@ -832,26 +1001,51 @@ class ClusterabilityTracker:
             return None if deadline is None else max(0.0, deadline - time.monotonic())
 
         if self._measure_thread is not None and self._log_thread is not None:
-            self._measure_queue.put(_STOP)
+            with self._wake:
+                self._stopping = True
+                self._wake.notify_all()
+            self._closing.set()  # measure what is left at full speed
             self._measure_thread.join(remaining())
+            if self._measure_thread.is_alive():
+                self._give_up(timeout)
             self._log_thread.join(remaining())
-            if self._measure_thread.is_alive() or self._log_thread.is_alive():
-                with self._lock:
-                    pending = self._in_flight
+            if self._log_thread.is_alive():
                 _warn(
-                    f"gave up waiting for the clusterability tracker after {timeout} s with "
-                    f"{pending} measurement(s) not yet logged; the sinks were not closed."
+                    f"gave up waiting for the clusterability tracker's sinks after {timeout} s "
+                    "(a sink is still busy with a report); the sinks were not closed."
                 )
                 return
         for sink in self.sinks:
             try:
-                sink.close()
+                if "timeout" in inspect.signature(sink.close).parameters:
+                    sink.close(timeout=remaining())  # type: ignore[call-arg]
+                else:
+                    sink.close()
             except Exception as error:
                 _warn(f"closing {sink!r} failed: {_describe(error)}.")
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
         self._template = None
         self._topology = None
+
+    def _give_up(self, timeout: float | None) -> None:
+        """``close(timeout)`` ran out while measuring: drop what waits, end the worker process
+        (no orphan is left), and let the logging thread deliver what was measured."""
+        with self._lock:
+            self._abandoned = True
+            dropped = sorted([snapshot.step for snapshot in self._pending])
+            self._pending.clear()
+            unmeasured = self._in_flight - self._log_queue.qsize()
+        worker = self._worker
+        if worker is not None:
+            worker.kill()
+        self._log_queue.put(_STOP)  # after the reports already measured
+        _warn(
+            f"gave up waiting for the clusterability tracker after {timeout} s: "
+            f"{max(unmeasured, len(dropped))} due step(s) were not measured"
+            f"{' (' + ', '.join(map(str, dropped)) + ' waiting)' if dropped else ''}; the worker "
+            "process was ended. What was measured goes to the sinks."
+        )
 
 
 def _check_interval(value: int | None, name: str) -> int | None:
@@ -899,6 +1093,7 @@ def _warn(message: str) -> None:
 
 
 __all__ = [
+    "SKIPPED_STEPS_METRIC",
     "STEP_ARTIFACTS",
     "SUMMARY_ARTIFACTS",
     "ClusterTrackingWarning",

@@ -143,8 +143,14 @@ _WORKER_CALLS: dict[str, Any] = {
 # cluster_tracking, whatever the training script did to sys.path), then serve requests.
 _WORKER_BOOTSTRAP = (
     "import os, sys\n"
+    "try:  # Linux: die with the thread that started it, even while busy (no orphan)\n"
+    "    import ctypes, signal\n"
+    "    assert sys.argv[3] != '-'\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG\n"
+    "    if os.getppid() != int(sys.argv[3]):\n        os._exit(0)\n"
+    "except Exception:\n    pass\n"
     "if sys.argv[2] == 'nice':\n"
-    "    try:\n        os.nice(19)  # training keeps the CPU when both want it, imports included\n"
+    "    try:\n        os.nice(19)\n"
     "    except (OSError, AttributeError):\n        pass\n"
     "sys.path.insert(0, sys.argv[1])\n"
     "from cluster_tracking.worker import _worker_main\n"
@@ -178,35 +184,52 @@ class _WorkerProcess:
     """A child Python process that runs :data:`_WORKER_CALLS`, one call at a time.
 
     Requests and answers are pickled frames on the child's stdin and stdout (its own pipes: only
-    its owner talks to it). The tracker's child runs at the lowest CPU priority (``nice``: nice
-    19, from its first import on), so training keeps the cores when both want them. The child
-    exits when its stdin closes (so it never outlives its parent) and writes nothing else to the
-    pipe (stray prints go to stderr).
+    its owner talks to it). The child runs at normal priority (the tracker paces its requests to
+    a CPU budget instead, see :class:`~cluster_tracking.tracker.ClusterabilityTracker`'s
+    ``max_overhead``); ``nice=True`` runs it at nice 19. The child exits when its stdin closes
+    (so it never outlives its parent; with ``die_with_thread`` it is also killed when the thread
+    that started it ends, even mid-measurement) and writes nothing else to the pipe (stray prints
+    go to stderr).
+    Every answer carries the child's CPU seconds so far (:attr:`cpu_seconds`).
 
     Args:
         start_timeout: seconds the child may take to start before it is killed.
         nice: run the child at nice 19.
         env: environment variables set in the child, on top of this process's.
         wait: wait here until the child has started; otherwise the first :meth:`call` waits.
+        die_with_thread: on Linux, kill the child when the thread creating it ends
+            (``PR_SET_PDEATHSIG``): for a child owned by one long-lived thread.
     """
 
     def __init__(
         self,
         start_timeout: float = 120.0,
         *,
-        nice: bool = True,
+        nice: bool = False,
         env: Mapping[str, str] | None = None,
         wait: bool = True,
+        die_with_thread: bool = False,
     ) -> None:
         package_root = str(Path(__file__).resolve().parents[1])
         self._process = subprocess.Popen(
-            [sys.executable, "-c", _WORKER_BOOTSTRAP, package_root, "nice" if nice else "-"],
+            [
+                sys.executable,
+                "-c",
+                _WORKER_BOOTSTRAP,
+                package_root,
+                "nice" if nice else "-",
+                str(os.getpid()) if die_with_thread else "-",
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
             env={**os.environ, **env} if env else None,
         )
         self._ready = threading.Event()
+        #: CPU seconds the child has used (user + system), as of its last answer.
+        self.cpu_seconds = 0.0
+        #: CPU seconds the child used to start (imports), as of its first message.
+        self.start_cpu_seconds = 0.0
 
         def give_up() -> None:
             if not self._ready.is_set():
@@ -231,7 +254,8 @@ class _WorkerProcess:
         if self._ready.is_set():
             return
         try:
-            kind, _ = _read_frame(self._process.stdout)
+            kind, _, cpu = _read_frame(self._process.stdout)
+            self.cpu_seconds = self.start_cpu_seconds = float(cpu)
         except Exception:
             self.stop()
             raise
@@ -249,7 +273,8 @@ class _WorkerProcess:
             raise EOFError(f"the worker exited with code {self._process.returncode}")
         self._await_ready()
         _write_frame(self._process.stdin, (name, args))
-        kind, value = _read_frame(self._process.stdout)
+        kind, value, cpu = _read_frame(self._process.stdout)
+        self.cpu_seconds = float(cpu)
         if kind == "error":
             raise _WorkerError(value)
         return value
@@ -271,6 +296,16 @@ class _WorkerProcess:
         if process.stdout is not None:
             process.stdout.close()
 
+    def kill(self) -> None:
+        """End the child now (a measurement in progress is abandoned) and reap it."""
+        process = self._process
+        if process.poll() is None:
+            process.kill()
+        try:
+            process.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not refused
+            pass
+
 
 def _worker_main() -> None:
     """The worker process's loop (see :class:`_WorkerProcess`)."""
@@ -281,7 +316,15 @@ def _worker_main() -> None:
     # Ctrl-C in a terminal reaches the whole process group; the training script decides what
     # happens then (typically tracker.close()), and the worker goes when its pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _write_frame(answers, ("ready", None))
+    if os.environ.get("CLUSTER_TRACKING_WARM_PLOTS") == "1":
+        try:  # part of the start, not of the first measurement (the tracker's budget)
+            from cluster_tracking import html_report, plots  # noqa: F401
+        except Exception:
+            pass
+    try:
+        _write_frame(answers, ("ready", None, time.process_time()))
+    except OSError:  # the parent is gone already
+        return
     while True:
         try:
             request = _read_frame(requests)
@@ -294,7 +337,10 @@ def _worker_main() -> None:
             answer = ("ok", _WORKER_CALLS[name](*args))
         except Exception as error:
             answer = ("error", f"{type(error).__name__}: {str(error).strip()}")
-        _write_frame(answers, answer)
+        try:
+            _write_frame(answers, (*answer, time.process_time()))
+        except OSError:  # the parent closed the pipe (it gave up waiting): leave quietly
+            return
 
 
 def _short_metrics(report: ClusterabilityReport) -> dict[str, float]:

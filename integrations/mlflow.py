@@ -19,14 +19,28 @@ What lands in the run:
 * artifacts ``clusterability/step-<step>/report.json``, ``adjacency.png``, ``composition.png``;
 * at the end ``clusterability/summary.json``, ``trajectory.png`` and ``report.html``.
 
-Delivery is exactly once and survives a tracking server that goes away: every item is first written
-to a local spool (a :class:`~cluster_tracking.sinks.LocalDirectorySink`), then sent with a few
-quick retries (0.5 s, 1 s); when the server still does not answer the item stays spooled, and every
-later call (and ``close()``) sends what is spooled, in order. ``delivered.json`` in the spool
-records what the server acknowledged, so nothing is sent twice; after a failure whose outcome is
-unknown, the run's metric history is checked before metrics are sent again. (A request already
-under way when the server goes down is retried by MLflow's own client first, for minutes by
-default: lower ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` to fall back to the spool sooner.)
+Delivery is exactly once, never waits in the training process's way, and survives a tracking
+server that is slow or goes away: every item is first written to a local spool (a folder with
+``outbox.jsonl`` and ``delivered.json``), and the sink's own sender thread delivers what is spooled
+in the background. A backlog goes out in bulk, not item by item: the metrics of every waiting
+measurement in one ``log_batch`` request, their artifacts uploaded ``upload_threads`` at a time.
+A slow server is not a dead one: requests carry MLflow's own timeout
+(``MLFLOW_HTTP_REQUEST_TIMEOUT``, 120 s by default), and the server's ``/health`` is probed
+(``probe_timeout``) only after a request failed, until it answers again; before that, a TCP
+connect (no request) tells a server that is not there from a slow one in milliseconds. When the
+server does not answer after a few quick retries (0.5 s, 1 s), items stay spooled and are sent
+when it answers (tried again every ``retry_interval`` seconds and at every new item).
+``delivered.json`` records what the server acknowledged, so nothing is sent twice; after a
+failure whose outcome is unknown, the run's metric history is checked before metrics are sent
+again. (A request already under way when the server goes down is
+retried by MLflow's own client first, for minutes by default: lower
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` to fall back to the spool sooner.)
+
+Bounded: a delivered item leaves the spool at once (its files and its outbox line), so with a
+reachable server the spool holds only what is in flight. While the server is slow or down, the
+metrics of every step are kept; the plots and ``report.json`` of all but the newest
+``max_backlog`` waiting steps are thinned (deleted, and recorded as ``thinned`` in
+``delivered.json``), with one warning.
 
 MLflow is imported when the sink is created, so ``cluster_tracking`` itself works without it.
 """
@@ -37,9 +51,11 @@ import inspect
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Mapping, Sequence
@@ -49,7 +65,13 @@ from typing import Any
 
 from cluster_tracking.outbox import DEFAULT_SPOOL_ROOT, Item, Outbox
 from cluster_tracking.report import ClusterabilityReport
-from cluster_tracking.sinks import ARTIFACT_ROOT, LocalDirectorySink, SinkError, step_artifact_dir
+from cluster_tracking.sinks import (
+    ARTIFACT_ROOT,
+    LocalDirectorySink,
+    SinkError,
+    logged_metrics,
+    step_artifact_dir,
+)
 from cluster_tracking.tracker import ClusterTrackingWarning
 
 __all__ = ["INSTALL_HINT", "MlflowSink"]
@@ -106,9 +128,14 @@ class MlflowSink:
             ``spool_dir`` delivers what an earlier process left there.
         retries: tries per item before it stays spooled until the next call (at least 1).
         backoff: seconds before the 2nd try; doubled for each further try.
-        probe_timeout: seconds the server's ``/health`` check may take (HTTP tracking URIs).
-            The probe lets a down server fail in milliseconds instead of in MLflow's own
-            retries, which take minutes (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``).
+        probe_timeout: seconds the server's ``/health`` check may take (HTTP tracking URIs). It
+            is probed only after a request failed, so that a down server fails fast instead of
+            in MLflow's own retries, which take minutes (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``);
+            a server slower than this counts as down until it answers in time.
+        max_backlog: waiting steps whose plots and ``report.json`` are kept while the server is
+            slow or down; older waiting steps keep their metrics only (at least 1).
+        upload_threads: artifact uploads under way at once when a backlog drains.
+        retry_interval: seconds between delivery attempts while the server is unreachable.
 
     Raises:
         SinkError: mlflow is not installed, or there is no run and none can be created.
@@ -124,7 +151,10 @@ class MlflowSink:
         spool_dir: str | os.PathLike[str] | None = None,
         retries: int = 3,
         backoff: float = 0.5,
-        probe_timeout: float = 2.0,
+        probe_timeout: float = 10.0,
+        max_backlog: int = 8,
+        upload_threads: int = 8,
+        retry_interval: float = 5.0,
     ) -> None:
         mlflow = _import_mlflow()
         from mlflow.tracking import MlflowClient
@@ -134,10 +164,25 @@ class MlflowSink:
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.probe_timeout = float(probe_timeout)
+        if max_backlog < 1 or upload_threads < 1:
+            raise SinkError(
+                f"max_backlog and upload_threads must be at least 1, got {max_backlog} and "
+                f"{upload_threads}."
+            )
+        self.max_backlog = int(max_backlog)
+        self.upload_threads = int(upload_threads)
+        self.retry_interval = float(retry_interval)
         self.tracking_uri: str = tracking_uri or mlflow.get_tracking_uri()
         self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        self._sync = "synchronous" in inspect.signature(self._client.log_batch).parameters
-        self._lock = threading.RLock()
+        self._sync_supported = "synchronous" in inspect.signature(self._client.log_batch).parameters
+        self._lock = threading.RLock()  # the outbox and the spool's files
+        self._send_lock = threading.Lock()  # one delivery pass at a time
+        self._wake = threading.Event()
+        self._sender: threading.Thread | None = None
+        self._stopping = False
+        self._in_flight: set[int] = set()  # seqs whose files are being uploaded
+        self._suspect = False  # a request failed: probe /health before the next one
+        self._warned_thinning = False
         self._owns_run = False
         self._closed = False
         self._offline_error: BaseException | None = None
@@ -174,7 +219,7 @@ class MlflowSink:
         with self._lock:
             self.spool.log_params(params)
             self._append({"kind": "params", "params": {k: str(v) for k, v in params.items()}})
-            self._drain()
+        self._kick()
 
     def log_report(
         self, report: ClusterabilityReport, step: int, artifacts: Mapping[str, Path]
@@ -183,18 +228,19 @@ class MlflowSink:
         if self.inert:
             return
         with self._lock:
-            self.spool.log_report(report, step, artifacts)
+            self.spool.copy_artifacts(artifacts, self.spool_path / step_artifact_dir(step))
             self._append(
                 {
                     "kind": "report",
                     "step": int(step),
                     "timestamp_ms": int(time.time() * 1000),
-                    "metrics": report.metrics(),
+                    "metrics": logged_metrics(report),
                     "folder": step_artifact_dir(step),
                     "files": sorted(Path(name).name for name in artifacts),
                 }
             )
-            self._drain()
+            self._thin()
+        self._kick()
 
     def log_summary(
         self, reports: Sequence[ClusterabilityReport], artifacts: Mapping[str, Path]
@@ -211,43 +257,55 @@ class MlflowSink:
                     "files": sorted(Path(name).name for name in artifacts),
                 }
             )
-            self._drain()
+        self._kick()
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Deliver what is spooled; finish the run if this sink created it. Idempotent.
 
-        Whatever still cannot be delivered stays in :attr:`spool` (a warning says where).
+        Args:
+            timeout: seconds to spend delivering (``None``: as long as it takes). Whatever is
+                not delivered by then stays in :attr:`spool`, and one warning says where.
         """
         if self.inert:
             return
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            delivered = self._drain()
-            left = self.pending
-            if not delivered or left:
-                _warn(
-                    f"{left} clusterability item(s) could not be delivered to MLflow at "
-                    f"{self.tracking_uri} ({_describe(self._offline_error)}); they are kept in "
-                    f"{self.spool_path}. Deliver them later with MlflowSink(run_id="
-                    f"{self.run_id!r}, tracking_uri={self.tracking_uri!r}, spool_dir="
-                    f"{str(self.spool_path.parent)!r}).close()."
-                )
-                return
-            if self._owns_run:
-                try:
-                    self._client.set_terminated(self.run_id, "FINISHED")
-                except Exception as error:
-                    _warn(f"could not finish the MLflow run {self.run_id}: {_describe(error)}.")
-            if self._temporary_spool:
-                shutil.rmtree(self.spool_path, ignore_errors=True)
+        self._stopping = True
+        self._wake.set()
+        if self._sender is not None:
+            self._sender.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        delivered = not self._sender_alive() and self._drain(deadline)
+        left = self.pending
+        if not delivered or left:
+            reason = (
+                _describe(self._offline_error)
+                if self._offline_error is not None
+                else f"close() ran out of its {timeout} s"
+            )
+            _warn(
+                f"{left} clusterability item(s) could not be delivered to MLflow at "
+                f"{self.tracking_uri} ({reason}); they are kept in "
+                f"{self.spool_path}. Deliver them later with MlflowSink(run_id="
+                f"{self.run_id!r}, tracking_uri={self.tracking_uri!r}, spool_dir="
+                f"{str(self.spool_path.parent)!r}).close()."
+            )
+            return
+        if self._owns_run:
+            try:
+                self._client.set_terminated(self.run_id, "FINISHED")
+            except Exception as error:
+                _warn(f"could not finish the MLflow run {self.run_id}: {_describe(error)}.")
+        if self._temporary_spool:
+            shutil.rmtree(self.spool_path, ignore_errors=True)
 
     # ---------------------------------------------------------------------------- delivery
 
     @property
     def spool(self) -> LocalDirectorySink:
-        """The local copy of everything this sink was given (created on first use)."""
+        """The local folder of what waits for the server (created on first use)."""
         if self._spool is None:
             self._spool = LocalDirectorySink(self.spool_path)
         return self._spool
@@ -260,50 +318,135 @@ class MlflowSink:
         with self._lock:
             return self._outbox.pending
 
-    def flush(self) -> bool:
-        """Try to deliver everything spooled now; True when nothing is left."""
+    def flush(self, timeout: float | None = None) -> bool:
+        """Try to deliver everything spooled now, in this thread; True when nothing is left."""
         if self.inert:
             return True
-        with self._lock:
-            return self._drain()
+        return self._drain(None if timeout is None else time.monotonic() + timeout)
 
     def _append(self, entry: Item) -> None:
         self._outbox.append(entry)
 
-    def _drain(self) -> bool:
-        """Send every undelivered part, in order; stop at the first one the server refuses."""
-        if not self._outbox.drain(self._deliver):
-            return False
-        if self._offline_error is not None:
+    def _kick(self) -> None:
+        """Wake the sender thread (started with the first item)."""
+        if self._closed:
+            return
+        if self._sender is None:
+            self._sender = threading.Thread(
+                target=self._send_loop, name="cluster-tracking-mlflow", daemon=True
+            )
+            self._sender.start()
+        self._wake.set()
+
+    def _sender_alive(self) -> bool:
+        return self._sender is not None and self._sender.is_alive()
+
+    def _send_loop(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self.retry_interval if self._offline_error is not None else None)
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                self._drain()
+            except Exception as error:  # never let the sender die silently
+                _warn(f"the MLflow sender failed: {_describe(error)}; items stay spooled.")
+
+    def _thin(self) -> None:
+        """Keep the spool bounded while the server is slow or down (with ``_lock`` held): the
+        files of all but the newest ``max_backlog`` waiting reports go; their metrics stay."""
+        waiting = [
+            item
+            for item in self._outbox.items
+            if item["kind"] == "report"
+            and f"{item['seq']}:artifacts" in self._outbox.undelivered(item)
+            and item["seq"] not in self._in_flight
+        ]
+        excess = waiting[: max(0, len(waiting) - self.max_backlog)]
+        for item in excess:
+            self._outbox.mark(thinned=f"{item['seq']}:artifacts")
+            shutil.rmtree(self.spool_path / item["folder"], ignore_errors=True)
+        if excess and not self._warned_thinning:
+            self._warned_thinning = True
+            _warn(
+                f"MLflow at {self.tracking_uri} is slower than the measurements: to keep the "
+                f"spool bounded, the plots and report.json of steps waiting beyond the newest "
+                f"{self.max_backlog} are dropped (first: step {excess[0]['step']}); every step's "
+                "metrics are kept and delivered. Raise max_backlog= to keep more."
+            )
+
+    def _drain(self, deadline: float | None = None) -> bool:
+        """Deliver everything spooled: params, then the metrics of every waiting report in one
+        request, their artifacts a few at a time, then the summary. False when something is
+        left (the server failed, or ``deadline`` passed)."""
+        with self._send_lock:
+            ok = self._deliver_all(deadline)
+            with self._lock:
+                for item in self._outbox.prune():  # delivered: its files leave the spool
+                    if item["kind"] == "report":
+                        shutil.rmtree(self.spool_path / item["folder"], ignore_errors=True)
+                    elif item["kind"] == "summary":
+                        for name in item["files"]:
+                            (self.spool_path / item["folder"] / name).unlink(missing_ok=True)
+                left = self._outbox.pending
+        if ok and not left and self._offline_error is not None:
             _log.info("MLflow at %s answers again; spooled items delivered.", self.tracking_uri)
             self._offline_error = None
-        return True
+        return ok and not left
 
-    def _deliver(self, entry: dict[str, Any], key: str) -> bool:
-        """One part of one item, with retries; False when the server stayed unreachable."""
+    def _deliver_all(self, deadline: float | None) -> bool:
+        def late() -> bool:
+            return deadline is not None and time.monotonic() > deadline
+
+        with self._lock:
+            waiting = [(item, self._outbox.undelivered(item)) for item in self._outbox.items]
+        waiting = [(item, keys) for item, keys in waiting if keys]
+        for item, keys in waiting:  # params first, in order
+            if item["kind"] == "params":
+                if late() or not self._attempt(keys, lambda i=item: self._send_params(i)):
+                    return False
+        reports = [(item, keys) for item, keys in waiting if item["kind"] == "report"]
+        metric_keys = {key: item for item, keys in reports for key in keys if "metrics" in key}
+        # every file of every waiting report, and of the summary, a few at a time, while the
+        # metrics of every waiting report go in one request
+        files = {key: item for item, keys in reports for key in keys if "artifacts" in key}
+        files.update(
+            {key: item for item, keys in waiting if item["kind"] == "summary" for key in keys}
+        )
+        if late() or not (metric_keys or files):
+            return not late()
+        return self._upload(files, metric_keys)
+
+    def _attempt(self, keys: list[str], send: Any) -> bool:
+        """Run ``send()`` for ``keys`` with retries; record them done. False when the server
+        stayed unreachable (the keys stay undelivered)."""
         error: BaseException | None = None
         for attempt in range(self.retries):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                self._probe()
-                if key in self._outbox.attempted and self._already_landed(entry, key):
-                    self._outbox.mark(done=key)
-                    return True
-                self._outbox.mark(attempted=key)
-                self._send(entry, key.split(":", 1)[1])
-                self._outbox.mark(done=key)
-                return True
+                if self._suspect:
+                    self._probe()  # HTTP /health, only after a failure
+                else:
+                    self._connectable()  # a TCP handshake: no request, so a slow server is fine
+                send()
             except Exception as failure:
                 if _is_permanent(failure):
-                    self._outbox.mark(dropped=key)
+                    with self._lock:
+                        for key in keys:
+                            self._outbox.mark(dropped=key)
                     _warn(
-                        f"MLflow refused clusterability item {key} ({entry['kind']}"
-                        f"{', step ' + str(entry['step']) if 'step' in entry else ''}): "
-                        f"{_describe(failure)}. It is kept in {self.spool_path}."
+                        f"MLflow refused clusterability item(s) {', '.join(keys)}: "
+                        f"{_describe(failure)}. They are kept in {self.spool_path}."
                     )
                     return True
+                self._suspect = True
                 error = failure
+                continue
+            self._suspect = False
+            with self._lock:
+                self._outbox.mark(done=keys)
+            return True
         if self._offline_error is None:
             _warn(
                 f"MLflow at {self.tracking_uri} is unreachable or failing ({_describe(error)}); "
@@ -313,25 +456,73 @@ class MlflowSink:
         self._offline_error = error
         return False
 
-    def _send(self, entry: dict[str, Any], part: str) -> None:
-        from mlflow.entities import Metric, Param
+    def _send_params(self, entry: Item) -> None:
+        from mlflow.entities import Param
 
+        params = [Param(key, value) for key, value in sorted(entry["params"].items())]
+        for start in range(0, len(params), 100):  # MLflow takes 100 params per batch
+            self._client.log_batch(self.run_id, params=params[start : start + 100], **self._sync)
+
+    def _send_metrics(self, keys: Mapping[str, Item]) -> None:
+        """The metrics of every waiting report, in one ``log_batch`` (up to 1,000 metrics a
+        request). A key sent before with an unknown outcome is checked against the run first."""
+        from mlflow.entities import Metric
+
+        with self._lock:
+            unsure = [key for key in keys if key in self._outbox.attempted]
+        landed = [key for key in unsure if self._already_landed(keys[key], key)]
+        metrics = [
+            Metric(name, float(value), item["timestamp_ms"], item["step"])
+            for key, item in keys.items()
+            if key not in landed
+            for name, value in item["metrics"].items()
+        ]
+        with self._lock:
+            self._outbox.mark(attempted=[key for key in keys if key not in landed])
+        for start in range(0, len(metrics), 1000):
+            self._client.log_batch(self.run_id, metrics=metrics[start : start + 1000], **self._sync)
+
+    def _upload(self, keys: Mapping[str, Item], metric_keys: Mapping[str, Item]) -> bool:
+        """Send the metrics of ``metric_keys`` in one request and upload the files of ``keys``
+        (artifact parts), ``upload_threads`` requests at a time; a part is done when all its
+        files are. False when something stayed undelivered."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with self._lock:  # from here on, _thin() leaves these alone
+            keys = {key: item for key, item in keys.items() if key not in self._outbox.thinned}
+            self._in_flight = {item["seq"] for item in keys.values()}
+        tasks = [(key, entry, name) for key, entry in keys.items() for name in entry["files"]]
+        try:
+            with ThreadPoolExecutor(self.upload_threads) as pool:
+                metrics = (
+                    pool.submit(
+                        self._attempt, list(metric_keys), lambda: self._send_metrics(metric_keys)
+                    )
+                    if metric_keys
+                    else None
+                )
+                results = list(
+                    pool.map(
+                        lambda task: self._attempt([], lambda: self._send_file(*task[1:])), tasks
+                    )
+                )
+                metrics_ok = metrics is None or metrics.result()
+        finally:
+            with self._lock:
+                self._in_flight = set()
+        failed = {key for (key, _, _), ok in zip(tasks, results, strict=True) if not ok}
+        with self._lock:
+            self._outbox.mark(done=[key for key in keys if key not in failed])
+        return metrics_ok and not failed
+
+    def _send_file(self, entry: Item, name: str) -> None:
+        folder = self.spool_path / entry["folder"]
+        self._client.log_artifact(self.run_id, str(folder / name), entry["folder"])
+
+    @property
+    def _sync(self) -> dict[str, Any]:
         # Synchronous on purpose: a delivery is recorded only once the server acknowledged it.
-        sync: dict[str, Any] = {"synchronous": True} if self._sync else {}
-        if part == "params":
-            params = [Param(key, value) for key, value in sorted(entry["params"].items())]
-            for start in range(0, len(params), 100):  # MLflow takes 100 params per batch
-                self._client.log_batch(self.run_id, params=params[start : start + 100], **sync)
-        elif part == "metrics":
-            metrics = [
-                Metric(key, float(value), entry["timestamp_ms"], entry["step"])
-                for key, value in entry["metrics"].items()
-            ]
-            self._client.log_batch(self.run_id, metrics=metrics, **sync)
-        else:  # artifacts of a step or of the summary
-            folder = self.spool_path / entry["folder"]
-            for name in entry["files"]:
-                self._client.log_artifact(self.run_id, str(folder / name), entry["folder"])
+        return {"synchronous": True} if self._sync_supported else {}
 
     def _already_landed(self, entry: dict[str, Any], key: str) -> bool:
         """After a failure of unknown outcome: did this entry's metrics reach the run?"""
@@ -342,6 +533,20 @@ class MlflowSink:
         return any(
             m.step == entry["step"] and m.timestamp == entry["timestamp_ms"] for m in history
         )
+
+    def _connectable(self) -> None:
+        """Fail fast when nothing listens at an HTTP tracking URI (MLflow's own client would
+        retry a refused connection for minutes); a server that accepts is given its time."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return
+        parsed = urllib.parse.urlsplit(self.tracking_uri)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection(
+                (parsed.hostname or "localhost", port), self.probe_timeout
+            ).close()
+        except OSError as error:
+            raise _Unreachable(f"cannot connect to {parsed.netloc}: {error}") from error
 
     def _probe(self) -> None:
         """Fail fast when an HTTP tracking server is down (MLflow itself retries for minutes)."""

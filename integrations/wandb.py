@@ -22,9 +22,11 @@ What lands in the run:
   ``clusterability/clusters`` (columns ``cluster``, ``size``, ``cut``, ``volume``, ``ncut_term``
   and one node count per layer) and the plots as :class:`wandb.Image` ``clusterability/adjacency``
   and ``clusterability/composition``;
-* at every measured step, a new version of the artifact ``clusterability-partition-<run id>``
-  (type ``clusterability-partition``, aliases ``step-<step>`` and ``latest``) holding
-  ``clusterability/step-<step>/report.json``, ``adjacency.png`` and ``composition.png``;
+* on a schedule (``partition_every``: the first measured step, every 10th after it, and the last
+  one at the end), a new version of the artifact ``clusterability-partition-<run id>`` (type
+  ``clusterability-partition``, aliases ``step-<step>`` and ``latest``) holding
+  ``clusterability/step-<step>/report.json``, ``adjacency.png`` and ``composition.png``, so a
+  long run does not write hundreds of versions;
 * at the end, the artifact ``clusterability-summary-<run id>`` (type ``clusterability-summary``)
   with ``clusterability/summary.json``, ``trajectory.png`` and ``report.html``; a native line plot
   ``clusterability/trajectory`` of the n-cut against the step with the null model's mean and
@@ -60,12 +62,13 @@ touch the run's own step counter. wandb is imported when the sink is created, so
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -73,7 +76,13 @@ from typing import TYPE_CHECKING, Any
 from cluster_tracking.integrations.mlflow import _describe, _is_rank_zero, _warn
 from cluster_tracking.outbox import DEFAULT_SPOOL_ROOT, Item, Outbox
 from cluster_tracking.report import ClusterabilityReport
-from cluster_tracking.sinks import ARTIFACT_ROOT, LocalDirectorySink, SinkError, step_artifact_dir
+from cluster_tracking.sinks import (
+    ARTIFACT_ROOT,
+    LocalDirectorySink,
+    SinkError,
+    logged_metrics,
+    step_artifact_dir,
+)
 
 if TYPE_CHECKING:
     from wandb import Run
@@ -113,7 +122,7 @@ _REPORT_HTML_KEY = f"{ARTIFACT_ROOT}/report"
 _PARTS = {
     "params": ("params",),
     "report": ("metrics", "artifact"),
-    "summary": ("artifact", "chart", "fields"),
+    "summary": ("partition", "artifact", "chart", "fields"),
 }
 
 
@@ -147,7 +156,16 @@ class WandbSink:
         retries: tries per item before it stays spooled until the next call (at least 1).
         backoff: seconds before the 2nd try; doubled for each further try.
         artifact_name: name of the partition artifact (``None``:
-            ``clusterability-partition-<run id>``); every measured step is a new version.
+            ``clusterability-partition-<run id>``).
+        partition_every: version the partition artifact at the first measured step and at
+            every ``partition_every``-th one after it; the last measured step is versioned at
+            the end in any case. ``1``: every measured step; ``None``: the last one only.
+
+    Artifact files, and the cluster tables W&B stages for history rows, are staged inside the
+    run's own folder (``clusterability-artifacts/`` beside its ``files/``, under ``WANDB_DIR``),
+    not in W&B's shared staging folder (``WANDB_DATA_DIR``, by default under ``~/.local/share``),
+    so that nothing of the run is left outside ``WANDB_DIR`` after ``run.finish()``; ``wandb
+    sync`` of an offline run uploads them from there.
 
     Raises:
         SinkError: wandb is not installed, there is no run, ``retries`` is below 1, or
@@ -162,12 +180,25 @@ class WandbSink:
         retries: int = 3,
         backoff: float = 0.5,
         artifact_name: str | None = None,
+        partition_every: int | None = 10,
     ) -> None:
         wandb = _import_wandb()
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 1:
             raise SinkError(f"retries must be an integer >= 1, got {retries!r}.")
         self.retries = retries
         self.backoff = float(backoff)
+        if partition_every is not None and (
+            isinstance(partition_every, bool)
+            or not isinstance(partition_every, int)
+            or partition_every < 1
+        ):
+            raise SinkError(
+                f"partition_every must be an integer >= 1 or None, got {partition_every!r}."
+            )
+        self.partition_every = partition_every
+        self._measured = 0  # reports given to this sink
+        self._last_report: dict[str, Any] | None = None  # the newest report item
+        self._staged = 0  # artifact versions staged in the run folder
         self._wandb = wandb
         self._lock = threading.RLock()
         self._closed = False
@@ -232,17 +263,21 @@ class WandbSink:
         if self.inert:
             return
         with self._lock:
-            self.spool.log_report(report, step, artifacts)
-            self._append(
-                {
-                    "kind": "report",
-                    "step": int(step),
-                    "metrics": report.metrics(),
-                    "clusters": _cluster_table(report),
-                    "folder": step_artifact_dir(step),
-                    "files": sorted(Path(name).name for name in artifacts),
-                }
-            )
+            self.spool.copy_artifacts(artifacts, self.spool.path / step_artifact_dir(step))
+            every = self.partition_every
+            item = {
+                "kind": "report",
+                "step": int(step),
+                "metrics": logged_metrics(report),
+                "clusters": _cluster_table(report),
+                "folder": step_artifact_dir(step),
+                "files": sorted(Path(name).name for name in artifacts),
+                "version": every is not None and self._measured % every == 0,
+            }
+            self._measured += 1
+            previous, self._last_report = self._last_report, self._outbox.append(item)
+            if previous is not None and all(previous is not kept for kept in self._outbox.items):
+                shutil.rmtree(self.spool.path / previous["folder"], ignore_errors=True)
             self._drain()
 
     def log_summary(
@@ -254,6 +289,10 @@ class WandbSink:
         with self._lock:
             self.spool.log_summary(reports, artifacts)
             ordered = sorted(reports, key=lambda report: report.step or 0)
+            last = self._last_report
+            partition = None
+            if last is not None and not last["version"]:  # the last step's version, at the end
+                partition = {key: last[key] for key in ("step", "metrics", "folder", "files")}
             self._append(
                 {
                     "kind": "summary",
@@ -261,6 +300,7 @@ class WandbSink:
                     "files": sorted(Path(name).name for name in artifacts),
                     "trajectory": [_trajectory_point(report) for report in ordered],
                     "final": _final_fields(ordered[-1]) if ordered else {},
+                    "partition": partition,
                 }
             )
             self._drain()
@@ -312,7 +352,22 @@ class WandbSink:
 
     def _drain(self) -> bool:
         """Send every undelivered part, in order; stop at the first one W&B does not take."""
-        if not self._outbox.drain(self._deliver):
+        delivered = self._outbox.drain(self._deliver)
+        for item in self._outbox.prune():  # delivered items leave the spool at once
+            if item is self._last_report and not item["version"]:
+                continue  # its files are versioned at the end (see partition_every)
+            if item["kind"] in ("report", "summary"):
+                folder = self.spool.path / item["folder"]
+                if item["kind"] == "summary":
+                    for name in item["files"]:
+                        (folder / name).unlink(missing_ok=True)
+                    if item.get("partition"):  # the last step's files, versioned at the end
+                        shutil.rmtree(
+                            self.spool.path / item["partition"]["folder"], ignore_errors=True
+                        )
+                else:
+                    shutil.rmtree(folder, ignore_errors=True)
+        if not delivered:
             return False
         self._offline_error = None
         return True
@@ -362,13 +417,37 @@ class WandbSink:
         return False
 
     def _send(self, entry: dict[str, Any], part: str) -> None:
+        with self._staging_in_run_folder():
+            self._send_part(entry, part)
+
+    @contextlib.contextmanager
+    def _staging_in_run_folder(self) -> Iterator[None]:
+        """While this sink calls W&B, W&B's data folder (``WANDB_DATA_DIR``, where it stages
+        the files of artifacts and of the tables in history rows, and where offline runs leave
+        them for good) is a folder inside the run's own folder, under ``WANDB_DIR``. The
+        variable is read by W&B at each call; it is restored right after."""
+        previous = os.environ.get("WANDB_DATA_DIR")
+        os.environ["WANDB_DATA_DIR"] = str(self._staging_root() / "wandb-data")
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop("WANDB_DATA_DIR", None)
+            else:
+                os.environ["WANDB_DATA_DIR"] = previous
+
+    def _send_part(self, entry: dict[str, Any], part: str) -> None:
         run = self._run()
         if part == "params":
             run.config.update(entry["params"], allow_val_change=True)
         elif part == "metrics":
             self._log_row(self._report_row(entry))
         elif part == "artifact" and entry["kind"] == "report":
-            self._log_partition(entry)
+            if entry.get("version", True):
+                self._log_partition(entry)
+        elif part == "partition":
+            if entry.get("partition"):
+                self._log_partition(entry["partition"])
         elif part == "artifact":
             self._log_files(
                 entry, self.summary_artifact_name, SUMMARY_ARTIFACT_TYPE, ["latest"], {}
@@ -496,9 +575,26 @@ class WandbSink:
             return
         artifact = self._wandb.Artifact(name, type=kind, metadata=metadata)
         folder = self.spool.path / entry["folder"]
+        # W&B would copy each file into its shared staging folder (``WANDB_DATA_DIR``, outside
+        # ``WANDB_DIR``), where offline runs leave them for good: stage them in the run's own
+        # folder instead, and add them as files W&B need not copy.
+        self._staged += 1
+        staging = self._staging_root() / f"{name}-{self._staged}" / entry["folder"]
+        staging.mkdir(parents=True, exist_ok=True)
         for file in entry["files"]:
-            artifact.add_file(str(folder / file), name=f"{entry['folder']}/{file}")
+            staged = staging / file
+            shutil.copyfile(folder / file, staged)
+            artifact.add_file(
+                str(staged), name=f"{entry['folder']}/{file}", policy="immutable", skip_cache=True
+            )
         self._run().log_artifact(artifact, aliases=aliases)
+
+    def _staging_root(self) -> Path:
+        """Where this run's artifact files are staged: beside the run's ``files/`` folder."""
+        run_dir = getattr(self._run(), "dir", None)
+        if run_dir:
+            return Path(run_dir).parent / "clusterability-artifacts"
+        return self.spool.path / "staged"
 
     # ------------------------------------------------------------------------- bookkeeping
 

@@ -5,16 +5,21 @@ store ``sqlite:///<root>/mlflow.db`` and artifacts served by the server itself f
 ``<root>/artifacts`` (``--serve-artifacts --artifacts-destination``), and waits for ``/health``.
 ``stop()`` ends the server's whole process group (the server and its uvicorn worker) and ``start()``
 brings it back on the same port with the same store: what the fault-tolerance test needs.
+
+``DelayingProxy(target_port, delay)`` is a TCP proxy on 127.0.0.1 that holds every request for
+``delay`` seconds before passing it on (a slow server, or a slow network in front of one).
 """
 
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -148,3 +153,84 @@ class MlflowServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class DelayingProxy:
+    """A TCP proxy on 127.0.0.1 that delays every request by ``delay`` seconds.
+
+    Each connection is relayed in its own thread. Bytes from the client that start a new request
+    (the first bytes after the server's answer, or on a new connection) wait ``delay`` seconds;
+    answers pass at once. ``delay`` may be changed while the proxy runs. ``requests`` counts the
+    requests it delayed.
+
+    Args:
+        target_port: the port of the server on 127.0.0.1.
+        delay: seconds each request waits.
+        port: the proxy's own port (0: a free one).
+    """
+
+    def __init__(self, target_port: int, delay: float = 0.0, port: int = 0) -> None:
+        self.target_port = target_port
+        self.delay = delay
+        self.requests = 0
+        self.request_lines: list[str] = []  # "METHOD /path" of every request, in order
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", port))
+        self._listener.listen(64)
+        self.port = int(self._listener.getsockname()[1])
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._closed = False
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        try:
+            server = socket.create_connection(("127.0.0.1", self.target_port), timeout=30)
+        except OSError:
+            client.close()
+            return
+        new_request = True
+        try:
+            while not self._closed:
+                readable, _, _ = select.select([client, server], [], [], 1.0)
+                for sock in readable:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    if sock is client:
+                        if new_request:
+                            line = data.split(b"\r\n", 1)[0].decode("latin-1")
+                            with self._lock:
+                                self.requests += 1
+                                self.request_lines.append(" ".join(line.split(" ")[:2]))
+                            time.sleep(self.delay)
+                            new_request = False
+                        server.sendall(data)
+                    else:
+                        new_request = True
+                        client.sendall(data)
+        except OSError:
+            return
+        finally:
+            client.close()
+            server.close()
+
+    def close(self) -> None:
+        """Stop accepting connections (open ones end within a second)."""
+        self._closed = True
+        self._listener.close()
+
+    def __enter__(self) -> DelayingProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import matplotlib.image
 import mlflow
 import pytest
 import torch
-from _servers import MlflowServer
+from _servers import DelayingProxy, MlflowServer
 from mlflow import MlflowClient
 from torch import nn
 
@@ -253,37 +254,86 @@ def test_a_send_of_unknown_outcome_is_checked_before_resending(
 ) -> None:
     from cluster_tracking.integrations.mlflow import MlflowSink
 
-    class CountingSink(MlflowSink):
-        sent: list[str]
+    class LostAnswerSink(MlflowSink):
+        """The server stores the first metrics batch, but its answer never arrives."""
 
-        def _send(self, entry: dict[str, Any], part: str) -> None:
-            self.sent.append(f"{entry['kind']}:{part}")
-            super()._send(entry, part)
+        lost = False
+
+        def _send_metrics(self, keys: Any) -> None:
+            super()._send_metrics(keys)
+            if not self.lost:
+                self.lost = True
+                raise ConnectionError("connection reset before the answer")
 
     client = MlflowClient(server.uri)
     run_id = client.create_run("0").info.run_id
-    first = CountingSink(run_id, tracking_uri=server.uri, spool_dir=tmp_path)
-    first.sent = []
-    with ClusterabilityTracker([first], **FAST) as tracker:
+    sink = LostAnswerSink(run_id, tracking_uri=server.uri, spool_dir=tmp_path, backoff=0.01)
+    with ClusterabilityTracker([sink], **FAST) as tracker:
         tracker.checkpoint(tiny_mlp(), 3)
-    assert "report:metrics" in first.sent
-
-    # As if the process died after the server stored the metrics but before the spool's record
-    # said so: the step is "attempted", not "done".
-    record_file = tmp_path / run_id / "delivered.json"
-    record = json.loads(record_file.read_text())
-    metrics_key = next(key for key in record["done"] if key.endswith(":metrics"))
-    record["done"].remove(metrics_key)
-    record["attempted"].append(metrics_key)
-    record_file.write_text(json.dumps(record))
-
-    second = CountingSink(run_id, tracking_uri=server.uri, spool_dir=tmp_path)
-    second.sent = []
-    assert second.pending == 1
-    second.close()
-    assert second.sent == [], "the metrics had landed: nothing is sent again"
-    assert second.pending == 0
+    assert sink.lost and sink.pending == 0
+    # the retry found the metrics on the server and did not send them again
     assert metric_steps(client, run_id)["clusterability/ncut"] == Counter({3: 1})
+
+
+def test_delivered_items_leave_the_spool_at_once(server: MlflowServer, tmp_path: Path) -> None:
+    from cluster_tracking.integrations.mlflow import MlflowSink
+
+    client = MlflowClient(server.uri)
+    run_id = client.create_run("0").info.run_id
+    sink = MlflowSink(run_id, tracking_uri=server.uri, spool_dir=tmp_path)
+    spool = tmp_path / run_id
+    trainer = Trainer(tiny_mlp())
+    tracker = ClusterabilityTracker([sink], every_n_steps=2, on_backlog="queue", **FAST)
+    for step in range(9):
+        trainer.step()
+        tracker.step(trainer.model, step)
+        if step % 4 == 0:
+            assert tracker.flush(60) and sink.flush(60)
+            # everything so far is on the server, and nothing of it is left in the spool
+            assert sink.pending == 0
+            assert list(spool.glob("clusterability/step-*/*")) == []
+            assert (spool / "outbox.jsonl").read_text() == ""
+            record = json.loads((spool / "delivered.json").read_text())
+            assert record["done"] == [] and record["next_seq"] == 1 + step // 2 + 1
+    tracker.close()
+    assert sink.pending == 0
+    assert_run_matches(client, run_id, tracker.reports, tmp_path / "download")
+    assert [m.value for m in client.get_metric_history(run_id, "clusterability/skipped_steps")] == [
+        0.0
+    ] * 5
+
+
+@pytest.mark.slow
+def test_a_server_answering_in_two_seconds_gets_everything_once(
+    server: MlflowServer, tmp_path: Path
+) -> None:
+    from cluster_tracking.integrations.mlflow import MlflowSink
+
+    client = MlflowClient(server.uri)
+    run_id = client.create_run("0").info.run_id
+    with DelayingProxy(server.port, delay=2.0) as proxy:
+        sink = MlflowSink(run_id, tracking_uri=proxy.uri, spool_dir=tmp_path)
+        trainer = Trainer(tiny_mlp())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ClusterTrackingWarning)  # slow is not unreachable
+            with ClusterabilityTracker(
+                [sink], every_n_steps=2, on_backlog="queue", **FAST
+            ) as tracker:
+                for step in range(8):
+                    trainer.step()
+                    tracker.step(trainer.model, step)
+        assert all("/health" not in line for line in proxy.request_lines)  # never probed
+        batches = [line for line in proxy.request_lines if line.endswith("/runs/log-batch")]
+    assert sink.pending == 0
+    assert len(tracker.reports) == 4
+    # params once, and the metrics of the 4 measurements in at most 4 requests (a backlog in one)
+    assert 2 <= len(batches) <= 5
+    params = client.get_run(run_id).data.params
+    assert params["clusterability.k"] == "3"
+    counts = metric_steps(client, run_id)
+    for key in METRIC_KEYS:
+        assert counts[key] == Counter(r.step for r in tracker.reports), key
+    assert_run_matches(client, run_id, tracker.reports, tmp_path / "download")
 
 
 @pytest.mark.slow

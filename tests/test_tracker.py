@@ -24,7 +24,7 @@ from cluster_tracking.errors import ConfigError
 from cluster_tracking.measure import measure
 from cluster_tracking.plots import adjacency_figure, block_average, cluster_order
 from cluster_tracking.report import METRIC_KEYS, ClusterabilityReport
-from cluster_tracking.sinks import LocalDirectorySink, Sink
+from cluster_tracking.sinks import SKIPPED_STEPS_METRIC, LocalDirectorySink, Sink, logged_metrics
 from cluster_tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
 
 MEASURE: dict[str, Any] = {"k": 3, "shuffles": 4}
@@ -316,38 +316,65 @@ def test_training_runs_while_measurements_run_in_the_background() -> None:
     assert child is not None and child._process.poll() == 0  # the worker process has exited
 
 
-def test_skip_policy_drops_new_snapshots_while_one_waits(tmp_path: Path) -> None:
+def test_the_newest_due_step_replaces_the_waiting_one(tmp_path: Path) -> None:
+    """Measuring cannot keep up: the dashboard follows training instead of freezing at its start."""
     sink = LocalDirectorySink(tmp_path)
     tracker = GatedTracker([sink], every_n_steps=1, max_pending=1, **FAST)
     trainer = Trainer(tiny_mlp())
-    with pytest.warns(ClusterTrackingWarning, match="skipped"):
+    with pytest.warns(ClusterTrackingWarning, match="cannot keep up") as caught:
         assert tracker.step(trainer.model, 0)
         assert tracker.entered.wait(60)  # step 0 is being measured
         assert tracker.step(trainer.model, 1)  # waits: one pending snapshot is allowed
         for step in (2, 3, 4):
             trainer.step()
-            assert not tracker.step(trainer.model, step)  # dropped, training goes on
+            assert tracker.step(trainer.model, step)  # replaces the waiting one; never blocks
+        weights_at_4 = copy.deepcopy(trainer.model)
         tracker.gate.set()
         tracker.close()
+    keep_up = [w for w in caught if "cannot keep up" in str(w.message)]
+    assert len(keep_up) == 1  # said once, naming the knobs
+    for knob in ("max_overhead", "every_n_steps", "shuffles", "plots"):
+        assert knob in str(keep_up[0].message)
 
-    assert [report.step for report in tracker.reports] == [0, 1]
-    assert tracker.skipped_steps == [2, 3, 4]
+    assert [report.step for report in tracker.reports] == [0, 4]
+    assert tracker.skipped_steps == [1, 2, 3]
+    last = tracker.reports[-1]
+    expected = measure(weights_at_4, seed=tracker.seed_for(4), n_jobs=1, **MEASURE)
+    assert last.ncut == pytest.approx(expected.ncut, rel=1e-12)  # the weights of step 4
     summary = json.loads((tmp_path / "clusterability/summary.json").read_text())
-    assert summary["steps"] == [0, 1]
-    assert summary["skipped_steps"] == [2, 3, 4]
+    assert summary["steps"] == [0, 4]
+    assert summary["skipped_steps"] == [1, 2, 3]
     assert "Skipped steps" in (tmp_path / "clusterability/report.html").read_text()
+
+
+def test_skipped_steps_are_logged_as_a_metric_with_each_measurement(tmp_path: Path) -> None:
+    tracker = GatedTracker(every_n_steps=1, max_pending=1, plots=False, **FAST)
+    trainer = Trainer(tiny_mlp())
+    with pytest.warns(ClusterTrackingWarning, match="cannot keep up"):
+        tracker.step(trainer.model, 0)
+        assert tracker.entered.wait(60)
+        for step in range(1, 6):  # 1..4 are replaced in turn; 5 waits
+            trainer.step()
+            tracker.step(trainer.model, step)
+        tracker.gate.set()
+        tracker.close()
+    first, last = tracker.reports
+    assert logged_metrics(first)[SKIPPED_STEPS_METRIC] == 0  # none skipped when 0 was measured
+    assert logged_metrics(last)[SKIPPED_STEPS_METRIC] == 4
+    assert set(logged_metrics(last)) == {*METRIC_KEYS, SKIPPED_STEPS_METRIC}
 
 
 def test_an_explicit_checkpoint_is_never_dropped_and_retakes_a_skipped_step() -> None:
     tracker = GatedTracker(every_n_steps=1, max_pending=1, plots=False, **FAST)
     trainer = Trainer(tiny_mlp())
-    with pytest.warns(ClusterTrackingWarning, match="skipped"):
+    with pytest.warns(ClusterTrackingWarning, match="cannot keep up"):
         assert tracker.step(trainer.model, 0)
         assert tracker.entered.wait(60)
         assert tracker.step(trainer.model, 1)
         trainer.step()
-        assert not tracker.step(trainer.model, 2)  # the backlog drops the scheduled step
-    assert tracker.checkpoint(trainer.model, 2)  # the saved weights are measured all the same
+        assert tracker.step(trainer.model, 2)  # replaces the waiting step 1
+    assert tracker.skipped_steps == [1]
+    assert tracker.checkpoint(trainer.model, 1)  # the saved weights are measured all the same
     assert tracker.checkpoint(trainer.model, 3)  # and a checkpoint waits rather than skip
     assert not tracker.checkpoint(trainer.model, 3)  # a step is still measured once
     tracker.gate.set()
@@ -366,6 +393,23 @@ def test_queue_policy_measures_every_step(tmp_path: Path) -> None:
     tracker.close()
     assert [report.step for report in tracker.reports] == [0, 1, 2, 3, 4]
     assert tracker.skipped_steps == []
+
+
+def test_max_pending_bounds_the_queue_and_the_last_due_step_is_measured() -> None:
+    tracker = GatedTracker(every_n_steps=1, on_backlog="queue", max_pending=2, plots=False, **FAST)
+    trainer = Trainer(tiny_mlp())
+    with pytest.warns(ClusterTrackingWarning, match="cannot keep up"):
+        tracker.step(trainer.model, 0)
+        assert tracker.entered.wait(60)  # step 0 is being measured; the rest wait
+        for step in range(1, 40):
+            trainer.step()
+            assert tracker.step(trainer.model, step)
+            assert len(tracker._pending) <= 2  # never more than max_pending copies of the weights
+    tracker.gate.set()
+    tracker.close()
+    # the first waiting step keeps its place in the queue; the newest takes the other one
+    assert [report.step for report in tracker.reports] == [0, 1, 39]
+    assert tracker.skipped_steps == list(range(2, 39))
 
 
 def test_a_failing_measurement_warns_and_training_goes_on(tmp_path: Path) -> None:
@@ -438,6 +482,35 @@ def test_a_blocked_sink_does_not_stall_training(tmp_path: Path) -> None:
     sink.release.set()
     tracker.close()
     assert [report.step for report in sink.read_reports()] == list(range(0, 20, 2))
+
+
+def test_while_the_sinks_are_behind_new_reports_come_without_plots(tmp_path: Path) -> None:
+    sink = BlockingSink(tmp_path)
+    trainer = Trainer(tiny_mlp())
+    tracker = ClusterabilityTracker(
+        [sink], every_n_steps=1, on_backlog="queue", max_overhead=None, **FAST
+    )
+    with pytest.warns(ClusterTrackingWarning, match="sinks are slower"):
+        tracker.step(trainer.model, 0)
+        assert sink.blocked.wait(60)  # the sink hangs on step 0's report
+        for step in range(1, 13):
+            trainer.step()
+            tracker.step(trainer.model, step)
+        for _ in range(600):  # wait until all 12 are measured and waiting for the sink
+            if tracker._log_queue.qsize() >= 12:
+                break
+            threading.Event().wait(0.1)
+        sink.release.set()
+        tracker.close()
+    assert [report.step for report in sink.read_reports()] == list(range(13))
+    with_plots = [
+        step
+        for step in range(13)
+        if (tmp_path / f"clusterability/step-{step}/adjacency.png").exists()
+    ]
+    assert with_plots == list(range(9))  # 0, then 1-8 while fewer than 8 waited
+    for step in range(13):  # every report.json is there
+        assert (tmp_path / f"clusterability/step-{step}/report.json").exists()
 
 
 def test_context_manager_closes_and_close_is_idempotent(tmp_path: Path) -> None:
@@ -609,3 +682,27 @@ def test_a_model_the_graph_cannot_follow_warns_once_per_tracker() -> None:
     assert len(ours) == 1, [str(w.message) for w in ours]
     assert "torch.fx cannot trace" in str(ours[0].message)
     assert "example_inputs=" in str(ours[0].message)
+
+
+def test_a_timed_out_close_leaves_no_worker_process_and_no_traceback(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(300, 600), nn.ReLU(), nn.Linear(600, 600), nn.ReLU())
+    tracker = ClusterabilityTracker(
+        every_n_steps=1, k=8, shuffles=500, plots=False, worker="process"
+    )
+    tracker.step(wide, 0)  # hundreds of spectral clusterings: far longer than the timeout
+    for _ in range(600):  # wait until the worker process is up and measuring
+        child = tracker._worker
+        if child is not None and child._ready.is_set():
+            break
+        threading.Event().wait(0.1)
+    assert child is not None and child.running()
+    with pytest.warns(ClusterTrackingWarning, match="gave up waiting") as caught:
+        tracker.close(timeout=0.5)
+    assert "worker process was ended" in str(caught[0].message)
+    assert child._process.poll() is not None  # ended and reaped by close(), not orphaned
+    assert tracker.reports == []
+    threading.Event().wait(1.0)  # anything the child or the threads would still print
+    assert "Traceback" not in capfd.readouterr().err

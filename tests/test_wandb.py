@@ -127,17 +127,23 @@ def test_metrics_table_images_artifacts_and_summary_land_in_the_run(
 
     rows = {row[STEP_METRIC]: row for row in offline.rows_with("clusterability/ncut")}
     partitions = offline.artifacts_named(f"clusterability-partition-{run.id}")
-    assert [artifact.metadata["step"] for artifact in partitions] == steps
-    for report, artifact in zip(reports, partitions, strict=True):
+    # versions on the default schedule (partition_every=10): the first step, and the last at the end
+    assert [artifact.metadata["step"] for artifact in partitions] == [0, 9]
+    versions = {artifact.metadata["step"]: artifact for artifact in partitions}
+    for report in reports:
         folder = f"clusterability/step-{report.step}"
-        # One artifact version per step: aliased by step, holding the report and both plots.
-        assert artifact.type == PARTITION_ARTIFACT_TYPE
-        assert set(artifact.aliases) == {f"step-{report.step}", "latest"}
-        assert set(artifact.files) == {f"{folder}/{name}" for name in STEP_ARTIFACTS}
-        assert artifact.metadata["ncut"] == pytest.approx(report.ncut)
-        staged = ClusterabilityReport.from_json(artifact.files[f"{folder}/report.json"].read_text())
-        assert staged.step == report.step
-        assert staged.partition.labels == report.partition.labels
+        artifact = versions.get(report.step)
+        if artifact is not None:
+            # A version is aliased by step and holds the report and both plots.
+            assert artifact.type == PARTITION_ARTIFACT_TYPE
+            assert set(artifact.aliases) == {f"step-{report.step}", "latest"}
+            assert set(artifact.files) == {f"{folder}/{name}" for name in STEP_ARTIFACTS}
+            assert artifact.metadata["ncut"] == pytest.approx(report.ncut)
+            staged = ClusterabilityReport.from_json(
+                artifact.files[f"{folder}/report.json"].read_text()
+            )
+            assert staged.step == report.step
+            assert staged.partition.labels == report.partition.labels
 
         # The cluster table: one row per cluster, per-layer node counts.
         row = rows[report.step]
@@ -156,7 +162,8 @@ def test_metrics_table_images_artifacts_and_summary_land_in_the_run(
             image = row[f"clusterability/{name}"]
             assert image["_type"] == "image-file"
             logged = (offline.files / image["path"]).read_bytes()
-            assert logged == artifact.files[f"{folder}/{name}.png"].read_bytes()
+            if artifact is not None:
+                assert logged == artifact.files[f"{folder}/{name}.png"].read_bytes()
 
     # The end: summary artifact, native trajectory plot with the null band, summary fields.
     (summary_artifact,) = offline.artifacts_named(f"clusterability-summary-{run.id}")
@@ -196,7 +203,8 @@ def test_failing_wandb_spools_keeps_training_and_delivers_each_step_once(
     blocker = Path(run.dir) / "media" / "images"  # W&B cannot copy images: run.log raises
     blocker.parent.mkdir(parents=True, exist_ok=True)
     blocker.write_text("not a folder")
-    sink = WandbSink(run, spool_dir=tmp_path / "spool", retries=2, backoff=0.01)
+    spool = tmp_path / "spool"
+    sink = WandbSink(run, spool_dir=spool, retries=2, backoff=0.01)
     tracker = ClusterabilityTracker([sink], every_n_steps=2, **FAST)
     with pytest.warns(ClusterTrackingWarning, match="spooled to") as caught:
         losses = train(tiny_mlp(), tracker, run, steps=6)
@@ -204,29 +212,16 @@ def test_failing_wandb_spools_keeps_training_and_delivers_each_step_once(
     assert len(losses) == 6, "training went on"
     assert len([w for w in caught if "spooled to" in str(w.message)]) == 1, "one warning per outage"
     assert sink.pending == 3  # the reports of steps 0, 2, 4 wait in the spool
-    assert len(sink.spool.read_reports()) == 3
+    assert len(list(sink.spool.path.glob("clusterability/step-*/report.json"))) == 3
 
     blocker.unlink()  # W&B works again: the summary call delivers everything, in order
     with warnings.catch_warnings():
         warnings.simplefilter("error", ClusterTrackingWarning)
         tracker.close()
     assert sink.pending == 0
-
-    # A sink on the same spool (a restarted process) sends nothing twice, even when the last
-    # row's outcome was unknown: the run's summary shows that it landed.
-    record_file = sink.spool.path / "delivered.json"
-    record = json.loads(record_file.read_text())
-    last_row = max(
-        (key for key in record["done"] if key.endswith(":metrics")),
-        key=lambda key: int(key.split(":")[0]),
-    )
-    record["done"].remove(last_row)
-    record["attempted"].append(last_row)
-    record_file.write_text(json.dumps(record))
-    again = WandbSink(run, spool_dir=tmp_path / "spool")
-    assert again.pending == 1
-    assert again.flush() and again.pending == 0
-    again.close()
+    # delivered items left the spool: no outbox line, no step folder
+    assert (sink.spool.path / "outbox.jsonl").read_text() == ""
+    assert list(sink.spool.path.glob("clusterability/step-*")) == []
     run.finish()
 
     offline = read_run(wandb_dir, run)
@@ -235,7 +230,7 @@ def test_failing_wandb_spools_keeps_training_and_delivers_each_step_once(
     assert_metrics_match(offline, reports)  # series() fails on a step logged twice
     assert offline.series("train/loss", "_step") == pytest.approx(losses)
     partitions = offline.artifacts_named(f"clusterability-partition-{run.id}")
-    assert [artifact.metadata["step"] for artifact in partitions] == [0, 2, 4]
+    assert [artifact.metadata["step"] for artifact in partitions] == [0, 4]
     assert offline.summary["clusterability/final_step"] == 4
 
 
@@ -302,3 +297,35 @@ def test_missing_wandb_names_the_pip_extra(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(SinkError, match=r"pip install 'cluster-tracking\[wandb\]'"):
         WandbSink()
     assert "cluster-tracking[wandb]" in INSTALL_HINT
+
+
+def test_nothing_is_left_outside_wandb_dir_and_versions_follow_the_schedule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, cache = tmp_path / "data", tmp_path / "cache"  # W&B's shared folders, outside WANDB_DIR
+    extra = {"WANDB_DATA_DIR": str(data), "WANDB_CACHE_DIR": str(cache)}
+    with offline_wandb(tmp_path / "wandb-home", monkeypatch, extra) as home:
+        run = start_run(home)
+        sink = WandbSink(run, spool_dir=tmp_path / "spool", partition_every=5)
+        tracker = ClusterabilityTracker([sink], every_n_steps=1, **FAST)
+        train(tiny_mlp(), tracker, run, steps=12)
+        tracker.close()
+        run.finish()
+        # (wandb-core writes its own debug log to the cache folder, tracker or not)
+        shared = [data, cache / "artifacts"]
+        left = [path for folder in shared for path in folder.rglob("*") if path.is_file()]
+        assert left == [], "W&B files outside WANDB_DIR after finish()"
+        offline = read_run(home, run)
+    assert [report.step for report in tracker.reports] == list(range(12))
+    partitions = offline.artifacts_named(f"clusterability-partition-{run.id}")
+    # measurements 0, 5 and 10 on the schedule, and the last (step 11) at the end
+    assert [artifact.metadata["step"] for artifact in partitions] == [0, 5, 10, 11]
+    for artifact in partitions:
+        folder = f"clusterability/step-{artifact.metadata['step']}"
+        assert set(artifact.files) == {f"{folder}/{name}" for name in STEP_ARTIFACTS}
+        for path in artifact.files.values():
+            assert home in path.parents  # staged inside WANDB_DIR, readable by `wandb sync`
+        report = ClusterabilityReport.from_json(artifact.files[f"{folder}/report.json"].read_text())
+        assert report.step == artifact.metadata["step"]
+    (summary,) = offline.artifacts_named(f"clusterability-summary-{run.id}")
+    assert set(summary.files) == {f"clusterability/{name}" for name in SUMMARY_ARTIFACTS}

@@ -1,0 +1,300 @@
+"""The clusterability hook under load: a long run on a busy machine, into a real MLflow server.
+
+Scenarios, each with a real ``mlflow server`` on 127.0.0.1 (SQLite store, served artifacts) and,
+where a slow server is wanted, a TCP proxy started here that delays every request:
+
+1. **Training.** An MLP 64-256-256-10 trained for ``--steps`` steps with torch's default threads,
+   first bare, then with ``ClusterabilityTracker(every_n_steps=50, shuffles=10)`` (every other
+   setting at its default) logging to the server. Prints how many due steps were measured
+   *during* training (before ``close()``), the largest gap between measured steps as a share of
+   the run, the loop's wall time against the bare loop's, the growth of this process's RSS and of
+   the spool and the tracker's working files per 1,000 steps and per measurement, and the time of
+   ``close()``.
+2. **Slow server.** Shorter runs through the proxy at 0, 1, 2 and 5 s per request, measuring
+   without a CPU budget (``max_overhead=None``, as many reports as the machine can make): metrics
+   delivered, lost and duplicated (read back from the server), requests (``/health`` probes
+   among them), and ``close()`` time.
+3. **Backlog at close.** 19 measurements spooled while the server was unreachable, then the
+   server back behind a proxy answering in 1 s: ``close()`` time and what was delivered.
+
+Wall-clock numbers are for people to read; no test asserts on them.
+
+    python -m benchmarks.bench_load [--steps 20000] [--delay-steps 2000] [--batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _servers import DelayingProxy, MlflowServer, free_port
+
+from cluster_tracking.report import METRIC_KEYS
+from cluster_tracking.tracker import ClusterabilityTracker
+
+EVERY = 50
+SHUFFLES = 10
+
+
+def rss_kb() -> int:
+    """This process's resident set size in KB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def folder_bytes(*folders: Path | None) -> int:
+    total = 0
+    for folder in folders:
+        if folder is None or not folder.exists():
+            continue
+        for path in folder.rglob("*"):
+            try:
+                if path.is_file():
+                    total += path.stat().st_size
+            except OSError:  # deleted while we looked
+                pass
+    return total
+
+
+class Loop:
+    """The MLP 64-256-256-10 on a fixed random batch."""
+
+    def __init__(self, batch: int, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.model = nn.Sequential(
+            nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+        )
+        self.optimiser = torch.optim.SGD(self.model.parameters(), lr=0.01)
+        self.x = torch.randn(batch, 64)
+        self.y = torch.randint(0, 10, (batch,))
+
+    def step(self) -> None:
+        loss = nn.functional.cross_entropy(self.model(self.x), self.y)
+        self.optimiser.zero_grad()
+        loss.backward()
+        self.optimiser.step()
+
+
+def counts_on_server(client: Any, run_id: str) -> dict[str, Counter[int]]:
+    return {
+        key: Counter(m.step for m in client.get_metric_history(run_id, key)) for key in METRIC_KEYS
+    }
+
+
+def delivery(client: Any, run_id: str, measured: list[int]) -> tuple[int, int, int]:
+    """Metrics delivered, lost and duplicated: (key, step) pairs, against the measured steps."""
+    delivered = lost = duplicated = 0
+    for counts in counts_on_server(client, run_id).values():
+        for step in measured:
+            if counts[step] == 0:
+                lost += 1
+            else:
+                delivered += 1
+                duplicated += counts[step] - 1
+        duplicated += sum(n for step, n in counts.items() if step not in measured)
+    return delivered, lost, duplicated
+
+
+def training(server: MlflowServer, steps: int, batch: int, root: Path) -> None:
+    from mlflow import MlflowClient
+
+    from cluster_tracking.integrations.mlflow import MlflowSink
+
+    bare = Loop(batch)
+    started = time.perf_counter()
+    for _ in range(steps):
+        bare.step()
+    bare_seconds = time.perf_counter() - started
+
+    client = MlflowClient(server.uri)
+    run_id = client.create_run("0", run_name="bench-load").info.run_id
+    spool = root / "spool"
+    sink = MlflowSink(run_id, tracking_uri=server.uri, spool_dir=spool)
+    tracker = ClusterabilityTracker([sink], every_n_steps=EVERY, shuffles=SHUFFLES)
+    loop = Loop(batch)
+    samples: list[tuple[int, int, int, int]] = []  # step, measured, rss KB, spool+work bytes
+    started = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(steps):
+            loop.step()
+            tracker.step(loop.model, step)
+            if step % 1000 == 999:
+                samples.append(
+                    (
+                        step + 1,
+                        len(tracker._reports),
+                        rss_kb(),
+                        folder_bytes(spool / run_id, tracker._workdir),
+                    )
+                )
+        loop_seconds = time.perf_counter() - started
+        during = len(tracker._reports)
+        closing = time.perf_counter()
+        tracker.close()
+        close_seconds = time.perf_counter() - closing
+    measured = [report.step for report in tracker.reports]
+    assert measured == sorted(measured)
+    edges = [*measured, steps]
+    gap = max((b - a for a, b in itertools.pairwise(edges)), default=steps)
+    due = len(range(0, steps, EVERY))
+    delivered, lost, duplicated = delivery(client, run_id, measured)
+
+    print(
+        f"== training: MLP 64-256-256-10, {steps} steps, batch {batch}, torch threads "
+        f"{torch.get_num_threads()}, {os.cpu_count()} cores, every_n_steps={EVERY}, "
+        f"shuffles={SHUFFLES}, max_overhead={tracker.max_overhead}"
+    )
+    print(
+        f"bare loop {bare_seconds:.1f} s; with the tracker {loop_seconds:.1f} s: "
+        f"wall-time ratio {loop_seconds / bare_seconds:.3f}"
+    )
+    print(
+        f"measured during training: {during} of {due} due steps; after close(): "
+        f"{len(measured)} (skipped {len(tracker.skipped_steps)}, failed "
+        f"{len(tracker.failed_steps)})"
+    )
+    print(f"largest gap between measured steps: {gap} steps = {gap / steps:.1%} of the run")
+    print(f"close(): {close_seconds:.1f} s")
+    steady = [sample for sample in samples if sample[0] > steps // 4] or samples
+    if len(steady) >= 2:
+        (s0, m0, r0, _), (s1, m1, r1, _) = steady[0], steady[-1]
+        per_k = (r1 - r0) / ((s1 - s0) / 1000)
+        per_m = (r1 - r0) / (m1 - m0) if m1 > m0 else float("nan")
+        print(
+            f"RSS: {r0 / 1024:.0f} -> {r1 / 1024:.0f} MB over steps {s0}-{s1}: "
+            f"{per_k:+.1f} KB per 1,000 steps, {per_m:+.2f} KB per measurement ({m1 - m0})"
+        )
+    spools = [sample[3] for sample in steady]
+    print(
+        f"spool + working files at steady state: max {max(spools) / 1e6:.2f} MB, last "
+        f"{spools[-1] / 1e6:.2f} MB (samples every 1,000 steps); after close(): "
+        f"{folder_bytes(spool / run_id) / 1e6:.2f} MB"
+    )
+    print(f"server: {delivered} metrics delivered, {lost} lost, {duplicated} duplicated")
+    for warning in caught:
+        print(f"  warning: {str(warning.message)[:240]}")
+
+
+def slow_server(server: MlflowServer, steps: int, batch: int, delays: list[float]) -> None:
+    from mlflow import MlflowClient
+
+    from cluster_tracking.integrations.mlflow import MlflowSink
+
+    print(f"== slow server: {steps} steps through a proxy delaying every request")
+    client = MlflowClient(server.uri)
+    for delay in delays:
+        run_id = client.create_run("0", run_name=f"bench-delay-{delay}").info.run_id
+        with DelayingProxy(server.port, delay) as proxy, tempfile.TemporaryDirectory() as spool:
+            sink = MlflowSink(run_id, tracking_uri=proxy.uri, spool_dir=spool)
+            # no CPU budget here: as many reports as the machine can measure, to load the sink
+            tracker = ClusterabilityTracker(
+                [sink], every_n_steps=EVERY, shuffles=SHUFFLES, max_overhead=None
+            )
+            loop = Loop(batch)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                started = time.perf_counter()
+                for step in range(steps):
+                    loop.step()
+                    tracker.step(loop.model, step)
+                loop_seconds = time.perf_counter() - started
+                closing = time.perf_counter()
+                tracker.close()
+                close_seconds = time.perf_counter() - closing
+            measured = [report.step for report in tracker.reports]
+            delivered, lost, duplicated = delivery(client, run_id, measured)
+            params = len(client.get_run(run_id).data.params)
+            health = sum("/health" in line for line in proxy.request_lines)
+            print(
+                f"delay {delay:g} s: {len(measured)} measured; metrics {delivered} delivered, "
+                f"{lost} lost, {duplicated} duplicated; {params} params; {proxy.requests} "
+                f"requests ({health} /health); loop {loop_seconds:.1f} s, close() "
+                f"{close_seconds:.1f} s; {len(caught)} warning(s)"
+            )
+            for warning in caught:
+                print(f"  warning: {str(warning.message)[:200]}")
+
+
+def backlog_at_close(server: MlflowServer, batch: int, reports: int, delay: float) -> None:
+    """``reports`` measurements spooled while the server was unreachable, then ``close()``
+    with the server back behind a proxy that answers in ``delay`` seconds."""
+    from mlflow import MlflowClient
+
+    from cluster_tracking.integrations.mlflow import MlflowSink
+
+    client = MlflowClient(server.uri)
+    run_id = client.create_run("0", run_name="bench-backlog").info.run_id
+    port = free_port()  # nothing listens there yet: the server is unreachable
+    with tempfile.TemporaryDirectory() as spool:
+        sink = MlflowSink(run_id, tracking_uri=f"http://127.0.0.1:{port}", spool_dir=spool)
+        tracker = ClusterabilityTracker(
+            [sink], shuffles=SHUFFLES, on_backlog="queue", max_pending=reports, max_overhead=None
+        )
+        loop = Loop(batch)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(reports):
+                loop.step()
+                tracker.checkpoint(loop.model, step)
+            tracker.flush()  # all measured and handed to the sink, which could not deliver
+            queued = sink.pending
+            with DelayingProxy(server.port, delay, port=port) as proxy:
+                closing = time.perf_counter()
+                tracker.close()
+                close_seconds = time.perf_counter() - closing
+        measured = [report.step for report in tracker.reports]
+        delivered, lost, duplicated = delivery(client, run_id, measured)
+        artifacts = client.list_artifacts(run_id, "clusterability")
+    with_files = sum(1 for info in artifacts if info.is_dir)
+    print(
+        f"== backlog: {reports} reports measured while the server was unreachable, {queued} "
+        f"items spooled; then the server answers in {delay:g} s: close() {close_seconds:.1f} s, "
+        f"{proxy.requests} requests; metrics {delivered} delivered, {lost} lost, "
+        f"{duplicated} duplicated; {with_files} step folders of artifacts (the rest thinned)"
+    )
+    for warning in caught:
+        print(f"  warning: {str(warning.message)[:200]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20000)
+    parser.add_argument("--delay-steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--delays", default="0,1,2,5")
+    parser.add_argument("--skip", default="", help="comma-separated: training,slow,backlog")
+    args = parser.parse_args()
+    skip = set(args.skip.split(","))
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        server = MlflowServer(root / "server")
+        server.start()
+        try:
+            if "training" not in skip:
+                training(server, args.steps, args.batch, root)
+            if "slow" not in skip:
+                delays = [float(d) for d in args.delays.split(",")]
+                slow_server(server, args.delay_steps, args.batch, delays)
+            if "backlog" not in skip:
+                backlog_at_close(server, args.batch, 19, 1.0)
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
