@@ -23,11 +23,10 @@ and the child process rebuilds each step's graph from it and the copied weights.
 
 Guarantees:
 
-* **Measures during training, within a budget.** The worker runs at normal priority, so it gets
-  its share of the CPU even when the training loop keeps every core busy, and the tracker paces it
-  to ``max_overhead`` (default 0.1) of the wall time: since the first due step, the time spent
-  measuring stays below ``max_overhead`` times the time elapsed (the worker's one-off start
-  aside). ``close()`` measures what is left at full speed.
+* **Paced to a budget.** The worker runs at nice 19 (training keeps the CPU when both want it),
+  and the tracker paces it to ``max_overhead`` (default 0.1) of the wall time: since the first
+  due step, the time spent measuring stays below ``max_overhead`` times the time elapsed (the
+  worker's one-off start aside). ``close()`` measures what is left at full speed.
 * **Never blocks training; the newest due step wins.** When ``max_pending`` snapshots already
   wait at a due step, ``on_backlog="skip"`` (the default) replaces the oldest waiting one with the
   new one, so the dashboard follows training; ``on_backlog="queue"`` replaces the newest waiting
@@ -194,7 +193,7 @@ class ClusterabilityTracker:
             measurement draws them; the metrics and ``report.json`` of every measured step are
             logged all the same, and the last measurement (at ``close()``) has its plots.
         worker: where measurements run. ``"process"`` (default): in a child Python process at
-            normal priority, started at the first due step (a few seconds, in the background; it
+            nice 19, started at the first due step (a few seconds, in the background; it
             imports cluster-tracking, ~400 MB of memory), so they never compete with training
             for the GIL; it never outlives the tracker (``close(timeout=...)`` kills it).
             ``"thread"``: in a thread of the training process; no extra process, but a

@@ -184,10 +184,11 @@ class _WorkerProcess:
     """A child Python process that runs :data:`_WORKER_CALLS`, one call at a time.
 
     Requests and answers are pickled frames on the child's stdin and stdout (its own pipes: only
-    its owner talks to it). The child runs at normal priority (the tracker paces its requests to
-    a CPU budget instead, see :class:`~cluster_tracking.tracker.ClusterabilityTracker`'s
-    ``max_overhead``); ``nice=True`` runs it at nice 19. The child exits when its stdin closes
-    (so it never outlives its parent; with ``die_with_thread`` it is also killed when the thread
+    its owner talks to it). The tracker's child runs at the lowest CPU priority (``nice``: nice
+    19), so training keeps the CPU when both want it, and the tracker also paces its requests to
+    a budget (:class:`~cluster_tracking.tracker.ClusterabilityTracker`'s ``max_overhead``);
+    ``nice=False`` runs it at normal priority (the null workers of ``measure``). The child exits
+    when its stdin closes (so it never outlives its parent; with ``die_with_thread`` it is also killed when the thread
     that started it ends, even mid-measurement) and writes nothing else to the pipe (stray prints
     go to stderr).
     Every answer carries the child's CPU seconds so far (:attr:`cpu_seconds`).
@@ -205,7 +206,7 @@ class _WorkerProcess:
         self,
         start_timeout: float = 120.0,
         *,
-        nice: bool = False,
+        nice: bool = True,
         env: Mapping[str, str] | None = None,
         wait: bool = True,
         die_with_thread: bool = False,
