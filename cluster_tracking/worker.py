@@ -188,9 +188,9 @@ class _WorkerProcess:
     19), so training keeps the CPU when both want it, and the tracker also paces its requests to
     a budget (:class:`~cluster_tracking.tracker.ClusterabilityTracker`'s ``max_overhead``);
     ``nice=False`` runs it at normal priority (the null workers of ``measure``). The child exits
-    when its stdin closes (so it never outlives its parent; with ``die_with_thread`` it is also killed when the thread
-    that started it ends, even mid-measurement) and writes nothing else to the pipe (stray prints
-    go to stderr).
+    when its stdin closes (so it never outlives its parent; with ``die_with_thread`` it is also
+    killed when the thread that started it ends, even mid-measurement) and writes nothing else to
+    the pipe (stray prints go to stderr).
     Every answer carries the child's CPU seconds so far (:attr:`cpu_seconds`).
 
     Args:
