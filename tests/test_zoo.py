@@ -555,6 +555,48 @@ def test_every_architecture_has_its_graph_or_a_documented_refusal(arch: Arch) ->
     np.testing.assert_allclose(again.adjacency.toarray(), graph.adjacency.toarray(), rtol=1e-12)
 
 
+FOLLOWED = PLAIN + TEXT + VISION
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", FOLLOWED, ids=[arch.family for arch in FOLLOWED])
+def test_every_saved_form_gives_the_live_graph(arch: Arch, tmp_path: Path) -> None:
+    """A Hugging Face folder, and a state_dict saved as .pt, safetensors or a torch.export .pt2
+    archive loaded into the architecture (what ``--arch`` does), give the live graph."""
+    from safetensors.torch import save_file
+
+    from cluster_tracking.loading import load_source
+
+    torch.manual_seed(0)
+    model = arch.make().eval()
+    example = _example(arch)
+    live = weight_graph(model, example_inputs=example)
+    if arch in PLAIN:
+        state = {name: value.contiguous() for name, value in model.state_dict().items()}
+        torch.save(state, tmp_path / "model.pt")
+        save_file(state, str(tmp_path / "model.safetensors"))
+        inputs = example if isinstance(example, tuple) else (example,)
+        torch.export.save(torch.export.export(model, inputs), str(tmp_path / "model.pt2"))
+        routes = ["model.pt", "model.safetensors", "model.pt2"]
+    else:
+        model.save_pretrained(tmp_path / "folder")
+        routes = ["folder"]
+    for route in routes:
+        loaded = load_source(str(tmp_path / route))
+        if isinstance(loaded.weights, nn.Module):
+            rebuilt = loaded.weights
+        else:
+            rebuilt = arch.make()
+            rebuilt.load_state_dict(loaded.weights)
+            rebuilt.eval()
+        graph = weight_graph(rebuilt, example_inputs=example)
+        assert graph.layer_names == live.layer_names, route
+        assert graph.widths == live.widths, route
+        np.testing.assert_allclose(
+            graph.adjacency.toarray(), live.adjacency.toarray(), rtol=1e-6, err_msg=route
+        )
+
+
 def test_the_zoo_covers_forty_architectures_and_follows_nine_in_ten() -> None:
     assert len(ZOO) >= 40
     assert len(ZOO) - len(REFUSED) >= 0.9 * len(ZOO)
