@@ -58,6 +58,11 @@ def load_model_folder(folder: Path) -> Any:
         ) from error
     names = config.get("architectures") or []
     model_class = getattr(transformers, str(names[0]), None) if names else None
+    if model_class is None and names:
+        raise SourceError(
+            f"{folder}/config.json names the architecture {names[0]!r}, which this version of "
+            "transformers does not have; upgrade transformers, or audit a state_dict with --arch."
+        )
     if model_class is None:
         model_class = transformers.AutoModel
     transformers.logging.set_verbosity_error()
@@ -69,7 +74,7 @@ def load_model_folder(folder: Path) -> Any:
             use_safetensors=True,
             output_loading_info=True,
         )
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError) as error:
         first = " ".join((str(error).strip().splitlines() or [""])[0].split())[:300]
         raise SourceError(
             f"{folder}: transformers cannot build the model from its config.json and weights "
@@ -77,11 +82,12 @@ def load_model_folder(folder: Path) -> Any:
         ) from error
     model, info = model
     missing = [name for name in info.get("missing_keys", []) if name]
+    missing += [f"unexpected {name}" for name in info.get("unexpected_keys", []) if name]
     if missing:
         shown = ", ".join(repr(name) for name in missing[:5])
         raise SourceError(
-            f"{folder}: the weights lack {len(missing)} tensor(s) of the architecture its "
-            f"config.json names ({shown}); the folder does not match its config."
+            f"{folder}: the weights and the architecture its config.json names differ in "
+            f"{len(missing)} tensor(s) ({shown}); the folder does not match its config."
         )
     model.eval()
     return model

@@ -421,3 +421,79 @@ def test_in_place_activations_and_dropout_pass_units_through() -> None:
         nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Dropout(0.1, inplace=True), nn.Linear(5, 2)
     )
     _assert_same_graph(weight_graph(model, example_inputs=torch.zeros(2, 4)), weight_graph(model))
+
+
+class _ReshapedScale(nn.Module):
+    """timm ConvNeXt's LayerScale: ``x.mul(gamma.reshape(1, -1, 1, 1))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.gamma = nn.Parameter(torch.tensor([5.0, -1.0, 2.0, 0.5]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mul(self.gamma.reshape(1, -1, 1, 1))
+
+
+class _OffsetNorm(nn.Module):
+    """Gemma's RMSNorm scales by ``1 + weight``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.weight = nn.Parameter(torch.tensor([6.0, -3.0, 0.0, 1.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h * (1.0 + self.weight))
+
+
+def test_scales_read_through_reshapes_and_offsets_fold_with_their_values() -> None:
+    model = _ReshapedScale()
+    graph = weight_graph(model, example_inputs=torch.zeros(1, 3, 2, 2))
+    expected = _abs(model.conv).reshape(4, 3) * np.abs(_abs(model, "gamma"))[:, None]
+    np.testing.assert_allclose(_dense(graph)[3:7, 0:3], expected, rtol=1e-6)
+
+    offset = _OffsetNorm()
+    graph = weight_graph(offset, example_inputs=torch.zeros(2, 3))
+    factor = np.abs(1.0 + offset.weight.detach().double().numpy())
+    np.testing.assert_allclose(_dense(graph)[7:9, 3:7], _abs(offset.fc2) * factor, rtol=1e-6)
+    with torch.no_grad():
+        offset.weight.mul_(2.0)
+    again = graph.with_weights(live_weights(offset, graph))
+    _assert_same_graph(again, weight_graph(offset, example_inputs=torch.zeros(2, 3)))
+
+
+class _NormThenAdd(nn.Module):
+    def __init__(self, norm_first: bool) -> None:
+        super().__init__()
+        self.norm_first = norm_first
+        self.fc1, self.norm, self.fc2 = nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)
+        nn.init.constant_(self.norm.weight, 7.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(self.norm(h) + h if self.norm_first else h + self.norm(h))
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_a_norm_added_to_another_tensor_is_not_folded_whatever_the_operand_order(
+    norm_first: bool,
+) -> None:
+    model = _NormThenAdd(norm_first)
+    graph = weight_graph(model, example_inputs=torch.zeros(2, 3))
+    np.testing.assert_allclose(_dense(graph)[7:9, 3:7], _abs(model.fc2), rtol=1e-12)
+
+
+class _NormIntoGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.norm, self.rnn = nn.Linear(3, 4), nn.LayerNorm(4), nn.GRU(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(self.norm(self.fc(x)))[0]
+
+
+def test_a_norm_the_graph_cannot_fold_is_refused_not_dropped() -> None:
+    with pytest.raises(GraphError, match="normalised tensor"):
+        weight_graph(_NormIntoGRU(), example_inputs=torch.zeros(5, 1, 3))

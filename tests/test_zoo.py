@@ -464,7 +464,7 @@ REFUSED = [
             vocab_size=60,
             state_size=4,
         ),
-        refused=r"conv1d .*MambaMixer.*not a parameter",
+        refused=r"conv1d .*MambaMixer.*after reshaping",
     ),
     Arch(
         "wav2vec 2.0 (weight-norm conv)",

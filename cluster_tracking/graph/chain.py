@@ -174,6 +174,8 @@ _ATTENTION_WORDS = frozenset(
 )
 _EMBEDDING_WORDS = frozenset("embed embeds embedding embeddings embed_tokens wte wpe".split())
 _CONV1D_WORDS = frozenset("c_attn c_fc c_proj".split())
+# Transposed convolutions store [in, out, *kernel]: a state_dict cannot tell them from convs.
+_TRANSPOSED = re.compile(r"^(up|ups|upconv|deconv|upsample|convtranspose|transpose|transposed)\d*$")
 _LAYER_SUFFIXES = (
     "weight",
     "bias",
@@ -213,6 +215,8 @@ def _refuse_non_chain(
             seen.append(f"an embedding ({name!r})")
         elif words & _BRANCH_WORDS:
             seen.append(f"a second branch ({name!r})")
+        elif any(_TRANSPOSED.match(word) for word in words):
+            seen.append(f"what may be a transposed convolution, stored [in, out] ({name!r})")
         if seen:
             break
     if not seen and others:

@@ -71,10 +71,11 @@ _EXPORT_HINT = (
 class _Scale:
     """A parameter multiplied into an activation, waiting to fold into the layers that read it:
     ``index`` maps every element of the activation (broadcast, like a unit map, and moved with
-    it) to the element of ``parameter`` that scales it."""
+    it) to the element of ``parameter`` that scales it, by ``|offset + parameter[index]|``."""
 
     parameter: str
     index: torch.Tensor
+    offset: float = 0.0
 
 
 @dataclass
@@ -92,11 +93,34 @@ class _Units:
 
 @dataclass(frozen=True)
 class _Param:
-    """A parameter (or buffer) of the model, possibly transposed on its way to an op."""
+    """A parameter of the model on its way to an op: transposed (a 2-D weight), or moved
+    (reshaped, sliced, expanded: ``index`` maps each element to the parameter's element), or
+    shifted by a constant (``offset + parameter``, Gemma's ``1 + weight``)."""
 
     name: str
     shape: tuple[int, ...]
     transposed: bool = False
+    index: torch.Tensor | None = None
+    offset: float = 0.0
+
+    @property
+    def plain(self) -> bool:
+        return self.index is None and self.offset == 0.0
+
+    def element_index(self) -> torch.Tensor:
+        if self.index is not None:
+            return self.index
+        size = int(np.prod(self.shape)) if self.shape else 1
+        return torch.arange(size).reshape(self.shape or (1,))
+
+
+@dataclass(frozen=True)
+class _Derived:
+    """A value computed from parameters in a way the graph does not follow (a norm of a weight,
+    an interpolated position embedding): added to an activation it is a bias, but it can be
+    neither a weight nor a per-unit scale."""
+
+    names: tuple[str, ...]
 
 
 class _Other:
@@ -117,7 +141,6 @@ _IDENTITIES = frozenset(
     "alias clone contiguous detach _to_copy to lift_fresh_copy type_as dropout feature_dropout "
     "alpha_dropout feature_alpha_dropout _assert_tensor_metadata".split()
 )
-_PARAM_MOVES = frozenset("t numpy_T adjoint mT transpose permute view".split())
 # Activations ATen does not tag as pointwise (each keeps units apart).
 _ACTIVATIONS = frozenset(
     "hardswish hardsigmoid hardtanh relu6 gelu silu mish elu selu celu leaky_relu softplus "
@@ -239,6 +262,7 @@ class ExportWalker:
         program = self._export()
         signature = program.graph_signature
         names = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+        self.buffers = set(signature.inputs_to_buffers.values())
         constants = set(getattr(signature, "inputs_to_lifted_tensor_constants", {}))
         self.tensors = dict(self.model.named_parameters(remove_duplicate=False))
         self.tensors.update(dict(self.model.named_buffers(remove_duplicate=False)))
@@ -305,8 +329,11 @@ class ExportWalker:
         if name == "embedding":
             return self._embedding(node, args, out_shape)
         if not units:
-            if params and (name in _IDENTITIES or name in _PARAM_MOVES):
-                return self._param_move(name, args, out_shape)
+            if params:
+                return self._tuple_of(node, self._param_op(node, name, args, kwargs, out_shape))
+            derived = [v for v in values if isinstance(v, _Derived)]
+            if derived:
+                return self._tuple_of(node, _Derived(tuple(n for d in derived for n in d.names)))
             return self._tuple_of(node, _OTHER)
         if name in _NOT_UNITS:
             return self._tuple_of(node, _OTHER)
@@ -360,25 +387,55 @@ class ExportWalker:
 
     # -- parameters ----------------------------------------------------------------------------
 
-    def _param_move(self, name: str, args: tuple[Any, ...], out_shape: Any) -> Any:
-        param = args[0]
-        if not isinstance(param, _Param):
-            return _OTHER
+    def _param_op(
+        self,
+        node: fx.Node,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        out_shape: Any,
+    ) -> Any:
+        """An op on a parameter alone: a transpose or a move keeps it a parameter (so it can
+        still be a weight or a per-unit scale), ``w + c`` an offset; anything else derives a
+        value the graph cannot fold."""
+        values = list(_flatten((args, kwargs)))
+        params = [v for v in values if isinstance(v, _Param)]
+        param = args[0] if args else None
+        tensors = [v for v in values if isinstance(v, (_Param, _Derived, _Other))]
+        if isinstance(param, _Param) and param.name in self.buffers:
+            return _OTHER  # running statistics, rotary frequencies: constants
+        if not isinstance(param, _Param) or len(params) != 1 or len(tensors) != 1:
+            return _Derived(tuple(p.name for p in params))
         if name in _IDENTITIES:
             return param
-        if name == "view":
-            return replace(param, shape=out_shape) if out_shape == param.shape else _OTHER
-        ndim = len(param.shape)
-        if ndim != 2:
-            return _OTHER
-        swapped = name in ("t", "numpy_T", "adjoint", "mT") or (
-            name == "transpose" and sorted(int(d) % 2 for d in args[1:3]) == [0, 1]
-        )
-        if name == "permute":
-            swapped = [int(d) % 2 for d in args[1]] == [1, 0]
-        if not swapped:
-            return _OTHER
-        return _Param(param.name, tuple(reversed(param.shape)), not param.transposed)
+        if name in ("t", "numpy_T", "adjoint", "mT", "transpose", "permute") and param.plain:
+            if len(param.shape) == 2:
+                swapped = name in ("t", "numpy_T", "adjoint", "mT") or (
+                    name == "transpose" and sorted(int(d) % 2 for d in args[1:3]) == [0, 1]
+                )
+                if name == "permute":
+                    swapped = [int(d) % 2 for d in args[1]] == [1, 0]
+                if swapped:
+                    return replace(
+                        param, shape=tuple(reversed(param.shape)), transposed=not param.transposed
+                    )
+        if name in _MOVES and not param.transposed and out_shape is not None:
+            op: Any = node.target
+            if name in ("view", "_unsafe_view", "view_copy", "reshape"):
+                op = torch.ops.aten.reshape.default
+            concrete = [self._concrete(a) for a in args[1:]]
+            try:
+                moved = op(param.element_index().expand(param.shape), *concrete)
+            except Exception:
+                return _Derived((param.name,))
+            if isinstance(moved, torch.Tensor) and tuple(moved.shape) == tuple(out_shape):
+                return replace(param, shape=tuple(out_shape), index=moved)
+            return _Derived((param.name,))
+        constant = next((v for v in args[1:] if isinstance(v, (int, float))), None)
+        if name in ("add", "sub", "rsub") and constant is not None and param.offset == 0.0:
+            sign = -1.0 if name == "sub" or name == "rsub" else 1.0
+            return replace(param, offset=sign * float(constant))  # |c - w| = |w - c|
+        return _Derived((param.name,))
 
     def _read(self, name: str) -> np.ndarray:
         tensor = self.tensors.get(name)
@@ -420,6 +477,11 @@ class ExportWalker:
         assert out_shape is not None
         ndim = len(x.shape)
         axis %= ndim
+        if not param.plain:
+            raise self._error(
+                f"{self._describe(node)} applies parameter {param.name!r} as a weight after "
+                "reshaping or shifting it"
+            )
         if param.name in self.skip or param.name in self.embeddings:
             # The LM head when embeddings are left out; a head tied to an embedding otherwise
             # (the embedding's block holds these weights already: tied weights count once).
@@ -495,7 +557,7 @@ class ExportWalker:
 
     def _input_scales(
         self, node: fx.Node, x: _Units, axis: int, order: np.ndarray | None
-    ) -> tuple[tuple[str, np.ndarray], ...]:
+    ) -> tuple[tuple[str, np.ndarray, float], ...]:
         """The parameter index of every input column of a weight layer, per pending scale."""
         folded = []
         for scale in x.scales:
@@ -508,7 +570,9 @@ class ExportWalker:
             vector = index.reshape(-1).numpy().astype(np.int64)
             if len(vector) == 1:
                 vector = np.repeat(vector, x.shape[axis])
-            folded.append((scale.parameter, vector if order is None else vector[order]))
+            folded.append(
+                (scale.parameter, vector if order is None else vector[order], scale.offset)
+            )
         return tuple(folded)
 
     def _convolution(
@@ -569,6 +633,11 @@ class ExportWalker:
         bidirectional, batch_first = bool(args[7]), bool(args[8])
         if not isinstance(x, _Units) or not isinstance(params, (list, tuple)):
             raise self._error(f"{self._describe(node)} does not read an activation")
+        if x.scales:
+            raise self._error(
+                f"{self._describe(node)} reads a normalised tensor; folding a normalisation into "
+                "a recurrent layer is not supported"
+            )
         gates = _RECURRENT_GATES[name]
         per_layer = (4 if has_biases else 2) * (2 if bidirectional else 1)
         if not all(isinstance(p, _Param) for p in params) or len(params) != per_layer * layers:
@@ -643,8 +712,17 @@ class ExportWalker:
             and x.spec.folded is None
             and module_name is not None
             and x.ids is not None
+            and _varying(x.ids) <= {1}  # normalises the units' dim, not positions
         ):
-            module = self.model.get_submodule(module_name)
+            try:
+                module = self.model.get_submodule(module_name)
+            except AttributeError:
+                module = None
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+                raise self._error(
+                    f"{self._describe(node)} is a functional batch_norm whose parameters are not "
+                    "a BatchNorm module's, so its statistics cannot be read again"
+                )
             scale = batchnorm_scale(module, f"layer {module_name!r}")
             channels = x.ids.reshape(-1).numpy()
             if len(channels) == len(x.spec.dst) and np.array_equal(channels, x.spec.dst):
@@ -655,8 +733,12 @@ class ExportWalker:
     def _scaled(self, x: _Units, param: _Param, *, fold_output: bool) -> _Units:
         """``x`` times a per-unit parameter: folded into the layer before (``fold_output`` and
         ``x`` is that layer's raw output) or kept for the layers that read it."""
-        size = int(np.prod(param.shape)) if param.shape else 1
-        index = torch.arange(size).reshape(param.shape or (1,))
+        if param.transposed:
+            raise self._error(
+                f"{self._describe(self.node)} multiplies {x.origin} by a transposed parameter "
+                f"{param.name!r}"
+            )
+        index = param.element_index()
         try:
             full = _broadcast_to(index, x.shape)
         except RuntimeError as error:
@@ -664,7 +746,7 @@ class ExportWalker:
                 f"{self._describe(self.node)}: parameter {param.name!r} does not broadcast over "
                 f"{x.origin}"
             ) from error
-        scale = _Scale(param.name, _compress(full))
+        scale = _Scale(param.name, _compress(full), param.offset)
         spec = x.spec
         if fold_output and spec is not None and spec.folded is None and x.ids is not None:
             axis = x.spec_axis % len(x.shape)
@@ -673,13 +755,17 @@ class ExportWalker:
                 nodes = ids.reshape(-1).numpy()
                 if len(nodes) == len(spec.dst) and np.array_equal(nodes, spec.dst):
                     row_index = _vector(rows.reshape(-1).numpy(), len(spec.dst))
-                    values = np.abs(self._read(param.name).reshape(-1)[row_index])
+                    values = np.abs(param.offset + self._read(param.name).reshape(-1)[row_index])
                     spec.weight = spec.weight * values.reshape(
                         (-1,) + (1,) * (spec.weight.ndim - 1)
                     )
                     base = spec.source or WeightSource(f"{spec.name.split('#')[0]}.weight")
                     spec.source = replace(
-                        base, output_scales=(*base.output_scales, (param.name, row_index))
+                        base,
+                        output_scales=(
+                            *base.output_scales,
+                            (param.name, row_index, param.offset),
+                        ),
                     )
                     spec.folded = f"parameter {param.name!r}"
                     return replace(x, spec=None)
@@ -826,7 +912,7 @@ class ExportWalker:
         scales = [
             (scale.parameter, move(_broadcast_to(scale.index, x.shape))) for scale in x.scales
         ]
-        reshaped = name in ("view", "_unsafe_view", "reshape", "view_copy")
+        reshaped = name in ("view", "_unsafe_view", "reshape", "view_copy", "permute", "transpose")
         keep_spec = reshaped and self._sole_user(node)
         if isinstance(moved, (tuple, list)) and isinstance(value, (tuple, list)):
             return tuple(
@@ -887,6 +973,11 @@ class ExportWalker:
         ):
             # Positions joined (a class token before the patches): the same units.
             return self._pointwise(node, "cat", tuple(units), {}, out_shape)
+        if any(u.scales for u in units):
+            raise self._error(
+                f"{self._describe(node)} concatenates a normalised tensor with others before a "
+                "layer reads it; its normalisation weight cannot be folded"
+            )
         maps = []
         for tensor, arg in zip(tensors, tensor_nodes, strict=True):
             shape = _shape(arg.meta.get("val")) if isinstance(arg, fx.Node) else None
@@ -950,10 +1041,20 @@ class ExportWalker:
         if axes & _varying(x.ids):
             return self._tuple_of(node, _OTHER)  # over the units: a statistic (RMSNorm's mean)
         shape = _shape(value[0] if isinstance(value, (tuple, list)) else value)
-        ids = x.ids
-        if shape is not None and len(shape) < ndim:
-            ids = ids.squeeze(sorted(axes)) if axes else ids
-        result = _Units(_compress(ids), shape or x.shape, x.origin)
+        squeeze = shape is not None and len(shape) < ndim and bool(axes)
+
+        def reduced(index: torch.Tensor) -> torch.Tensor:
+            index = _compress(_broadcast_to(index, x.shape))
+            if axes & _varying(index):
+                raise self._error(
+                    f"{self._describe(node)} reduces {x.origin} over positions its pending "
+                    "normalisation scale varies along"
+                )
+            return index.squeeze(sorted(axes)) if squeeze else index
+
+        ids = reduced(x.ids)
+        scales = tuple(replace(sc, index=reduced(sc.index)) for sc in x.scales)
+        result = _Units(_compress(ids), shape or x.shape, x.origin, scales=scales)
         return _first_of(value, result)
 
     def _index(self, node: fx.Node, name: str, args: tuple[Any, ...], out_shape: Any) -> Any:
@@ -967,14 +1068,21 @@ class ExportWalker:
                 raise self._error(f"{self._describe(node)} selects units of {x.origin}")
             if name == "index" and len(args[1]) > last and args[1][last] is not None:
                 raise self._error(f"{self._describe(node)} selects units of {x.origin}")
-            nodes = x.ids.reshape(-1).numpy()
-            return _Units(
-                _along(nodes, len(out_shape), len(out_shape) - 1)
-                if len(nodes) > 1
-                else x.ids.reshape([1] * len(out_shape)),
-                out_shape,
-                x.origin,
-            )
+
+            def selected(index: torch.Tensor) -> torch.Tensor:
+                index = _compress(_broadcast_to(index, x.shape))
+                if _varying(index) - {last}:
+                    raise self._error(
+                        f"{self._describe(node)} selects positions of {x.origin}, whose pending "
+                        "normalisation scale varies by position"
+                    )
+                vector = index.reshape(-1)
+                if len(vector) > 1:
+                    return _along(vector.numpy(), len(out_shape), len(out_shape) - 1)
+                return vector.reshape([1] * len(out_shape))
+
+            scales = tuple(replace(sc, index=selected(sc.index)) for sc in x.scales)
+            return _Units(selected(x.ids), out_shape, x.origin, scales=scales)
         raise self._error(
             f"{self._describe(node)} indexes {x.origin} along dims that carry its units"
         )
@@ -991,7 +1099,14 @@ class ExportWalker:
     ) -> Any:
         values = list(_flatten((args, kwargs)))
         units = [v for v in values if isinstance(v, _Units)]
-        params = [v for v in values if isinstance(v, _Param)]
+        params = [v for v in values if isinstance(v, _Param) and v.name not in self.buffers]
+        derived = [v for v in values if isinstance(v, _Derived)]
+        if derived and name not in ("add", "sub", "rsub", "cat"):
+            raise self._error(
+                f"{self._describe(node)} multiplies an activation by a value computed from "
+                f"parameter(s) {', '.join(derived[0].names)}, which is neither a per-unit scale "
+                "the graph can fold nor a weight"
+            )
         if out_shape is None:
             return _OTHER
         bound = [u for u in units if u.ids is not None]
@@ -1016,7 +1131,7 @@ class ExportWalker:
             _compress(merged),
             out_shape,
             reference.origin if len(units) == 1 else f"the output of {self._describe(node)}",
-            scales=reference.scales if same else (),
+            scales=reference.scales if same and _same_scales(units) else (),
             spec=reference.spec if keep_spec else None,
             spec_axis=reference.spec_axis,
         )
@@ -1120,6 +1235,20 @@ class ExportWalker:
 
     def _error(self, message: str) -> GraphError:
         return GraphError(f"The weight graph cannot follow {message}; {_CHAIN_HINT}.")
+
+
+def _same_scales(units: list[_Units]) -> bool:
+    """Whether every operand carries the same pending scales (a normalised tensor with itself);
+    otherwise an elementwise op between them (a residual add) leaves them unfolded."""
+    first = units[0].scales
+    return all(
+        len(u.scales) == len(first)
+        and all(
+            a.parameter == b.parameter and a.offset == b.offset and torch.equal(a.index, b.index)
+            for a, b in zip(u.scales, first, strict=True)
+        )
+        for u in units[1:]
+    )
 
 
 def _first_of(value: Any, result: Any) -> Any:

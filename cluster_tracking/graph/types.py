@@ -36,8 +36,9 @@ class WeightSource:
     ``gates`` sums the magnitudes of that many stacked ``[gates * out, in]`` row blocks (the four
     gates of an LSTM, three of a GRU); ``columns`` reorders the input columns (a flattened
     feature map read in another order than channel-major); each ``(parameter, index)`` of
-    ``input_scales`` multiplies input column ``i`` by ``|parameter[index[i]]|`` (a LayerNorm or
-    RMSNorm affine weight folded into the layers that read it) and each of ``output_scales``
+    ``input_scales`` multiplies input column ``i`` by ``|offset + parameter[index[i]]|`` (a
+    LayerNorm or RMSNorm affine weight folded into the layers that read it; Gemma's RMSNorm
+    scales by ``1 + weight``, an offset of 1) and each of ``output_scales``
     output row ``j`` by ``|parameter[index[j]]|`` (a per-channel scale such as LayerScale applied
     to the layer's output).
     """
@@ -46,8 +47,8 @@ class WeightSource:
     transposed: bool = False
     gates: int = 1
     columns: np.ndarray | None = None
-    input_scales: tuple[tuple[str, np.ndarray], ...] = ()
-    output_scales: tuple[tuple[str, np.ndarray], ...] = ()
+    input_scales: tuple[tuple[str, np.ndarray, float], ...] = ()
+    output_scales: tuple[tuple[str, np.ndarray, float], ...] = ()
 
 
 @dataclass(frozen=True)

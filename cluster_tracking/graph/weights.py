@@ -164,8 +164,8 @@ def effective_weight(raw: np.ndarray, source: WeightSource, read: Any, label: st
         weight = weight[:, source.columns]
     else:
         weight = np.array(weight, copy=True)
-    for name, index in source.input_scales:
-        factor = np.abs(np.asarray(read(name)).reshape(-1)[index])
+    for name, index, offset in source.input_scales:
+        factor = np.abs(offset + np.asarray(read(name)).reshape(-1)[index])
         per_group = weight.shape[1]
         if len(factor) != per_group:  # a grouped conv: output b reads its group's channels
             groups = len(factor) // per_group
@@ -174,8 +174,8 @@ def effective_weight(raw: np.ndarray, source: WeightSource, read: Any, label: st
             weight *= factor_2d.reshape((weight.shape[0], per_group) + (1,) * (weight.ndim - 2))
             continue
         weight *= factor.reshape((1, -1) + (1,) * (weight.ndim - 2))
-    for name, index in source.output_scales:
-        factor = np.abs(np.asarray(read(name)).reshape(-1)[index])
+    for name, index, offset in source.output_scales:
+        factor = np.abs(offset + np.asarray(read(name)).reshape(-1)[index])
         weight *= factor.reshape((-1,) + (1,) * (weight.ndim - 1))
     return weight
 
