@@ -497,3 +497,23 @@ class _NormIntoGRU(nn.Module):
 def test_a_norm_the_graph_cannot_fold_is_refused_not_dropped() -> None:
     with pytest.raises(GraphError, match="normalised tensor"):
         weight_graph(_NormIntoGRU(), example_inputs=torch.zeros(5, 1, 3))
+
+
+class _OffsetNormThenView(nn.Module):
+    """A ``1 + weight`` norm whose output is reshaped before the layer reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.weight = nn.Parameter(torch.tensor([6.0, -3.0, 0.0, 1.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x)) * (1.0 + self.weight)  # not read by fc1's rows: relu between
+        return self.fc2(h.view(2, 1, 4).reshape(2, 4))
+
+
+def test_an_offset_scale_keeps_its_offset_through_a_reshape() -> None:
+    model = _OffsetNormThenView()
+    graph = weight_graph(model, example_inputs=torch.zeros(2, 3))
+    factor = np.abs(1.0 + model.weight.detach().double().numpy())
+    np.testing.assert_allclose(_dense(graph)[7:9, 3:7], _abs(model.fc2) * factor, rtol=1e-6)

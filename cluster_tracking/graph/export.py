@@ -909,9 +909,7 @@ class ExportWalker:
                 ) from error
 
         moved = move(x.ids)
-        scales = [
-            (scale.parameter, move(_broadcast_to(scale.index, x.shape))) for scale in x.scales
-        ]
+        scales = [(scale, move(_broadcast_to(scale.index, x.shape))) for scale in x.scales]
         reshaped = name in ("view", "_unsafe_view", "reshape", "view_copy", "permute", "transpose")
         keep_spec = reshaped and self._sole_user(node)
         if isinstance(moved, (tuple, list)) and isinstance(value, (tuple, list)):
@@ -927,7 +925,7 @@ class ExportWalker:
         x: _Units,
         shape: tuple[int, ...] | None,
         keep_spec: bool,
-        scales: list[tuple[str, torch.Tensor]] | None = None,
+        scales: list[tuple[_Scale, torch.Tensor]] | None = None,
     ) -> _Units:
         if shape is not None and tuple(moved.shape) != shape:
             raise self._error(
@@ -943,7 +941,7 @@ class ExportWalker:
                 spec = None
             else:
                 axis = varying[0]
-        kept = tuple(_Scale(name, _compress(index)) for name, index in scales or ())
+        kept = tuple(replace(scale, index=_compress(index)) for scale, index in scales or ())
         return _Units(ids, tuple(moved.shape), x.origin, scales=kept, spec=spec, spec_axis=axis)
 
     def _cat(
