@@ -38,7 +38,7 @@ from cluster_tracking.graph.export import (
 )
 from cluster_tracking.graph.fx_trace import FxWalker
 from cluster_tracking.graph.selection import parse_layers
-from cluster_tracking.graph.types import Preset, WeightGraph
+from cluster_tracking.graph.types import KernelNorm, Preset, WeightGraph
 from cluster_tracking.graph.weights import unwrap_module
 
 __all__ = ["weight_graph", "weight_topology"]
@@ -204,7 +204,7 @@ def _build_graph(
         model = unwrap_module(source)
         what = f"the model {type(model).__name__}"
         if selection is None:
-            _trace(model, builder, example_inputs, include_embeddings)
+            builder = _trace(model, norm, example_inputs, include_embeddings)
         else:
             _build_chain(builder, _module_chain_entries(model, selection), strict=True)
     elif isinstance(source, Mapping):
@@ -221,27 +221,30 @@ def _build_graph(
 
 
 def _trace(
-    model: nn.Module, builder: _Builder, example_inputs: Any, include_embeddings: bool
-) -> None:
+    model: nn.Module, norm: KernelNorm, example_inputs: Any, include_embeddings: bool
+) -> _Builder:
     """Follow the model's data flow: ``torch.export`` with example inputs where there are some
-    (given, or known for Hugging Face and timm models), ``torch.fx`` otherwise."""
+    (given, or known for Hugging Face and timm models), ``torch.fx`` otherwise (and
+    ``torch.export`` after all when fx cannot follow a model whose inputs are known)."""
     inputs = _as_inputs(example_inputs) if example_inputs is not None else None
     if inputs is None and (include_embeddings or is_hugging_face(model)):
         inputs = example_inputs_for(model)
     if inputs is None:
+        builder = _Builder(norm)
         try:
             FxWalker(model, builder).run()
-            return
+            return builder
         except GraphError:
             inputs = example_inputs_for(model)
             if inputs is None:
                 raise
-            builder.__init__(builder.norm)  # type: ignore[misc]
     args, kwargs = inputs
     skip = frozenset() if include_embeddings else lm_head_parameters(model)
+    builder = _Builder(norm)
     ExportWalker(
         model, builder, args, kwargs, include_embeddings=include_embeddings, skip=skip
     ).run()
+    return builder
 
 
 def _as_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
