@@ -152,7 +152,8 @@ def effective_weight(raw: np.ndarray, source: WeightSource, read: Any, label: st
     """A block's weight from its parameter's values ``raw`` as ``source`` says (transpose, gate
     sum, column order, folded scales); ``read(name)`` gives the float64 values of a parameter
     named in ``source``. The tracers build blocks through this function and
-    :func:`live_weights` reads them again through it, so both give the same numbers."""
+    :func:`live_weights` reads them again through it, so both give the same numbers. ``raw`` is
+    a fresh copy the caller hands over (:func:`weight_array`'s): it may be scaled in place."""
     weight = np.swapaxes(raw, 0, 1) if source.transposed else raw
     if source.gates > 1:
         if weight.shape[0] % source.gates:
@@ -163,7 +164,7 @@ def effective_weight(raw: np.ndarray, source: WeightSource, read: Any, label: st
     if source.columns is not None:
         weight = weight[:, source.columns]
     else:
-        weight = np.array(weight, copy=True)
+        weight = np.ascontiguousarray(weight)  # a copy only where transposed
     for name, index, offset in source.input_scales:
         factor = np.abs(offset + np.asarray(read(name)).reshape(-1)[index])
         per_group = weight.shape[1]
