@@ -22,6 +22,7 @@ from cluster_tracking.errors import ClusterTrackingError, ConfigError, GraphErro
 from cluster_tracking.graph import selection as graph_selection
 from cluster_tracking.graph import weight_graph
 from cluster_tracking.graph.chain import is_weight_layer
+from cluster_tracking.graph.selection import list_names
 from cluster_tracking.report import ClusterabilityReport
 from cluster_tracking.sinks import LocalDirectorySink, Sink
 from cluster_tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
@@ -88,16 +89,16 @@ def _no_match_message(model: nn.Module, layers: str | Sequence[str], candidates:
             if name and fnmatch.fnmatchcase(name, entry) and _has_weight(module)
         ]
         hint = (
-            f" It matches {_names(others)}, which the weight graph cannot read (it reads "
+            f" It matches {list_names(others)}, which the weight graph cannot read (it reads "
             "nn.Linear and nn.Conv1d/2d/3d modules only)."
             if others
             else ""
         )
         return (
             f"layers pattern {entry!r} matches no nn.Linear/nn.Conv module of "
-            f"{type(model).__name__}.{hint} Linear/Conv modules: {_names(candidates)}."
+            f"{type(model).__name__}.{hint} Linear/Conv modules: {list_names(candidates)}."
         )
-    return f"layers={layers!r} selects no layer; Linear/Conv modules: {_names(candidates)}."
+    return f"layers={layers!r} selects no layer; Linear/Conv modules: {list_names(candidates)}."
 
 
 def _layer_names(model: nn.Module) -> list[str]:
@@ -106,13 +107,6 @@ def _layer_names(model: nn.Module) -> list[str]:
 
 def _has_weight(module: nn.Module) -> bool:
     return isinstance(getattr(module, "weight", None), nn.Parameter)
-
-
-def _names(names: Sequence[str], limit: int = 12) -> str:
-    if not names:
-        return "none"
-    shown = ", ".join(repr(name) for name in names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 class _CallbackCore:
@@ -256,7 +250,7 @@ class _CallbackCore:
             "measured in this run; training goes on. Pass layers= naming a chain of its "
             "Linear/Conv modules, or patterns such as '*.intermediate.dense|*[0-9].output.dense' "
             "(the MLP blocks of a BERT-like model), or module= to measure a part of it. "
-            f"Linear/Conv modules: {_names(_layer_names(module))}."
+            f"Linear/Conv modules: {list_names(_layer_names(module))}."
         )
 
     def resolve_module(self, root: Any) -> nn.Module:

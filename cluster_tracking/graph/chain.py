@@ -19,7 +19,7 @@ from torch import nn
 from cluster_tracking.errors import GraphError
 from cluster_tracking.graph.build import STATE_DICT_ADVICE, _BlockSpec, _Builder, _Feat
 from cluster_tracking.graph.fx_trace import BATCHNORM_MODULES, CONV_MODULES
-from cluster_tracking.graph.selection import select_layers
+from cluster_tracking.graph.selection import list_names, select_layers
 from cluster_tracking.graph.types import WeightSource
 from cluster_tracking.graph.weights import batchnorm_scale, fold_scale, weight_array
 
@@ -88,10 +88,7 @@ def _refuse_inferred_groups(entry: _ChainEntry, width: int) -> None:
 
 
 def _list_names(names: Sequence[str]) -> str:
-    if not names:
-        return "none"
-    shown = ", ".join(repr(name) for name in names[:40])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
+    return list_names(names, limit=40)
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 
 from cluster_tracking.errors import ConfigError, GraphError
 
-__all__ = ["is_pattern", "parse_layers", "select_layers"]
+__all__ = ["is_pattern", "list_names", "parse_layers", "select_layers"]
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -80,7 +80,7 @@ def select_layers(
         if not matches:
             raise GraphError(
                 f"layers pattern {entry!r} matches no Linear/Conv layer of {what}. Available: "
-                f"{_names(available)}."
+                f"{list_names(available)}."
             )
         selected.extend(matches)
     unique = list(dict.fromkeys(selected))
@@ -89,7 +89,8 @@ def select_layers(
     return unique
 
 
-def _names(names: Sequence[str], limit: int = 12) -> str:
+def list_names(names: Sequence[str], limit: int = 12) -> str:
+    """``'a', 'b', ... (N in all)``: names for a message, at most ``limit`` of them."""
     if not names:
         return "none"
     shown = ", ".join(repr(name) for name in names[:limit])
