@@ -448,7 +448,11 @@ def _all_zero(value: torch.Tensor) -> bool:
     if value.numel() * value.element_size() > storage.nbytes():
         raw = torch.empty(0, dtype=torch.uint8).set_(storage)
         return not bool(raw.any())
-    return not bool(value.any())
+    if not value.numel():
+        return True
+    # A slab of rows at a time: ``value.any()`` would hold a bool copy of the whole weight.
+    rows = max(1, (1 << 20) // max(1, value.numel() // value.shape[0]))
+    return not any(bool(part.any()) for part in value.split(rows, 0))
 
 
 def _checked_weights(
@@ -694,9 +698,9 @@ def _read_weight_file(path: Path, *, trust_pickle: bool) -> _Read:
         raise SourceError(f"{path}: cannot read it ({_first_line(error)}).") from error
     if not is_zip:
         if head[:1] == b"\x80" or name.endswith((".pt", ".pth", ".bin", ".ckpt")):
-            # torch.save's legacy (pre-1.6) format, or a bare pickle: its tensors are at most
-            # as large as the file (storages are read from it).
-            budget.take(2 * size, f"a {format_size(size)} pickle, read and unpickled")
+            # torch.save's legacy (pre-1.6) format: its storages' declared sizes are checked
+            # against the file and budgeted before torch.load allocates them.
+            _check_legacy_torch_file(path, size, budget)
             return _read_torch_file(path, trust_pickle=trust_pickle)
         raise SourceError(
             f"{path}: not a weight file PyTorch or safetensors can read (neither a torch.save "
@@ -943,6 +947,145 @@ class _StandIn:
 def _stand_in(name: str) -> type[_StandIn]:
     short = re.sub(r"\W", "_", name.rsplit(".", 1)[-1]) or "StandIn"
     return type(short, (_StandIn,), {"qualified_name": name})
+
+
+#: ``torch.save``'s legacy (pre-1.6) format: the first pickle of the file holds this number.
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+#: Bytes per element of the storage classes a legacy file names (``torch.FloatStorage``...).
+_LEGACY_ITEMSIZE = {
+    "DoubleStorage": 8,
+    "FloatStorage": 4,
+    "HalfStorage": 2,
+    "BFloat16Storage": 2,
+    "LongStorage": 8,
+    "IntStorage": 4,
+    "ShortStorage": 2,
+    "CharStorage": 1,
+    "ByteStorage": 1,
+    "BoolStorage": 1,
+    "ComplexDoubleStorage": 16,
+    "ComplexFloatStorage": 8,
+    "QInt8Storage": 1,
+    "QUInt8Storage": 1,
+    "QInt32Storage": 4,
+    "QUInt4x2Storage": 1,
+    "QUInt2x4Storage": 1,
+}
+
+
+class _LegacyStandIn(_StandIn):
+    """A stand-in that also takes the items and elements a pickle adds to it (an
+    ``OrderedDict`` rebuilt by the scan below gets ``SETITEMS``/``APPENDS``)."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """Items are ignored: only the storages matter to the scan."""
+
+    def append(self, value: Any) -> None:
+        """Elements are ignored, as items are."""
+
+    def extend(self, values: Any) -> None:
+        """Elements are ignored, as items are."""
+
+
+class _LegacyScan(pickle.Unpickler):
+    """Reads a legacy file's main pickle for the storages it declares, and nothing else: every
+    global it names becomes an inert stand-in (nothing is imported or run), and every persistent
+    id ``("storage", type, key, location, numel, view)`` is recorded as ``key -> (type, numel)``.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        super().__init__(handle)
+        self.storages: dict[str, tuple[str, int]] = {}
+        self.classes: dict[str, type[_StandIn]] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        qualified = f"{module}.{name}"
+        if qualified not in self.classes:
+            short = re.sub(r"\W", "_", name) or "StandIn"
+            self.classes[qualified] = type(short, (_LegacyStandIn,), {"qualified_name": qualified})
+        return self.classes[qualified]
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) == 6 and pid[0] in ("storage", b"storage"):
+            storage_type, key, numel = pid[1], str(pid[2]), pid[4]
+            if not isinstance(numel, int) or numel < 0:
+                raise pickle.UnpicklingError(f"storage {key!r} declares {numel!r} elements")
+            name = getattr(storage_type, "qualified_name", "?").rsplit(".", 1)[-1]
+            self.storages.setdefault(key, (name, numel))
+        return None
+
+
+def _check_legacy_torch_file(path: Path, size: int, budget: MemoryBudget) -> None:
+    """Check the storages a legacy ``torch.save`` file declares against the bytes it holds, and
+    budget them, before ``torch.load`` allocates them (it allocates each storage at its declared
+    size while unpickling, then fills it from the file).
+
+    The file is four pickles (magic number, protocol, system info, the object, whose persistent
+    ids name each storage's type, key and element count), the list of storage keys, then per
+    key an 8-byte element count and the storage's bytes. The pickles are read without running
+    anything (:class:`_LegacyScan`); a file that is not in this format (a bare pickle, the older
+    tar format) is left to ``torch.load``, which refuses a bare pickle and reads a tar's
+    storages from its own members (at most as large as the file).
+
+    Raises:
+        SourceError: a storage that the file does not hold (truncated or corrupt).
+        LimitError: the storages and the unpickled objects pass the memory limit.
+    """
+    with open(path, "rb") as handle:
+        try:
+            magic = _LegacyScan(handle).load()
+        except Exception:
+            magic = None
+        if magic != _LEGACY_MAGIC:
+            budget.take(2 * size, f"a {format_size(size)} file, read and unpickled")
+            return
+        try:
+            _LegacyScan(handle).load()  # protocol version
+            _LegacyScan(handle).load()  # system info
+            scan = _LegacyScan(handle)
+            scan.load()
+            keys = _LegacyScan(handle).load()
+        except Exception as error:
+            raise SourceError(
+                f"{path}: not a readable PyTorch checkpoint ({_first_line(error)}); the file may "
+                "be truncated or corrupt."
+            ) from error
+        pickled = handle.tell()
+        if not isinstance(keys, list):
+            raise SourceError(f"{path}: a legacy PyTorch checkpoint without its storage list.")
+        needed = 0
+        offset = pickled
+        for key in keys:
+            kind, numel = scan.storages.get(str(key), ("?", -1))
+            itemsize = _LEGACY_ITEMSIZE.get(kind)
+            if numel < 0 or itemsize is None:
+                raise SourceError(
+                    f"{path}: storage {str(key)[:40]!r} is listed but not declared with a known "
+                    f"type ({kind}); the file is corrupt."
+                )
+            handle.seek(offset)
+            stored = handle.read(8)
+            held = int.from_bytes(stored, "little", signed=True) if len(stored) == 8 else -1
+            nbytes = numel * itemsize
+            if offset + 8 + nbytes > size:
+                raise SourceError(
+                    f"{path}: storage {str(key)[:40]!r} declares {numel} elements "
+                    f"({format_size(nbytes)}) but the file holds only "
+                    f"{format_size(max(size - offset - 8, 0))} from there; the file is truncated "
+                    "or corrupt."
+                )
+            if held != numel:
+                raise SourceError(
+                    f"{path}: storage {str(key)[:40]!r} declares {numel} elements but its record "
+                    f"in the file says {held}; the file is corrupt."
+                )
+            needed += nbytes
+            offset += 8 + nbytes
+    budget.take(
+        needed + 2 * pickled,
+        f"{len(keys)} storages of {format_size(needed)} and a {format_size(pickled)} pickle",
+    )
 
 
 def _load_with_stand_ins(path: Path, refused: Exception) -> Any:
@@ -1283,23 +1426,39 @@ def _pt2_tensor(
             f"{format_size(elements * itemsize)} its declared shape {sizes} needs; the archive is "
             "truncated or corrupt."
         )
-    budget.take(
-        record_size + numel * itemsize, f"record {name!r} of shape {sizes}, read and copied"
-    )
     if not numel:
         return torch.empty(sizes, dtype=dtype)
-    buffer = bytearray(record_size)
+    # One copy: the bytes the view reaches are inflated straight into the tensor's storage, in
+    # chunks (a whole-member read would hold a second copy); only a view that skips elements
+    # (strides with gaps) is compacted, by a second copy of its own size.
+    reach = elements - offset
+    held = reach + (numel if numel < reach else 0)
+    budget.take(held * itemsize, f"record {name!r} of shape {sizes}, inflated")
+    storage = torch.empty(reach, dtype=dtype)
+    target = memoryview(storage.view(torch.uint8).numpy())  # type: ignore[arg-type]
     with archive.open(info) as member:
-        view = memoryview(buffer)
+        _skip(member, offset * itemsize, path, name)
         filled = 0
-        while filled < record_size:
-            count = member.readinto(view[filled:])  # type: ignore[attr-defined]
+        while filled < len(target):
+            count = member.readinto(target[filled : filled + _CHUNK])  # type: ignore[attr-defined]
             if not count:
                 raise SourceError(f"{path}: weight record {name!r} ends early.")
             filled += count
-    usable = record_size - record_size % itemsize
-    storage = torch.frombuffer(buffer, dtype=dtype, count=usable // itemsize)
-    return torch.as_strided(storage, sizes, strides, offset).clone()
+    tensor = torch.as_strided(storage, sizes, strides, 0)
+    return tensor.clone() if numel < reach else tensor
+
+
+#: Bytes inflated at a time from an archive member.
+_CHUNK = 1 << 20
+
+
+def _skip(member: Any, nbytes: int, path: Path, name: str) -> None:
+    """Inflate and drop the first ``nbytes`` of an archive member, a chunk at a time."""
+    while nbytes > 0:
+        count = len(member.read(min(nbytes, _CHUNK)))
+        if not count:
+            raise SourceError(f"{path}: weight record {name!r} ends early.")
+        nbytes -= count
 
 
 # ---------------------------------------------------------------------------------------------

@@ -136,3 +136,74 @@ def lie_about_size(path: Path, member: str, declared: int) -> Path:
             start = at + 4
     path.write_bytes(bytes(blob))
     return path
+
+
+class _Storage:
+    """A storage of a legacy file: ``numel`` is what its pickle declares, ``data`` what the file
+    holds."""
+
+    def __init__(self, key: str, numel: int, data: bytes) -> None:
+        self.key, self.numel, self.data = key, numel, data
+
+
+class _Tensor:
+    def __init__(self, storage: _Storage, shape: tuple[int, ...]) -> None:
+        self.storage, self.shape = storage, shape
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import collections
+
+        import torch
+
+        strides, step = [], 1
+        for size in reversed(self.shape):
+            strides.insert(0, step)
+            step *= size
+        return (
+            torch._utils._rebuild_tensor_v2,
+            (self.storage, 0, self.shape, tuple(strides), False, collections.OrderedDict()),
+        )
+
+
+def legacy_torch_file(
+    path: Path, arrays: dict[str, np.ndarray], *, declare: dict[str, int] | None = None
+) -> Path:
+    """A ``torch.save`` file in the legacy (pre-1.6) format holding float32 ``arrays`` (see
+    :func:`write_legacy`)."""
+    with open(path, "wb") as handle:
+        write_legacy(handle, arrays, declare=declare)
+    return path
+
+
+def write_legacy(
+    handle: Any, arrays: dict[str, np.ndarray], *, declare: dict[str, int] | None = None
+) -> None:
+    """Write float32 ``arrays`` in ``torch.save``'s legacy (pre-1.6) format, field by field as
+    ``torch.load`` reads it: four pickles (magic number, protocol, system info, the object with
+    a persistent id per storage), the list of storage keys, then each storage's element count
+    and bytes. ``declare`` makes the pickle declare another element count for a weight's
+    storage than the file holds."""
+    import pickle
+
+    import torch
+
+    storages = {
+        key: _Storage(str(index), (declare or {}).get(key, array.size), array.tobytes())
+        for index, (key, array) in enumerate(arrays.items())
+    }
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: Any) -> Any:
+            if isinstance(obj, _Storage):
+                return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel, None)
+            return None
+
+    for header in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
+        pickle.dump(header, handle, protocol=2)
+    Pickler(handle, protocol=2).dump(
+        {key: _Tensor(storages[key], arrays[key].shape) for key in arrays}
+    )
+    pickle.dump([storage.key for storage in storages.values()], handle, protocol=2)
+    for key, storage in storages.items():
+        handle.write(struct.pack("<q", arrays[key].size))
+        handle.write(storage.data)

@@ -40,6 +40,7 @@ import numpy as np
 import pytest
 import torch
 from _hostile import (
+    legacy_torch_file,
     lie_about_size,
     mlp_arrays,
     pt2_archive,
@@ -116,6 +117,16 @@ CASES: dict[str, Case] = {
         "{in}/big.pt", "--max-memory", "16MiB", code=3, says="--max-memory"
     ),
     "a dict nested in itself": audit("{in}/self-nested.pt", code=3, says="nested too deep"),
+    "legacy torch file declaring a 372 GiB storage": audit(
+        "{in}/legacy-huge.pt", code=3, says="declares 100000000000 elements"
+    ),
+    "legacy torch file, storage count rewritten": audit(
+        "{in}/legacy-count.pt", code=3, says="its record in the file says"
+    ),
+    "legacy torch file truncated": audit("{in}/legacy-cut.pt", code=3, says="truncated"),
+    "legacy torch file over --max-memory": audit(
+        "{in}/legacy-big.pt", "--max-memory", "16MiB", code=3, says="memory limit of 16.0 MiB"
+    ),
     "a list, not weights": audit("{in}/a-list.pt", code=3, says="holds a list"),
     # ---- safetensors (exit 3)
     "safetensors header longer than the file": audit(
@@ -140,6 +151,12 @@ CASES: dict[str, Case] = {
         "{in}/inflating.pt2", "--max-memory", "32MiB", code=3, says="memory limit"
     ),
     ".pt2 record declaring 3.9 GiB": audit("{in}/declares-huge.pt2", code=3, says="memory limit"),
+    "1.5 MiB .pt2 inflating to 1.5 GiB, default limit": audit(
+        "{in}/inflating-1.5G.pt2", code=3, says="memory limit"
+    ),
+    ".pt2 inflating to 768 MiB, read in one copy": audit(
+        "{in}/inflating-768M.pt2", "--max-memory", "1GiB", code=4, says="every weight is zero"
+    ),
     ".pt2 negative stride": audit("{in}/stride.pt2", code=3, says="impossible layout"),
     ".pt2 config not JSON": audit("{in}/config.pt2", code=3, says="cannot read"),
     ".pt2 config a list": audit("{in}/config-list.pt2", code=3, says="no 'config'"),
@@ -252,6 +269,7 @@ CASES: dict[str, Case] = {
     ),
     # ---- inputs that are measured, with a note at most
     "a DAG of shared lists beside the weights": audit("{in}/dag.pt", code=0, says=""),
+    "legacy (pre-1.6) torch file": audit("{in}/legacy.pt", code=0, says=""),
     "--jobs 40 on this machine": audit(
         "{in}/good.pt", "--jobs", "40", code=0, says="CPUs this process may use"
     ),
@@ -351,6 +369,14 @@ def make_inputs(folder: Path, outside: Path) -> None:
     nested["state_dict"] = nested
     torch.save(nested, folder / "self-nested.pt")
     torch.save([1, 2, 3], folder / "a-list.pt")
+    # torch.save's legacy (pre-1.6) format, written field by field
+    legacy_torch_file(folder / "legacy.pt", mlp_arrays())
+    legacy_torch_file(folder / "legacy-huge.pt", mlp_arrays(), declare={"0.weight": 10**11})
+    legacy_torch_file(folder / "legacy-count.pt", mlp_arrays(), declare={"0.weight": 100})
+    raw = (folder / "legacy.pt").read_bytes()
+    (folder / "legacy-cut.pt").write_bytes(raw[:-100])
+    big = {"0.weight": np.random.default_rng(3).random((2048, 2048), dtype=np.float32) + 1}
+    legacy_torch_file(folder / "legacy-big.pt", big)  # 16 MiB
     # One stored element, viewed as 900 million (stride 0): tiny on disk, huge as a graph.
     torch.save({"0.weight": torch.ones(1, 1).expand(30000, 30000)}, folder / "expanded.pt")
     torch.save({"state_dict": good, "history": _dag()}, folder / "dag.pt")
@@ -418,6 +444,29 @@ def make_inputs(folder: Path, outside: Path) -> None:
         },
     )
     del inflating
+    for name, rows in (("inflating-1.5G.pt2", 24576), ("inflating-768M.pt2", 12288)):
+        # float32 [rows, 16384] of zeros, deflated about a thousandfold
+        config = {
+            "path_name": "weight_0",
+            "use_pickle": False,
+            "tensor_meta": {
+                "dtype": 7,
+                "sizes": [{"as_int": rows}, {"as_int": 16384}],
+                "strides": [{"as_int": 16384}, {"as_int": 1}],
+                "storage_offset": {"as_int": 0},
+            },
+        }
+        zip_with_a_deflated_member(
+            folder / name,
+            "archive/data/weights/weight_0",
+            rows * 16384 * 4,
+            others={
+                "archive/models/model.json": b"{}",
+                "archive/data/weights/model_weights_config.json": json.dumps(
+                    {"config": {"0.weight": config}}
+                ).encode(),
+            },
+        )
     pt2_archive(folder / "declares-huge.pt2", arrays)
     lie_about_size(folder / "declares-huge.pt2", "archive/data/weights/weight_0", 0xF0000000)
     pt2_archive(

@@ -1,8 +1,9 @@
 """Property-based fuzzing of the file readers: any bytes end in weights or in our own error.
 
 Hypothesis generates safetensors headers, torch zip archives with damaged members, ``.pt2``
-weights configs, ``MLmodel`` YAML and pickled structures (at least 500 inputs per reader), and
-each is read in-process by :func:`~cluster_tracking.loading.load_file`. Each must end in a
+weights configs, ``MLmodel`` YAML, pickled structures and legacy (pre-1.6) ``torch.save`` files
+(at least 500 inputs per reader), and each is read in-process by
+:func:`~cluster_tracking.loading.load_file`. Each must end in a
 :class:`~cluster_tracking.loading.LoadedModel` or a
 :class:`~cluster_tracking.errors.ClusterTrackingError` (what the CLI maps to exit 3 or 4), never
 another exception, and within a memory ceiling: the process's address space is limited
@@ -24,7 +25,7 @@ from typing import Any
 
 import pytest
 import torch
-from _hostile import mlp_arrays, pt2_archive, safetensors_bytes
+from _hostile import mlp_arrays, pt2_archive, safetensors_bytes, write_legacy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -308,9 +309,44 @@ def test_any_pickled_structure_ends_in_weights_or_our_error(scratch: Path, blob:
     read(path, "pickle")
 
 
+# --------------------------------------------------------- legacy (pre-1.6) torch.save files
+
+
+@st.composite
+def legacy_files(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["declare", "truncate", "flip", "structure"]))
+    if kind == "structure":
+        buffer = io.BytesIO()
+        torch.save(draw(STRUCTURES), buffer, _use_new_zipfile_serialization=False)
+        return buffer.getvalue()
+    buffer = io.BytesIO()
+    declare = {}
+    if kind == "declare":
+        key = draw(st.sampled_from(sorted(ARRAYS)))
+        declare[key] = draw(st.one_of(SMALL_INTS, st.integers(0, 2**62)))
+    write_legacy(buffer, ARRAYS, declare=declare)
+    blob = buffer.getvalue()
+    if kind == "truncate":
+        return blob[: draw(st.integers(0, len(blob)))]
+    if kind == "flip":
+        flipped = bytearray(blob)
+        for _ in range(draw(st.integers(1, 8))):
+            flipped[draw(st.integers(0, len(blob) - 1))] = draw(st.integers(0, 255))
+        return bytes(flipped)
+    return blob
+
+
+@FUZZ
+@given(blob=legacy_files())
+def test_any_legacy_torch_file_ends_in_weights_or_our_error(scratch: Path, blob: bytes) -> None:
+    path = scratch / "fuzz-legacy.pt"
+    path.write_bytes(blob)
+    read(path, "legacy torch file")
+
+
 def test_every_reader_was_fuzzed_with_500_inputs_and_some_gave_weights() -> None:
     """Run last (file order): each reader saw its examples, and valid ones still load."""
-    if len(COUNTS) < 5:
+    if len(COUNTS) < 6:
         pytest.skip("run with the fuzz tests above")
     for reader, tally in COUNTS.items():
         assert tally["examples"] >= EXAMPLES, (reader, tally)
