@@ -44,6 +44,7 @@ from cluster_tracking.graph import WeightGraph
 from cluster_tracking.limits import (
     MAX_JOBS_NOTE,
     MAX_SHUFFLES,
+    check_run_time,
     cpu_count,
     current_memory_limit,
     format_size,
@@ -79,8 +80,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_INTERNAL: "unexpected internal error (a bug; please report it)",
     EXIT_USAGE: "bad command line or option value (unknown option, --shuffles 1 or above "
     f"{MAX_SHUFFLES}, --k above the node count, a malformed tracking URI or scheduler address, a "
-    "--plot/--csv extension, a run whose estimated memory passes --max-memory, --log-to-run on "
-    "a local file...)",
+    "--plot/--csv extension, a run whose estimated memory passes --max-memory or whose "
+    "estimated time passes 6 h without --allow-long-run, --log-to-run on a local file...)",
     EXIT_SOURCE: "source not found or unreadable: missing or corrupt file, not a regular file "
     "(a device, FIFO or socket), a folder too large to search, sizes declared in the file that "
     "it does not hold or that pass --max-memory, a path in MLmodel outside the model's folder, "
@@ -135,6 +136,9 @@ class AuditSettings:
             into it and the model's data flow followed.
         input_shape: one example's shape (``(3, 224, 224)``), for models that ``torch.fx``
             cannot trace: they are followed with ``torch.export`` on ``zeros(1, *input_shape)``.
+        allow_long_run: measure even when the run is estimated to take longer than
+            :data:`~cluster_tracking.limits.MAX_RUN_SECONDS`
+            (:func:`~cluster_tracking.limits.check_run_time`).
     """
 
     k: int | Literal["auto"] = 12
@@ -152,6 +156,7 @@ class AuditSettings:
     max_memory: int | None = None
     arch: str | None = None
     input_shape: tuple[int, ...] | None = None
+    allow_long_run: bool = False
 
     def check(self) -> None:
         """Validate the settings before any source is read.
@@ -471,6 +476,16 @@ def audit_source(
         )
         raise GraphError(f"{loaded.label}: {error}{hint}") from None
     check_run_size(graph.n_nodes, graph.adjacency.nnz, settings, loaded.label)
+    if not settings.allow_long_run and settings.backend != "dask":  # a cluster's speed: unknown
+        check_run_time(
+            graph.n_nodes,
+            graph.adjacency.nnz,
+            shuffles=settings.shuffles,
+            ks=[12 if settings.k == "auto" else int(settings.k)],
+            jobs=max(_workers(settings), 1),
+            preset=settings.preset,
+            label=loaded.label,
+        )
     report = measure(
         loaded.weights if settings.method == "random_init" else graph,
         k=settings.k,

@@ -248,6 +248,16 @@ MaxMemoryOption = Annotated[
         rich_help_panel=_SOURCE,
     ),
 ]
+AllowLongRunOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-long-run",
+        help="Measure even when the run is estimated to take more than 6 hours (the estimate "
+        "comes from the graph's size, --shuffles, --k and --jobs; without this flag such a run "
+        "is refused before it starts, with the estimate and the options that fit).",
+        rich_help_panel=_MEASURE,
+    ),
+]
 BackendOption = Annotated[
     str | None,
     typer.Option(
@@ -410,6 +420,7 @@ def audit(
     trust_pickle: TrustOption = False,
     tracking_uri: TrackingUriOption = None,
     max_memory: MaxMemoryOption = None,
+    allow_long_run: AllowLongRunOption = False,
     json_output: JsonOption = False,
     out: Annotated[
         str | None,
@@ -460,6 +471,7 @@ def audit(
             trust_pickle=trust_pickle,
             tracking_uri=tracking_uri,
             max_memory=None if max_memory is None else parse_size(max_memory),
+            allow_long_run=allow_long_run,
             arch=arch,
             input_shape=parse_shape(input_shape),
         )
@@ -517,6 +529,7 @@ def compare(
     trust_pickle: TrustOption = False,
     tracking_uri: TrackingUriOption = None,
     max_memory: MaxMemoryOption = None,
+    allow_long_run: AllowLongRunOption = False,
     csv: Annotated[
         str | None,
         typer.Option(
@@ -575,6 +588,7 @@ def compare(
             trust_pickle=trust_pickle,
             tracking_uri=tracking_uri,
             max_memory=None if max_memory is None else parse_size(max_memory),
+            allow_long_run=allow_long_run,
             arch=arch,
             input_shape=parse_shape(input_shape),
         )

@@ -1,4 +1,4 @@
-"""The memory limit of the readers, and the bounds of the audit's options.
+"""The memory limit of the readers, the bounds of the audit's options, and its time estimate.
 
 A model file can declare anything: a safetensors header or a ``.pt2`` config can name a 640 GB
 tensor in a 2 KB file, and a deflated zip member can inflate a thousandfold. Every reader of
@@ -10,13 +10,20 @@ The limit is ``--max-memory`` on the command line (:func:`parse_size`: ``512MiB`
 ``max_memory=`` of :func:`~cluster_tracking.loading.load_source`, or by default
 :func:`default_memory_limit`: half the memory available now, and half of what the process may
 still map when its address space is limited (``ulimit -v``, ``RLIMIT_AS``).
+
+A run can also be absurdly *long*: ``--shuffles 10000`` on a model of millions of edges is days
+of spectral clustering. :func:`run_time_estimate` estimates a measurement's seconds from its
+graph's nodes and edges, the null networks, the k values and the workers, and
+:func:`check_run_time` refuses, before any work, a run estimated above :data:`MAX_RUN_SECONDS`,
+naming the estimate and the options that fit (``--allow-long-run`` goes ahead anyway).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -24,14 +31,18 @@ from cluster_tracking.errors import ConfigError, LimitError
 
 __all__ = [
     "MAX_JOBS_NOTE",
+    "MAX_RUN_SECONDS",
     "MAX_SHUFFLES",
     "MemoryBudget",
+    "check_run_time",
     "cpu_count",
     "current_memory_limit",
     "default_memory_limit",
     "format_size",
     "memory_limit",
     "parse_size",
+    "partition_seconds",
+    "run_time_estimate",
 ]
 
 #: Upper bound of ``--shuffles``: the paper uses 50-100, a p-value's resolution is 1/(n+1).
@@ -197,3 +208,104 @@ class MemoryBudget:
 def _suggest(nbytes: int) -> str:
     gib = max(int(nbytes * 1.25 / 2**30) + 1, 1)
     return f"{gib}GiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# How long a measurement takes
+# ---------------------------------------------------------------------------------------------
+
+#: Estimated seconds above which a run is refused unless the user insists (``--allow-long-run``).
+MAX_RUN_SECONDS = 6 * 3600.0
+
+#: Seconds of one partition of one network at k = 12 on one core of the 2-core development
+#: machine, as ``floor + coefficient * stored ** exponent`` of the graph's stored adjacency
+#: entries (each edge twice): the eigensolver's sparse products dominate, and ARPACK (the
+#: ``filan2021`` preset's solver, with its 100 k-means restarts above 2,000 nodes) needs more
+#: iterations on larger graphs. Fitted by ``python -m benchmarks.bench_run_time`` on MLPs of
+#: 0.5 to 16 million stored entries: within 2x of every timing there, on a shared machine.
+_PARTITION_COST = {
+    # preset: (coefficient, exponent, floor seconds)
+    "default": (7e-8, 1.0, 0.01),
+    "filan2021": (7.3e-10, 1.5, 0.02),
+}
+
+
+def partition_seconds(n_stored: int, ks: Sequence[int], preset: str = "default") -> float:
+    """Estimated seconds of partitioning one weight graph of ``n_stored`` stored adjacency
+    entries at every k of ``ks``, on one core; a k costs ``sqrt(k / 12)`` times k = 12."""
+    coefficient, exponent, floor = _PARTITION_COST.get(preset, _PARTITION_COST["default"])
+    at_12 = floor + coefficient * float(n_stored) ** exponent
+    return sum(at_12 * math.sqrt(max(k, 2) / 12) for k in ks)
+
+
+def run_time_estimate(
+    n_stored: int,
+    *,
+    shuffles: int,
+    ks: Sequence[int],
+    jobs: int,
+    preset: str = "default",
+) -> float:
+    """Estimated seconds of a measurement of a weight graph of ``n_stored`` stored adjacency
+    entries (each edge twice): the observed network and ``shuffles`` null networks, each
+    partitioned at every k of ``ks`` (:func:`partition_seconds`), the null networks shared by
+    ``jobs`` workers."""
+    one_network = partition_seconds(n_stored, ks, preset)
+    workers = max(1, min(jobs, shuffles)) if shuffles else 1
+    return one_network * (1 + shuffles / workers)
+
+
+def format_duration(seconds: float) -> str:
+    """``5400`` -> ``"1.5 h"``: a duration for messages."""
+    for unit, size in (("days", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def check_run_time(
+    n_nodes: int,
+    n_stored: int,
+    *,
+    shuffles: int,
+    ks: Sequence[int],
+    jobs: int,
+    preset: str = "default",
+    label: str = "this model",
+    limit: float | None = None,
+) -> float:
+    """Refuse a measurement whose :func:`run_time_estimate` passes ``limit`` seconds
+    (``None``: :data:`MAX_RUN_SECONDS`), before it starts; return the estimate.
+
+    Raises:
+        ConfigError: with the estimate, the limit, the options that fit, and
+            ``--allow-long-run`` to go ahead anyway.
+    """
+    estimate = run_time_estimate(n_stored, shuffles=shuffles, ks=ks, jobs=jobs, preset=preset)
+    limit = MAX_RUN_SECONDS if limit is None else float(limit)
+    if estimate <= limit:
+        return estimate
+    one_network = run_time_estimate(n_stored, shuffles=0, ks=ks, jobs=1, preset=preset)
+    workers = max(1, min(jobs, shuffles)) if shuffles else 1
+    fitting = int((limit / one_network - 1) * workers) if one_network < limit else 0
+    fits: list[str] = []
+    if fitting >= 2:
+        fits.append(f"--shuffles {min(fitting, shuffles - 1)} or fewer")
+    if len(ks) > 1:
+        fits.append("fewer k values")
+    cpus = cpu_count()
+    if jobs < min(cpus, shuffles):
+        fits.append(f"--jobs {cpus}")
+    if preset == "filan2021" and limit >= run_time_estimate(
+        n_stored, shuffles=shuffles, ks=ks, jobs=jobs, preset="default"
+    ):
+        fits.append("--preset default (faster clustering; its z-scores are not the paper's)")
+    fits.append("fewer --layers")
+    k_text = ", ".join(str(k) for k in ks)
+    raise ConfigError(
+        f"{label}: measuring its weight graph ({n_nodes} nodes, {n_stored // 2} edges) at k = "
+        f"{k_text} with {shuffles} shuffled networks on {workers} worker(s) would take about "
+        f"{format_duration(estimate)}, more than the {format_duration(limit)} a run may take "
+        f"(estimated from this package's speed on one core); use {', '.join(fits)}, or pass "
+        "--allow-long-run to go ahead anyway."
+    )

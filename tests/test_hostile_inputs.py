@@ -199,6 +199,10 @@ CASES: dict[str, Case] = {
     "run estimated above --max-memory": audit(
         "{in}/wide.pt", "--max-memory", "40MiB", code=2, says="would need about"
     ),
+    "--shuffles 10000 on a 2-million-edge model (hours)": audit(
+        "{in}/wide-1000.pt", "--preset", "filan2021", "--shuffles", "10000", code=2,
+        says="--allow-long-run",
+    ),
     "2 KB file declaring a 30000 x 30000 weight": audit(
         "{in}/expanded.pt", code=2, says="would need about"
     ),
@@ -382,6 +386,11 @@ def make_inputs(folder: Path, outside: Path) -> None:
     torch.save({"state_dict": good, "history": _dag()}, folder / "dag.pt")
     torch.save(
         {"0.weight": torch.rand(600, 600) + 0.1, "2.weight": torch.rand(8, 600)}, folder / "wide.pt"
+    )
+    generator = torch.Generator().manual_seed(4)
+    torch.save(
+        {f"{i}.weight": torch.randn(1000, 1000, generator=generator) for i in (0, 2)},
+        folder / "wide-1000.pt",
     )
     # safetensors
     arrays = mlp_arrays()

@@ -4,7 +4,8 @@ What a user relies on: ``--max-memory`` takes the sizes people write; the defaul
 the memory really there (half of it, and half of the address space left under ``ulimit -v``); a
 budget refuses with the estimate and the limit, before anything is allocated; PyTorch's own
 quantized tensors are measured after dequantizing, and the checks on weight values never
-materialise a view larger than its storage.
+materialise a view larger than its storage. A run whose estimated time is absurd is refused
+before it starts, with the estimate and the options that fit, unless the user insists.
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ import torch
 from cluster_tracking.audit import AuditSettings, capped_jobs, weight_extent
 from cluster_tracking.errors import ConfigError, GraphError, LimitError
 from cluster_tracking.limits import (
+    MAX_RUN_SECONDS,
     MAX_SHUFFLES,
     MemoryBudget,
+    check_run_time,
     cpu_count,
     current_memory_limit,
     default_memory_limit,
     memory_limit,
     parse_size,
+    partition_seconds,
+    run_time_estimate,
 )
 from cluster_tracking.loading import PlatformError, check_tracking_uri, load_file
 
@@ -152,3 +157,63 @@ def test_a_tracking_uri_is_checked_before_mlflow_gets_it(
     else:
         with pytest.raises(error, match=re.escape(says)):
             check_tracking_uri(uri, existing=False)
+
+
+# ------------------------------------------------------------------------ the time estimate
+
+
+def test_the_time_estimate_grows_with_the_work_and_shrinks_with_the_workers() -> None:
+    one = run_time_estimate(10**6, shuffles=0, ks=[12], jobs=1)
+    assert one > 0
+    assert run_time_estimate(10**6, shuffles=100, ks=[12], jobs=1) == pytest.approx(101 * one)
+    assert run_time_estimate(10**6, shuffles=100, ks=[12], jobs=4) == pytest.approx(26 * one)
+    # a list of k: each k partitions every network, a larger k costs more
+    assert run_time_estimate(10**6, shuffles=0, ks=[8, 12], jobs=1) > one
+    assert partition_seconds(10**6, [24]) > partition_seconds(10**6, [12])
+    # more edges, more time; ARPACK (filan2021) grows faster than the default's solver
+    for preset in ("default", "filan2021"):
+        small, large = (partition_seconds(n, [12], preset) for n in (10**6, 10**7))
+        assert large > small
+    growth = {
+        preset: partition_seconds(10**7, [12], preset) / partition_seconds(10**6, [12], preset)
+        for preset in ("default", "filan2021")
+    }
+    assert growth["filan2021"] > growth["default"]
+
+
+def test_an_absurd_run_is_refused_with_the_estimate_and_what_fits() -> None:
+    # 4 million stored entries (a 1000-1000-1000 MLP), the preset, 10 000 shuffles on one core
+    with pytest.raises(ConfigError) as caught:
+        check_run_time(
+            3000, 4_000_000, shuffles=10_000, ks=[12], jobs=1, preset="filan2021", label="wide.pt"
+        )
+    message = str(caught.value)
+    assert message.startswith("wide.pt: ") and "\n" not in message
+    assert re.search(r"would take about [\d.]+ (h|days), more than the 6\.0 h", message), message
+    fitting = int(re.search(r"--shuffles (\d+) or fewer", message).group(1))  # type: ignore[union-attr]
+    assert 2 <= fitting < 10_000
+    assert "--allow-long-run" in message and "--preset default" in message
+    # the number of shuffles it names does fit
+    estimate = check_run_time(
+        3000, 4_000_000, shuffles=fitting, ks=[12], jobs=1, preset="filan2021"
+    )
+    assert estimate <= MAX_RUN_SECONDS
+    # the paper's 50-100 shuffles on the same graph are not refused
+    check_run_time(3000, 4_000_000, shuffles=100, ks=[12], jobs=1, preset="filan2021")
+
+
+def test_an_audit_estimated_too_long_is_refused_unless_allowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cluster_tracking import limits
+    from cluster_tracking.audit import audit_source
+
+    path = tmp_path / "model.pt"
+    torch.manual_seed(0)
+    torch.save({"0.weight": torch.randn(16, 8), "2.weight": torch.randn(4, 16)}, path)
+    monkeypatch.setattr(limits, "MAX_RUN_SECONDS", 1e-6)  # every run is "too long" now
+    settings = AuditSettings(k=3, shuffles=4, jobs=1)
+    with pytest.raises(ConfigError, match="--allow-long-run"):
+        audit_source(str(path), settings)
+    allowed = audit_source(str(path), AuditSettings(k=3, shuffles=4, jobs=1, allow_long_run=True))
+    assert allowed.report.baseline is not None and allowed.report.baseline.n == 4
