@@ -95,9 +95,11 @@ def check_preset(preset: str) -> str:
 def kde_bandwidth(values: np.ndarray, preset: str = "default") -> float:
     """Bandwidth of the Gaussian kernel density that the distribution nulls sample from.
 
-    ``default``: Scott's rule, ``std(values) * n^(-1/5)`` (scipy's ``gaussian_kde`` default in
-    1-D). It scales with the weights, so the null of ``c * W`` is ``c`` times the null of ``W``
-    and the z-score, like the n-cut itself, does not depend on the weights' overall scale.
+    ``default``: Scott's rule, ``std(values) * n^(-1/5)`` with the population std (scipy's
+    ``gaussian_kde`` default in 1-D uses the sample std, ``n / (n - 1)`` times the variance:
+    the same width to within 1/(2n)). It scales with the weights, so the null of ``c * W`` is
+    ``c`` times the null of ``W`` and the z-score, like the n-cut itself, does not depend on
+    the weights' overall scale.
     ``filan2021``: the published code's fixed :data:`FILAN2021_BANDWIDTH` (0.01), whatever the
     scale of the values.
     """

@@ -386,6 +386,8 @@ class ClusterabilityTracker:
             "clusterability.seed": self.seed,
             "clusterability.norm": options["norm"],
             "clusterability.preset": options["preset"],
+            # the report's config["procedure"]: sinks warn when a run holds another one
+            "clusterability.procedure": options["preset"],
             "clusterability.n_jobs": self.n_jobs,
             "clusterability.every_n_steps": self.every_n_steps,
             "clusterability.every_n_epochs": self.every_n_epochs,

@@ -79,6 +79,9 @@ __all__ = ["INSTALL_HINT", "MlflowSink"]
 #: How to install what this module needs.
 INSTALL_HINT = "pip install 'cluster-tracking[mlflow]'"
 
+#: The run param (W&B: config key) naming the procedure of the logged numbers.
+PROCEDURE_PARAM = "clusterability.procedure"
+
 # MLflow error codes that retrying cannot fix: the item is set aside (kept in the spool).
 _PERMANENT_ERRORS = frozenset(
     {
@@ -216,10 +219,44 @@ class MlflowSink:
         """Spool the tracker's settings and send them as run params."""
         if self.inert:
             return
+        params = self._params_the_run_takes(params)
         with self._lock:
             self.spool.log_params(params)
             self._append({"kind": "params", "params": {k: str(v) for k, v in params.items()}})
         self._kick()
+
+    def _params_the_run_takes(self, params: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``params`` less those that a resumed run already holds with another value (MLflow
+        refuses to change a param, and would refuse the whole batch), with one warning; the
+        warning says when the run was measured under another clustering procedure, whose
+        z-scores are not comparable with this tracker's. A run this sink created holds none;
+        a server that does not answer now is left to the delivery's retries."""
+        if self._owns_run:
+            return params
+        try:
+            self._connectable()
+            self._probe()
+            held = dict(self._client.get_run(self.run_id).data.params)
+        except Exception:
+            return params
+        changed = sorted(k for k, v in params.items() if k in held and held[k] != str(v))
+        if not changed:
+            return params
+        kept = ", ".join(f"{key}={held[key]!r}" for key in changed[:8])
+        old, new = held.get(PROCEDURE_PARAM), params.get(PROCEDURE_PARAM)
+        if old is not None and new is not None and old != str(new):
+            _warn(
+                f"MLflow run {self.run_id} was already measured under clustering procedure "
+                f"{old!r}; this tracker measures under {str(new)!r}: the run's n-cuts and "
+                "z-scores of the two are not comparable (log them to separate runs). MLflow "
+                f"cannot change a param, so the run keeps {kept}."
+            )
+        else:
+            _warn(
+                f"MLflow run {self.run_id} already holds other clusterability settings; MLflow "
+                f"cannot change a param, so the run keeps {kept}."
+            )
+        return {key: value for key, value in params.items() if key not in changed}
 
     def log_report(
         self, report: ClusterabilityReport, step: int, artifacts: Mapping[str, Path]

@@ -99,6 +99,9 @@ __all__ = [
 #: How to install what this module needs.
 INSTALL_HINT = "pip install 'cluster-tracking[wandb]'"
 
+#: The run param (W&B: config key) naming the procedure of the logged numbers.
+PROCEDURE_PARAM = "clusterability.procedure"
+
 #: The step metric every ``clusterability/*`` metric is plotted against (public).
 STEP_METRIC = f"{ARTIFACT_ROOT}/step"
 #: Artifact type of the per-step partition (one version per measured step).
@@ -250,10 +253,28 @@ class WandbSink:
         """Spool the tracker's settings and send them to the run's config."""
         if self.inert:
             return
+        self._warn_if_other_procedure(params)
         with self._lock:
             self.spool.log_params(params)
             self._append({"kind": "params", "params": _plain_params(params)})
             self._drain()
+
+    def _warn_if_other_procedure(self, params: Mapping[str, Any]) -> None:
+        """One warning when the run's config (a resumed run, or a run an earlier tracker
+        wrote to) names another clustering procedure than ``params``: n-cuts and z-scores of
+        the two are not comparable. The config then takes the new value, as W&B allows."""
+        try:
+            old = dict(self.run.config).get(PROCEDURE_PARAM) if self.run is not None else None
+        except Exception:  # a config W&B cannot read now: nothing to compare with
+            return
+        new = params.get(PROCEDURE_PARAM)
+        if old is not None and new is not None and str(old) != str(new):
+            _warn(
+                f"W&B run {self.run_id} was already measured under clustering procedure "
+                f"{str(old)!r}; this tracker measures under {str(new)!r}: the run's n-cuts and "
+                "z-scores of the two are not comparable (log them to separate runs). Its config "
+                f"now says {str(new)!r}."
+            )
 
     def log_report(
         self, report: ClusterabilityReport, step: int, artifacts: Mapping[str, Path]

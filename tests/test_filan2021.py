@@ -8,6 +8,10 @@ bandwidth. The preset's partition is scikit-learn's, label for label.
 from __future__ import annotations
 
 import itertools
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -244,6 +248,24 @@ def test_bandwidth_is_the_documented_one() -> None:
         np.testing.assert_allclose(ten, 10 * one, rtol=1e-12)
 
 
+def test_bandwidth_of_a_pruned_tensor_is_fitted_to_its_non_zero_values() -> None:
+    """Both distribution nulls fit the density to the non-zero values only (the README's
+    statement): the zeros of a pruned tensor neither shrink the std nor raise n."""
+    rng = np.random.default_rng(4)
+    values = np.tile([-0.5, 0.5], 1024)  # std 0.5, n = 2048 non-zero
+    pruned = np.zeros(6144)
+    pruned[rng.permutation(6144)[:2048]] = values
+    pruned = pruned.reshape(64, 96)
+    scott = 0.5 * 2048 ** (-1 / 5)
+    for preset, width in (("filan2021", 0.01), ("default", scott)):
+        for method in ("layer_nonzero_distribution", "layer_all_distribution"):
+            drawn = shuffle_tensor(pruned, method, np.random.default_rng(5), preset=preset)
+            kept = drawn[drawn != 0]
+            assert kept.size == 2048, (preset, method)  # zeros stay zeros, none added
+            noise = kept - np.where(kept > 0, 0.5, -0.5)
+            assert noise.std() == pytest.approx(width, rel=0.06), (preset, method)
+
+
 # --- the report says which procedure produced it -----------------------------------------------
 
 
@@ -279,3 +301,111 @@ def test_random_init_calibration_matches_the_published_numbers() -> None:
     mean, spread = float(np.mean(ncuts)), float(np.std(ncuts))
     assert abs(mean - 10.295) <= 0.03, (mean, spread)
     assert 0.7 * 0.032 <= spread <= 1.5 * 0.032, (mean, spread)
+
+
+# --- the tracker logs the procedure, and warns when a run holds the other one ------------------
+
+
+def _track(sink: object, preset: str, steps: int = 3) -> list[ct.ClusterabilityReport]:
+    """Measure a small MLP at ``steps`` steps under ``preset`` into ``sink``; close."""
+    model = mlp((8, 12, 4), 0)
+    tracker = ct.ClusterabilityTracker(
+        [sink], every_n_steps=1, k=3, shuffles=4, seed=0, n_jobs=1, worker="thread",
+        on_backlog="queue", preset=preset,
+    )  # fmt: skip
+    for step in range(steps):
+        tracker.step(model, step)
+    tracker.close()
+    return tracker.reports
+
+
+def _procedure_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, ct.ClusterTrackingWarning) and "procedure" in str(w.message)
+    ]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from _servers import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+def test_mlflow_run_measured_under_the_other_procedure_warns_once(
+    mlflow_server: Any, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    from cluster_tracking.integrations.mlflow import MlflowSink
+
+    client = MlflowClient(mlflow_server.uri)
+    run_id = client.create_run("0", run_name="two-procedures").info.run_id
+
+    def sink(name: str) -> MlflowSink:
+        return MlflowSink(run_id, tracking_uri=mlflow_server.uri, spool_dir=tmp_path / name)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = _track(sink("first"), "default")
+        again = _track(sink("again"), "default")  # the same procedure: nothing to say
+    assert _procedure_warnings(caught) == [], [str(w.message) for w in caught]
+    assert first[0].config["procedure"] == "default"
+    assert client.get_run(run_id).data.params["clusterability.procedure"] == "default"
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        later = _track(sink("later"), "filan2021", steps=2)
+    said = _procedure_warnings(caught)
+    assert len(said) == 1, [str(w.message) for w in caught]
+    assert run_id in said[0] and "'default'" in said[0] and "'filan2021'" in said[0]
+    assert not any("refused" in str(w.message) for w in caught)  # the params were not rejected
+    run = client.get_run(run_id)
+    # MLflow cannot change a param: the run keeps the first value; the new metrics still land
+    assert run.data.params["clusterability.procedure"] == "default"
+    assert later[-1].config["procedure"] == "filan2021"
+    history = client.get_metric_history(run_id, "clusterability/ncut")
+    assert len(history) == len(first) + len(again) + len(later)
+
+
+@pytest.mark.slow
+def test_wandb_run_measured_under_the_other_procedure_warns_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+    from _wandb_offline import find_run_dir, offline_wandb, read_offline_run
+
+    from cluster_tracking.integrations.wandb import WandbSink
+
+    with offline_wandb(tmp_path / "wandb-home", monkeypatch) as home:
+        run = wandb.init(
+            project="cluster-tracking-tests",
+            dir=str(home),
+            mode="offline",
+            settings=wandb.Settings(
+                x_disable_stats=True, x_disable_meta=True, console="off", disable_git=True
+            ),
+        )
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _track(WandbSink(run=run, spool_dir=tmp_path / "first"), "filan2021")
+                _track(WandbSink(run=run, spool_dir=tmp_path / "again"), "filan2021")
+            assert _procedure_warnings(caught) == [], [str(w.message) for w in caught]
+            assert run.config["clusterability.procedure"] == "filan2021"
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _track(WandbSink(run=run, spool_dir=tmp_path / "later"), "default", steps=2)
+            said = _procedure_warnings(caught)
+            assert len(said) == 1, [str(w.message) for w in caught]
+            assert "'filan2021'" in said[0] and "'default'" in said[0]
+        finally:
+            run.finish()
+        written = read_offline_run(find_run_dir(home, run.id))
+    assert written.config["clusterability.procedure"] == "default"
