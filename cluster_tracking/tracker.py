@@ -23,10 +23,11 @@ and the child process rebuilds each step's graph from it and the copied weights.
 
 Guarantees:
 
-* **Paced to a budget.** The worker runs at nice 19 (training keeps the CPU when both want it),
-  and the tracker paces it to ``max_overhead`` (default 0.1) of the wall time: since the first
-  due step, the time spent measuring stays below ``max_overhead`` times the time elapsed (the
-  worker's one-off start aside). ``close()`` measures what is left at full speed.
+* **Paced to a budget.** On Linux the worker runs at normal priority with one BLAS thread and is
+  throttled (:class:`~cluster_tracking.worker._Throttle`) to run at most ``m / (1 + m)`` of the
+  wall time for ``max_overhead=m`` (default 0.1), in 5 ms bursts, which bounds a busy loop's
+  slowdown to ``1 + m``; elsewhere it runs at nice 19 and the wall time of its measurements is
+  paced to ``max_overhead``. ``close()`` measures what is left at full speed.
 * **Never blocks training; the newest due step wins.** When ``max_pending`` snapshots already
   wait at a due step, ``on_backlog="skip"`` (the default) replaces the oldest waiting one with the
   new one, so the dashboard follows training; ``on_backlog="queue"`` replaces the newest waiting
@@ -81,10 +82,21 @@ from cluster_tracking.worker import (
     _describe,
     _WorkerError,
     _WorkerProcess,
+    can_throttle,
     measure_step,
 )
 
 OnBacklog = Literal["skip", "queue"]
+
+#: Thread-count variables of the BLAS/OpenMP libraries, set to 1 in the throttled child.
+_THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_OPERATIONS",
+    "NUMEXPR_NUM_THREADS",
+)
 
 #: ``max_pending`` when it is not given: 1 with ``on_backlog="skip"``, this with ``"queue"``.
 DEFAULT_QUEUE_PENDING = 16
@@ -192,6 +204,10 @@ class ClusterabilityTracker:
             (due steps were skipped since the previous measurement) only every 5th
             measurement draws them; the metrics and ``report.json`` of every measured step are
             logged all the same, and the last measurement (at ``close()``) has its plots.
+        measure_final: at ``close()``, measure the model of the latest hook call when its step
+            was not measured (the last due step was skipped, or training ran past it), so the
+            final value logged is the final model's (only once the tracker has measured
+            something; a model deleted before ``close()`` is not measured).
         worker: where measurements run. ``"process"`` (default): in a child Python process at
             nice 19, started at the first due step (a few seconds, in the background; it
             imports cluster-tracking, ~400 MB of memory), so they never compete with training
@@ -234,6 +250,7 @@ class ClusterabilityTracker:
         max_pending: int | None = None,
         max_overhead: float | None = 0.1,
         plots: bool = True,
+        measure_final: bool = False,
         worker: Literal["process", "thread"] = "process",
         rank: int | None = None,
         example_inputs: Any = None,
@@ -306,6 +323,7 @@ class ClusterabilityTracker:
         self.worker = worker
         self.n_jobs = n_jobs
         self.plots = bool(plots)
+        self.measure_final = bool(measure_final)
         self.rank = rank
         self._measure_options: dict[str, Any] = {
             "n_jobs": n_jobs,
@@ -370,6 +388,10 @@ class ClusterabilityTracker:
         self._worker: _WorkerProcess | None = None
         self._worker_failed = False
         self._closed = False
+        # the model and step of the latest hook call, for measure_final (a module is held by
+        # weak reference: the tracker never keeps a model alive)
+        self._last_model: Any = None
+        self._last_step = -1
 
     # ----------------------------------------------------------------------------- public API
 
@@ -463,7 +485,11 @@ class ClusterabilityTracker:
         if self.every_n_steps is None:
             return False
         number = self._check_step(step)
-        if number is None or number % self.every_n_steps != 0:
+        if number is None:
+            return False
+        if number >= self._last_step:
+            self._note_latest(model, number)
+        if number % self.every_n_steps != 0:
             return False
         return self._request(model, number)
 
@@ -489,6 +515,8 @@ class ClusterabilityTracker:
         at = number if step is None else self._check_step(step)
         if at is None:
             return False
+        if at >= self._last_step:
+            self._note_latest(model, at)
         return self._request(model, at)
 
     def checkpoint(self, model: nn.Module | Mapping[str, Any], step: int) -> bool:
@@ -505,6 +533,8 @@ class ClusterabilityTracker:
         number = self._check_step(step)
         if number is None:
             return False
+        if number >= self._last_step:
+            self._note_latest(model, number)
         return self._request(model, number, explicit=True)
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -532,6 +562,11 @@ class ClusterabilityTracker:
                 as they take. When it runs out, a warning says what was left undone and the
                 sinks are not closed (the background threads are daemons: they end with Python).
         """
+        if self.measure_final:
+            try:
+                self._measure_final()
+            except Exception as error:  # close() never raises
+                _warn(f"could not measure the final weights: {_describe(error)}.")
         with self._lock:
             if self._closed:
                 return
@@ -564,6 +599,31 @@ class ClusterabilityTracker:
         )
 
     # ------------------------------------------------------------------ training-thread side
+
+    def _note_latest(self, model: nn.Module | Mapping[str, Any], step: int) -> None:
+        """Remember the model and step of the latest hook call (for ``measure_final``)."""
+        self._last_step = step
+        if isinstance(model, nn.Module):
+            if not isinstance(self._last_model, weakref.ref) or self._last_model() is not model:
+                self._last_model = weakref.ref(model)
+        else:
+            self._last_model = model
+
+    def _measure_final(self) -> None:
+        """At ``close()``: snapshot the latest model seen unless its step is measured or waits
+        (the last due step was skipped, or steps ran past it)."""
+        if self._closed or self._last_model is None or self._measure_thread is None:
+            return
+        step = self._last_step
+        with self._lock:
+            if step in self._requested and step not in self._skipped:
+                return
+        model = self._last_model
+        if isinstance(model, weakref.ref):
+            model = model()
+            if model is None:
+                return  # the model is gone: nothing newer to measure
+        self._request(model, step, explicit=True)
 
     def _is_rank_zero(self) -> bool:
         if self.rank is not None:
@@ -787,6 +847,7 @@ class ClusterabilityTracker:
                     or self._behind % PLOTS_WHILE_BEHIND_EVERY == 1
                 )
             started = time.monotonic()
+            run_before = self._worker.run_seconds if self._worker is not None else 0.0
             try:
                 report, images = self._measure(item)
             except Exception as error:
@@ -801,7 +862,11 @@ class ClusterabilityTracker:
                 continue
             finally:
                 item.state = item.graph = item.module = item.weights = None  # free the copy now
-                self._busy_seconds += time.monotonic() - started
+                worker = self._worker
+                if worker is not None and worker.throttle is not None:
+                    self._busy_seconds += worker.run_seconds - run_before  # time it could run
+                else:
+                    self._busy_seconds += time.monotonic() - started
             with self._lock:
                 if self._abandoned:
                     break
@@ -839,8 +904,9 @@ class ClusterabilityTracker:
         self._reports[step] = (offset, len(data))
 
     def _spent(self) -> float:
-        """Seconds spent measuring so far: the wall time of every measurement (in the worker
-        process or this thread, from request to answer) and the logging thread's CPU time."""
+        """Seconds spent measuring so far: of every measurement, the time the throttled child
+        was allowed to run, or else its wall time (in the worker process or this thread, from
+        request to answer); and the logging thread's CPU time."""
         return self._busy_seconds + self._log_cpu
 
     def _pace(self) -> None:
@@ -899,11 +965,9 @@ class ClusterabilityTracker:
             try:
                 if self._worker is None:
                     started = time.monotonic()
-                    self._worker = _WorkerProcess(
-                        die_with_thread=True,
-                        env={"CLUSTER_TRACKING_WARM_PLOTS": "1" if self.plots else "0"},
-                    )
-                    self._busy_seconds -= time.monotonic() - started  # its start is not counted
+                    self._worker = self._start_worker()
+                    if self._worker.throttle is None:  # its start is not counted
+                        self._busy_seconds -= time.monotonic() - started
                 if self._abandoned:
                     raise _Abandoned("close() gave up")
                 return self._worker.call(name, *args)
@@ -922,6 +986,27 @@ class ClusterabilityTracker:
                     "Python-bound training loop while a measurement runs."
                 )
         return _WORKER_CALLS[name](*args)
+
+    def _start_worker(self) -> _WorkerProcess:
+        """The measuring child: throttled to :meth:`_share` at normal priority where the
+        platform allows (Linux), else at nice 19 and paced by wall time (:meth:`_pace`)."""
+        env = {"CLUSTER_TRACKING_WARM_PLOTS": "1" if self.plots else "0"}
+        share = self._share()
+        if share is not None and can_throttle() and not self._closing.is_set():
+            # one thread: it runs on one core at a time, so its bursts displace one training
+            # thread at most
+            env.update({name: "1" for name in _THREAD_VARIABLES})
+            return _WorkerProcess(die_with_thread=True, env=env, nice=False, throttle=share)
+        return _WorkerProcess(die_with_thread=True, env=env, nice=share is not None)
+
+    def _share(self) -> float | None:
+        """The share of wall time the measuring child may run: ``m / (1 + m)`` for
+        ``max_overhead=m``. While it runs, a loop that keeps every core busy can stall entirely
+        (its threads wait for the one the child displaced), so a loop that got ``1 - share`` of
+        the wall time takes at most ``1 / (1 - share) = 1 + m`` times as long."""
+        if self.max_overhead is None:
+            return None
+        return self.max_overhead / (1.0 + self.max_overhead)
 
     def _step_artifacts(
         self, report: ClusterabilityReport, images: Mapping[str, bytes]
@@ -1006,6 +1091,9 @@ class ClusterabilityTracker:
                 self._stopping = True
                 self._wake.notify_all()
             self._closing.set()  # measure what is left at full speed
+            worker = self._worker
+            if worker is not None:
+                worker.unthrottle()
             self._measure_thread.join(remaining())
             if self._measure_thread.is_alive():
                 self._give_up(timeout)

@@ -158,6 +158,72 @@ _WORKER_BOOTSTRAP = (
 )
 
 
+#: Longest stretch the tracker's throttled child runs before it is paused (seconds).
+THROTTLE_BURST_SECONDS = 0.005
+
+
+class _Throttle:
+    """Lets a child process run at most ``share`` of the wall time, in bursts of ``burst`` s.
+
+    A thread of the parent alternates ``SIGCONT`` (the child may run for ``burst`` seconds) and
+    ``SIGSTOP`` (it is paused for ``burst * (1 - share) / share`` seconds) until :meth:`finish`,
+    which always leaves the child running. The kernel enforces the pause whatever the child is
+    doing (a long numpy or scipy call included), unlike a signal handler in the child, which
+    Python runs only between bytecodes. Why a wall-time share and not a CPU share: a training
+    loop whose threads keep every core busy loses a core while the child runs on it, and its
+    OpenMP threads then wait for each other, so the loop can stall for the whole time the child
+    runs; bounding that time to ``share`` bounds the loop's slowdown to ``1 / (1 - share)``.
+    Short bursts keep each stall to a few milliseconds.
+
+    A paused child cannot be orphaned: the tracker's child dies with the thread that started it
+    (``PR_SET_PDEATHSIG`` sends ``SIGKILL``, which also ends a stopped process).
+    """
+
+    def __init__(self, pid: int, share: float, burst: float = THROTTLE_BURST_SECONDS) -> None:
+        self._pid = pid
+        self._on = burst
+        self._off = burst * (1.0 - share) / share
+        self._done = threading.Event()
+        #: wall-clock seconds the child was allowed to run (not paused) so far
+        self.run_seconds = 0.0
+        self._thread = threading.Thread(
+            target=self._cycle, name="cluster-tracking-throttle", daemon=True
+        )
+        self._thread.start()
+
+    def _cycle(self) -> None:
+        resumed = time.monotonic()
+        try:
+            while not self._done.wait(self._on):
+                os.kill(self._pid, signal.SIGSTOP)
+                self.run_seconds += time.monotonic() - resumed
+                finished = self._done.wait(self._off)
+                os.kill(self._pid, signal.SIGCONT)
+                resumed = time.monotonic()
+                if finished:
+                    return
+        except OSError:  # the child is gone
+            return
+        finally:
+            self.run_seconds += time.monotonic() - resumed
+            try:
+                os.kill(self._pid, signal.SIGCONT)  # never leave it paused
+            except OSError:
+                pass
+
+    def finish(self) -> float:
+        """Stop pausing the child (it runs on, unpaused); returns :attr:`run_seconds`."""
+        self._done.set()
+        self._thread.join()
+        return self.run_seconds
+
+
+def can_throttle() -> bool:
+    """Whether :class:`_Throttle` can pause a child here (POSIX signals and, so that a paused
+    child cannot be orphaned, Linux's ``PR_SET_PDEATHSIG``)."""
+    return sys.platform.startswith("linux") and hasattr(signal, "SIGSTOP")
+
+
 class _WorkerError(Exception):
     """A worker function raised; the message is the original ``Type: message``."""
 
@@ -210,7 +276,18 @@ class _WorkerProcess:
         env: Mapping[str, str] | None = None,
         wait: bool = True,
         die_with_thread: bool = False,
+        throttle: float | None = None,
     ) -> None:
+        if throttle is not None and not (die_with_thread and can_throttle()):
+            raise ValueError("throttle needs die_with_thread on Linux (no orphaned paused child)")
+        if throttle is not None and not 0 < throttle < 1:
+            raise ValueError(f"throttle must be a fraction in (0, 1), got {throttle!r}")
+        #: the share of wall time the child may run during a call (None: no limit)
+        self.throttle = throttle
+        #: wall-clock seconds the child was allowed to run during calls (all of a call's wall
+        #: time when it is not throttled)
+        self.run_seconds = 0.0
+        self._throttling: _Throttle | None = None
         package_root = str(Path(__file__).resolve().parents[1])
         self._process = subprocess.Popen(
             [
@@ -273,12 +350,28 @@ class _WorkerProcess:
         if not self.running():
             raise EOFError(f"the worker exited with code {self._process.returncode}")
         self._await_ready()
-        _write_frame(self._process.stdin, (name, args))
-        kind, value, cpu = _read_frame(self._process.stdout)
+        started = time.monotonic()
+        throttle = None if self.throttle is None else _Throttle(self.pid, self.throttle)
+        self._throttling = throttle
+        try:
+            _write_frame(self._process.stdin, (name, args))
+            kind, value, cpu = _read_frame(self._process.stdout)
+        finally:
+            self._throttling = None
+            self.run_seconds += (
+                time.monotonic() - started if throttle is None else throttle.finish()
+            )
         self.cpu_seconds = float(cpu)
         if kind == "error":
             raise _WorkerError(value)
         return value
+
+    def unthrottle(self) -> None:
+        """Let the child run at full speed from now on, the call under way included."""
+        self.throttle = None
+        throttling = self._throttling
+        if throttling is not None:
+            throttling.finish()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the child to exit; kill it if it does not within ``timeout`` seconds."""

@@ -74,7 +74,7 @@ from cluster_tracking.sinks import (
 )
 from cluster_tracking.tracker import ClusterTrackingWarning
 
-__all__ = ["INSTALL_HINT", "MlflowSink"]
+__all__ = ["DEFAULT_CLOSE_TIMEOUT", "INSTALL_HINT", "MlflowSink"]
 
 #: How to install what this module needs.
 INSTALL_HINT = "pip install 'cluster-tracking[mlflow]'"
@@ -94,6 +94,10 @@ _PERMANENT_ERRORS = frozenset(
 )
 
 _log = logging.getLogger(__name__)
+
+#: Seconds :meth:`MlflowSink.close` spends delivering by default before it leaves the rest in
+#: the spool.
+DEFAULT_CLOSE_TIMEOUT = 10.0
 
 
 def _import_mlflow() -> ModuleType:
@@ -139,6 +143,10 @@ class MlflowSink:
             slow or down; older waiting steps keep their metrics only (at least 1).
         upload_threads: artifact uploads under way at once when a backlog drains.
         retry_interval: seconds between delivery attempts while the server is unreachable.
+        close_timeout: the most seconds :meth:`close` spends delivering (default 10; ``None``:
+            as long as it takes). What is not delivered by then stays in the spool, named in one
+            warning with the code that delivers it later; a request still under way is left to
+            finish in the background, and nothing more is sent by this sink.
 
     Raises:
         SinkError: mlflow is not installed, or there is no run and none can be created.
@@ -158,6 +166,7 @@ class MlflowSink:
         max_backlog: int = 8,
         upload_threads: int = 8,
         retry_interval: float = 5.0,
+        close_timeout: float | None = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
         mlflow = _import_mlflow()
         from mlflow.tracking import MlflowClient
@@ -175,6 +184,10 @@ class MlflowSink:
         self.max_backlog = int(max_backlog)
         self.upload_threads = int(upload_threads)
         self.retry_interval = float(retry_interval)
+        if close_timeout is not None and not close_timeout >= 0:
+            raise SinkError(f"close_timeout must be >= 0 seconds or None, got {close_timeout}.")
+        self.close_timeout = None if close_timeout is None else float(close_timeout)
+        self._abandoned = False  # close() gave up: send nothing more
         self.tracking_uri: str = tracking_uri or mlflow.get_tracking_uri()
         self._client = MlflowClient(tracking_uri=self.tracking_uri)
         self._sync_supported = "synchronous" in inspect.signature(self._client.log_batch).parameters
@@ -300,11 +313,14 @@ class MlflowSink:
         """Deliver what is spooled; finish the run if this sink created it. Idempotent.
 
         Args:
-            timeout: seconds to spend delivering (``None``: as long as it takes). Whatever is
-                not delivered by then stays in :attr:`spool`, and one warning says where.
+            timeout: seconds to spend delivering; at most ``close_timeout`` either way
+                (``None``: ``close_timeout``). Whatever is not delivered by then stays in
+                :attr:`spool`, and one warning says where and how to deliver it.
         """
         if self.inert:
             return
+        bounds = [bound for bound in (timeout, self.close_timeout) if bound is not None]
+        timeout = min(bounds) if bounds else None
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             if self._closed:
@@ -314,7 +330,9 @@ class MlflowSink:
         self._wake.set()
         if self._sender is not None:
             self._sender.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        delivered = not self._sender_alive() and self._drain(deadline)
+        delivered = not self._sender_alive() and self._drain_within(deadline)
+        if not delivered:
+            self._abandoned = True  # a request under way may finish; nothing more is sent
         left = self.pending
         if not delivered or left:
             reason = (
@@ -412,6 +430,20 @@ class MlflowSink:
                 "metrics are kept and delivered. Raise max_backlog= to keep more."
             )
 
+    def _drain_within(self, deadline: float | None) -> bool:
+        """:meth:`_drain` in a thread of its own, waited for until ``deadline`` at most: a
+        request to a hung server blocks for MLflow's request timeout, which the deadline
+        checks between requests cannot cut short. False when it ran out."""
+        result: list[bool] = []
+        drainer = threading.Thread(
+            target=lambda: result.append(self._drain(deadline)),
+            name="cluster-tracking-mlflow-close",
+            daemon=True,
+        )
+        drainer.start()
+        drainer.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return bool(result and result[0])
+
     def _drain(self, deadline: float | None = None) -> bool:
         """Deliver everything spooled: params, then the metrics of every waiting report in one
         request, their artifacts a few at a time, then the summary. False when something is
@@ -461,6 +493,8 @@ class MlflowSink:
         for attempt in range(self.retries):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
+            if self._abandoned:
+                return False
             try:
                 if self._suspect:
                     self._probe()  # HTTP /health, only after a failure

@@ -5,6 +5,8 @@ store ``sqlite:///<root>/mlflow.db`` and artifacts served by the server itself f
 ``<root>/artifacts`` (``--serve-artifacts --artifacts-destination``), and waits for ``/health``.
 ``stop()`` ends the server's whole process group (the server and its uvicorn worker) and ``start()``
 brings it back on the same port with the same store: what the fault-tolerance test needs.
+``kill()`` is a crash (``kill -9``); ``pause()`` and ``resume()`` hang the server and bring it back
+(``SIGSTOP``, ``SIGCONT``).
 
 ``DelayingProxy(target_port, delay)`` is a TCP proxy on 127.0.0.1 that holds every request for
 ``delay`` seconds before passing it on (a slow server, or a slow network in front of one).
@@ -146,6 +148,28 @@ class MlflowServer:
             os.killpg(group, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    def kill(self) -> None:
+        """``kill -9`` the server's process group (a crash: no shutdown, sockets reset)."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=20.0)
+
+    def pause(self) -> None:
+        """``SIGSTOP`` the server's process group: it hangs, connections are accepted by the
+        kernel and never answered, until :meth:`resume`."""
+        if self._process is not None:
+            os.killpg(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """``SIGCONT`` the server's process group after :meth:`pause`."""
+        if self._process is not None:
+            os.killpg(self._process.pid, signal.SIGCONT)
 
     def __enter__(self) -> MlflowServer:
         self.start()

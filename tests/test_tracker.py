@@ -706,3 +706,18 @@ def test_a_timed_out_close_leaves_no_worker_process_and_no_traceback(
     assert tracker.reports == []
     threading.Event().wait(1.0)  # anything the child or the threads would still print
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_measure_final_measures_the_weights_of_the_last_step_at_close(tmp_path: Path) -> None:
+    sink = LocalDirectorySink(tmp_path)
+    trainer = Trainer(tiny_mlp())
+    tracker = ClusterabilityTracker(
+        [sink], every_n_steps=4, on_backlog="queue", plots=False, measure_final=True, **FAST
+    )
+    for step in range(11):
+        trainer.step()
+        tracker.step(trainer.model, step)
+    tracker.close()
+
+    assert [report.step for report in tracker.reports] == [0, 4, 8, 10]
+    assert json.loads((tmp_path / "clusterability" / "summary.json").read_text())["steps"][-1] == 10
