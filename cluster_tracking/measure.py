@@ -229,6 +229,8 @@ def measure(
 
         graph = weight_graph(model, **graph_options)
     graph_seconds = time.perf_counter() - started
+    if shuffles:
+        baselines.check_magnitude_blocks(graph.blocks, method)
     root = np.random.SeedSequence(seed)
 
     ks, k_auto = _resolve_ks(k, graph, root)
