@@ -160,7 +160,7 @@ def test_bad_files_and_weights_are_refused(tmp_path: Path) -> None:
     truncated = tmp_path / "truncated.safetensors"
     save_file({"fc1.weight": torch.ones(4, 3)}, str(truncated))
     truncated.write_bytes(truncated.read_bytes()[:-8])
-    with pytest.raises(SourceError, match="truncated or corrupt|corrupt"):
+    with pytest.raises(SourceError, match="corrupt"):
         safetensors_graph(truncated)
     nan = tmp_path / "nan.safetensors"
     weight = torch.ones(4, 3)
