@@ -9,8 +9,9 @@ What a bounded-memory measurement (:mod:`cluster_tracking.graph.lazy`) holds at 
 
 - **graph**: the weight blocks, ``bytes_per_weight`` per edge (4: float32 magnitudes);
 - **solver**: the block Krylov basis and its images (at most ``KRYLOV_MAX_BLOCKS`` blocks of
-  ``k + KRYLOV_OVERSAMPLE`` float64 vectors over the nodes), the k-means distances of every
-  restart (float32) and the row chunks cast for float64 products;
+  ``k + KRYLOV_OVERSAMPLE`` float64 vectors: over one side each for a bipartite graph such as a
+  chain of layers, over every node each otherwise), the k-means distances of every restart
+  (float32) and the row chunks cast for float64 products;
 - **nulls**: with ``shuffles``, the weights written once for the worker processes, and per
   null network measured at once its shuffled weights and the permutation that made them.
 """
@@ -73,15 +74,18 @@ def estimate_peak(
     workers: int = 1,
     bytes_per_weight: int = 4,
     n_init: int = 25,
+    bipartite: bool = False,
 ) -> MemoryEstimate:
     """Estimate the peak memory of measuring a weight graph of ``nodes`` nodes and ``edges``
     weight entries held at ``bytes_per_weight`` bytes, with ``shuffles`` null networks of which
-    ``workers`` are measured at once (on this machine; 0 when they run on a Dask cluster)."""
+    ``workers`` are measured at once (on this machine; 0 when they run on a Dask cluster);
+    ``bipartite``: a chain of layers, whose eigensolver works on its two sides."""
     from cluster_tracking.spectral import CHUNK_ENTRIES, KRYLOV_MAX_BLOCKS, KRYLOV_OVERSAMPLE
 
     graph = edges * bytes_per_weight
     vectors = k + KRYLOV_OVERSAMPLE
-    krylov = 2 * nodes * vectors * KRYLOV_MAX_BLOCKS * 8  # basis and images, float64
+    # basis and images, float64: one side each for a bipartite graph, all nodes each otherwise
+    krylov = (1 if bipartite else 2) * nodes * vectors * KRYLOV_MAX_BLOCKS * 8
     kmeans = 3 * nodes * n_init * k * 4  # distances, packed copies, labels (float32/int)
     chunks = 3 * CHUNK_ENTRIES * 8  # a row chunk cast to float64 and its product
     solver = krylov + kmeans + chunks

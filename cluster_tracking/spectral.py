@@ -42,7 +42,7 @@ How it is fast (``benchmarks/`` measures it against scikit-learn on the same gra
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +110,11 @@ CLUSTERING_PROCEDURES = {
         "lowest inertia kept; n_init 25, 100 above 2000 nodes"
     ),
 }
+
+
+#: ``stage(name, done, total)``: how far a long computation is, by stage (``"graph"``,
+#: ``"eigen"``, ``"k-means"``...); ``done`` of ``total`` steps of that stage.
+StageCallback = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -235,6 +240,7 @@ def spectral_partitions(
     seed: int | np.random.SeedSequence | None = None,
     n_init: int | None = None,
     preset: str = "default",
+    stage: StageCallback | None = None,
 ) -> list[SpectralPartition]:
     """:func:`spectral_partition` for several k at once, sharing one eigendecomposition.
 
@@ -242,6 +248,8 @@ def spectral_partitions(
     largest k, so one embedding serves every k. k-means for each k draws from its own stream,
     derived from ``seed`` and k, so a k's partition does not depend on which other k are asked.
     (Under ``filan2021`` scikit-learn embeds once per k, as the published code does.)
+    ``stage``, if given, is called as ``stage("eigen", done, 2)`` around the embedding and the
+    eigenvalues, and ``stage("k-means", done, len(ks))`` after each k.
     """
     if n_init is not None:
         n_init = _check_positive_int(n_init, "n_init")
@@ -251,7 +259,14 @@ def spectral_partitions(
     with threadpool_limits(1):
         if _check_preset(preset) == "filan2021":
             return _filan2021_partitions(edges, ks, seed=seed, n_init=n_init, eigenvalues=True)
-        return _partitions(edges, ks, seed=seed, n_init=n_init or DEFAULT_N_INIT, eigenvalues=True)
+        return _partitions(
+            edges,
+            ks,
+            seed=seed,
+            n_init=n_init or DEFAULT_N_INIT,
+            eigenvalues=True,
+            stage=stage,
+        )
 
 
 def filan2021_n_init(n_active: int) -> int:
@@ -349,6 +364,7 @@ def _partitions(
     seed: int | np.random.SeedSequence | None,
     n_init: int,
     eigenvalues: bool,
+    stage: StageCallback | None = None,
 ) -> list[SpectralPartition]:
     """The partitions of a graph given as edge pieces (see :func:`spectral_partitions`).
 
@@ -362,12 +378,17 @@ def _partitions(
     rng = np.random.default_rng(child_seed(root, 0))
     solver = _EigenSolver(edges, max(ks), rng)
     large = edges.n_active > LARGE_GRAPH_NODES
+    report = stage if stage is not None else _no_stage
+    report("eigen", 0, 2)
     values, embedding = solver.solve(LARGE_PARTITION_TOL if large else PARTITION_TOL)
     assert embedding is not None
+    report("eigen", 1, 2)
     if eigenvalues:
         values = solver.solve(EIGENVALUE_TOL, vectors=False)[0]
+    report("eigen", 2, 2)
+    report("k-means", 0, len(ks))
     partitions = []
-    for k in ks:
+    for done, k in enumerate(ks, start=1):
         rng = np.random.default_rng(child_seed(root, 1, k))
         candidates = _kmeans_restarts(embedding[:, :k], k, rng, n_init)
         rough = _ncuts_of_pieces(edges, candidates, k, np.float32)
@@ -384,7 +405,12 @@ def _partitions(
                 n_isolated=edges.n_nodes - edges.n_active,
             )
         )
+        report("k-means", done, len(ks))
     return partitions
+
+
+def _no_stage(name: str, done: int, total: int) -> None:
+    """A stage callback that reports nothing."""
 
 
 def block_ncuts(
@@ -509,13 +535,13 @@ class _Piece:
         return self._cast[dtype]
 
     def _chunked(self, dtype: Any) -> bool:
-        """Whether products in ``dtype`` read the weights in row chunks: a large dense piece
-        held in another dtype (a whole cast copy would double its memory)."""
-        return (
-            self.dense
-            and self.weights.dtype != np.dtype(dtype)
-            and self.weights.size > CHUNK_ENTRIES
-        )
+        """Whether products in ``dtype`` read the weights in row chunks: a dense piece held in
+        a narrower dtype (float32 magnitudes, for float64 products: a whole cast copy would
+        triple their memory), or a large one held in another dtype."""
+        if not self.dense or self.weights.dtype == np.dtype(dtype):
+            return False
+        upcast = self.weights.dtype.itemsize < np.dtype(dtype).itemsize
+        return upcast or self.weights.size > CHUNK_ENTRIES
 
     def row_chunks(self, dtype: Any) -> Iterator[tuple[int, int, Any]]:
         """``(start, stop, weights[start:stop] in dtype)``: the whole piece at once, or row
@@ -998,11 +1024,23 @@ def _block_krylov(
     right vectors, left vectors or None)``; stops when the wanted values move less than ``tol``
     between two steps, or when the basis spans the whole space.
     """
-    basis = _orthonormal(start, None)
-    images = forward(basis)
-    gram = basis.T @ images if not bipartite else images.T @ images
+    first = _orthonormal(start, None)
+    first_images = forward(first)
+    gram = first.T @ first_images if not bipartite else first_images.T @ first_images
     previous: np.ndarray | None = None
     max_basis = min(size, KRYLOV_MAX_BLOCKS * start.shape[1])
+    # The basis and its images grow in place in column-major arrays of their largest width:
+    # concatenating them at every step would hold two copies at once (on a billion-edge graph
+    # the images alone can reach 1 GB), and the pages of columns not yet written are never
+    # touched, so they take no memory.
+    width = max(max_basis, first.shape[1])
+    basis_store = np.empty((first.shape[0], width), order="F")
+    images_store = np.empty((first_images.shape[0], width), order="F")
+    filled = first.shape[1]
+    basis_store[:, :filled] = first
+    images_store[:, :filled] = first_images
+    del first, first_images
+    basis, images = basis_store[:, :filled], images_store[:, :filled]
     while True:
         values, coefficients = np.linalg.eigh((gram + gram.T) / 2.0)
         values, coefficients = values[::-1][:n_wanted], coefficients[:, ::-1][:, :n_wanted]
@@ -1024,8 +1062,11 @@ def _block_krylov(
             cross = basis.T @ new_images
             corner = block.T @ new_images
         gram = np.block([[gram, cross], [cross.T, corner]])
-        basis = np.hstack([basis, block])
-        images = np.hstack([images, new_images])
+        grown = filled + block.shape[1]
+        basis_store[:, filled:grown] = block
+        images_store[:, filled:grown] = new_images
+        filled = grown
+        basis, images = basis_store[:, :filled], images_store[:, :filled]
     right = basis @ coefficients
     left = None
     if bipartite:

@@ -139,7 +139,7 @@ def test_memory_precheck_refuses_with_the_estimate(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     save_file(_llama_state_dict(torch.bfloat16), str(path))
     nodes, edges = safetensors_extent(path, layers=MLP_LAYERS)
-    estimate = estimate_peak(nodes, edges, shuffles=50, workers=2)
+    estimate = estimate_peak(nodes, edges, shuffles=50, workers=2, bipartite=True)
     limit = estimate.total - 1
     with pytest.raises(GraphError) as caught:
         safetensors_graph(path, layers=MLP_LAYERS, shuffles=50, workers=2, max_memory=limit)
@@ -151,7 +151,7 @@ def test_memory_precheck_refuses_with_the_estimate(tmp_path: Path) -> None:
     assert "--layers" in message and "shuffles=0" in message and "Dask" in message
     # without the null networks it fits
     safetensors_graph(path, layers=MLP_LAYERS, shuffles=0, max_memory=limit)
-    assert estimate_peak(nodes, edges).total < limit
+    assert estimate_peak(nodes, edges, bipartite=True).total < limit
 
 
 def test_bad_files_and_weights_are_refused(tmp_path: Path) -> None:
@@ -204,3 +204,97 @@ def test_whole_file_chain_matches_weight_graph(tmp_path: Path) -> None:
     whole = safetensors_graph(path)  # fc1, fc2, fc10: natural order, not string order
     assert whole.layer_names == ("input", "fc1", "fc2", "fc10")
     np.testing.assert_allclose(whole.degrees, ct.weight_graph(plain).degrees, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_audits_a_large_safetensors_file_in_bounded_memory(tmp_path: Path) -> None:
+    """A file whose MLP chain has 2^24 edges goes through the bounded reader: refused with exit 4
+    and the estimate when it would not fit --max-memory, measured when it does."""
+    from cluster_tracking.audit import BOUNDED_MIN_EDGES
+    from tests.test_audit_cli import cli, json_reports, one_error_line
+
+    hidden, intermediate = 1024, 4096
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for i in range(2):
+        for name, shape in (
+            ("up_proj", (intermediate, hidden)),
+            ("down_proj", (hidden, intermediate)),
+        ):
+            weight = torch.randn(*shape, generator=generator).to(torch.bfloat16)
+            state[f"model.layers.{i}.mlp.{name}.weight"] = weight
+    path = tmp_path / "mlp.safetensors"
+    save_file(state, str(path))
+    layers = ",".join(
+        f"model.layers.{i}.mlp.{name}" for i in range(2) for name in ("up_proj", "down_proj")
+    )
+    nodes, edges = safetensors_extent(path, layers=layers.split(","))
+    assert edges >= BOUNDED_MIN_EDGES
+
+    refused = cli(
+        "audit",
+        str(path),
+        "--layers",
+        layers,
+        "--shuffles",
+        "50",
+        "--max-memory",
+        "256MiB",
+        cwd=tmp_path,
+    )
+    assert refused.returncode == 4, refused.stderr
+    line = one_error_line(refused)
+    estimate = estimate_peak(nodes, edges, shuffles=50, workers=2, bipartite=True)
+    assert "measuring it needs about" in line and f"{edges:,} edges" in line
+    assert "256.0 MiB" in line and "--layers" in line
+
+    done = cli(
+        "audit",
+        str(path),
+        "--layers",
+        layers,
+        "--shuffles",
+        "0",
+        "--k",
+        "4",
+        "--json",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    (report,) = json_reports(done.stdout)
+    assert "bounded memory" in report.config["source_format"]
+    in_memory = ct.measure(
+        ct.weight_graph(state, layers=layers.split(",")), k=4, shuffles=0, seed=0
+    )
+    assert report.partition.labels == in_memory.partition.labels
+    assert report.ncut == pytest.approx(in_memory.ncut, rel=1e-9)
+    assert estimate.total > 256 * 2**20
+
+
+def test_stages_are_reported_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file(_llama_state_dict(torch.bfloat16), str(path))
+    seen: list[tuple[str, int, int]] = []
+
+    def stage(name: str, done: int, total: int) -> None:
+        seen.append((name, done, total))
+
+    graph = safetensors_graph(path, layers=MLP_LAYERS[:4], stage=stage)
+    ct.measure(graph, k=[3, 4], shuffles=2, seed=0, n_jobs=1, stage=stage)
+    assert [entry for entry in seen if entry[0] == "reading"] == [
+        ("reading", i, 4) for i in (1, 2, 3, 4)
+    ]
+    names = [name for name, _, _ in seen]
+    order = ["reading", "eigen", "k-means", "nulls"]
+    assert sorted(set(names), key=order.index) == order
+    assert names == sorted(names, key=order.index)  # each stage after the one before
+    assert ("eigen", 2, 2) in seen and ("k-means", 2, 2) in seen and seen[-1] == ("nulls", 2, 2)
+    graph_stages = []
+    ct.measure(
+        _llama_state_dict(torch.float32),
+        k=3,
+        shuffles=0,
+        layers=MLP_LAYERS[:2],
+        stage=lambda name, done, total: graph_stages.append((name, done, total)),
+    )
+    assert graph_stages[:2] == [("graph", 0, 1), ("graph", 1, 1)]

@@ -186,7 +186,7 @@ def safetensors_graph(
     tensors = _read_header(path)
     plan = _chain_plan(tensors, layers, path)
     nodes, edges = _extent(plan)
-    estimate = estimate_peak(nodes, edges, k=k, shuffles=shuffles, workers=workers)
+    estimate = estimate_peak(nodes, edges, k=k, shuffles=shuffles, workers=workers, bipartite=True)
     check_fits(estimate, str(path), max_memory)
     entries = []
     total = sum(1 for _, kind, _ in plan if kind != "batchnorm")
