@@ -418,6 +418,10 @@ def audit_source(
     from cluster_tracking.measure import measure
 
     started = time.perf_counter()
+    bounded = _bounded_audit(source, settings, progress)
+    if bounded is not None:
+        loaded, graph, report = bounded
+        return AuditResult(loaded, report, graph, time.perf_counter() - started)
     with memory_limit(settings.max_memory) as limit:
         loaded = load_source(
             source,
@@ -505,6 +509,75 @@ def audit_source(
     return AuditResult(loaded, report, graph, time.perf_counter() - started)
 
 
+#: A local safetensors file whose chain of layers has at least this many edges is audited in
+#: bounded memory (:mod:`cluster_tracking.graph.lazy`: float32 magnitudes, no sparse adjacency).
+BOUNDED_MIN_EDGES = 1 << 24
+
+
+def _bounded_audit(
+    source: str | SourceRef,
+    settings: AuditSettings,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[LoadedModel, WeightGraph, ClusterabilityReport] | None:
+    """Audit a large local safetensors file in bounded memory, its peak estimated and checked
+    first (a :class:`GraphError`, exit 4, when it would not fit); ``None`` for any other
+    source, which the in-memory path reads."""
+    from cluster_tracking.baselines import MAGNITUDE_SHUFFLES
+    from cluster_tracking.graph.lazy import safetensors_extent, safetensors_graph
+    from cluster_tracking.measure import measure
+
+    ref = source if isinstance(source, SourceRef) else parse_source(source)
+    if ref.kind != "file" or ref.path is None or ref.path.suffix.lower() != ".safetensors":
+        return None
+    if settings.arch is not None or (
+        settings.shuffles and settings.method not in MAGNITUDE_SHUFFLES
+    ):
+        return None
+    try:
+        if not ref.path.is_file() or safetensors_extent(ref.path, layers=settings.layers)[1] < (
+            BOUNDED_MIN_EDGES
+        ):
+            return None
+    except ClusterTrackingError:
+        return None  # the in-memory path reports what is wrong with the file, as for any other
+    limit = settings.max_memory if settings.max_memory is not None else current_memory_limit()
+    stage = getattr(progress, "stage", None)  # the CLI's progress bar shows every stage
+    graph = safetensors_graph(
+        ref.path,
+        layers=settings.layers,
+        preset=settings.preset,
+        k=32 if settings.k == "auto" else int(settings.k),
+        shuffles=settings.shuffles,
+        workers=_workers(settings) + 1,
+        max_memory=limit,
+        stage=stage,
+    )
+    loaded = LoadedModel(
+        source=ref.uri,
+        label=ref.path.name,
+        weights={},
+        format="safetensors state_dict, read in bounded memory (float32 magnitudes)",
+        notes=["the layers were read in bounded memory: float32 |W|, no sparse adjacency"],
+    )
+    report = measure(
+        graph,
+        k=settings.k,
+        shuffles=settings.shuffles,
+        shuffle=settings.method,
+        seed=settings.seed,
+        n_jobs=settings.jobs,
+        backend=settings.backend,
+        scheduler=settings.scheduler,
+        preset=settings.preset,
+        progress=None if stage is not None else progress,
+        stage=stage,
+    )
+    report.config["source"] = ref.uri
+    report.config["source_format"] = loaded.format
+    report.config["layers"] = list(settings.layers) if settings.layers else None
+    return loaded, graph, report
+
+
 # ---------------------------------------------------------------------------------------------
 # Files: --out and --log-to-run
 # ---------------------------------------------------------------------------------------------
@@ -528,10 +601,21 @@ def write_bundle(
 
     target = _make_folder(Path(folder))
     report = result.report
+    graph = result.graph
+    if not graph.assembled:  # a bounded-memory audit: the heat map needs the sparse adjacency
+        needed = 3 * 12 * sum(block.weight.size for block in graph.blocks)
+        if needed > current_memory_limit():
+            raise ConfigError(
+                f"{result.label}: the adjacency heat map of --out/--log-to-run needs the sparse "
+                f"adjacency, about {format_size(needed)}, more than the memory limit of "
+                f"{format_size(current_memory_limit())}; audit fewer --layers for the files, or "
+                "drop --out/--log-to-run."
+            )
+        graph = graph.assemble()
     images = {
         "adjacency": png_bytes(
             adjacency_figure(
-                result.graph,
+                graph,
                 report.partition.labels,
                 title=f"{result.label}: weight graph ordered by cluster",
             )
@@ -1179,7 +1263,7 @@ def _progress_bars(shuffles: int) -> Iterator[ProgressFactory]:
     """A progress bar per source on stderr while its null networks are measured (only when
     stderr is a terminal: scripts and logs get no progress output)."""
     console = _stderr()
-    if not shuffles or not console.is_terminal:
+    if not console.is_terminal:
         yield lambda label: None
         return
     from rich.progress import (
@@ -1200,14 +1284,26 @@ def _progress_bars(shuffles: int) -> Iterator[ProgressFactory]:
     ) as progress:
 
         def factory(label: str) -> Callable[[int, int], None]:
-            task = progress.add_task(f"{label}: shuffles", total=shuffles)
-
-            def update(done: int, total: int) -> None:
-                progress.update(task, completed=done, total=total)
-
-            return update
+            return _SourceBar(progress, label, shuffles)
 
         yield factory
+
+
+class _SourceBar:
+    """One source's progress bar: ``bar(done, total)`` for its null networks, and
+    ``bar.stage(name, done, total)`` for the stages of a large audit (reading, eigen...)."""
+
+    def __init__(self, progress: Any, label: str, shuffles: int) -> None:
+        self.progress, self.label = progress, label
+        self.task = progress.add_task(f"{label}: shuffles", total=shuffles or None)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.progress.update(self.task, completed=done, total=total)
+
+    def stage(self, name: str, done: int, total: int) -> None:
+        self.progress.update(
+            self.task, description=f"{self.label}: {name}", completed=done, total=total
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -331,6 +331,25 @@ def shuffled_ncuts(
     return rows
 
 
+#: The shuffles that move values without drawing new ones: the same null on the magnitudes
+#: ``|W|`` as on the signed weights, so they apply to graphs that keep magnitudes only.
+MAGNITUDE_SHUFFLES = ("layer", "layer_nonzero")
+
+
+def check_magnitude_blocks(blocks: Sequence[EdgeBlock], method: str) -> None:
+    """Refuse a null model that needs signed weights on a graph that keeps magnitudes only
+    (the bounded-memory reader's): a kernel density of ``|W|`` is not that of ``W``."""
+    if method in MAGNITUDE_SHUFFLES or method == "random_init":
+        return
+    if any(block.magnitude for block in blocks):
+        raise ConfigError(
+            f"the {method!r} null draws new signed weights from their distribution, but this "
+            "graph was read in bounded memory and keeps the magnitudes |W| only; use "
+            f"shuffle={' or '.join(repr(m) for m in MAGNITUDE_SHUFFLES)} (the same null on "
+            "magnitudes), or build the graph in memory with weight_graph."
+        )
+
+
 def check_shuffle_preconditions(weights: Sequence[np.ndarray], method: str) -> None:
     """Fail early, with the tensor's position, where a shuffle cannot apply."""
     if method not in ("layer_nonzero", "layer_nonzero_distribution"):

@@ -48,6 +48,7 @@ from cluster_tracking.spectral import (
     CLUSTERING_PROCEDURES,
     DEFAULT_N_INIT,
     SpectralPartition,
+    StageCallback,
     child_seed,
     cluster_cuts,
     filan2021_n_init,
@@ -105,6 +106,7 @@ def measure(
     layers: str | Sequence[str] | None = ...,
     init: str | None = ...,
     progress: ProgressCallback | None = ...,
+    stage: StageCallback | None = ...,
     example_inputs: Any = ...,
     include_embeddings: bool = ...,
 ) -> ClusterabilityReport: ...
@@ -127,6 +129,7 @@ def measure(
     layers: str | Sequence[str] | None = ...,
     init: str | None = ...,
     progress: ProgressCallback | None = ...,
+    stage: StageCallback | None = ...,
     example_inputs: Any = ...,
     include_embeddings: bool = ...,
 ) -> list[ClusterabilityReport]: ...
@@ -148,6 +151,7 @@ def measure(
     layers: str | Sequence[str] | None = None,
     init: str | None = None,
     progress: ProgressCallback | None = None,
+    stage: StageCallback | None = None,
     example_inputs: Any = None,
     include_embeddings: bool = False,
 ) -> ClusterabilityReport | list[ClusterabilityReport]:
@@ -191,6 +195,12 @@ def measure(
         init: for ``random_init``: a named ``torch.nn.init`` scheme instead of
             ``reset_parameters()``.
         progress: called as ``progress(done, total)`` while null networks are measured.
+        stage: called as ``stage(name, done, total)`` through the stages of the measurement,
+            for progress bars of large audits: ``"graph"`` (0 then 1 of 1; not when ``model``
+            is a graph already), ``"eigen"`` (the embedding, then the eigenvalues: 0 to 2 of
+            2), ``"k-means"`` (one step per k) and ``"nulls"`` (as ``progress``). The
+            bounded-memory reader (:func:`~cluster_tracking.graph.lazy.safetensors_graph`)
+            reports ``"reading"`` through its own ``stage``.
         example_inputs, include_embeddings: as for :func:`~cluster_tracking.graph.weight_graph`
             (a small input to follow the model with ``torch.export``; embedding tables as
             blocks).
@@ -227,19 +237,35 @@ def measure(
     else:
         from cluster_tracking.graph import weight_graph  # torch, imported on first use
 
+        if stage is not None:
+            stage("graph", 0, 1)
         graph = weight_graph(model, **graph_options)
+        if stage is not None:
+            stage("graph", 1, 1)
     graph_seconds = time.perf_counter() - started
+    if shuffles:
+        baselines.check_magnitude_blocks(graph.blocks, method)
     root = np.random.SeedSequence(seed)
 
     ks, k_auto = _resolve_ks(k, graph, root)
     tick = time.perf_counter()
     observed = spectral_partitions(
-        graph, ks, seed=child_seed(root, 0), n_init=n_init, preset=preset
+        graph, ks, seed=child_seed(root, 0), n_init=n_init, preset=preset, stage=stage
     )
     partition_seconds = time.perf_counter() - tick
 
     tick = time.perf_counter()
     null_ncuts: np.ndarray | None = None
+    if shuffles and stage is not None:
+        stage("nulls", 0, shuffles)
+        reported = progress
+
+        def progress(done: int, total: int) -> None:
+            assert stage is not None
+            stage("nulls", done, total)
+            if reported is not None:
+                reported(done, total)
+
     if shuffles:
         if method != "random_init":
             baselines.check_shuffle_preconditions(graph.weights(), method)

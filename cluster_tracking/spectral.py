@@ -42,7 +42,7 @@ How it is fast (``benchmarks/`` measures it against scikit-learn on the same gra
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +52,7 @@ import scipy.sparse as sp
 import scipy.sparse.csgraph as csgraph
 from threadpoolctl import threadpool_limits
 
-from cluster_tracking.errors import ConfigError
+from cluster_tracking.errors import ConfigError, GraphError
 from cluster_tracking.graph.types import EdgeBlock, WeightGraph, _kernel_slice_norms
 
 #: k-means with at most this many clusters finds nearest centers by a packed integer minimum
@@ -70,6 +70,12 @@ DEFAULT_N_INIT = 25
 KMEANS_MAX_ITER = 10
 #: A piece of the graph at most this many entries large and at least a fifth full is held dense.
 DENSE_MAX_ENTRIES = 1 << 24
+#: A dense weight block larger than this many entries is read in row chunks of at most this many
+#: entries wherever a product needs it in another dtype than it is held in (the float64 products
+#: of a bounded-memory graph's float32 magnitudes), so no whole copy is made; degrees are summed
+#: in float64 over row chunks of this size, whatever the dtype, so that a float32 and a float64
+#: copy of the same weights give the same degrees to the last bit.
+CHUNK_ENTRIES = 1 << 22
 #: Tolerance on the eigenvalues of the embedding that seeds k-means (benchmarks/: the n-cuts
 #: reached are the same at 1e-3, with one Krylov step more), for graphs of up to
 #: :data:`LARGE_GRAPH_NODES` active nodes.
@@ -106,6 +112,11 @@ CLUSTERING_PROCEDURES = {
 }
 
 
+#: ``stage(name, done, total)``: how far a long computation is, by stage (``"graph"``,
+#: ``"eigen"``, ``"k-means"``...); ``done`` of ``total`` steps of that stage.
+StageCallback = Callable[[str, int, int], None]
+
+
 @dataclass(frozen=True)
 class SpectralPartition:
     """A partition of a weight graph into ``k`` clusters.
@@ -138,15 +149,25 @@ def ncut(graph: WeightGraph | sp.sparray | sp.spmatrix | np.ndarray, labels: np.
         The n-cut, between 0 (no edge between clusters) and the number of clusters. A cluster of
         zero volume contributes nothing.
     """
+    if _unassembled(graph):
+        assert isinstance(graph, WeightGraph)
+        labels = _checked_labels(labels, graph.n_nodes)
+        edges = _edges_from_blocks(graph.blocks, graph.n_nodes, graph.node_layer)
+        if np.any(labels[edges.active] < 0):
+            raise ConfigError(
+                "labels leaves a node with edges unclustered (-1); only zero-degree nodes may "
+                "be -1."
+            )
+        active = labels[edges.active]
+        if not active.size:
+            return 0.0
+        compact = np.unique(active, return_inverse=True)[1].astype(np.int64)
+        n_clusters = int(compact.max()) + 1
+        volumes, within = _cluster_weights(edges, compact[None, :], n_clusters, np.float64)
+        cut = np.maximum(volumes - within, 0.0)
+        return float(np.divide(cut, volumes, out=np.zeros_like(cut), where=volumes > 0).sum())
     adjacency = _as_csr(graph)
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.shape[0] != adjacency.shape[0]:
-        raise ConfigError(
-            f"labels has shape {labels.shape} but the graph has {adjacency.shape[0]} nodes; "
-            "pass one label per node, in node order."
-        )
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ConfigError("labels must be integers (cluster ids, -1 for unclustered nodes).")
+    labels = _checked_labels(labels, adjacency.shape[0])
     clustered = labels >= 0
     degrees = np.asarray(adjacency.sum(axis=1)).ravel()
     if np.any(degrees[~clustered] > 0):
@@ -163,6 +184,23 @@ def ncut(graph: WeightGraph | sp.sparray | sp.spmatrix | np.ndarray, labels: np.
     within -= np.bincount(compact[clustered], weights=loops[clustered], minlength=n_clusters)
     cut = np.maximum(volumes - within, 0.0)
     return float(np.divide(cut, volumes, out=np.zeros_like(cut), where=volumes > 0).sum())
+
+
+def _checked_labels(labels: np.ndarray, n_nodes: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.shape[0] != n_nodes:
+        raise ConfigError(
+            f"labels has shape {labels.shape} but the graph has {n_nodes} nodes; "
+            "pass one label per node, in node order."
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError("labels must be integers (cluster ids, -1 for unclustered nodes).")
+    return labels
+
+
+def _unassembled(graph: object) -> bool:
+    """A :class:`WeightGraph` without its sparse adjacency (see ``WeightGraph.assembled``)."""
+    return isinstance(graph, WeightGraph) and not graph.assembled and bool(graph.blocks)
 
 
 def spectral_partition(
@@ -202,6 +240,7 @@ def spectral_partitions(
     seed: int | np.random.SeedSequence | None = None,
     n_init: int | None = None,
     preset: str = "default",
+    stage: StageCallback | None = None,
 ) -> list[SpectralPartition]:
     """:func:`spectral_partition` for several k at once, sharing one eigendecomposition.
 
@@ -209,6 +248,8 @@ def spectral_partitions(
     largest k, so one embedding serves every k. k-means for each k draws from its own stream,
     derived from ``seed`` and k, so a k's partition does not depend on which other k are asked.
     (Under ``filan2021`` scikit-learn embeds once per k, as the published code does.)
+    ``stage``, if given, is called as ``stage("eigen", done, 2)`` around the embedding and the
+    eigenvalues, and ``stage("k-means", done, len(ks))`` after each k.
     """
     if n_init is not None:
         n_init = _check_positive_int(n_init, "n_init")
@@ -218,7 +259,14 @@ def spectral_partitions(
     with threadpool_limits(1):
         if _check_preset(preset) == "filan2021":
             return _filan2021_partitions(edges, ks, seed=seed, n_init=n_init, eigenvalues=True)
-        return _partitions(edges, ks, seed=seed, n_init=n_init or DEFAULT_N_INIT, eigenvalues=True)
+        return _partitions(
+            edges,
+            ks,
+            seed=seed,
+            n_init=n_init or DEFAULT_N_INIT,
+            eigenvalues=True,
+            stage=stage,
+        )
 
 
 def filan2021_n_init(n_active: int) -> int:
@@ -316,6 +364,7 @@ def _partitions(
     seed: int | np.random.SeedSequence | None,
     n_init: int,
     eigenvalues: bool,
+    stage: StageCallback | None = None,
 ) -> list[SpectralPartition]:
     """The partitions of a graph given as edge pieces (see :func:`spectral_partitions`).
 
@@ -329,12 +378,17 @@ def _partitions(
     rng = np.random.default_rng(child_seed(root, 0))
     solver = _EigenSolver(edges, max(ks), rng)
     large = edges.n_active > LARGE_GRAPH_NODES
+    report = stage if stage is not None else _no_stage
+    report("eigen", 0, 2)
     values, embedding = solver.solve(LARGE_PARTITION_TOL if large else PARTITION_TOL)
     assert embedding is not None
+    report("eigen", 1, 2)
     if eigenvalues:
         values = solver.solve(EIGENVALUE_TOL, vectors=False)[0]
+    report("eigen", 2, 2)
+    report("k-means", 0, len(ks))
     partitions = []
-    for k in ks:
+    for done, k in enumerate(ks, start=1):
         rng = np.random.default_rng(child_seed(root, 1, k))
         candidates = _kmeans_restarts(embedding[:, :k], k, rng, n_init)
         rough = _ncuts_of_pieces(edges, candidates, k, np.float32)
@@ -351,7 +405,12 @@ def _partitions(
                 n_isolated=edges.n_nodes - edges.n_active,
             )
         )
+        report("k-means", done, len(ks))
     return partitions
+
+
+def _no_stage(name: str, done: int, total: int) -> None:
+    """A stage callback that reports nothing."""
 
 
 def block_ncuts(
@@ -469,11 +528,50 @@ class _Piece:
 
     def weights_as(self, dtype: Any) -> Any:
         """``weights`` in ``dtype`` (float32 products are twice as fast), cast once."""
-        if np.dtype(dtype) == np.float64:
+        if self.weights.dtype == np.dtype(dtype):
             return self.weights
         if dtype not in self._cast:
             self._cast[dtype] = self.weights.astype(dtype)
         return self._cast[dtype]
+
+    def _chunked(self, dtype: Any) -> bool:
+        """Whether products in ``dtype`` read the weights in row chunks: a dense piece held in
+        a narrower dtype (float32 magnitudes, for float64 products: a whole cast copy would
+        triple their memory), or a large one held in another dtype."""
+        if not self.dense or self.weights.dtype == np.dtype(dtype):
+            return False
+        upcast = self.weights.dtype.itemsize < np.dtype(dtype).itemsize
+        return upcast or self.weights.size > CHUNK_ENTRIES
+
+    def row_chunks(self, dtype: Any) -> Iterator[tuple[int, int, Any]]:
+        """``(start, stop, weights[start:stop] in dtype)``: the whole piece at once, or row
+        chunks of at most :data:`CHUNK_ENTRIES` entries (see :meth:`_chunked`)."""
+        n_rows = self.weights.shape[0]
+        if not self._chunked(dtype):
+            yield 0, n_rows, self.weights_as(dtype)
+            return
+        step = max(1, CHUNK_ENTRIES // max(1, self.weights.shape[1]))
+        for start in range(0, n_rows, step):
+            stop = min(n_rows, start + step)
+            yield start, stop, np.asarray(self.weights[start:stop], dtype=dtype)
+
+    def matmul(self, x: np.ndarray, dtype: Any) -> Any:
+        """``W @ x`` in ``dtype`` (``x``: ``[len(cols), b]`` in ``dtype``)."""
+        if not self._chunked(dtype):
+            return self.weights_as(dtype) @ x
+        out = np.empty((self.weights.shape[0], x.shape[1]), dtype=dtype)
+        for start, stop, chunk in self.row_chunks(dtype):
+            out[start:stop] = chunk @ x
+        return out
+
+    def rmatmul(self, y: np.ndarray, dtype: Any) -> Any:
+        """``W^T @ y`` in ``dtype`` (``y``: ``[len(rows), b]`` in ``dtype``)."""
+        if not self._chunked(dtype):
+            return self.weights_as(dtype).T @ y
+        out = np.zeros((self.weights.shape[1], y.shape[1]), dtype=dtype)
+        for start, stop, chunk in self.row_chunks(dtype):
+            out += chunk.T @ y[start:stop]
+        return out
 
     def edge_list(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(row position, column position, weight)`` of the non-zero entries, self-loops of a
@@ -526,6 +624,8 @@ def _edges_of(graph: WeightGraph | sp.sparray | sp.spmatrix | np.ndarray) -> _Ed
     (cheaper products than a sparse matrix), else its adjacency."""
     if isinstance(graph, WeightGraph) and graph.blocks:
         edges = _edges_from_blocks(graph.blocks, graph.n_nodes, graph.node_layer)
+        if not graph.assembled:
+            return edges
         degrees = graph.degrees
         full = np.zeros(graph.n_nodes)
         full[edges.active] = edges.degrees
@@ -583,8 +683,9 @@ def _edges_from_blocks(blocks: Sequence[EdgeBlock], n_nodes: int, node_layer: np
             not disjoint and np.intersect1d(rows, cols).size
         ):  # a node joined to itself (after a residual add): never cut, dropped
             weights = _drop_self_loops(rows, cols, weights)
-        _add_at(degrees, rows, np.asarray(weights.sum(axis=1)).ravel())
-        _add_at(degrees, cols, np.asarray(weights.sum(axis=0)).ravel())
+        row_sums, col_sums = _row_col_sums(weights)
+        _add_at(degrees, rows, row_sums)
+        _add_at(degrees, cols, col_sums)
         row_parity, col_parity = parity[rows], parity[cols]
         if row_parity.min() != row_parity.max() or col_parity.min() != col_parity.max():
             bipartite = False
@@ -604,7 +705,8 @@ def _edges_from_blocks(blocks: Sequence[EdgeBlock], n_nodes: int, node_layer: np
         if not rows.size or not cols.size:
             continue
         if isinstance(weights, np.ndarray):
-            weights = np.ascontiguousarray(weights)
+            if not (weights.flags.c_contiguous or weights.flags.f_contiguous):
+                weights = np.ascontiguousarray(weights)  # a transposed view is used as it is
         else:
             weights = sp.csr_array(weights)
         pieces.append(_Piece(renumber[rows], renumber[cols], weights))
@@ -612,6 +714,40 @@ def _edges_from_blocks(blocks: Sequence[EdgeBlock], n_nodes: int, node_layer: np
     if sides is not None and (sides.all() or not sides.any()):
         sides = None
     return _Edges(n_nodes, active, degrees[active], pieces, sides)
+
+
+def block_degrees(blocks: Sequence[EdgeBlock], n_nodes: int) -> np.ndarray:
+    """Weighted degree of every node of the graph made of ``blocks`` (self-loops left out, as
+    in the adjacency), shape ``[n_nodes]``, summed block by block without the adjacency."""
+    degrees = np.zeros(n_nodes)
+    for block in blocks:
+        rows, cols, weights = block.dst, block.src, _block_weights(block)
+        if np.intersect1d(rows, cols).size:
+            weights = _drop_self_loops(rows, cols, weights)
+        row_sums, col_sums = _row_col_sums(weights)
+        _add_at(degrees, rows, row_sums)
+        _add_at(degrees, cols, col_sums)
+    return degrees
+
+
+def _row_col_sums(weights: np.ndarray | sp.csr_array) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column sums of a block's ``[out, in]`` edge weights, in float64.
+
+    A dense block is summed in row chunks of :data:`CHUNK_ENTRIES` entries cast to float64, so
+    the sums depend on its shape and values only, not on the dtype it is held in (float64 from
+    a model, float32 from the bounded-memory reader), and no whole float64 copy is made.
+    """
+    if not isinstance(weights, np.ndarray):
+        return np.asarray(weights.sum(axis=1)).ravel(), np.asarray(weights.sum(axis=0)).ravel()
+    n_rows, n_cols = weights.shape
+    step = max(1, CHUNK_ENTRIES // max(1, n_cols))
+    row_sums = np.empty(n_rows)
+    col_sums = np.zeros(n_cols)
+    for start in range(0, n_rows, step):
+        chunk = np.asarray(weights[start : start + step], dtype=np.float64)
+        row_sums[start : start + step] = chunk.sum(axis=1)
+        col_sums += chunk.sum(axis=0)
+    return row_sums, col_sums
 
 
 def _block_weights(block: EdgeBlock) -> np.ndarray | sp.csr_array:
@@ -680,7 +816,7 @@ class _CrossOperator:
         self.scale_second = inv_sqrt_degree[self.second][:, None]
         self.dtype = dtype
         self.parts = [
-            (*_index(position[piece.rows]), *_index(position[piece.cols]), piece.weights_as(dtype))
+            (*_index(position[piece.rows]), *_index(position[piece.cols]), piece)
             for piece in edges.pieces
         ]
         self.shape = (self.first.size, self.second.size)
@@ -689,16 +825,16 @@ class _CrossOperator:
         """``B @ x`` for ``x`` of shape ``[n_second, b]``."""
         xs = (x * self.scale_second).astype(self.dtype)
         out = np.zeros((self.shape[0], x.shape[1]), dtype=self.dtype)
-        for rows, rows_unique, cols, _, weights in self.parts:
-            _scatter_add(out, rows, rows_unique, weights @ xs[cols])
+        for rows, rows_unique, cols, _, piece in self.parts:
+            _scatter_add(out, rows, rows_unique, piece.matmul(xs[cols], self.dtype))
         return out.astype(np.float64) * self.scale_first
 
     def rmatmat(self, y: np.ndarray) -> np.ndarray:
         """``B^T @ y`` for ``y`` of shape ``[n_first, b]``."""
         ys = (y * self.scale_first).astype(self.dtype)
         out = np.zeros((self.shape[1], y.shape[1]), dtype=self.dtype)
-        for rows, _, cols, cols_unique, weights in self.parts:
-            _scatter_add(out, cols, cols_unique, weights.T @ ys[rows])
+        for rows, _, cols, cols_unique, piece in self.parts:
+            _scatter_add(out, cols, cols_unique, piece.rmatmul(ys[rows], self.dtype))
         return out.astype(np.float64) * self.scale_second
 
 
@@ -709,7 +845,7 @@ class _SymmetricOperator:
         self.scale = (1.0 / np.sqrt(edges.degrees))[:, None]
         self.dtype = dtype
         self.parts = [
-            (*_index(piece.rows), *_index(piece.cols), piece.weights_as(dtype), piece.symmetric)
+            (*_index(piece.rows), *_index(piece.cols), piece, piece.symmetric)
             for piece in edges.pieces
         ]
         self.size = edges.n_active
@@ -717,12 +853,12 @@ class _SymmetricOperator:
     def matmat(self, x: np.ndarray) -> np.ndarray:
         xs = (x * self.scale).astype(self.dtype)
         out = np.zeros((self.size, x.shape[1]), dtype=self.dtype)
-        for rows, rows_unique, cols, cols_unique, weights, symmetric in self.parts:
+        for rows, rows_unique, cols, cols_unique, piece, symmetric in self.parts:
             if symmetric:
-                out += weights @ xs
+                out += piece.matmul(xs, self.dtype)
                 continue
-            _scatter_add(out, rows, rows_unique, weights @ xs[cols])
-            _scatter_add(out, cols, cols_unique, weights.T @ xs[rows])
+            _scatter_add(out, rows, rows_unique, piece.matmul(xs[cols], self.dtype))
+            _scatter_add(out, cols, cols_unique, piece.rmatmul(xs[rows], self.dtype))
         return out.astype(np.float64) * self.scale
 
 
@@ -888,11 +1024,23 @@ def _block_krylov(
     right vectors, left vectors or None)``; stops when the wanted values move less than ``tol``
     between two steps, or when the basis spans the whole space.
     """
-    basis = _orthonormal(start, None)
-    images = forward(basis)
-    gram = basis.T @ images if not bipartite else images.T @ images
+    first = _orthonormal(start, None)
+    first_images = forward(first)
+    gram = first.T @ first_images if not bipartite else first_images.T @ first_images
     previous: np.ndarray | None = None
     max_basis = min(size, KRYLOV_MAX_BLOCKS * start.shape[1])
+    # The basis and its images grow in place in column-major arrays of their largest width:
+    # concatenating them at every step would hold two copies at once (on a billion-edge graph
+    # the images alone can reach 1 GB), and the pages of columns not yet written are never
+    # touched, so they take no memory.
+    width = max(max_basis, first.shape[1])
+    basis_store = np.empty((first.shape[0], width), order="F")
+    images_store = np.empty((first_images.shape[0], width), order="F")
+    filled = first.shape[1]
+    basis_store[:, :filled] = first
+    images_store[:, :filled] = first_images
+    del first, first_images
+    basis, images = basis_store[:, :filled], images_store[:, :filled]
     while True:
         values, coefficients = np.linalg.eigh((gram + gram.T) / 2.0)
         values, coefficients = values[::-1][:n_wanted], coefficients[:, ::-1][:, :n_wanted]
@@ -914,8 +1062,11 @@ def _block_krylov(
             cross = basis.T @ new_images
             corner = block.T @ new_images
         gram = np.block([[gram, cross], [cross.T, corner]])
-        basis = np.hstack([basis, block])
-        images = np.hstack([images, new_images])
+        grown = filled + block.shape[1]
+        basis_store[:, filled:grown] = block
+        images_store[:, filled:grown] = new_images
+        filled = grown
+        basis, images = basis_store[:, :filled], images_store[:, :filled]
     right = basis @ coefficients
     left = None
     if bipartite:
@@ -1144,13 +1295,29 @@ def _fill_empty_clusters(
 def _ncuts_of_pieces(edges: _Edges, labels: np.ndarray, k: int, dtype: Any) -> np.ndarray:
     """n-cut of each row of ``labels`` (shape ``[R, n_active]``, values in ``0..k-1``): ``[R]``.
 
-    ``cut(C) = vol(C) - assoc(C, C)`` with ``assoc(C, C) = sum of A[i, j] over i, j in C`` (each
-    edge twice), so ``ncut = sum_C (vol(C) - assoc(C, C)) / vol(C)``. For a dense piece W, the
+    ``cut(C) = vol(C) - assoc(C, C)``, so ``ncut = sum_C (vol(C) - assoc(C, C)) / vol(C)``
+    (:func:`_cluster_weights` gives the volumes and associations).
+    """
+    n_restarts = labels.shape[0]
+    volumes, within = _cluster_weights(edges, labels, k, dtype)
+    cut = np.maximum(volumes - within, 0.0)
+    terms = np.divide(cut, volumes, out=np.zeros_like(cut), where=volumes > 0)
+    return terms.reshape(n_restarts, k).sum(axis=1)
+
+
+def _cluster_weights(
+    edges: _Edges, labels: np.ndarray, k: int, dtype: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(vol, assoc)`` of every cluster of every row of ``labels`` (``[R, n_active]``, values
+    in ``0..k-1``), both ``[R * k]`` (row r's cluster c at ``r * k + c``).
+
+    ``assoc(C, C) = sum of A[i, j] over i, j in C`` (each edge twice). For a dense piece W, the
     within-cluster weight of every restart at once is one product ``onehot(row labels)^T W``
     (``[R * k, columns]``: each column of W summed by the clusters of its rows, in every restart),
     read at each column's own cluster. The one-hot matrix is sparse (R ones per row of W), so the
     product costs ``R`` passes over W where a dense one would cost ``R * k``; ``dtype=float32``
-    halves it again where the values only rank the restarts.
+    halves it again where the values only rank the restarts. A large piece held in another dtype
+    is read in row chunks (:meth:`_Piece.row_chunks`).
     """
     n_restarts = labels.shape[0]
     flat = labels + k * np.arange(n_restarts)[:, None]  # cluster ids unique across restarts
@@ -1164,16 +1331,20 @@ def _ncuts_of_pieces(edges: _Edges, labels: np.ndarray, k: int, dtype: Any) -> n
         row_ids = flat[:, piece.rows]  # [R, m]
         col_ids = flat[:, piece.cols]  # [R, c]
         if piece.dense:
-            # [m, R * k]: row i of W has a 1 at r * k + label_r(i) for each restart r, in order
-            one_hot = sp.csr_array(
-                (
-                    np.ones(row_ids.size, dtype=dtype),
-                    row_ids.T.ravel(),
-                    np.arange(0, row_ids.size + 1, n_restarts),
-                ),
-                shape=(piece.rows.size, n_flat),
-            )
-            per_cluster = one_hot.T @ piece.weights_as(dtype)  # [R * k, c]
+            per_cluster: Any = None
+            for start, stop, chunk in piece.row_chunks(dtype):
+                ids = row_ids[:, start:stop]
+                # [rows, R * k]: row i of W has a 1 at r * k + label_r(i) for each restart r
+                one_hot = sp.csr_array(
+                    (
+                        np.ones(ids.size, dtype=dtype),
+                        ids.T.ravel(),
+                        np.arange(0, ids.size + 1, n_restarts),
+                    ),
+                    shape=(stop - start, n_flat),
+                )
+                part = one_hot.T @ chunk  # [R * k, c]
+                per_cluster = part if per_cluster is None else per_cluster + part
             own = per_cluster[col_ids, np.arange(piece.cols.size)[None, :]]  # [R, c]
             within += factor * np.bincount(
                 col_ids.ravel(), weights=own.ravel().astype(np.float64), minlength=n_flat
@@ -1184,9 +1355,7 @@ def _ncuts_of_pieces(edges: _Edges, labels: np.ndarray, k: int, dtype: Any) -> n
             source = row_ids[r, i]
             same = source == col_ids[r, j]
             within += factor * np.bincount(source[same], weights=w[same], minlength=n_flat)
-    cut = np.maximum(volumes - within, 0.0)
-    terms = np.divide(cut, volumes, out=np.zeros_like(cut), where=volumes > 0)
-    return terms.reshape(n_restarts, k).sum(axis=1)
+    return volumes, within
 
 
 def _within_cluster(
@@ -1211,12 +1380,27 @@ def cluster_cuts(
     graph: WeightGraph | sp.sparray | sp.spmatrix | np.ndarray, labels: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(cut, volume)`` of each cluster ``0..k-1`` of a labelling (``-1`` nodes ignored)."""
+    if _unassembled(graph):
+        assert isinstance(graph, WeightGraph)
+        labels = _checked_labels(labels, graph.n_nodes)
+        edges = _edges_from_blocks(graph.blocks, graph.n_nodes, graph.node_layer)
+        active = labels[edges.active]
+        if np.any(active < 0):
+            raise ConfigError("labels leaves a node with edges unclustered (-1).")
+        volumes, within = _cluster_weights(edges, active[None, :], k, np.float64)
+        return np.maximum(volumes - within, 0.0), volumes
     adjacency = _as_csr(graph)
     volumes, within = _within_cluster(adjacency, np.asarray(labels), k)
     return np.maximum(volumes - within, 0.0), volumes
 
 
 def _as_csr(graph: WeightGraph | sp.sparray | sp.spmatrix | np.ndarray) -> sp.csr_array:
+    if _unassembled(graph):
+        raise GraphError(
+            "this weight graph was built without its sparse adjacency (the bounded-memory "
+            "reader, or weight_topology); assemble it first with graph.assemble(), which needs "
+            "about 24 bytes per edge."
+        )
     adjacency = graph.adjacency if isinstance(graph, WeightGraph) else graph
     adjacency = sp.csr_array(adjacency, dtype=np.float64)
     if adjacency.shape[0] != adjacency.shape[1]:

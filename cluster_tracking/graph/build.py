@@ -66,6 +66,7 @@ class _BlockSpec:
     folded: str | None = None  # the BatchNorm folded into it (as messages call it)
     batchnorm: str | None = None  # that BatchNorm's module name (state_dict prefix)
     source: WeightSource | None = None  # how the weight comes from parameters, if not plainly
+    magnitude: bool = False  # weight holds |W| already (the bounded-memory reader)
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,8 @@ class _Builder:
                 f"{label} normalises {len(scale)} channels but follows layer {spec.name!r} with "
                 f"{n_out} outputs; they cannot be folded. {_chain_advice(label)}"
             )
-        spec.weight = spec.weight * scale.reshape((-1,) + (1,) * (spec.weight.ndim - 1))
+        factor = scale.astype(spec.weight.dtype, copy=False)  # float32 weights stay float32
+        spec.weight = spec.weight * factor.reshape((-1,) + (1,) * (spec.weight.ndim - 1))
         spec.folded = label
         spec.batchnorm = name
 
@@ -384,6 +386,7 @@ class _Builder:
                     norm,
                     spec.batchnorm,
                     spec.source,
+                    spec.magnitude,
                 )
             )
         if not blocks:
@@ -408,6 +411,7 @@ class _Builder:
             blocks=tuple(blocks),
             merged=merged,
             preset=preset,
+            assembled=assemble,
         )
 
     def _final_names(self) -> list[str]:

@@ -55,7 +55,8 @@ class WeightSource:
 class EdgeBlock:
     """One weight tensor of the network and the nodes it joins.
 
-    ``weight`` is the *effective* tensor (BatchNorm already folded in), float64, in torch layout:
+    ``weight`` is the *effective* tensor (BatchNorm already folded in), float64 (float32 from the
+    bounded-memory reader, :mod:`~cluster_tracking.graph.lazy`), in torch layout:
     ``[out, in]`` for ``linear``, ``[out, in / groups, *kernel]`` for ``conv`` and ``[out, C * S]``
     for ``flatten`` (a linear layer reading a flattened ``[C, *spatial]`` feature map,
     channel-major, so flattened input i comes from channel ``i // S``). ``src`` holds the node
@@ -65,6 +66,9 @@ class EdgeBlock:
     regulariser recomputes the effective weight from both modules' live parameters).
     ``source`` says how ``weight`` comes from the parameters when it is more than the module's
     ``weight`` (``None``: ``model.get_submodule(name).weight``, BatchNorm folded).
+    ``magnitude`` says that ``weight`` holds the magnitudes ``|W|`` already, signs dropped (the
+    bounded-memory reader keeps one float32 copy, 4 bytes per edge): the edge weights are then
+    ``weight`` itself, not a copy of its absolute values.
     Null models (shuffles) replace ``weight`` and keep everything else.
     """
 
@@ -77,10 +81,12 @@ class EdgeBlock:
     norm: KernelNorm = "l1"
     batchnorm: str | None = None
     source: WeightSource | None = None
+    magnitude: bool = False
 
     def edge_weights(self) -> np.ndarray:
-        """Dense ``[len(dst), len(src)]`` matrix of edge weights between output and input nodes."""
-        magnitude = np.abs(self.weight)
+        """Dense ``[len(dst), len(src)]`` matrix of edge weights between output and input nodes
+        (``weight`` itself, not a copy, for a ``linear`` block of magnitudes)."""
+        magnitude = self.weight if self.magnitude else np.abs(self.weight)
         n_out, n_in = len(self.dst), len(self.src)
         if self.kind == "linear":
             return magnitude
@@ -144,6 +150,12 @@ class WeightGraph:
         adjacency: symmetric ``[n_nodes, n_nodes]`` scipy sparse matrix of edge weights (float64,
             no self-loops), nodes in the public order (layer by layer, by index inside a layer).
         blocks: the weight tensors the edges come from, in the order they were found.
+        assembled: whether ``adjacency`` holds the graph's edges. ``False`` for the graphs of
+            :func:`~cluster_tracking.graph.weight_topology` and of the bounded-memory reader
+            (:func:`~cluster_tracking.graph.lazy.safetensors_graph`), whose ``adjacency`` is an
+            empty ``[n, n]`` placeholder: :attr:`degrees`, :func:`~cluster_tracking.ncut`,
+            spectral clustering and the measurement work from the weight blocks instead, and
+            :meth:`assemble` makes the sparse adjacency when it is wanted (a plot).
         merged: layers whose nodes were all identified with nodes of earlier layers by residual
             additions (and so are left out of ``layer_names``), mapped to the layer that holds
             their nodes (several holders, when the nodes went to more than one layer, are joined
@@ -157,6 +169,7 @@ class WeightGraph:
     blocks: tuple[EdgeBlock, ...]
     merged: dict[str, str] = field(default_factory=dict)
     preset: str = "default"
+    assembled: bool = True
 
     @property
     def n_nodes(self) -> int:
@@ -176,7 +189,19 @@ class WeightGraph:
     @property
     def degrees(self) -> np.ndarray:
         """Weighted degree of every node (sum of its edge weights), shape ``[n_nodes]``."""
+        if not self.assembled:
+            from cluster_tracking.spectral import block_degrees  # numpy and scipy only
+
+            return block_degrees(self.blocks, self.n_nodes)
         return np.asarray(self.adjacency.sum(axis=1)).ravel()
+
+    def assemble(self) -> WeightGraph:
+        """This graph with its sparse adjacency assembled (itself when it has it already);
+        about 24 bytes per edge more."""
+        if self.assembled:
+            return self
+        adjacency = assemble_adjacency(self.blocks, self.n_nodes)
+        return replace(self, adjacency=adjacency, assembled=True)
 
     def weights(self) -> list[np.ndarray]:
         """The effective weight tensors, one per block (what the null models shuffle)."""
@@ -199,7 +224,7 @@ class WeightGraph:
                 )
             blocks.append(replace(block, weight=array))
         adjacency = assemble_adjacency(blocks, self.n_nodes)
-        return replace(self, adjacency=adjacency, blocks=tuple(blocks))
+        return replace(self, adjacency=adjacency, blocks=tuple(blocks), assembled=True)
 
 
 def assemble_adjacency(blocks: Sequence[EdgeBlock], n_nodes: int) -> sp.csr_array:

@@ -1,0 +1,290 @@
+"""Scale: Llama-style models of 0.1B to 1B (3B) parameters audited in bounded memory.
+
+    python -m benchmarks.bench_scale                       # 0.1B, 0.3B, 1B; in-memory check at 0.1B
+    python -m benchmarks.bench_scale --sizes 0.1B,0.3B,1B,3B --compare 0.1B
+
+Each model is a Llama-style decoder (embeddings, attention with grouped KV heads, gated MLP,
+RMSNorm weights) with random bf16 weights, written to a safetensors file on the fly, one tensor
+at a time (no downloads, no whole model in memory). Its MLP graph, the chain of every block's
+``up_proj`` then ``down_proj`` (the issue's measurement), is then audited with ``shuffles=0`` by
+:func:`cluster_tracking.graph.lazy.safetensors_graph` and :func:`cluster_tracking.measure` in a
+fresh process, which prints the time to read the graph and to partition it, its peak resident
+memory (``ru_maxrss``, which also counts the file's pages while they are mapped) and the bytes
+per edge above the process's memory before reading. With ``--compare`` the in-memory path
+(``weight_graph`` on the loaded state_dict, float64 and a sparse adjacency) measures the same
+graph in another fresh process, and the two n-cuts are compared (target: equal to 1e-6
+relative). The files are deleted afterwards.
+
+Wall-clock numbers are for people to read; no test asserts on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Llama-style configurations: hidden size, MLP size, blocks, attention heads, KV heads, vocab.
+CONFIGS: dict[str, dict[str, int]] = {
+    # BERT-base-sized MLPs (the issue's 57M edges)
+    "0.1B": {"hidden": 768, "intermediate": 3072, "layers": 12, "heads": 12, "kv": 12},
+    # GPT-2-medium-sized MLPs (201M edges)
+    "0.3B": {"hidden": 1024, "intermediate": 4096, "layers": 24, "heads": 16, "kv": 16},
+    # Llama 3.2 1B's shapes (537M edges)
+    "1B": {"hidden": 2048, "intermediate": 8192, "layers": 16, "heads": 32, "kv": 8},
+    # Llama 3.2 3B's shapes (1.4G edges)
+    "3B": {"hidden": 3072, "intermediate": 8192, "layers": 28, "heads": 24, "kv": 8},
+}
+VOCAB = 32_000
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _current_rss() -> int:
+    with open("/proc/self/statm", encoding="ascii") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def tensor_shapes(config: dict[str, int]) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of the Llama-style model, in the order a Hugging Face model declares them."""
+    hidden, inter = config["hidden"], config["intermediate"]
+    head_dim = hidden // config["heads"]
+    kv = config["kv"] * head_dim
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (VOCAB, hidden))]
+    for i in range(config["layers"]):
+        prefix = f"model.layers.{i}"
+        shapes += [
+            (f"{prefix}.self_attn.q_proj.weight", (hidden, hidden)),
+            (f"{prefix}.self_attn.k_proj.weight", (kv, hidden)),
+            (f"{prefix}.self_attn.v_proj.weight", (kv, hidden)),
+            (f"{prefix}.self_attn.o_proj.weight", (hidden, hidden)),
+            (f"{prefix}.mlp.gate_proj.weight", (inter, hidden)),
+            (f"{prefix}.mlp.up_proj.weight", (inter, hidden)),
+            (f"{prefix}.mlp.down_proj.weight", (hidden, inter)),
+            (f"{prefix}.input_layernorm.weight", (hidden,)),
+            (f"{prefix}.post_attention_layernorm.weight", (hidden,)),
+        ]
+    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (VOCAB, hidden))]
+    return shapes
+
+
+def mlp_layers(config: dict[str, int]) -> list[str]:
+    """The MLP chain, in data-flow order: each block's up_proj, then its down_proj."""
+    return [
+        f"model.layers.{i}.mlp.{name}"
+        for i in range(config["layers"])
+        for name in ("up_proj", "down_proj")
+    ]
+
+
+def write_model(config: dict[str, int], path: Path, seed: int = 0) -> int:
+    """Write the model as bf16 safetensors, one tensor at a time; returns its parameter count."""
+    import torch
+
+    shapes = tensor_shapes(config)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes:
+        size = 2 * math.prod(shape)
+        header[name] = {
+            "dtype": "BF16",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    generator = torch.Generator().manual_seed(seed)
+    with open(path, "wb") as handle:
+        handle.write(len(raw).to_bytes(8, "little"))
+        handle.write(raw)
+        for _name, shape in shapes:
+            if len(shape) == 1:
+                tensor = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                std = 1.0 / math.sqrt(shape[1])
+                tensor = (torch.randn(shape, generator=generator) * std).to(torch.bfloat16)
+            handle.write(tensor.view(torch.int16).numpy().tobytes())
+    return sum(math.prod(shape) for _, shape in shapes)
+
+
+def task_bounded(path: str, layers: list[str]) -> dict[str, Any]:
+    """Audit the MLP graph in bounded memory (``shuffles=0``)."""
+    import cluster_tracking as ct
+    from cluster_tracking.graph.lazy import safetensors_graph
+
+    base = _current_rss()
+    started = time.perf_counter()
+    graph = safetensors_graph(path, layers=layers)
+    read = time.perf_counter() - started
+    report = ct.measure(graph, k=12, shuffles=0, seed=0)
+    total = time.perf_counter() - started
+    edges = sum(block.weight.size for block in graph.blocks)
+    return {
+        "nodes": graph.n_nodes,
+        "edges": edges,
+        "read_s": read,
+        "partition_s": report.timings["partition"],
+        "total_s": total,
+        "peak": _peak_rss(),
+        "base": base,
+        "ncut": report.ncut,
+        "labels": report.partition.labels,
+    }
+
+
+def task_in_memory(path: str, layers: list[str]) -> dict[str, Any]:
+    """The same graph through ``weight_graph`` (float64 blocks and a sparse adjacency)."""
+    from safetensors.torch import load_file
+
+    import cluster_tracking as ct
+
+    base = _current_rss()
+    started = time.perf_counter()
+    state = load_file(path)
+    graph = ct.weight_graph(
+        {name + ".weight": state[name + ".weight"] for name in layers}, layers=layers
+    )
+    del state
+    report = ct.measure(graph, k=12, shuffles=0, seed=0)
+    return {
+        "total_s": time.perf_counter() - started,
+        "peak": _peak_rss(),
+        "base": base,
+        "ncut": report.ncut,
+        "labels": report.partition.labels,
+    }
+
+
+TASKS = {"bounded": task_bounded, "in_memory": task_in_memory}
+
+
+def _child(task: str, path: Path, layers: list[str], timeout: float) -> dict[str, Any]:
+    """Run a task in a fresh process; its last stdout line is its JSON result."""
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_scale",
+        "--child",
+        task,
+        str(path),
+        json.dumps(layers),
+    ]
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{task} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of log(y) against log(x)."""
+    lx = [math.log(x) for x in xs]
+    ly = [math.log(max(y, 1e-9)) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    den = sum((x - mx) ** 2 for x in lx)
+    return (
+        sum((x - mx) * (y - my) for x, y in zip(lx, ly, strict=True)) / den if den else float("nan")
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--sizes", default="0.1B,0.3B,1B", help="comma-separated: " + ",".join(CONFIGS)
+    )
+    parser.add_argument("--compare", default="0.1B", help="sizes also run in memory ('' for none)")
+    parser.add_argument(
+        "--dir", default=None, help="where the safetensors files go (deleted after)"
+    )
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per child process")
+    args = parser.parse_args(argv)
+    sizes = [size for size in args.sizes.split(",") if size]
+    compare = {size for size in args.compare.split(",") if size}
+    unknown = [size for size in sizes if size not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown sizes {unknown}; choose from {', '.join(CONFIGS)}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=args.dir) as folder:
+        for size in sizes:
+            config = CONFIGS[size]
+            path = Path(folder) / f"llama-{size}.safetensors"
+            print(f"{size}: writing {path.name} ...", flush=True)
+            started = time.perf_counter()
+            params = write_model(config, path)
+            written = time.perf_counter() - started
+            layers = mlp_layers(config)
+            print(
+                f"{size}: {params / 1e9:.2f}B parameters, {path.stat().st_size / 2**30:.2f} GiB "
+                f"written in {written:.0f} s; auditing the MLP graph ...",
+                flush=True,
+            )
+            row: dict[str, Any] = {
+                "size": size,
+                "params": params,
+                **_child("bounded", path, layers, args.timeout),
+            }
+            if size in compare:
+                print(f"{size}: the in-memory path ...", flush=True)
+                theirs = _child("in_memory", path, layers, args.timeout)
+                row["memory_total_s"] = theirs["total_s"]
+                row["memory_peak"] = theirs["peak"]
+                row["ncut_rel_diff"] = abs(row["ncut"] - theirs["ncut"]) / theirs["ncut"]
+                row["labels_equal"] = row["labels"] == theirs["labels"]
+            path.unlink()
+            rows.append(row)
+            print(_line(row), flush=True)
+    print()
+    print(
+        "size   params  nodes      edges          read s  part. s  total s  peak GB  "
+        "bytes/edge  n-cut"
+    )
+    for row in rows:
+        print(_line(row))
+    for row in rows:
+        if "ncut_rel_diff" in row:
+            print(
+                f"{row['size']} in memory: {row['memory_total_s']:.1f} s, peak "
+                f"{row['memory_peak'] / 1e9:.2f} GB; n-cut relative difference "
+                f"{row['ncut_rel_diff']:.1e}, labels equal: {row['labels_equal']}"
+            )
+    if len(rows) >= 2:
+        edges = [float(row["edges"]) for row in rows]
+        print(
+            "growth exponents against edges (log-log slopes): "
+            f"time {_slope(edges, [row['total_s'] for row in rows]):.2f}, "
+            f"read {_slope(edges, [row['read_s'] for row in rows]):.2f}, "
+            f"partition {_slope(edges, [row['partition_s'] for row in rows]):.2f}, "
+            "memory above base "
+            f"{_slope(edges, [float(row['peak'] - row['base']) for row in rows]):.2f}"
+        )
+
+
+def _line(row: dict[str, Any]) -> str:
+    per_edge = (row["peak"] - row["base"]) / row["edges"]
+    return (
+        f"{row['size']:<6} {row['params'] / 1e9:5.2f}B  {row['nodes']:<9,}  {row['edges']:<13,}  "
+        f"{row['read_s']:6.1f}  {row['partition_s']:7.1f}  {row['total_s']:7.1f}  "
+        f"{row['peak'] / 1e9:7.2f}  {per_edge:10.2f}  {row['ncut']:.6f}"
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "--child":
+        result = TASKS[sys.argv[2]](sys.argv[3], json.loads(sys.argv[4]))
+        print(json.dumps(result))
+    else:
+        main()
