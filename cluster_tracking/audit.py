@@ -39,7 +39,21 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import typer
 
-from cluster_tracking.errors import ClusterTrackingError, ConfigError, GraphError, SourceError
+from cluster_tracking.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_MODEL,
+    EXIT_OK,
+    EXIT_PLATFORM,
+    EXIT_SOURCE,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    ClusterTrackingError,
+    ConfigError,
+    GraphError,
+    SourceError,
+    exit_code,
+)
 from cluster_tracking.graph import WeightGraph
 from cluster_tracking.limits import (
     MAX_JOBS_NOTE,
@@ -59,21 +73,24 @@ from cluster_tracking.loading import (
     mlflow_client,
     parse_source,
 )
-from cluster_tracking.report import ClusterabilityReport, mixed_procedures
+from cluster_tracking.report import (
+    MISSING,
+    P_FLOOR_NOTE,
+    ClusterabilityReport,
+    format_diff,
+    format_ncut,
+    format_null,
+    format_p,
+    format_z,
+    mixed_procedures,
+    p_at_floor,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-#: Exit status of ``audit`` and ``compare``, and what it means.
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_SOURCE = 3
-EXIT_MODEL = 4
-EXIT_PLATFORM = 5
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
-
+#: Exit status of ``audit`` and ``compare`` (the codes are :mod:`cluster_tracking.errors`'),
+#: and what it means.
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success",
     EXIT_INTERNAL: "unexpected internal error (a bug; please report it)",
@@ -160,6 +177,7 @@ class AuditSettings:
             ConfigError: a value is out of range or settings contradict each other.
         """
         from cluster_tracking.baselines import check_method
+        from cluster_tracking.tracking_uri import check_tracking_uri_form
 
         if self.k != "auto" and (isinstance(self.k, bool) or not isinstance(self.k, int)):
             raise ConfigError(f"--k must be a whole number >= 2 or 'auto', got {self.k!r}.")
@@ -186,6 +204,8 @@ class AuditSettings:
                 f"--scheduler {self.scheduler!r} is not a Dask scheduler address; write "
                 "tcp://HOST:PORT, e.g. tcp://127.0.0.1:8786."
             )
+        if self.tracking_uri is not None:
+            check_tracking_uri_form(self.tracking_uri)
         if self.max_memory is not None and self.max_memory <= 0:
             raise ConfigError(f"--max-memory must be positive, got {self.max_memory}.")
         try:
@@ -828,7 +848,12 @@ def run_compare(
     _check_sources(listed, settings, log_run=log_run, step=step)
     settings = _with_capped_jobs(settings)
     if experiments:
-        found, skipped = experiment_sources(experiments, tracking_uri=settings.tracking_uri)
+        notes: list[str] = []
+        found, skipped = experiment_sources(
+            experiments, tracking_uri=settings.tracking_uri, notes=notes
+        )
+        for note in notes:
+            _stderr().print(f"note: {note}", markup=False)
         if not found:
             raise SourceError(
                 f"no run of experiment {', '.join(repr(e) for e in experiments)} holds a logged "
@@ -866,8 +891,12 @@ def run_compare(
         console.print(_table(ordered, settings, title="Clusterability comparison", rank=True))
         console.print(
             "Sorted by z: most clusterable first. Lower n-cut = more clusterable; z < 0 and "
-            "small p: more clusterable than its weight-shuffled networks."
+            "small p: more clusterable than its weight-shuffled networks. diff = n-cut - null "
+            "mean."
         )
+        floor = _floor_note(ordered)
+        if floor:
+            console.print(floor)
         if skipped:
             console.print(f"Runs without a model (not audited): {', '.join(skipped)}.")
         for result in ordered:
@@ -1094,6 +1123,7 @@ def _table(
     table.add_column("source", overflow="fold")
     table.add_column("n-cut", justify="right")
     table.add_column("null mean ± std", justify="right")
+    table.add_column("diff (rel.)", justify="right")
     table.add_column("z", justify="right")
     table.add_column("p", justify="right")
     table.add_column("nodes", justify="right")
@@ -1105,10 +1135,11 @@ def _table(
             nodes += f" (+{report.nodes.removed} isolated)"
         row = [
             _escape(result.label),
-            f"{report.ncut:.4f}",
-            f"{baseline.mean:.4f} ± {baseline.std:.4f}" if baseline else "—",
-            _signed(baseline.z_score) if baseline else "—",
-            f"{baseline.p_value:.3f}" if baseline else "—",
+            format_ncut(report.ncut),
+            format_null(baseline),
+            format_diff(baseline),
+            format_z(baseline.z_score) if baseline else MISSING,
+            format_p(baseline),
             nodes,
             str(report.k),
         ]
@@ -1119,8 +1150,11 @@ def _table(
 def _print_details(console: Any, results: Sequence[AuditResult], folders: dict[int, Path]) -> None:
     console.print(
         "Lower n-cut = more clusterable; z < 0 and small p: more clusterable than its "
-        "weight-shuffled networks (Filan et al. 2021)."
+        "weight-shuffled networks (Filan et al. 2021). diff = n-cut - null mean."
     )
+    floor = _floor_note(results)
+    if floor:
+        console.print(floor)
     for index, result in enumerate(results):
         layers = " → ".join(f"{layer.name} ({layer.width})" for layer in result.report.layers[:10])
         if len(result.report.layers) > 10:
@@ -1137,8 +1171,11 @@ def _print_details(console: Any, results: Sequence[AuditResult], folders: dict[i
             console.print(f"  logged to {_escape(result.logged)}")
 
 
-def _signed(value: float | None) -> str:
-    return "—" if value is None or not math.isfinite(value) else f"{value:+.2f}"
+def _floor_note(results: Sequence[AuditResult]) -> str | None:
+    """The table's footnote when one of its p-values sits at its floor ``1 / (n + 1)``."""
+    if any(r.report.baseline is not None and p_at_floor(r.report.baseline) for r in results):
+        return P_FLOOR_NOTE
+    return None
 
 
 def _escape(text: str) -> str:
@@ -1148,15 +1185,15 @@ def _escape(text: str) -> str:
 
 
 def _stdout() -> Any:
-    from rich.console import Console
+    from cluster_tracking.cli import console
 
-    return Console(highlight=False)
+    return console()
 
 
 def _stderr() -> Any:
-    from rich.console import Console
+    from cluster_tracking.cli import console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return console(stderr=True)
 
 
 @contextmanager
@@ -1198,21 +1235,6 @@ def _progress_bars(shuffles: int) -> Iterator[ProgressFactory]:
 # ---------------------------------------------------------------------------------------------
 # Errors and exit codes
 # ---------------------------------------------------------------------------------------------
-
-
-def exit_code(error: BaseException) -> int:
-    """The exit code of :data:`EXIT_CODES` for an error."""
-    if isinstance(error, PlatformError):
-        return EXIT_PLATFORM
-    if isinstance(error, SourceError):
-        return EXIT_SOURCE
-    if isinstance(error, GraphError):
-        return EXIT_MODEL
-    if isinstance(error, ClusterTrackingError):
-        from cluster_tracking.sinks import SinkError
-
-        return EXIT_PLATFORM if isinstance(error, SinkError) else EXIT_USAGE
-    return EXIT_INTERNAL
 
 
 def _print_error(message: str) -> None:
