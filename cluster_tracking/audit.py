@@ -116,7 +116,13 @@ EXIT_CODES: dict[int, str] = {
 AUDIT_ARTIFACT_DIR = "clusterability/audit"
 
 #: Files an audit writes (``--out``, ``--log-to-run``).
-BUNDLE_FILES = ("report.json", "adjacency.png", "composition.png", "report.html")
+BUNDLE_FILES = (
+    "report.json",
+    "adjacency.png",
+    "cluster_matrix.png",
+    "composition.png",
+    "report.html",
+)
 
 _BACKENDS = ("threading", "loky", "multiprocessing", "dask")
 
@@ -521,15 +527,22 @@ def write_bundle(
     """Write the audit's files into ``folder`` (created if missing).
 
     ``report.json`` (the :class:`~cluster_tracking.report.ClusterabilityReport`), ``adjacency.png``
-    (the weight graph ordered by cluster), ``composition.png`` (each layer's neurons by cluster),
-    ``report.html`` (self-contained, both images embedded), and ``audit.json`` when ``extra`` is
-    given (what was audited, when, and where it was logged).
+    (the weight graph ordered by cluster), ``cluster_matrix.png`` (edge weight between clusters
+    over volume, k x k), ``composition.png`` (each layer's neurons by cluster), ``report.html``
+    (self-contained, the images embedded), and ``audit.json`` when ``extra`` is given (what was
+    audited, when, and where it was logged).
 
     Returns:
         File name -> path.
     """
     from cluster_tracking.html_report import write_html
-    from cluster_tracking.plots import adjacency_figure, composition_figure, png_bytes
+    from cluster_tracking.plots import (
+        adjacency_figure,
+        cluster_matrix,
+        cluster_matrix_figure,
+        composition_figure,
+        png_bytes,
+    )
 
     target = _make_folder(Path(folder))
     report = result.report
@@ -541,6 +554,9 @@ def write_bundle(
                 title=f"{result.label}: weight graph ordered by cluster",
             )
         ),
+        "cluster_matrix": png_bytes(
+            cluster_matrix_figure(cluster_matrix(result.graph, report.partition.labels))
+        ),
         "composition": png_bytes(
             composition_figure(report, title=f"{result.label}: clusters by layer (k = {report.k})")
         ),
@@ -548,12 +564,14 @@ def write_bundle(
     written = {
         "report.json": target / "report.json",
         "adjacency.png": target / "adjacency.png",
+        "cluster_matrix.png": target / "cluster_matrix.png",
         "composition.png": target / "composition.png",
         "report.html": target / "report.html",
     }
     try:
         written["report.json"].write_text(report.to_json(indent=2) + "\n", encoding="utf-8")
         written["adjacency.png"].write_bytes(images["adjacency"])
+        written["cluster_matrix.png"].write_bytes(images["cluster_matrix"])
         written["composition.png"].write_bytes(images["composition"])
         write_html(
             written["report.html"],
