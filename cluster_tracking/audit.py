@@ -39,7 +39,21 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import typer
 
-from cluster_tracking.errors import ClusterTrackingError, ConfigError, GraphError, SourceError
+from cluster_tracking.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_MODEL,
+    EXIT_OK,
+    EXIT_PLATFORM,
+    EXIT_SOURCE,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    ClusterTrackingError,
+    ConfigError,
+    GraphError,
+    SourceError,
+    exit_code,
+)
 from cluster_tracking.graph import WeightGraph
 from cluster_tracking.limits import (
     MAX_JOBS_NOTE,
@@ -60,21 +74,24 @@ from cluster_tracking.loading import (
     mlflow_client,
     parse_source,
 )
-from cluster_tracking.report import ClusterabilityReport, mixed_procedures
+from cluster_tracking.report import (
+    MISSING,
+    P_FLOOR_NOTE,
+    ClusterabilityReport,
+    format_diff,
+    format_ncut,
+    format_null,
+    format_p,
+    format_z,
+    mixed_procedures,
+    p_at_floor,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-#: Exit status of ``audit`` and ``compare``, and what it means.
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_SOURCE = 3
-EXIT_MODEL = 4
-EXIT_PLATFORM = 5
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
-
+#: Exit status of ``audit`` and ``compare`` (the codes are :mod:`cluster_tracking.errors`'),
+#: and what it means.
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success",
     EXIT_INTERNAL: "unexpected internal error (a bug; please report it)",
@@ -100,7 +117,13 @@ EXIT_CODES: dict[int, str] = {
 AUDIT_ARTIFACT_DIR = "clusterability/audit"
 
 #: Files an audit writes (``--out``, ``--log-to-run``).
-BUNDLE_FILES = ("report.json", "adjacency.png", "composition.png", "report.html")
+BUNDLE_FILES = (
+    "report.json",
+    "adjacency.png",
+    "cluster_matrix.png",
+    "composition.png",
+    "report.html",
+)
 
 _BACKENDS = ("threading", "loky", "multiprocessing", "dask")
 
@@ -165,6 +188,7 @@ class AuditSettings:
             ConfigError: a value is out of range or settings contradict each other.
         """
         from cluster_tracking.baselines import check_method
+        from cluster_tracking.tracking_uri import check_tracking_uri_form
 
         if self.k != "auto" and (isinstance(self.k, bool) or not isinstance(self.k, int)):
             raise ConfigError(f"--k must be a whole number >= 2 or 'auto', got {self.k!r}.")
@@ -191,6 +215,8 @@ class AuditSettings:
                 f"--scheduler {self.scheduler!r} is not a Dask scheduler address; write "
                 "tcp://HOST:PORT, e.g. tcp://127.0.0.1:8786."
             )
+        if self.tracking_uri is not None:
+            check_tracking_uri_form(self.tracking_uri)
         if self.max_memory is not None and self.max_memory <= 0:
             raise ConfigError(f"--max-memory must be positive, got {self.max_memory}.")
         try:
@@ -589,15 +615,22 @@ def write_bundle(
     """Write the audit's files into ``folder`` (created if missing).
 
     ``report.json`` (the :class:`~cluster_tracking.report.ClusterabilityReport`), ``adjacency.png``
-    (the weight graph ordered by cluster), ``composition.png`` (each layer's neurons by cluster),
-    ``report.html`` (self-contained, both images embedded), and ``audit.json`` when ``extra`` is
-    given (what was audited, when, and where it was logged).
+    (the weight graph ordered by cluster), ``cluster_matrix.png`` (edge weight between clusters
+    over volume, k x k), ``composition.png`` (each layer's neurons by cluster), ``report.html``
+    (self-contained, the images embedded), and ``audit.json`` when ``extra`` is given (what was
+    audited, when, and where it was logged).
 
     Returns:
         File name -> path.
     """
     from cluster_tracking.html_report import write_html
-    from cluster_tracking.plots import adjacency_figure, composition_figure, png_bytes
+    from cluster_tracking.plots import (
+        adjacency_figure,
+        cluster_matrix,
+        cluster_matrix_figure,
+        composition_figure,
+        png_bytes,
+    )
 
     target = _make_folder(Path(folder))
     report = result.report
@@ -620,6 +653,9 @@ def write_bundle(
                 title=f"{result.label}: weight graph ordered by cluster",
             )
         ),
+        "cluster_matrix": png_bytes(
+            cluster_matrix_figure(cluster_matrix(result.graph, report.partition.labels))
+        ),
         "composition": png_bytes(
             composition_figure(report, title=f"{result.label}: clusters by layer (k = {report.k})")
         ),
@@ -627,12 +663,14 @@ def write_bundle(
     written = {
         "report.json": target / "report.json",
         "adjacency.png": target / "adjacency.png",
+        "cluster_matrix.png": target / "cluster_matrix.png",
         "composition.png": target / "composition.png",
         "report.html": target / "report.html",
     }
     try:
         written["report.json"].write_text(report.to_json(indent=2) + "\n", encoding="utf-8")
         written["adjacency.png"].write_bytes(images["adjacency"])
+        written["cluster_matrix.png"].write_bytes(images["cluster_matrix"])
         written["composition.png"].write_bytes(images["composition"])
         write_html(
             written["report.html"],
@@ -927,7 +965,12 @@ def run_compare(
     _check_sources(listed, settings, log_run=log_run, step=step)
     settings = _with_capped_jobs(settings)
     if experiments:
-        found, skipped = experiment_sources(experiments, tracking_uri=settings.tracking_uri)
+        notes: list[str] = []
+        found, skipped = experiment_sources(
+            experiments, tracking_uri=settings.tracking_uri, notes=notes
+        )
+        for note in notes:
+            _stderr().print(f"note: {note}", markup=False)
         if not found:
             raise SourceError(
                 f"no run of experiment {', '.join(repr(e) for e in experiments)} holds a logged "
@@ -965,8 +1008,12 @@ def run_compare(
         console.print(_table(ordered, settings, title="Clusterability comparison", rank=True))
         console.print(
             "Sorted by z: most clusterable first. Lower n-cut = more clusterable; z < 0 and "
-            "small p: more clusterable than its weight-shuffled networks."
+            "small p: more clusterable than its weight-shuffled networks. diff = n-cut - null "
+            "mean."
         )
+        floor = _floor_note(ordered)
+        if floor:
+            console.print(floor)
         if skipped:
             console.print(f"Runs without a model (not audited): {', '.join(skipped)}.")
         for result in ordered:
@@ -1193,6 +1240,7 @@ def _table(
     table.add_column("source", overflow="fold")
     table.add_column("n-cut", justify="right")
     table.add_column("null mean ± std", justify="right")
+    table.add_column("diff (rel.)", justify="right")
     table.add_column("z", justify="right")
     table.add_column("p", justify="right")
     table.add_column("nodes", justify="right")
@@ -1204,10 +1252,11 @@ def _table(
             nodes += f" (+{report.nodes.removed} isolated)"
         row = [
             _escape(result.label),
-            f"{report.ncut:.4f}",
-            f"{baseline.mean:.4f} ± {baseline.std:.4f}" if baseline else "—",
-            _signed(baseline.z_score) if baseline else "—",
-            f"{baseline.p_value:.3f}" if baseline else "—",
+            format_ncut(report.ncut),
+            format_null(baseline),
+            format_diff(baseline),
+            format_z(baseline.z_score) if baseline else MISSING,
+            format_p(baseline),
             nodes,
             str(report.k),
         ]
@@ -1218,8 +1267,11 @@ def _table(
 def _print_details(console: Any, results: Sequence[AuditResult], folders: dict[int, Path]) -> None:
     console.print(
         "Lower n-cut = more clusterable; z < 0 and small p: more clusterable than its "
-        "weight-shuffled networks (Filan et al. 2021)."
+        "weight-shuffled networks (Filan et al. 2021). diff = n-cut - null mean."
     )
+    floor = _floor_note(results)
+    if floor:
+        console.print(floor)
     for index, result in enumerate(results):
         layers = " → ".join(f"{layer.name} ({layer.width})" for layer in result.report.layers[:10])
         if len(result.report.layers) > 10:
@@ -1236,8 +1288,11 @@ def _print_details(console: Any, results: Sequence[AuditResult], folders: dict[i
             console.print(f"  logged to {_escape(result.logged)}")
 
 
-def _signed(value: float | None) -> str:
-    return "—" if value is None or not math.isfinite(value) else f"{value:+.2f}"
+def _floor_note(results: Sequence[AuditResult]) -> str | None:
+    """The table's footnote when one of its p-values sits at its floor ``1 / (n + 1)``."""
+    if any(r.report.baseline is not None and p_at_floor(r.report.baseline) for r in results):
+        return P_FLOOR_NOTE
+    return None
 
 
 def _escape(text: str) -> str:
@@ -1247,15 +1302,15 @@ def _escape(text: str) -> str:
 
 
 def _stdout() -> Any:
-    from rich.console import Console
+    from cluster_tracking.cli import console
 
-    return Console(highlight=False)
+    return console()
 
 
 def _stderr() -> Any:
-    from rich.console import Console
+    from cluster_tracking.cli import console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return console(stderr=True)
 
 
 @contextmanager
@@ -1309,21 +1364,6 @@ class _SourceBar:
 # ---------------------------------------------------------------------------------------------
 # Errors and exit codes
 # ---------------------------------------------------------------------------------------------
-
-
-def exit_code(error: BaseException) -> int:
-    """The exit code of :data:`EXIT_CODES` for an error."""
-    if isinstance(error, PlatformError):
-        return EXIT_PLATFORM
-    if isinstance(error, SourceError):
-        return EXIT_SOURCE
-    if isinstance(error, GraphError):
-        return EXIT_MODEL
-    if isinstance(error, ClusterTrackingError):
-        from cluster_tracking.sinks import SinkError
-
-        return EXIT_PLATFORM if isinstance(error, SinkError) else EXIT_USAGE
-    return EXIT_INTERNAL
 
 
 def _print_error(message: str) -> None:

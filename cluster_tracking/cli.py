@@ -17,15 +17,75 @@ To add a command, write its implementation in its own module and add a function 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any
+from enum import Enum
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cluster_tracking.errors import ClusterTrackingError
+from cluster_tracking.errors import ClusterTrackingError, exit_code
 from cluster_tracking.limits import MAX_SHUFFLES
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+#: Width of the output when it does not go to a terminal (a file, a pipe) and ``COLUMNS`` does
+#: not say otherwise: wide enough that no table or line is wrapped, as it would be at Rich's
+#: default of 80 columns.
+UNWRAPPED_WIDTH = 1000
+
+
+def console(*, stderr: bool = False) -> Console:
+    """The Rich console the commands print with: the terminal's width on a terminal; elsewhere
+    ``$COLUMNS``, or :data:`UNWRAPPED_WIDTH` so that output piped to a file is not wrapped."""
+    from rich.console import Console
+
+    made = Console(stderr=stderr, highlight=False, soft_wrap=stderr)
+    if not made.is_terminal and not os.environ.get("COLUMNS", "").strip().isdigit():
+        made.width = UNWRAPPED_WIDTH
+    return made
+
+
+# Closed option values: Typer lists them in --help and refuses any other value before work
+# starts (one line, exit 2). The tests check them against the package's own lists.
+
+
+class NullMethod(str, Enum):
+    """``--method``: the null model (:data:`cluster_tracking.baselines.NULL_METHODS`)."""
+
+    layer = "layer"
+    layer_nonzero = "layer_nonzero"
+    layer_nonzero_distribution = "layer_nonzero_distribution"
+    layer_all_distribution = "layer_all_distribution"
+    layer_all_distribution_dense = "layer_all_distribution_dense"
+    random_init = "random_init"
+
+
+class Norm(str, Enum):
+    """``--norm``: the norm of a conv kernel slice as an edge weight."""
+
+    l1 = "l1"
+    l2 = "l2"
+
+
+class Preset(str, Enum):
+    """``--preset``: the procedure (:data:`cluster_tracking.baselines.PRESETS`)."""
+
+    default = "default"
+    filan2021 = "filan2021"
+
+
+class Backend(str, Enum):
+    """``--backend``: the joblib backend of the null networks."""
+
+    loky = "loky"
+    threading = "threading"
+    multiprocessing = "multiprocessing"
+    dask = "dask"
+
 
 # Click's exception classes, wherever this Typer takes Click from (click, or its vendored copy).
 _CLICK_ERRORS = sys.modules[typer.BadParameter.__module__]
@@ -107,15 +167,10 @@ def cli_errors() -> Iterator[None]:
     try:
         yield
     except ClusterTrackingError as error:
-        from rich.console import Console
         from rich.markup import escape
 
-        from cluster_tracking.audit import exit_code
-
         message = " ".join(str(error).split())
-        Console(stderr=True, highlight=False, soft_wrap=True).print(
-            f"[bold red]error:[/bold red] {escape(message)}"
-        )
+        console(stderr=True).print(f"[bold red]error:[/bold red] {escape(message)}")
         raise typer.Exit(exit_code(error)) from None
 
 
@@ -150,6 +205,8 @@ def demo(
     shuffles: Annotated[
         int,
         typer.Option(
+            "--shuffles",
+            "-n",
             min=0,
             max=MAX_SHUFFLES,
             help="Weight-shuffled networks per measurement (the null model).",
@@ -165,7 +222,13 @@ def demo(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of data split, weights, batches and null.")] = 0,
     out: Annotated[
-        str, typer.Option(help="Folder for a local copy of the reports, plots and report.html.")
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for a local copy of the reports, plots and report.html (one subfolder "
+            "per run: runs/RUN_ID/).",
+        ),
     ] = "cluster-tracking-demo",
 ) -> None:
     """Train an MLP on scikit-learn's digits and track its clusterability in MLflow.
@@ -174,8 +237,16 @@ def demo(
     before training and after every epoch its clusterability is measured (k = 12 clusters,
     n-cut against weight-shuffled networks) and logged to an MLflow run: metrics
     clusterability/ncut, z_score, p_value, ... and plots and report.html as artifacts.
-    Prints a table of the measured steps and how to open the MLflow dashboard.
+    Prints a table of the measured steps, the run's URL and the command that opens the MLflow
+    dashboard. An MLflow server that does not answer fails within seconds (exit 5).
     """
+    with cli_errors():  # before torch and mlflow load: a dead server is one line in seconds
+        from cluster_tracking.demo import resolve_tracking_uri
+        from cluster_tracking.tracking_uri import check_tracking_uri
+
+        tracking_uri = resolve_tracking_uri(tracking_uri)
+        check_tracking_uri(tracking_uri, existing=False)
+
     from cluster_tracking.audit import cli_guard
 
     with cli_guard(), cli_errors():
@@ -198,6 +269,7 @@ KOption = Annotated[
     str,
     typer.Option(
         "--k",
+        "-k",
         metavar="K",
         help="Number of clusters (the paper uses 12), or 'auto': the k in 2..32 with the largest "
         "eigengap of the normalised Laplacian.",
@@ -207,17 +279,20 @@ KOption = Annotated[
 ShufflesOption = Annotated[
     int,
     typer.Option(
+        "--shuffles",
+        "-n",
         help="Weight-shuffled networks in the null model (the paper uses 50-100); 0 skips it "
         f"(no z or p). At most {MAX_SHUFFLES}.",
         rich_help_panel=_MEASURE,
     ),
 ]
 MethodOption = Annotated[
-    str,
+    NullMethod,
     typer.Option(
         help="Null model: layer (permute each weight tensor), layer_nonzero (keep the sparsity "
-        "pattern: pruned nets), layer_nonzero_distribution, layer_all_distribution, or "
-        "random_init (needs the pickled model, --trust-pickle).",
+        "pattern: pruned nets), layer_nonzero_distribution, layer_all_distribution (values "
+        "redrawn from a kernel density), layer_all_distribution_dense, or random_init (needs the "
+        "pickled model, --trust-pickle).",
         rich_help_panel=_MEASURE,
     ),
 ]
@@ -230,6 +305,8 @@ SeedOption = Annotated[
 JobsOption = Annotated[
     int,
     typer.Option(
+        "--jobs",
+        "-j",
         help="Parallel workers for the null networks (-1: all cores); more than the CPUs this "
         "process may use are capped to their number, with a note.",
         rich_help_panel=_MEASURE,
@@ -259,9 +336,8 @@ AllowLongRunOption = Annotated[
     ),
 ]
 BackendOption = Annotated[
-    str | None,
+    Backend | None,
     typer.Option(
-        metavar="BACKEND",
         help="joblib backend for the null networks: loky (the default: worker processes kept "
         "alive, this one working too), threading, multiprocessing, or dask (with --scheduler).",
         show_default=False,
@@ -313,15 +389,18 @@ InputShapeOption = Annotated[
     ),
 ]
 NormOption = Annotated[
-    str,
+    Norm,
     typer.Option(
         help="Norm of a conv kernel slice as an edge weight: l1 or l2.", rich_help_panel=_MEASURE
     ),
 ]
 PresetOption = Annotated[
-    str,
+    Preset,
     typer.Option(
-        help="Graph conventions: default, or filan2021 (the published code's, for conv nets).",
+        help="The procedure: default (this package's spectral clustering, whose n-cut is never "
+        "worse than scikit-learn's), or filan2021 (the paper's procedure exactly: scikit-learn's "
+        "SpectralClustering, the paper's nulls and graph conventions; compare z-scores within "
+        "one preset).",
         rich_help_panel=_MEASURE,
     ),
 ]
@@ -339,8 +418,8 @@ TrustOption = Annotated[
 TrackingUriOption = Annotated[
     str | None,
     typer.Option(
-        help="MLflow tracking server or store of runs:/ and models:/ sources. Default: "
-        "$MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db).",
+        help="MLflow tracking server (http://HOST:PORT) or store of runs:/ and models:/ sources. "
+        "Default: $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db).",
         show_default=False,
         rich_help_panel=_SOURCE,
     ),
@@ -407,7 +486,7 @@ def audit(
     ],
     k: KOption = "12",
     shuffles: ShufflesOption = 50,
-    method: MethodOption = "layer",
+    method: MethodOption = NullMethod.layer,
     seed: SeedOption = 0,
     jobs: JobsOption = -1,
     backend: BackendOption = None,
@@ -415,8 +494,8 @@ def audit(
     layers: LayersOption = None,
     arch: ArchOption = None,
     input_shape: InputShapeOption = None,
-    norm: NormOption = "l1",
-    preset: PresetOption = "default",
+    norm: NormOption = Norm.l1,
+    preset: PresetOption = Preset.default,
     trust_pickle: TrustOption = False,
     tracking_uri: TrackingUriOption = None,
     max_memory: MaxMemoryOption = None,
@@ -425,6 +504,8 @@ def audit(
     out: Annotated[
         str | None,
         typer.Option(
+            "--out",
+            "-o",
             metavar="DIR",
             help="Also write report.json, adjacency.png (the weight graph ordered by cluster), "
             "composition.png (each layer's neurons by cluster) and a self-contained report.html "
@@ -460,14 +541,14 @@ def audit(
         settings = AuditSettings(
             k=parse_k(k),
             shuffles=shuffles,
-            method=method,
+            method=method.value,
             seed=seed,
             jobs=jobs,
-            backend=backend,
+            backend=None if backend is None else backend.value,
             scheduler=scheduler,
             layers=parse_layers(layers),
-            norm=norm,  # type: ignore[arg-type]  # validated by AuditSettings.check
-            preset=preset,  # type: ignore[arg-type]
+            norm=norm.value,
+            preset=preset.value,
             trust_pickle=trust_pickle,
             tracking_uri=tracking_uri,
             max_memory=None if max_memory is None else parse_size(max_memory),
@@ -516,7 +597,7 @@ def compare(
     ] = None,
     k: KOption = "12",
     shuffles: ShufflesOption = 50,
-    method: MethodOption = "layer",
+    method: MethodOption = NullMethod.layer,
     seed: SeedOption = 0,
     jobs: JobsOption = -1,
     backend: BackendOption = None,
@@ -524,8 +605,8 @@ def compare(
     layers: LayersOption = None,
     arch: ArchOption = None,
     input_shape: InputShapeOption = None,
-    norm: NormOption = "l1",
-    preset: PresetOption = "default",
+    norm: NormOption = Norm.l1,
+    preset: PresetOption = Preset.default,
     trust_pickle: TrustOption = False,
     tracking_uri: TrackingUriOption = None,
     max_memory: MaxMemoryOption = None,
@@ -577,14 +658,14 @@ def compare(
         settings = AuditSettings(
             k=parse_k(k),
             shuffles=shuffles,
-            method=method,
+            method=method.value,
             seed=seed,
             jobs=jobs,
-            backend=backend,
+            backend=None if backend is None else backend.value,
             scheduler=scheduler,
             layers=parse_layers(layers),
-            norm=norm,  # type: ignore[arg-type]  # validated by AuditSettings.check
-            preset=preset,  # type: ignore[arg-type]
+            norm=norm.value,
+            preset=preset.value,
             trust_pickle=trust_pickle,
             tracking_uri=tracking_uri,
             max_memory=None if max_memory is None else parse_size(max_memory),

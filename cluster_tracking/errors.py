@@ -27,3 +27,36 @@ class SourceError(ClusterTrackingError):
 class LimitError(SourceError):
     """Reading a source would take more memory than the limit allows (``--max-memory``), or the
     source is larger than any reader accepts; the message gives the estimate and the limit."""
+
+
+class PlatformError(SourceError):
+    """A tracking platform (an MLflow server or store, W&B) cannot be reached, refuses the
+    request, or its client package is not installed."""
+
+
+#: Exit status of the CLI's commands (``audit``, ``compare``, ``demo``), by kind of error.
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_SOURCE = 3
+EXIT_MODEL = 4
+EXIT_PLATFORM = 5
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+def exit_code(error: BaseException) -> int:
+    """The CLI's exit code for an error: 5 for a platform (:class:`PlatformError`, a sink that
+    cannot be set up), 3 for a source, 4 for a model, 2 for any other :class:`ClusterTrackingError`
+    (a bad option), 1 for anything else (a bug)."""
+    if isinstance(error, PlatformError):
+        return EXIT_PLATFORM
+    if isinstance(error, SourceError):
+        return EXIT_SOURCE
+    if isinstance(error, GraphError):
+        return EXIT_MODEL
+    if isinstance(error, ClusterTrackingError):
+        from cluster_tracking.sinks import SinkError
+
+        return EXIT_PLATFORM if isinstance(error, SinkError) else EXIT_USAGE
+    return EXIT_INTERNAL

@@ -2,8 +2,10 @@
 
 One file that opens anywhere, offline: no external URL, no JavaScript, plots embedded as base64
 PNG ``data:`` URIs, styles inline. It holds the n-cut trajectory, a table of every measured step
-(step, n-cut, null mean ± std, z-score, p-value), the steps that were skipped or failed, and for
-the last step its heat map, its cluster composition chart and its cluster table.
+(step, n-cut, null mean ± std, diff, z-score, p-value, with the steps that were skipped or
+failed in their place), and for the last step its cluster table, the k x k matrix of edge weight
+between clusters, its heat map and its cluster composition chart. Numbers are written by the
+helpers of :mod:`cluster_tracking.report` (fixed decimals, as in the CLI's tables).
 """
 
 from __future__ import annotations
@@ -11,16 +13,26 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cluster_tracking.report import ClusterabilityReport
+from cluster_tracking.report import (
+    MISSING,
+    P_FLOOR_NOTE,
+    ClusterabilityReport,
+    format_diff,
+    format_ncut,
+    format_null,
+    format_number,
+    format_p,
+    format_z,
+    p_at_floor,
+)
 
 #: Images the report embeds when they are given, by name (PNG bytes).
-IMAGE_NAMES = ("trajectory", "adjacency", "composition")
+IMAGE_NAMES = ("trajectory", "cluster_matrix", "adjacency", "composition")
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto;
@@ -36,6 +48,7 @@ figure { margin: 1rem 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
 figcaption { color: #57606a; font-size: 0.85rem; }
 .verdict { padding: 0.6rem 0.9rem; background: #f6f8fa; border-left: 4px solid #0969da; }
+tr.skipped td, tr.failed td { color: #8c959f; font-style: italic; }
 """
 
 
@@ -52,8 +65,8 @@ def render_html(
 
     Args:
         reports: the measured steps (sorted by step here).
-        images: PNG bytes by name: ``trajectory`` (n-cut against step), ``adjacency`` and
-            ``composition`` (of the last step). Missing ones are left out.
+        images: PNG bytes by name: ``trajectory`` (n-cut against step), ``cluster_matrix``,
+            ``adjacency`` and ``composition`` (of the last step). Missing ones are left out.
         params: the tracker's settings, shown as a table.
         skipped_steps: steps not measured because the previous measurement was still running.
         failed_steps: steps whose measurement failed (see the run's warnings).
@@ -88,15 +101,19 @@ def render_html(
             _figure(
                 "trajectory",
                 images["trajectory"],
-                "n-cut against training step; grey band: null model mean ± one standard deviation.",
+                "n-cut against training step; grey band: null model mean ± one standard deviation; "
+                "red ticks: skipped steps (due, not measured).",
             )
         )
     parts.append("<h2>Measured steps</h2>")
-    parts.append(_steps_table(ordered))
+    parts.append(_steps_table(ordered, skipped_steps, failed_steps))
+    if any(r.baseline is not None and p_at_floor(r.baseline) for r in ordered):
+        parts.append(f'<p id="p-floor">{_e(P_FLOOR_NOTE)}</p>')
     if skipped_steps:
         listed = ", ".join(str(int(s)) for s in skipped_steps)
         parts.append(
-            f'<p id="skipped">Skipped steps (a measurement was still running): {_e(listed)}</p>'
+            f'<p id="skipped">Skipped steps (due, but not measured: a measurement was still '
+            f"running): {_e(listed)}</p>"
         )
     if failed_steps:
         listed = ", ".join(str(int(s)) for s in failed_steps)
@@ -105,6 +122,16 @@ def render_html(
         step = f"step {last.step}" if last.step is not None else "the last report"
         parts.append(f"<h2>Clusters at {_e(step)}</h2>")
         parts.append(_clusters_table(last))
+        if "cluster_matrix" in images:
+            parts.append(
+                _figure(
+                    "cluster_matrix",
+                    images["cluster_matrix"],
+                    "Edge weight between clusters, each row divided by its cluster's volume: "
+                    "the diagonal is the share that stays inside the cluster (a bright diagonal: "
+                    "modular), the rest of a row sums to the cluster's cut / volume.",
+                )
+            )
         if "adjacency" in images:
             parts.append(
                 _figure(
@@ -136,14 +163,14 @@ def write_html(
 def _verdict(report: ClusterabilityReport) -> str:
     baseline = report.baseline
     text = f"At step {report.step}, " if report.step is not None else "The last report: "
-    text += f"n-cut {_num(report.ncut)} with k = {report.k} clusters"
+    text += f"n-cut {format_ncut(report.ncut)} with k = {report.k} clusters"
     if baseline is None:
         text += " (no null model was measured)."
     else:
         text += (
             f"; the {baseline.n} shuffled networks ({_e(baseline.method)}) have "
-            f"{_num(baseline.mean)} ± {_num(baseline.std)}: z = {_num(baseline.z_score, 2)}, "
-            f"p = {_num(baseline.p_value, 3)}. "
+            f"{format_null(baseline)}: diff {format_diff(baseline)}, "
+            f"z = {format_z(baseline.z_score)}, p = {format_p(baseline, long=True)}. "
         )
         if baseline.p_value <= 0.05 and (baseline.z_score or 0) < 0:
             text += "The network is more clusterable than its shuffles."
@@ -152,23 +179,45 @@ def _verdict(report: ClusterabilityReport) -> str:
     return f'<p class="verdict">{text}</p>'
 
 
-def _steps_table(reports: Sequence[ClusterabilityReport]) -> str:
+def _steps_table(
+    reports: Sequence[ClusterabilityReport],
+    skipped_steps: Sequence[int] = (),
+    failed_steps: Sequence[int] = (),
+) -> str:
+    """Every measured step, with the skipped and failed ones in their place (marked)."""
     rows = [
         '<table id="steps">',
-        "<thead><tr><th>step</th><th>n-cut</th><th>null mean ± std</th><th>z</th><th>p</th>"
-        "<th>ave in/out</th></tr></thead>",
+        "<thead><tr><th>step</th><th>n-cut</th><th>null mean ± std</th><th>diff (rel.)</th>"
+        "<th>z</th><th>p</th><th>ave in/out</th></tr></thead>",
         "<tbody>",
     ]
-    for report in reports:
+    entries: list[tuple[float, int, str]] = []
+    for index, report in enumerate(reports):
         baseline = report.baseline
-        null = f"{_num(baseline.mean)} ± {_num(baseline.std)}" if baseline else "—"
-        z = _num(baseline.z_score, 2) if baseline else "—"
-        p = _num(baseline.p_value, 3) if baseline else "—"
-        step = "—" if report.step is None else str(report.step)
-        rows.append(
-            f"<tr><td>{step}</td><td>{_num(report.ncut)}</td><td>{null}</td><td>{z}</td>"
-            f"<td>{p}</td><td>{_num(report.ave_in_out, 3)}</td></tr>"
+        step = MISSING if report.step is None else str(report.step)
+        entries.append(
+            (
+                float(report.step) if report.step is not None else float("inf"),
+                index,
+                f"<tr><td>{step}</td><td>{format_ncut(report.ncut)}</td>"
+                f"<td>{format_null(baseline)}</td><td>{format_diff(baseline)}</td>"
+                f"<td>{format_z(baseline.z_score) if baseline else MISSING}</td>"
+                f"<td>{format_p(baseline)}</td>"
+                f"<td>{format_number(report.ave_in_out, 3)}</td></tr>",
+            )
         )
+    for kind, steps in (("skipped", skipped_steps), ("failed", failed_steps)):
+        why = "skipped: not measured" if kind == "skipped" else "failed: see the run's warnings"
+        for number in steps:
+            entries.append(
+                (
+                    float(number),
+                    len(entries),
+                    f'<tr class="{kind}"><td>{int(number)}</td><td colspan="6" class="text">'
+                    f"{why}</td></tr>",
+                )
+            )
+    rows += [row for _, _, row in sorted(entries)]
     rows += ["</tbody>", "</table>"]
     return "\n".join(rows)
 
@@ -185,8 +234,9 @@ def _clusters_table(report: ClusterabilityReport) -> str:
     for cluster in report.partition.clusters:
         counts = "".join(f"<td>{cluster.per_layer.get(name, 0)}</td>" for name in layer_names)
         rows.append(
-            f"<tr><td>{cluster.cluster}</td><td>{cluster.size}</td><td>{_num(cluster.cut)}</td>"
-            f"<td>{_num(cluster.volume)}</td><td>{_num(cluster.ncut_term)}</td>{counts}</tr>"
+            f"<tr><td>{cluster.cluster}</td><td>{cluster.size}</td>"
+            f"<td>{format_ncut(cluster.cut)}</td><td>{format_ncut(cluster.volume)}</td>"
+            f"<td>{format_ncut(cluster.ncut_term)}</td>{counts}</tr>"
         )
     rows += ["</tbody>", "</table>"]
     removed = report.nodes.removed
@@ -212,12 +262,6 @@ def _figure(name: str, png: bytes, caption: str) -> str:
         f'<figure id="figure-{name}"><img id="{name}" alt="{_e(caption)}" '
         f'src="data:image/png;base64,{data}"><figcaption>{_e(caption)}</figcaption></figure>'
     )
-
-
-def _num(value: float | None, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    return f"{value:.{digits}g}"
 
 
 def _e(text: str) -> str:

@@ -81,12 +81,13 @@ from torch import nn
 
 from cluster_tracking.errors import (
     ClusterTrackingError,
-    ConfigError,
     GraphError,
     LimitError,
+    PlatformError,
     SourceError,
 )
 from cluster_tracking.limits import MemoryBudget, format_size, memory_limit
+from cluster_tracking.tracking_uri import PROBE_TIMEOUT, check_tracking_uri
 
 __all__ = [
     "WEIGHT_SUFFIXES",
@@ -105,9 +106,6 @@ __all__ = [
 
 #: File name endings read as weight files when a folder or a run is searched for a model.
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".pt2")
-
-#: Seconds a tracking server's ``/health`` check (and a W&B request) may take.
-PROBE_TIMEOUT = 5.0
 
 #: How deep (folders inside the source folder) and how many entries a folder source is searched.
 MAX_FOLDER_DEPTH = 4
@@ -141,11 +139,6 @@ _TRUST_HINT = (
 _RUN_ID = re.compile(r"^[A-Za-z0-9_\-]+$")
 _WANDB_PART = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _STAGES = ("none", "staging", "production", "archived")
-
-
-class PlatformError(SourceError):
-    """A tracking platform (an MLflow server or store, W&B) cannot be reached, refuses the
-    request, or its client package is not installed."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1637,97 +1630,6 @@ def _mlflow_uris(mlflow: Any, uri: str) -> Iterator[None]:
         mlflow.set_registry_uri(registry)
 
 
-#: Schemes of MLflow tracking URIs (database schemes may add ``+driver``).
-TRACKING_SCHEMES = (
-    "http",
-    "https",
-    "sqlite",
-    "postgresql",
-    "mysql",
-    "mssql",
-    "file",
-    "databricks",
-    "databricks-uc",
-    "uc",
-)
-
-
-def check_tracking_uri(uri: str, *, existing: bool = True) -> None:
-    """Check an MLflow tracking URI before MLflow is given it, in seconds at most.
-
-    The scheme must be one MLflow knows; an HTTP server must answer ``/health`` within
-    :data:`PROBE_TIMEOUT` seconds (connect and read); a local folder store (``file:``, a plain
-    path) needs ``MLFLOW_ALLOW_FILE_STORE=true`` under MLflow 3, which refuses it otherwise;
-    with ``existing``, a local store must already exist (an audit never creates one).
-
-    Raises:
-        ConfigError: a malformed URI or an unknown scheme (exit 2).
-        PlatformError: the server does not answer, the store does not exist, or MLflow would
-            refuse it (exit 5).
-    """
-    text = str(uri).strip()
-    parsed = urllib.parse.urlparse(text)
-    scheme = parsed.scheme.lower()
-    if len(scheme) == 1:  # a Windows drive letter: a path
-        scheme = ""
-    if scheme and scheme.split("+", 1)[0] not in TRACKING_SCHEMES:
-        raise ConfigError(
-            f"tracking URI {text!r}: unknown scheme {scheme + ':'!r}; use http(s)://HOST:PORT, "
-            "sqlite:///FILE.db, a database URI (postgresql://...) or a folder."
-        )
-    if scheme in ("http", "https") and not parsed.hostname:
-        raise ConfigError(f"tracking URI {text!r} names no host; write http://HOST:PORT.")
-    if not scheme and text.lower() in TRACKING_SCHEMES:
-        return  # a bare profile URI: "databricks", "databricks-uc", "uc"
-    if scheme in ("", "file") and not _file_store_allowed():
-        raise PlatformError(
-            f"{text} is a file store (an mlruns/ folder), which MLflow 3 refuses by default: "
-            "set MLFLOW_ALLOW_FILE_STORE=true to read it, or migrate it to a database once with "
-            "`mlflow migrate-filestore` and pass --tracking-uri sqlite:///mlflow.db."
-        )
-    if existing or scheme in ("http", "https"):
-        _check_tracking_store(text)
-
-
-def _file_store_allowed() -> bool:
-    return os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("1", "true", "yes")
-
-
-def _check_tracking_store(uri: str) -> None:
-    if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT):
-                return
-        except urllib.error.HTTPError as error:
-            if error.code < 500:
-                return  # it answers (e.g. a proxy without /health): let MLflow talk to it
-            raise PlatformError(
-                f"the MLflow server at {uri} answers HTTP {error.code}; is it healthy?"
-            ) from error
-        except (OSError, ValueError) as error:
-            reason = getattr(error, "reason", error)
-            raise PlatformError(
-                f"cannot reach the MLflow server at {uri} ({_first_line(reason)}); start it, or "
-                "pass --tracking-uri / set MLFLOW_TRACKING_URI."
-            ) from error
-    parsed = urllib.parse.urlparse(uri)
-    if parsed.scheme == "sqlite":
-        database = uri.split(":///", 1)[1] if ":///" in uri else ""
-        if database and database != ":memory:" and not Path(database).exists():
-            raise PlatformError(
-                f"no MLflow store at {uri} (the file does not exist); pass --tracking-uri or set "
-                "MLFLOW_TRACKING_URI to the store or server that holds the run."
-            )
-    elif parsed.scheme in ("", "file"):
-        folder = Path(urllib.parse.unquote(parsed.path) if parsed.scheme else uri)
-        if not folder.is_dir():
-            raise PlatformError(
-                f"no MLflow store at {uri} (no such folder); pass --tracking-uri or set "
-                "MLFLOW_TRACKING_URI to the store or server that holds the run."
-            )
-
-
 def _mlflow_error(error: BaseException, what: str, uri: str) -> SourceError:
     """An MLflow exception as a SourceError (not found) or PlatformError (anything else)."""
     code = getattr(error, "error_code", "")
@@ -1893,17 +1795,40 @@ def _logged_models(client: Any, run: Any) -> list[Any]:
     return sorted(found, key=lambda m: getattr(m, "creation_timestamp", 0) or 0, reverse=True)
 
 
+def _model_status(model: Any) -> str:
+    """A logged model's status as text (``READY``, ``FAILED``, ``PENDING``...)."""
+    status = getattr(model, "status", None)
+    return str(getattr(status, "value", status) or "UNSPECIFIED").upper()
+
+
 def run_model_uris(
-    client: Any, run: Any, *, max_depth: int = 4, max_items: int = 2000
+    client: Any,
+    run: Any,
+    *,
+    max_depth: int = 4,
+    max_items: int = 2000,
+    notes: list[str] | None = None,
 ) -> list[str]:
     """The models an MLflow run holds, as URIs, best first.
 
-    In this order: the MLflow 3 logged models of the run (``models:/<model_id>``, newest first),
-    MLflow models among its artifacts (folders with an ``MLmodel`` file), then weight files
-    (:data:`WEIGHT_SUFFIXES`) among its artifacts (``runs:/<run_id>/<path>``). The artifacts
-    under ``clusterability/`` (written by the tracker and by audits) are not searched.
+    In this order: the MLflow 3 logged models of the run (``models:/<model_id>``, newest first)
+    whose status is READY, MLflow models among its artifacts (folders with an ``MLmodel`` file),
+    then weight files (:data:`WEIGHT_SUFFIXES`) among its artifacts (``runs:/<run_id>/<path>``).
+    A logged model that is not READY (FAILED: its ``log_model`` raised; PENDING: still being
+    written or abandoned) has no complete files, so it is left out, with one line in ``notes``
+    when a list is given. The artifacts under ``clusterability/`` (written by the tracker and by
+    audits) are not searched.
     """
-    uris = [f"models:/{model.model_id}" for model in _logged_models(client, run)]
+    uris: list[str] = []
+    for model in _logged_models(client, run):
+        status = _model_status(model)
+        if status == "READY":
+            uris.append(f"models:/{model.model_id}")
+        elif notes is not None:
+            notes.append(
+                f"run {_run_label(run)}: logged model {getattr(model, 'name', '')!r} "
+                f"({model.model_id}) is {status}, not READY; skipped."
+            )
     model_dirs: list[str] = []
     files: list[str] = []
     seen = 0
@@ -1932,13 +1857,17 @@ def run_model_uris(
 
 
 def experiment_sources(
-    experiments: Sequence[str], *, tracking_uri: str | None = None
+    experiments: Sequence[str],
+    *,
+    tracking_uri: str | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """Every run of MLflow experiments that holds a model: ``([(uri, run label)], skipped)``.
 
-    Each run gives its best model (:func:`run_model_uris`): its newest logged model, else an
-    MLflow model or weight file among its artifacts. Deleted runs are left out; ``skipped``
-    names the runs without any model.
+    Each run gives its best model (:func:`run_model_uris`): its newest READY logged model, else
+    an MLflow model or weight file among its artifacts. Deleted runs are left out; ``skipped``
+    names the runs without any model; logged models left out because they are not READY are
+    described in ``notes``, one line each, when a list is given.
 
     Raises:
         SourceError: an experiment does not exist.
@@ -1969,7 +1898,7 @@ def experiment_sources(
             except Exception as error:
                 raise _mlflow_error(error, f"the runs of experiment {name!r}", uri) from error
             for run in runs:
-                uris = run_model_uris(client, run)
+                uris = run_model_uris(client, run, notes=notes)
                 if uris:
                     found.append((uris[0], _run_label(run)))
                 else:

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -89,7 +91,7 @@ class LocalDirectorySink:
 
     Layout under ``path``::
 
-        params.json                               the tracker's settings
+        params.json                               the tracker's settings, and "run_id"
         reports.jsonl                             one report per line (ClusterabilityReport JSON)
         clusterability/step-<step>/report.json    per step: report, heat map, composition chart
         clusterability/step-<step>/adjacency.png
@@ -99,14 +101,21 @@ class LocalDirectorySink:
         clusterability/report.html                self-contained HTML report
 
     Each line of ``reports.jsonl`` parses with :meth:`ClusterabilityReport.from_json`; read them
-    all with :meth:`read_reports`. Writing to an existing directory appends.
+    all with :meth:`read_reports`. Every sink is one run with its own :attr:`run_id`, written into
+    each report line (``config["run_id"]``) and into ``params.json``, so a second run writing to
+    the same directory appends lines that ``read_reports(run_id=...)`` tells apart (its plots
+    and summary replace the first run's; give each run its own directory to keep both).
 
     Args:
         path: the directory (created if missing).
+        run_id: this run's id; default a new one, ``YYYYmmdd-HHMMSS-`` and 6 random hex digits.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, run_id: str | None = None) -> None:
         self.path = Path(path)
+        self.run_id = run_id if run_id is not None else new_run_id()
+        if not isinstance(self.run_id, str) or not self.run_id.strip():
+            raise SinkError(f"run_id must be a non-empty string, got {run_id!r}.")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -127,16 +136,16 @@ class LocalDirectorySink:
         if file.exists():
             current = json.loads(file.read_text(encoding="utf-8"))
         current.update({str(key): _plain(value) for key, value in params.items()})
+        current["run_id"] = self.run_id
         _write_atomic(file, json.dumps(current, indent=2, sort_keys=True))
 
     def log_report(
         self, report: ClusterabilityReport, step: int, artifacts: Mapping[str, Path]
     ) -> None:
-        """Append the report to ``reports.jsonl`` and copy its artifacts to its step folder."""
+        """Append the report, with this run's id, to ``reports.jsonl`` and copy its artifacts to
+        its step folder."""
         self.copy_artifacts(artifacts, self.path / step_artifact_dir(step))
-        if report.step != step:
-            report = _with_step(report, step)
-        line = report.to_json() + "\n"
+        line = _with_run(report, step, self.run_id).to_json() + "\n"
         with open(self.reports_file, "a", encoding="utf-8") as handle:
             handle.write(line)  # one write per line: a reader never sees half a report
             handle.flush()
@@ -150,12 +159,16 @@ class LocalDirectorySink:
     def close(self) -> None:
         """Nothing to release: every call already wrote its files."""
 
-    def read_reports(self) -> list[ClusterabilityReport]:
-        """Every report written so far, in the order they were logged."""
+    def read_reports(self, run_id: str | None = None) -> list[ClusterabilityReport]:
+        """The reports written so far, in the order they were logged: every run's, or only those
+        of ``run_id`` (``sink.run_id`` for this sink's own)."""
         if not self.reports_file.exists():
             return []
         lines = self.reports_file.read_text(encoding="utf-8").splitlines()
-        return [ClusterabilityReport.from_json(line) for line in lines if line.strip()]
+        reports = [ClusterabilityReport.from_json(line) for line in lines if line.strip()]
+        if run_id is None:
+            return reports
+        return [report for report in reports if report.config.get("run_id") == run_id]
 
     @staticmethod
     def copy_artifacts(artifacts: Mapping[str, Path], folder: Path) -> dict[str, Path]:
@@ -172,9 +185,17 @@ class LocalDirectorySink:
         return f"LocalDirectorySink({str(self.path)!r})"
 
 
-def _with_step(report: ClusterabilityReport, step: int) -> ClusterabilityReport:
+def new_run_id() -> str:
+    """A new run id for :class:`LocalDirectorySink`: the UTC time and 6 random hex digits
+    (``20261204-184200-3fa9c1``), so ids sort by start time and never collide in practice."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def _with_run(report: ClusterabilityReport, step: int, run_id: str) -> ClusterabilityReport:
+    """A copy of ``report`` at ``step`` with ``config["run_id"]`` set (the caller's is kept)."""
     data = report.to_dict()
     data["step"] = int(step)
+    data["config"] = {**data.get("config", {}), "run_id": run_id}
     return ClusterabilityReport.from_dict(data)
 
 

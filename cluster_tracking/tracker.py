@@ -106,7 +106,7 @@ PLOTS_WHILE_BEHIND_EVERY = 5
 LOG_BACKLOG_WITH_PLOTS = 8
 
 #: Per-step artifact names the tracker writes (under ``clusterability/step-<step>/``).
-STEP_ARTIFACTS = ("report.json", "adjacency.png", "composition.png")
+STEP_ARTIFACTS = ("report.json", "adjacency.png", "cluster_matrix.png", "composition.png")
 #: Summary artifact names written at ``close()`` (under ``clusterability/``).
 SUMMARY_ARTIFACTS = ("summary.json", "trajectory.png", "report.html")
 

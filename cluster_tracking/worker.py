@@ -51,7 +51,7 @@ def measure_step(
         step: its training step.
         options: keyword arguments of :func:`~cluster_tracking.measure.measure` (k, shuffles,
             shuffle, seed, n_jobs, ...).
-        plots: draw ``adjacency`` and ``composition``.
+        plots: draw ``adjacency``, ``cluster_matrix`` and ``composition``.
         module: the model, for the ``random_init`` null model (which re-initialises it).
         weights: the snapshot's weights, one per block of ``graph``: the graph is rebuilt from
             them here (its sparse adjacency assembled in the worker, not in the training
@@ -82,6 +82,12 @@ def measure_step(
                 graph,
                 report.partition.labels,
                 title=f"Weight graph ordered by cluster, step {step}",
+            )
+        )
+        images["cluster_matrix"] = figures.png_bytes(
+            figures.cluster_matrix_figure(
+                figures.cluster_matrix(graph, report.partition.labels),
+                title=f"Edge weight between clusters / volume, step {step}",
             )
         )
         images["composition"] = figures.png_bytes(figures.composition_figure(report))
@@ -119,7 +125,9 @@ def render_summary(
         from cluster_tracking import html_report
         from cluster_tracking import plots as figures
 
-        files["trajectory.png"] = figures.png_bytes(figures.trajectory_figure(reports))
+        files["trajectory.png"] = figures.png_bytes(
+            figures.trajectory_figure(reports, skipped_steps=skipped)
+        )
         html = html_report.render_html(
             reports,
             images={"trajectory": files["trajectory.png"], **last_images},

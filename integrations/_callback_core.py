@@ -390,7 +390,9 @@ class _CoreViews:
 
 
 def _local_sink(folder: str | Path) -> LocalDirectorySink:
-    return LocalDirectorySink(Path(folder) / "clusterability")
+    """The fallback sink: its artifacts in ``<folder>/clusterability/`` (the sink adds that
+    folder itself), ``params.json`` and ``reports.jsonl`` beside it in ``<folder>``."""
+    return LocalDirectorySink(Path(folder))
 
 
 def _describe(error: BaseException) -> str:

@@ -38,7 +38,7 @@ from cluster_tracking.loading import PlatformError
 from cluster_tracking.report import METRIC_KEYS, ClusterabilityReport
 from cluster_tracking.sinks import SinkError
 
-BUNDLE = ("report.json", "adjacency.png", "composition.png", "report.html")
+BUNDLE = ("report.json", "adjacency.png", "cluster_matrix.png", "composition.png", "report.html")
 FAST = ["--k", "3", "--shuffles", "6", "--seed", "0", "--jobs", "1"]
 MEASURE: dict[str, Any] = {"k": 3, "shuffles": 6, "seed": 0, "n_jobs": 1}
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -179,8 +179,9 @@ def test_the_table_shows_each_number_and_out_writes_the_report_files(
     for header in ("source", "n-cut", "null mean ± std", "z", "p", "nodes", "k"):
         assert header in result.stdout
     row = next(line for line in result.stdout.splitlines() if "epoch=7-step=70.ckpt" in line)
-    assert f"{report.ncut:.4f}" in row
-    assert f"{report.baseline.mean:.4f} ± {report.baseline.std:.4f}" in row
+    assert f"{report.ncut:.3f}" in row  # n-cut and its null with the same 3 decimals
+    assert f"{report.baseline.mean:.3f} ± {report.baseline.std:.3f}" in row
+    assert f"{report.baseline.diff:+.3f} ({report.baseline.rel_diff * 100:+.2f}%)" in row
     assert f"{report.baseline.z_score:+.2f}" in row and f"{report.baseline.p_value:.3f}" in row
     assert str(report.nodes.clustered) in row
     assert "'model.' was removed" in result.stdout
@@ -189,10 +190,10 @@ def test_the_table_shows_each_number_and_out_writes_the_report_files(
     assert written.ncut == report.ncut
     assert [layer.name for layer in written.layers] == ["input", "0", "2", "4"]
     assert written.config["layers"] == ["0", "2", "4"]
-    for image in ("adjacency.png", "composition.png"):
+    for image in ("adjacency.png", "cluster_matrix.png", "composition.png"):
         assert (out / image).read_bytes().startswith(PNG)
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2
+    assert html.count("data:image/png;base64,") == 3
     assert "http://" not in html and "https://" not in html and "<script" not in html
 
 
@@ -287,6 +288,12 @@ MISTAKES: dict[str, tuple[list[str], int, str]] = {
         "cannot reach the MLflow server",
     ),
     "unreachable wandb": (["audit", "wandb-artifact://team/proj/model:v1"], 5, "W&B"),
+    # closed option values: refused as the command line is read, before any source is (a
+    # missing file would be exit 3)
+    "unknown method": (["audit", "missing.pt", "--method", "shuffle"], 2, "--method"),
+    "unknown norm": (["audit", "missing.pt", "--norm", "l3"], 2, "--norm"),
+    "unknown backend": (["audit", "missing.pt", "--backend", "ray"], 2, "--backend"),
+    "unknown preset": (["compare", "missing.pt", "--preset", "paper"], 2, "'paper' is not one of"),
 }
 
 # More mistakes, through the same Typer app in this process (no interpreter start-up each).
@@ -294,12 +301,16 @@ IN_PROCESS_MISTAKES: dict[str, tuple[list[str], int, str]] = {
     "nan weights": (["audit", "nan.pt"], 4, "NaN"),
     "dict without weights": (["audit", "meta.pt"], 3, "without a model's weights"),
     "k above nodes": (["audit", "good.pt", "--k", "500"], 2, "k=500"),
-    "unknown method": (["audit", "good.pt", "--method", "shuffle"], 2, "--method"),
     "scheduler without dask": (["audit", "good.pt", "--scheduler", "tcp://h:1"], 2, "dask"),
     "random_init on weights": (["audit", "good.pt", "--method", "random_init"], 2, "random_init"),
     "log-to-run on a file": (["audit", "good.pt", "--log-to-run"], 2, "--log-to-run"),
     "step without log-to-run": (["audit", "good.pt", "--step", "3"], 2, "--step"),
     "compare without sources": (["compare"], 2, "--experiment"),
+    "host:port without http": (
+        ["audit", "runs:/0a1b2c/model", "--tracking-uri", "127.0.0.1:5123"],
+        2,
+        "write http://127.0.0.1:5123",
+    ),
     "no mlflow store": (["audit", "runs:/0a1b2c/model"], 5, "no MLflow store"),
     "malformed wandb uri": (["audit", "wandb-artifact://team/model"], 3, "malformed W&B"),
 }
@@ -418,6 +429,69 @@ def test_help_is_the_manual() -> None:
             assert option in page.output, (command, option)
 
 
+def test_closed_option_values_are_listed_in_help_and_match_the_package() -> None:
+    from typer.testing import CliRunner
+
+    from cluster_tracking.audit import _BACKENDS
+    from cluster_tracking.baselines import NULL_METHODS, PRESETS
+    from cluster_tracking.cli import Backend, Norm, NullMethod, Preset, app
+
+    assert tuple(m.value for m in NullMethod) == NULL_METHODS
+    assert tuple(p.value for p in Preset) == PRESETS
+    assert {b.value for b in Backend} == set(_BACKENDS)
+    assert [n.value for n in Norm] == ["l1", "l2"]
+    page = CliRunner().invoke(app, ["audit", "--help"], env={"COLUMNS": "500"})
+    assert page.exit_code == 0
+    text = re.sub(r"[\s│]+", "", page.output)  # the page without its wrapping and box lines
+    for listed in (NULL_METHODS, PRESETS, ("l1", "l2"), ("loky", "threading", "multiprocessing")):
+        assert "|".join(listed) in text, listed
+    assert "thepaper'sprocedureexactly" in text and "Graphconventions" not in text
+    for long, short in (("--k", "-k"), ("--shuffles", "-n"), ("--jobs", "-j"), ("--out", "-o")):
+        assert f"{long}{short}" in text, short
+
+
+def test_short_options_work_like_the_long_ones(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from cluster_tracking.cli import app
+
+    source = str(checkpoints["state_dict"])
+    page = CliRunner().invoke(
+        app, ["audit", source, "-k", "3", "-n", "6", "-j", "1", "-o", str(tmp_path), "--json"]
+    )
+    assert page.exit_code == 0, page.output
+    (report,) = json_reports(page.stdout)
+    assert report.k == 3 and report.config["shuffles"] == 6
+    assert report.ncut == expected(torch.load(source, weights_only=True)).ncut
+    assert (tmp_path / "report.json").is_file() and (tmp_path / "cluster_matrix.png").is_file()
+
+
+def test_output_piped_to_a_file_is_not_wrapped_at_80_columns(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    source = tmp_path / ("a-model-with-a-long-descriptive-name-" + "x" * 60 + ".pt")
+    shutil.copyfile(checkpoints["state_dict"], source)
+    script = Path(sys.executable).with_name("cluster-tracking")
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    with open(tmp_path / "out.txt", "w") as handle:  # a file: not a terminal
+        result = subprocess.run(
+            [str(script), "audit", str(source), *FAST],
+            cwd=tmp_path,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=240,
+        )
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "out.txt").read_text().splitlines()
+    (row,) = [line for line in lines if source.name in line and "│" in line]  # whole, one line
+    assert len(row) > 120 and "± " in row and "%)" in row  # n-cut, null, diff in the same row
+    assert any("diff = n-cut - null mean" in line for line in lines)
+
+
 @pytest.mark.parametrize(
     ("error", "code"),
     [
@@ -512,6 +586,7 @@ def logged(server: MlflowServer) -> dict[str, Any]:
     return {
         "uri": server.uri,
         "experiment": experiment_id,
+        "experiment_name": "audit-tests",
         "state": state_run.info.run_id,
         "exported": exported_run.info.run_id,
         "pickled": pickled_run.info.run_id,
@@ -567,7 +642,14 @@ def test_log_to_run_adds_metrics_and_artifacts_and_touches_nothing_else(
     added = artifacts_after - artifacts_before
     assert added == {  # the previous audit's folder was taken
         f"clusterability/audit-2/{name}"
-        for name in ("report.json", "adjacency.png", "composition.png", "report.html", "audit.json")
+        for name in (
+            "report.json",
+            "adjacency.png",
+            "cluster_matrix.png",
+            "composition.png",
+            "report.html",
+            "audit.json",
+        )
     }
     download = Path(
         mlflow.artifacts.download_artifacts(
@@ -679,6 +761,63 @@ def test_compare_an_experiment_ranks_its_runs_by_z(logged: dict[str, Any], tmp_p
     for row in rows:
         assert float(row["ncut"]) == expected_ncut[row["label"].split(" ")[0]]
     assert (tmp_path / "runs.png").read_bytes().startswith(PNG)
+
+
+@pytest.mark.slow
+def test_compare_skips_logged_models_that_are_not_ready(
+    server: MlflowServer, tmp_path: Path
+) -> None:
+    """A FAILED logged model (its log_model raised) has no complete files: compare leaves it
+    out with a note, audits the runs' other models and exits 0."""
+    from mlflow.entities import LoggedModelStatus
+
+    client = MlflowClient(server.uri)
+    experiment_id = client.create_experiment("failed-models")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(server.uri)
+    try:
+        with mlflow.start_run(experiment_id=experiment_id, run_name="good") as good:
+            mlflow.pytorch.log_model(
+                mlp(2),
+                name="model",
+                input_example=np.zeros((2, 8), dtype=np.float32),
+                pip_requirements=["torch"],
+            )
+        with mlflow.start_run(experiment_id=experiment_id, run_name="weights-and-failed") as mixed:
+            mlflow.pytorch.log_state_dict(mlp(0).state_dict(), "weights")
+        with mlflow.start_run(experiment_id=experiment_id, run_name="only-failed") as failed:
+            pass
+    finally:
+        mlflow.set_tracking_uri(previous)
+    for run in (mixed, failed):  # newer than the run's other models, as a last log_model is
+        model = client.create_logged_model(
+            experiment_id, name="broken", source_run_id=run.info.run_id
+        )
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+    result = cli(
+        "compare",
+        "--experiment",
+        "failed-models",
+        *FAST,
+        "--csv",
+        "ranking.csv",
+        "--tracking-uri",
+        server.uri,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "error" not in result.stderr.lower() and "Traceback" not in result.stderr
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 2 and all("is FAILED, not READY; skipped" in n for n in notes), notes
+    with open(tmp_path / "ranking.csv", newline="") as handle:
+        rows = {row["label"].split(" ")[0]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"good", "weights-and-failed"}
+    assert rows["good"]["source"].startswith("models:/m-")
+    assert rows["weights-and-failed"]["source"].startswith(f"runs:/{mixed.info.run_id}/weights/")
+    assert float(rows["good"]["ncut"]) == expected(mlp(2).state_dict()).ncut
+    assert float(rows["weights-and-failed"]["ncut"]) == expected(mlp(0).state_dict()).ncut
+    assert "only-failed" in result.stdout  # listed among the runs without a model
+    assert good.info.run_id and failed.info.run_id
 
 
 # ------------------------------------------------------------------------------------ W&B

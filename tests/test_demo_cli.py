@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,15 +35,27 @@ def test_demo_logs_a_run_to_the_local_mlflow_store(tmp_path: Path) -> None:
 
     out = result.stdout
     assert "n-cut" in out and "test acc." in out
-    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
+    mlflow_ui = str(Path(sys.executable).with_name("mlflow"))
+    assert f"{mlflow_ui} ui --backend-store-uri sqlite:///mlflow.db --port 5000" in out
     assert (tmp_path / "mlflow.db").exists()
-    assert (tmp_path / "cluster-tracking-demo" / "clusterability" / "report.html").exists()
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("cluster-tracking-demo")
     assert experiment is not None
+    # the model-training view in MLflow 3's UI, not the GenAI one (traces)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_id in out
+    url = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}"
+    assert url in out.split()
+    run_dir = tmp_path / "cluster-tracking-demo" / run.info.run_id  # each run in its own folder
+    assert (run_dir / "clusterability" / "report.html").exists()
+    (model,) = client.search_logged_models(
+        experiment_ids=[experiment.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+    )
+    assert str(model.status) in ("READY", "LoggedModelStatus.READY")
+    assert f"models:/{model.model_id}" in out
     assert run.info.status == "FINISHED"
     ncut = client.get_metric_history(run.info.run_id, "clusterability/ncut")
     steps = sorted(m.step for m in ncut)
@@ -56,6 +69,42 @@ def test_demo_logs_a_run_to_the_local_mlflow_store(tmp_path: Path) -> None:
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "clusterability")}
     assert {f"clusterability/step-{step}" for step in steps} <= artifacts
     assert "clusterability/report.html" in artifacts
+    step_files = {
+        a.path for a in client.list_artifacts(run.info.run_id, f"clusterability/step-{steps[-1]}")
+    }
+    assert f"clusterability/step-{steps[-1]}/cluster_matrix.png" in step_files
+
+    # the demo's own experiment can be compared (it holds the trained model)
+    compared = cli(
+        "compare",
+        "--experiment",
+        "cluster-tracking-demo",
+        "-n",
+        "4",
+        "--tracking-uri",
+        "sqlite:///mlflow.db",
+        cwd=tmp_path,
+    )
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    assert "digits-mlp" in compared.stdout
+
+
+def test_a_dead_tracking_server_is_one_line_and_exit_5(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = cli("demo", "--tracking-uri", f"http://127.0.0.1:{port}", cwd=tmp_path, timeout=120)
+    assert result.returncode == 5, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot reach the MLflow server" in lines[0], result.stderr
+    assert not (tmp_path / "cluster-tracking-demo").exists()
+
+
+def test_a_server_address_without_http_is_refused_with_the_fix(tmp_path: Path) -> None:
+    result = cli("demo", "--tracking-uri", "127.0.0.1:5123", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "write http://127.0.0.1:5123" in lines[0], result.stderr
 
 
 def test_help_explains_every_command(tmp_path: Path) -> None:

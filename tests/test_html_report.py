@@ -105,7 +105,7 @@ def test_report_html_is_self_contained(tracked: tuple[Path, list[ClusterabilityR
     without_images = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", text)
     assert not re.search(r"(https?:)?//[a-z0-9]|url\(|@import", without_images, re.I)
     assert all(url.startswith("data:image/png;base64,") for url in page.urls)
-    assert set(page.images) == {"trajectory", "adjacency", "composition"}
+    assert set(page.images) == {"trajectory", "cluster_matrix", "adjacency", "composition"}
     for source in page.images.values():
         data = base64.b64decode(source.split(",", 1)[1], validate=True)
         assert data.startswith(PNG_SIGNATURE)
@@ -113,7 +113,42 @@ def test_report_html_is_self_contained(tracked: tuple[Path, list[ClusterabilityR
     assert page.rows["clusters"] == K
     last = reports[-1]
     assert f"Clusters at step {last.step}" in text
-    assert f"{last.ncut:.4g}" in text
+    assert f"{last.ncut:.3f}" in text  # n-cuts with the report's fixed 3 decimals
+    assert last.baseline is not None
+    assert f"{last.baseline.mean:.3f} ± {last.baseline.std:.3f}" in text
+
+
+def test_skipped_and_failed_steps_are_rows_of_the_steps_table_in_step_order(
+    tracked: tuple[Path, list[ClusterabilityReport]],
+) -> None:
+    _, reports = tracked  # steps 0, 4, 8
+    text = render_html(reports, skipped_steps=[2, 6], failed_steps=[5])
+    page = _Structure()
+    page.feed(text)
+    assert page.rows["steps"] == len(reports) + 3
+    table = text[text.index('<table id="steps">') : text.index("</table>", text.index("steps"))]
+    cells = re.findall(r"<tr(?: class=\"(\w+)\")?><td>(\d+)</td>", table)
+    assert cells == [
+        ("", "0"),
+        ("skipped", "2"),
+        ("", "4"),
+        ("failed", "5"),
+        ("skipped", "6"),
+        ("", "8"),
+    ]
+
+
+def test_the_verdict_says_when_p_sits_at_its_floor(
+    tracked: tuple[Path, list[ClusterabilityReport]],
+) -> None:
+    _, reports = tracked
+    last = reports[-1]
+    assert last.baseline is not None
+    text = render_html([last])
+    verdict = text[text.index('class="verdict"') :].split("</p>", 1)[0]
+    assert f"diff {last.baseline.diff:+.3f}" in verdict
+    at_floor = abs(last.baseline.p_value - 1 / (last.baseline.n + 1)) < 1e-12
+    assert ("(the floor for 4 shuffles)" in verdict) == at_floor
 
 
 def test_report_html_without_measurements_still_renders() -> None:

@@ -202,7 +202,7 @@ def test_wandb_logger_run_gets_step_checkpoint_and_final_measurements(wandb_dir:
 def test_module_and_layer_pattern_select_the_graph_and_a_local_folder_is_the_fallback(
     root: Path,
 ) -> None:
-    # No logger: the reports go to <log_dir>/clusterability. Default schedule: every
+    # No logger: the artifacts go to <log_dir>/clusterability. Default schedule: every
     # checkpoint (after each epoch) and the end.
     callback = ClusterabilityCallback(module="model", layers="[0-9]", **FAST)
     fit = trainer(root, callback, logger=False)
@@ -211,11 +211,12 @@ def test_module_and_layer_pattern_select_the_graph_and_a_local_folder_is_the_fal
     assert callback.selected_layers == ["0", "2", "4"]
     assert [r.step for r in callback.reports] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
     assert [layer.name for layer in callback.reports[0].layers] == ["input", "0", "2", "4"]
-    local = LocalDirectorySink(root / "clusterability")
+    local = LocalDirectorySink(root)
     assert [r.step for r in local.read_reports()] == [4, 8]
-    assert json.loads((local.path / "params.json").read_text())["clusterability.layers"] == "0,2,4"
+    assert json.loads((root / "params.json").read_text())["clusterability.layers"] == "0,2,4"
     for name in SUMMARY_ARTIFACTS:
-        assert (local.path / "clusterability" / name).is_file(), name
+        assert (root / "clusterability" / name).is_file(), name
+    assert not (root / "clusterability" / "clusterability").exists()
 
 
 @pytest.mark.parametrize(

@@ -376,10 +376,11 @@ def test_module_picks_the_network_and_checkpoints_set_the_default_schedule(root:
 
     assert [r.step for r in callback.reports] == [3, 6]
     assert [layer.name for layer in callback.reports[0].layers] == ["input", "0", "2", "4"]
-    local = LocalDirectorySink(root / "out" / "clusterability")
+    local = LocalDirectorySink(root / "out")
     assert [r.step for r in local.read_reports()] == [3, 6]
     for name in SUMMARY_ARTIFACTS:
-        assert (local.path / "clusterability" / name).is_file(), name
+        assert (root / "out" / "clusterability" / name).is_file(), name
+    assert not (root / "out" / "clusterability" / "clusterability").exists()
 
 
 def test_options_are_checked_when_the_callback_is_created() -> None:
