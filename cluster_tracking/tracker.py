@@ -996,7 +996,9 @@ class ClusterabilityTracker:
             # one thread: it runs on one core at a time, so its bursts displace one training
             # thread at most
             env.update({name: "1" for name in _THREAD_VARIABLES})
-            return _WorkerProcess(die_with_thread=True, env=env, nice=False, throttle=share)
+            return _WorkerProcess(
+                die_with_thread=True, env=env, nice=False, throttle=share, wait=False
+            )
         return _WorkerProcess(die_with_thread=True, env=env, nice=share is not None)
 
     def _share(self) -> float | None:

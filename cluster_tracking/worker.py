@@ -324,6 +324,8 @@ class _WorkerProcess:
         self._timer = threading.Timer(start_timeout, give_up)
         self._timer.daemon = True
         self._timer.start()
+        # a throttled child is throttled while it starts too (its imports take seconds of CPU)
+        self._starting = None if throttle is None else _Throttle(self.pid, throttle)
         if wait:
             self._await_ready()
 
@@ -348,6 +350,9 @@ class _WorkerProcess:
         finally:
             self._ready.set()
             self._timer.cancel()
+            if self._starting is not None:
+                self._starting.finish()
+                self._starting = None
         if kind != "ready":
             self.stop()
             raise RuntimeError(f"unexpected first message from the worker: {kind!r}")
@@ -377,9 +382,9 @@ class _WorkerProcess:
     def unthrottle(self) -> None:
         """Let the child run at full speed from now on, the call under way included."""
         self.throttle = None
-        throttling = self._throttling
-        if throttling is not None:
-            throttling.finish()
+        for throttling in (self._throttling, self._starting):
+            if throttling is not None:
+                throttling.finish()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the child to exit; kill it if it does not within ``timeout`` seconds."""
