@@ -506,16 +506,7 @@ def audit_source(
         )
         raise GraphError(f"{loaded.label}: {error}{hint}") from None
     check_run_size(graph.n_nodes, graph.adjacency.nnz, settings, loaded.label)
-    if not settings.allow_long_run and settings.backend != "dask":  # a cluster's speed: unknown
-        check_run_time(
-            graph.n_nodes,
-            graph.adjacency.nnz,
-            shuffles=settings.shuffles,
-            ks=[12 if settings.k == "auto" else int(settings.k)],
-            jobs=max(_workers(settings), 1),
-            preset=settings.preset,
-            label=loaded.label,
-        )
+    _check_time(settings, graph.n_nodes, graph.adjacency.nnz, loaded.label)
     report = measure(
         loaded.weights if settings.method == "random_init" else graph,
         k=settings.k,
@@ -533,6 +524,21 @@ def audit_source(
     report.config["source"] = loaded.source
     report.config["source_format"] = loaded.format
     return AuditResult(loaded, report, graph, time.perf_counter() - started)
+
+
+def _check_time(settings: AuditSettings, n_nodes: int, n_stored: int, label: str) -> None:
+    """Refuse, before any work, a run whose estimated time is absurd (``--allow-long-run`` goes
+    ahead anyway; a Dask cluster's speed is unknown, so it is not estimated)."""
+    if not settings.allow_long_run and settings.backend != "dask":
+        check_run_time(
+            n_nodes,
+            n_stored,
+            shuffles=settings.shuffles,
+            ks=[12 if settings.k == "auto" else int(settings.k)],
+            jobs=max(_workers(settings), 1),
+            preset=settings.preset,
+            label=label,
+        )
 
 
 #: A local safetensors file whose chain of layers has at least this many edges is audited in
@@ -560,12 +566,14 @@ def _bounded_audit(
     ):
         return None
     try:
-        if not ref.path.is_file() or safetensors_extent(ref.path, layers=settings.layers)[1] < (
-            BOUNDED_MIN_EDGES
-        ):
+        if not ref.path.is_file():
             return None
+        n_nodes, n_edges = safetensors_extent(ref.path, layers=settings.layers)
     except ClusterTrackingError:
         return None  # the in-memory path reports what is wrong with the file, as for any other
+    if n_edges < BOUNDED_MIN_EDGES:
+        return None
+    _check_time(settings, n_nodes, 2 * n_edges, ref.path.name)  # stored entries: both directions
     limit = settings.max_memory if settings.max_memory is not None else current_memory_limit()
     stage = getattr(progress, "stage", None)  # the CLI's progress bar shows every stage
     graph = safetensors_graph(

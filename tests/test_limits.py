@@ -217,3 +217,25 @@ def test_an_audit_estimated_too_long_is_refused_unless_allowed(
         audit_source(str(path), settings)
     allowed = audit_source(str(path), AuditSettings(k=3, shuffles=4, jobs=1, allow_long_run=True))
     assert allowed.report.baseline is not None and allowed.report.baseline.n == 4
+
+
+def test_the_bounded_safetensors_path_checks_the_time_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A safetensors file large enough for the bounded reader gets the same time check."""
+    from safetensors.torch import save_file
+
+    from cluster_tracking import audit, limits
+    from cluster_tracking.audit import audit_source
+
+    path = tmp_path / "model.safetensors"
+    torch.manual_seed(0)
+    save_file({"fc1.weight": torch.randn(16, 8), "fc2.weight": torch.randn(4, 16)}, str(path))
+    monkeypatch.setattr(audit, "BOUNDED_MIN_EDGES", 1)  # this small file takes the bounded path
+    monkeypatch.setattr(limits, "MAX_RUN_SECONDS", 1e-6)  # every run is "too long" now
+    with pytest.raises(ConfigError, match="--allow-long-run") as refused:
+        audit_source(str(path), AuditSettings(k=3, shuffles=4, jobs=1))
+    assert "model.safetensors" in str(refused.value)
+    allowed = audit_source(str(path), AuditSettings(k=3, shuffles=4, jobs=1, allow_long_run=True))
+    assert allowed.report.baseline is not None and allowed.report.baseline.n == 4
+    assert "bounded memory" in allowed.report.config["source_format"]  # the path under test
