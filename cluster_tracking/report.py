@@ -120,7 +120,8 @@ class ClusterabilityReport:
         nodes: node counts (total, zero-degree removed, clustered).
         layers: the node layers, from the input.
         eigenvalues: the k smallest eigenvalues of the normalised Laplacian.
-        timings: seconds spent per stage (``graph``, ``partition``, ``baseline``, ``total``).
+        timings: seconds spent per stage (``graph``, ``partition``, ``baseline``, ``total``; and
+            ``plots``, drawing the plots, not in ``total``, when the tracker drew them).
         config: every setting that produced this report (k, seed, method, norm, preset, ...).
         versions: versions of cluster-tracking and its numeric dependencies.
         step: the training step the report belongs to (set by the tracker), else ``None``.

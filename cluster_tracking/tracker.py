@@ -49,11 +49,13 @@ Guarantees:
 from __future__ import annotations
 
 import copy
+import ctypes
 import inspect
 import os
 import queue
 import secrets
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -100,8 +102,9 @@ _THREAD_VARIABLES = (
 
 #: ``max_pending`` when it is not given: 1 with ``on_backlog="skip"``, this with ``"queue"``.
 DEFAULT_QUEUE_PENDING = 16
-#: While measuring cannot keep up, only every this-many-th measurement draws its plots.
-PLOTS_WHILE_BEHIND_EVERY = 5
+#: While measuring cannot keep up, drawing the plots takes at most this share of the time spent
+#: measuring: a measurement draws them only while the plots so far took less.
+PLOTS_SHARE_WHILE_BEHIND = 0.25
 #: Reports waiting for the sinks beyond which a new report goes to them without its plots.
 LOG_BACKLOG_WITH_PLOTS = 8
 
@@ -200,10 +203,12 @@ class ClusterabilityTracker:
             ``None``: no limit (measure back to back, which can slow such a loop 2-4x).
             ``close()`` measures what is left without the limit.
         plots: draw the PNG plots and the HTML report (``False``: JSON only, faster). The
-            plots cost about twice the measurement itself, so while measuring cannot keep up
-            (due steps were skipped since the previous measurement) only every 5th
-            measurement draws them; the metrics and ``report.json`` of every measured step are
-            logged all the same, and the last measurement (at ``close()``) has its plots.
+            plots can cost several times the measurement itself, so while measuring cannot keep
+            up (due steps were skipped since the previous measurement) a measurement draws them
+            only while the plots so far took less than a quarter of the time spent measuring
+            (:data:`PLOTS_SHARE_WHILE_BEHIND`); the metrics and ``report.json`` of every measured
+            step are logged all the same, and the last measurement (at ``close()``) has its
+            plots.
         measure_final: at ``close()``, measure the model of the latest hook call when its step
             was not measured (the last due step was skipped, or training ran past it), so the
             final value logged is the final model's (only once the tracker has measured
@@ -381,6 +386,7 @@ class ClusterabilityTracker:
         self._skipped_since = 0  # steps skipped since the last measurement began
         self._behind = 0  # measurements in a row that began with skipped steps behind them
         self._busy_seconds = 0.0  # wall time of the measurements so far
+        self._plot_seconds = 0.0  # the part of it spent drawing plots
         self._log_queue: queue.Queue[Any] = queue.Queue()
         self._measure_thread: threading.Thread | None = None
         self._log_thread: threading.Thread | None = None
@@ -844,10 +850,11 @@ class ClusterabilityTracker:
                 item.plots = self.plots and (
                     self._closing.is_set()
                     or self._behind == 0
-                    or self._behind % PLOTS_WHILE_BEHIND_EVERY == 1
+                    or self._plot_seconds < PLOTS_SHARE_WHILE_BEHIND * self._busy_seconds
                 )
             started = time.monotonic()
             run_before = self._worker.run_seconds if self._worker is not None else 0.0
+            busy_before = self._busy_seconds
             try:
                 report, images = self._measure(item)
             except Exception as error:
@@ -867,6 +874,10 @@ class ClusterabilityTracker:
                     self._busy_seconds += worker.run_seconds - run_before  # time it could run
                 else:
                     self._busy_seconds += time.monotonic() - started
+            plot_time = report.timings.get("plots", 0.0)
+            if plot_time > 0:  # the plots' part of the time this measurement was counted for
+                spent = self._busy_seconds - busy_before
+                self._plot_seconds += spent * plot_time / (plot_time + report.timings["total"])
             with self._lock:
                 if self._abandoned:
                     break
@@ -887,6 +898,8 @@ class ClusterabilityTracker:
                     )
             artifacts = self._step_artifacts(report, images)
             self._log_queue.put(("report", report, artifacts))
+            del report, images, artifacts
+            _trim_heap()
         if not self._abandoned:
             self._send_summary()
             self._log_queue.put(_STOP)
@@ -993,6 +1006,10 @@ class ClusterabilityTracker:
         env = {"CLUSTER_TRACKING_WARM_PLOTS": "1" if self.plots else "0"}
         share = self._share()
         if share is not None and can_throttle() and not self._closing.is_set():
+            # its start takes a share of the wall time too: importing the plotting libraries
+            # (about half a second of CPU, 5 s at a 9% share) waits for the first plot, so the
+            # first metrics come sooner
+            env["CLUSTER_TRACKING_WARM_PLOTS"] = "0"
             # one thread: it runs on one core at a time, so its bursts displace one training
             # thread at most
             env.update({name: "1" for name in _THREAD_VARIABLES})
@@ -1177,6 +1194,27 @@ def _structure_copy(module: nn.Module) -> nn.Module:
     for buffer in module.buffers():
         memo[id(buffer)] = _cpu_copy(buffer)
     return copy.deepcopy(module, memo)
+
+
+_LIBC: Any = None
+
+
+def _trim_heap() -> None:
+    """Give the pages that the freed weight copies, reports and images leave in the heap back to
+    the system (glibc's ``malloc_trim``, about a millisecond; a no-op elsewhere). Without it the
+    training process grew by about 30 KB per measurement: glibc's heaps keep freed pages."""
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                libc.malloc_trim.argtypes = [ctypes.c_size_t]
+                _LIBC = libc
+            except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+                pass
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 def _warn(message: str) -> None:

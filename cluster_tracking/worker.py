@@ -74,6 +74,7 @@ def measure_step(
     images: dict[str, bytes] = {}
     if not plots:
         return report, images, None
+    started = time.perf_counter()
     try:
         from cluster_tracking import plots as figures
 
@@ -93,6 +94,8 @@ def measure_step(
         images["composition"] = figures.png_bytes(figures.composition_figure(report))
     except Exception as error:
         return report, images, _describe(error)
+    finally:  # not part of "total" (the measurement): the tracker budgets the plots apart
+        report.timings["plots"] = time.perf_counter() - started
     return report, images, None
 
 
@@ -173,15 +176,18 @@ THROTTLE_BURST_SECONDS = 0.005
 class _Throttle:
     """Lets a child process run at most ``share`` of the wall time, in bursts of ``burst`` s.
 
-    A thread of the parent alternates ``SIGCONT`` (the child may run for ``burst`` seconds) and
-    ``SIGSTOP`` (it is paused for ``burst * (1 - share) / share`` seconds) until :meth:`finish`,
-    which always leaves the child running. The kernel enforces the pause whatever the child is
-    doing (a long numpy or scipy call included), unlike a signal handler in the child, which
-    Python runs only between bytecodes. Why a wall-time share and not a CPU share: a training
-    loop whose threads keep every core busy loses a core while the child runs on it, and its
-    OpenMP threads then wait for each other, so the loop can stall for the whole time the child
-    runs; bounding that time to ``share`` bounds the loop's slowdown to ``1 / (1 - share)``.
-    Short bursts keep each stall to a few milliseconds.
+    One thread of the parent, for the child's whole life: between :meth:`start` and
+    :meth:`stop` it alternates ``SIGCONT`` (the child may run for ``burst`` seconds) and
+    ``SIGSTOP`` (it is paused for ``burst * (1 - share) / share`` seconds); :meth:`stop` returns
+    once the child runs unpaused again, and :meth:`close` ends the thread. The kernel enforces
+    the pause whatever the child is doing (a long numpy or scipy call included), unlike a signal
+    handler in the child, which Python runs only between bytecodes. Why a wall-time share and
+    not a CPU share: a training loop whose threads keep every core busy loses a core while the
+    child runs on it, and its OpenMP threads then wait for each other, so the loop can stall for
+    the whole time the child runs; bounding that time to ``share`` bounds the loop's slowdown to
+    ``1 / (1 - share)``. Short bursts keep each stall to a few milliseconds. (One thread, not
+    one per measurement: every new thread of the training process may get a malloc arena of its
+    own, and the process's memory grew with the number of measurements.)
 
     A paused child cannot be orphaned: the tracker's child dies with the thread that started it
     (``PR_SET_PDEATHSIG`` sends ``SIGKILL``, which also ends a stopped process).
@@ -191,39 +197,74 @@ class _Throttle:
         self._pid = pid
         self._on = burst
         self._off = burst * (1.0 - share) / share
-        self._done = threading.Event()
-        #: wall-clock seconds the child was allowed to run (not paused) so far
+        self._changed = threading.Condition()
+        self._wanted = False  # pause the child in cycles (between start() and stop())
+        self._cycling = False  # the thread is cycling (the child may be paused)
+        self._closed = False
+        #: wall-clock seconds the child was allowed to run (not paused) while cycling, so far
         self.run_seconds = 0.0
         self._thread = threading.Thread(
-            target=self._cycle, name="cluster-tracking-throttle", daemon=True
+            target=self._loop, name="cluster-tracking-throttle", daemon=True
         )
         self._thread.start()
 
+    def start(self) -> None:
+        """Begin pausing the child in cycles."""
+        with self._changed:
+            if not self._closed:
+                self._wanted = True
+                self._changed.notify_all()
+
+    def stop(self) -> float:
+        """Stop pausing the child; returns once it runs unpaused, with :attr:`run_seconds`."""
+        with self._changed:
+            self._wanted = False
+            self._changed.notify_all()
+            while self._cycling:
+                self._changed.wait()
+            return self.run_seconds
+
+    def close(self) -> None:
+        """Stop pausing the child for good and end the thread (the child runs on)."""
+        with self._changed:
+            self._closed = True
+        self.stop()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        with self._changed:
+            while True:
+                while not self._wanted and not self._closed:
+                    self._changed.wait()
+                if self._closed:
+                    return
+                self._cycling = True
+                self._cycle()
+                self._cycling = False
+                self._changed.notify_all()
+
     def _cycle(self) -> None:
+        """Pause and resume the child until :meth:`stop` (with ``_changed`` held; its waits
+        release it)."""
         resumed = time.monotonic()
         try:
-            while not self._done.wait(self._on):
+            while self._wanted:
+                self._changed.wait(self._on)
+                if not self._wanted:
+                    break
                 os.kill(self._pid, signal.SIGSTOP)
                 self.run_seconds += time.monotonic() - resumed
-                finished = self._done.wait(self._off)
+                self._changed.wait(self._off)  # stop() wakes it at once
                 os.kill(self._pid, signal.SIGCONT)
                 resumed = time.monotonic()
-                if finished:
-                    return
         except OSError:  # the child is gone
-            return
+            self._wanted = False
         finally:
             self.run_seconds += time.monotonic() - resumed
             try:
                 os.kill(self._pid, signal.SIGCONT)  # never leave it paused
             except OSError:
                 pass
-
-    def finish(self) -> float:
-        """Stop pausing the child (it runs on, unpaused); returns :attr:`run_seconds`."""
-        self._done.set()
-        self._thread.join()
-        return self.run_seconds
 
 
 def can_throttle() -> bool:
@@ -295,7 +336,7 @@ class _WorkerProcess:
         #: wall-clock seconds the child was allowed to run during calls (all of a call's wall
         #: time when it is not throttled)
         self.run_seconds = 0.0
-        self._throttling: _Throttle | None = None
+        self._throttle: _Throttle | None = None
         package_root = str(Path(__file__).resolve().parents[1])
         self._process = subprocess.Popen(
             [
@@ -324,8 +365,10 @@ class _WorkerProcess:
         self._timer = threading.Timer(start_timeout, give_up)
         self._timer.daemon = True
         self._timer.start()
-        # a throttled child is throttled while it starts too (its imports take seconds of CPU)
-        self._starting = None if throttle is None else _Throttle(self.pid, throttle)
+        if throttle is not None:
+            # a throttled child is throttled while it starts too (its imports take CPU seconds)
+            self._throttle = _Throttle(self.pid, throttle)
+            self._throttle.start()
         if wait:
             self._await_ready()
 
@@ -350,9 +393,8 @@ class _WorkerProcess:
         finally:
             self._ready.set()
             self._timer.cancel()
-            if self._starting is not None:
-                self._starting.finish()
-                self._starting = None
+            if self._throttle is not None:
+                self._throttle.stop()  # idle, it waits for requests unpaused
         if kind != "ready":
             self.stop()
             raise RuntimeError(f"unexpected first message from the worker: {kind!r}")
@@ -364,15 +406,17 @@ class _WorkerProcess:
             raise EOFError(f"the worker exited with code {self._process.returncode}")
         self._await_ready()
         started = time.monotonic()
-        throttle = None if self.throttle is None else _Throttle(self.pid, self.throttle)
-        self._throttling = throttle
+        throttle = self._throttle if self.throttle is not None else None
+        run_before = 0.0
+        if throttle is not None:
+            run_before = throttle.run_seconds
+            throttle.start()
         try:
             _write_frame(self._process.stdin, (name, args))
             kind, value, cpu = _read_frame(self._process.stdout)
         finally:
-            self._throttling = None
             self.run_seconds += (
-                time.monotonic() - started if throttle is None else throttle.finish()
+                time.monotonic() - started if throttle is None else throttle.stop() - run_before
             )
         self.cpu_seconds = float(cpu)
         if kind == "error":
@@ -382,13 +426,14 @@ class _WorkerProcess:
     def unthrottle(self) -> None:
         """Let the child run at full speed from now on, the call under way included."""
         self.throttle = None
-        for throttling in (self._throttling, self._starting):
-            if throttling is not None:
-                throttling.finish()
+        if self._throttle is not None:
+            self._throttle.close()  # for good: a call starting now cannot pause it again
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the child to exit; kill it if it does not within ``timeout`` seconds."""
         process = self._process
+        if self._throttle is not None:
+            self._throttle.close()  # it must run to exit
         try:
             if process.poll() is None and process.stdin is not None:
                 _write_frame(process.stdin, None)
@@ -408,6 +453,8 @@ class _WorkerProcess:
         process = self._process
         if process.poll() is None:
             process.kill()
+        if self._throttle is not None:
+            self._throttle.close()
         try:
             process.wait(timeout=10.0)
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not refused

@@ -246,11 +246,8 @@ class MlflowSink:
         a server that does not answer now is left to the delivery's retries."""
         if self._owns_run:
             return params
-        try:
-            self._connectable()
-            self._probe()
-            held = dict(self._client.get_run(self.run_id).data.params)
-        except Exception:
+        held = self._held_params()
+        if held is None:
             return params
         changed = sorted(k for k, v in params.items() if k in held and held[k] != str(v))
         if not changed:
@@ -270,6 +267,24 @@ class MlflowSink:
                 f"cannot change a param, so the run keeps {kept}."
             )
         return {key: value for key, value in params.items() if key not in changed}
+
+    def _held_params(self) -> dict[str, str] | None:
+        """The params the run holds, or ``None`` when the server does not tell within
+        ``probe_timeout`` seconds (no ``/health`` probe: a slow server is given its time, and the
+        read runs in a thread of its own so that a hung one costs that timeout once)."""
+        answer: list[dict[str, str]] = []
+
+        def read() -> None:
+            try:
+                self._connectable()
+                answer.append(dict(self._client.get_run(self.run_id).data.params))
+            except Exception:
+                pass
+
+        reader = threading.Thread(target=read, name="cluster-tracking-mlflow-params", daemon=True)
+        reader.start()
+        reader.join(self.probe_timeout)
+        return answer[0] if answer else None
 
     def log_report(
         self, report: ClusterabilityReport, step: int, artifacts: Mapping[str, Path]

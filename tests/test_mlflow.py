@@ -322,7 +322,9 @@ def test_a_server_answering_in_two_seconds_gets_everything_once(
                 for step in range(8):
                     trainer.step()
                     tracker.step(trainer.model, step)
-        assert all("/health" not in line for line in proxy.request_lines)  # never probed
+        assert all("/health" not in line for line in proxy.request_lines), (
+            proxy.request_lines
+        )  # never probed
         batches = [line for line in proxy.request_lines if line.endswith("/runs/log-batch")]
     assert sink.pending == 0
     assert len(tracker.reports) == 4
