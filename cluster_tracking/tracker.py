@@ -212,7 +212,9 @@ class ClusterabilityTracker:
         measure_final: at ``close()``, measure the model of the latest hook call when its step
             was not measured (the last due step was skipped, or training ran past it), so the
             final value logged is the final model's (only once the tracker has measured
-            something; a model deleted before ``close()`` is not measured).
+            something; a model deleted before ``close()`` is not measured). On by default:
+            with ``every_n_steps=100`` and steps ``0..250``, the steps measured are 0, 100,
+            200 and 250. ``False``: only the schedule's due steps.
         worker: where measurements run. ``"process"`` (default): in a child Python process at
             nice 19, started at the first due step (a few seconds, in the background; it
             imports cluster-tracking, ~400 MB of memory), so they never compete with training
@@ -255,7 +257,7 @@ class ClusterabilityTracker:
         max_pending: int | None = None,
         max_overhead: float | None = 0.1,
         plots: bool = True,
-        measure_final: bool = False,
+        measure_final: bool = True,
         worker: Literal["process", "thread"] = "process",
         rank: int | None = None,
         example_inputs: Any = None,

@@ -114,9 +114,10 @@ def test_every_n_steps_measures_steps_divisible_by_n(tmp_path: Path) -> None:
     tracker.close()
 
     assert [step for step, yes in enumerate(taken) if yes] == [0, 3, 6, 9]
-    assert [report.step for report in tracker.reports] == [0, 3, 6, 9]
-    assert [report.step for report in sink.read_reports()] == [0, 3, 6, 9]
-    for step in (0, 3, 6, 9):
+    # the due steps, and at close() the final weights (step 10, measure_final=True by default)
+    assert [report.step for report in tracker.reports] == [0, 3, 6, 9, 10]
+    assert [report.step for report in sink.read_reports()] == [0, 3, 6, 9, 10]
+    for step in (0, 3, 6, 9, 10):
         saved = (tmp_path / f"clusterability/step-{step}/report.json").read_text()
         assert ClusterabilityReport.from_json(saved).step == step
     assert tracker.skipped_steps == [] and tracker.failed_steps == []
@@ -310,7 +311,8 @@ def test_training_runs_while_measurements_run_in_the_background() -> None:
     worker.join(300)
     tracker.close()
     assert errors == []
-    assert [report.step for report in tracker.reports] == list(range(0, 60, 5))
+    # every due step, and the final weights of step 59 at close() (measure_final)
+    assert [report.step for report in tracker.reports] == [*range(0, 60, 5), 59]
     assert all(report.config["worker"] == "process" for report in tracker.reports)
     child = tracker._worker
     assert child is not None and child._process.poll() == 0  # the worker process has exited
@@ -481,7 +483,8 @@ def test_a_blocked_sink_does_not_stall_training(tmp_path: Path) -> None:
     assert sink.blocked.is_set() and not sink.release.is_set()  # training ended while blocked
     sink.release.set()
     tracker.close()
-    assert [report.step for report in sink.read_reports()] == list(range(0, 20, 2))
+    # every due step, and the final weights of step 19 at close() (measure_final)
+    assert [report.step for report in sink.read_reports()] == [*range(0, 20, 2), 19]
 
 
 def test_while_the_sinks_are_behind_new_reports_come_without_plots(tmp_path: Path) -> None:
@@ -708,15 +711,30 @@ def test_a_timed_out_close_leaves_no_worker_process_and_no_traceback(
 
 
 def test_measure_final_measures_the_weights_of_the_last_step_at_close(tmp_path: Path) -> None:
+    """On by default: the final value logged is the final model's, not the last due step's."""
     sink = LocalDirectorySink(tmp_path)
     trainer = Trainer(tiny_mlp())
     tracker = ClusterabilityTracker(
-        [sink], every_n_steps=4, on_backlog="queue", plots=False, measure_final=True, **FAST
+        [sink], every_n_steps=4, on_backlog="queue", plots=False, **FAST
     )
+    assert tracker.measure_final
     for step in range(11):
         trainer.step()
         tracker.step(trainer.model, step)
+    final_weights = copy.deepcopy(trainer.model)
     tracker.close()
 
     assert [report.step for report in tracker.reports] == [0, 4, 8, 10]
     assert json.loads((tmp_path / "clusterability" / "summary.json").read_text())["steps"][-1] == 10
+    expected = measure(final_weights, seed=tracker.seed_for(10), n_jobs=1, **MEASURE)
+    assert tracker.reports[-1].ncut == pytest.approx(expected.ncut, rel=1e-12)
+
+    # measure_final=False: the schedule's due steps only
+    off = ClusterabilityTracker(
+        every_n_steps=4, on_backlog="queue", plots=False, measure_final=False, **FAST
+    )
+    for step in range(11):
+        trainer.step()
+        off.step(trainer.model, step)
+    off.close()
+    assert [report.step for report in off.reports] == [0, 4, 8]
