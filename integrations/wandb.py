@@ -20,13 +20,14 @@ What lands in the run:
   :data:`~cluster_tracking.report.METRIC_KEYS` (``clusterability/ncut``, ``clusterability/z_score``,
   ...), the training step as ``clusterability/step``, the clusters as a :class:`wandb.Table`
   ``clusterability/clusters`` (columns ``cluster``, ``size``, ``cut``, ``volume``, ``ncut_term``
-  and one node count per layer) and the plots as :class:`wandb.Image` ``clusterability/adjacency``
-  and ``clusterability/composition``;
+  and one node count per layer) and the plots as :class:`wandb.Image` ``clusterability/adjacency``,
+  ``clusterability/cluster_matrix`` and ``clusterability/composition``, each captioned
+  ``measured at step <step>``;
 * on a schedule (``partition_every``: the first measured step, every 10th after it, and the last
   one at the end), a new version of the artifact ``clusterability-partition-<run id>`` (type
   ``clusterability-partition``, aliases ``step-<step>`` and ``latest``) holding
-  ``clusterability/step-<step>/report.json``, ``adjacency.png`` and ``composition.png``, so a
-  long run does not write hundreds of versions;
+  ``clusterability/step-<step>/report.json``, ``adjacency.png``, ``cluster_matrix.png`` and
+  ``composition.png``, so a long run does not write hundreds of versions;
 * at the end, the artifact ``clusterability-summary-<run id>`` (type ``clusterability-summary``)
   with ``clusterability/summary.json``, ``trajectory.png`` and ``report.html``; a native line plot
   ``clusterability/trajectory`` of the n-cut against the step with the null model's mean and
@@ -43,6 +44,15 @@ outage, or measurements finishing faster than the loop logs) does it close that 
 ``run.log({}, commit=True)``); a loop that logs that same step again afterwards then gets W&B's
 usual warning for a step that went backwards. (A plain ``run.log(row)``, which commits every time,
 would do this at every measurement.)
+
+So a measured step's row, metrics and images together, lands at the W&B step (``_step``) that is
+current when the tracker delivers it: the loop's own row of that step when measuring keeps pace
+with training (a few steps after the measured one: the time of one measurement), later rows
+when it falls behind, and rows after the loop's last step for measurements delivered at
+``close()`` (each in a W&B step of its own). W&B cannot add to a step that was already written.
+Line charts use ``clusterability/step`` and are exact whatever ``_step`` is; media panels (the
+heat map, cluster matrix and composition images, the cluster table) step through ``_step``, and
+each image's caption names the training step measured (``measured at step 2000``).
 
 Delivery is exactly once and survives W&B calls that fail: every item is first written to a local
 spool (a :class:`~cluster_tracking.sinks.LocalDirectorySink`), then sent with a few quick retries
@@ -94,6 +104,7 @@ __all__ = [
     "STEP_METRIC",
     "SUMMARY_ARTIFACT_TYPE",
     "WandbSink",
+    "image_caption",
 ]
 
 #: How to install what this module needs.
@@ -113,8 +124,10 @@ CLUSTER_TABLE_COLUMNS = ("cluster", "size", "cut", "volume", "ncut_term")
 
 _UNKNOWN_ROW = -1  # our last row went out, but to which W&B step is not known
 _TABLE_KEY = f"{ARTIFACT_ROOT}/clusters"
+#: The per-step plots (:data:`~cluster_tracking.tracker.STEP_ARTIFACTS`) and their history keys.
 _IMAGE_KEYS = {
     "adjacency.png": f"{ARTIFACT_ROOT}/adjacency",
+    "cluster_matrix.png": f"{ARTIFACT_ROOT}/cluster_matrix",
     "composition.png": f"{ARTIFACT_ROOT}/composition",
 }
 _TRAJECTORY_CHART_KEY = f"{ARTIFACT_ROOT}/trajectory"
@@ -532,7 +545,9 @@ class WandbSink:
         row: dict[str, Any] = {}
         for name, key in _IMAGE_KEYS.items():
             if name in entry["files"]:
-                row[key] = wandb.Image(str(folder / name), caption=f"step {entry['step']}")
+                # the media panel's slider is W&B's _step (when the row arrived): the caption
+                # names the training step that was measured
+                row[key] = wandb.Image(str(folder / name), caption=image_caption(entry["step"]))
         table = entry["clusters"]
         row[_TABLE_KEY] = wandb.Table(columns=table["columns"], data=table["data"])
         row.update(entry["metrics"])
@@ -647,6 +662,12 @@ class WandbSink:
 
     def __repr__(self) -> str:
         return f"WandbSink(run_id={self.run_id!r})"
+
+
+def image_caption(step: int) -> str:
+    """The caption of a measured step's images: the training step they show (W&B's media
+    panels are indexed by ``_step``, the row's arrival, not by the measured step)."""
+    return f"measured at step {int(step)}"
 
 
 def _plain_params(params: Mapping[str, Any]) -> dict[str, Any]:

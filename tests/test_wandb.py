@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from cluster_tracking.integrations.wandb import (
     STEP_METRIC,
     SUMMARY_ARTIFACT_TYPE,
     WandbSink,
+    image_caption,
 )
 from cluster_tracking.report import METRIC_KEYS, ClusterabilityReport
 from cluster_tracking.sinks import SinkError
@@ -157,10 +159,11 @@ def test_metrics_table_images_artifacts_and_summary_land_in_the_run(
             assert values[5:] == [cluster.per_layer.get(name, 0) for name in layers]
         assert sum(sum(values[5:]) for values in table["data"]) == report.nodes.clustered
 
-        # The plots in the row are the very PNGs of the artifact.
-        for name in ("adjacency", "composition"):
+        # The plots in the row are the very PNGs of the artifact, captioned with their step.
+        for name in ("adjacency", "cluster_matrix", "composition"):
             image = row[f"clusterability/{name}"]
             assert image["_type"] == "image-file"
+            assert image["caption"] == f"measured at step {report.step}"
             logged = (offline.files / image["path"]).read_bytes()
             if artifact is not None:
                 assert logged == artifact.files[f"{folder}/{name}.png"].read_bytes()
@@ -196,6 +199,95 @@ def test_metrics_table_images_artifacts_and_summary_land_in_the_run(
     assert offline.summary["clusterability/final_step"] == 9
 
 
+IMAGES = ("adjacency", "cluster_matrix", "composition")
+
+
+def test_a_row_measured_in_time_lands_at_its_own_wandb_step_with_its_images(
+    wandb_dir: Path, tmp_path: Path
+) -> None:
+    """A loop slower than its measurements (here: it waits for each one): the metrics, images and
+    cluster table of step s land in the loop's own W&B row of step s, beside its loss."""
+    run = start_run(wandb_dir)
+    sink = WandbSink(run, spool_dir=tmp_path / "spool", partition_every=1)
+    tracker = ClusterabilityTracker([sink], every_n_steps=3, **FAST)
+    model = tiny_mlp()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=generator)
+    y = torch.randint(0, 4, (64,), generator=generator)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(11):  # due: 0, 3, 6, 9; the final weights of step 10 at close()
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        run.log({"train/loss": float(loss.detach())}, step=step)
+        if tracker.step(model, step):
+            assert tracker.flush(timeout=120)  # delivered while the row of `step` is open
+    tracker.close()
+    run.finish()
+
+    offline = read_run(wandb_dir, run)
+    assert [report.step for report in tracker.reports] == [0, 3, 6, 9, 10]
+    rows = offline.rows_with("clusterability/ncut")
+    assert [row[STEP_METRIC] for row in rows] == [0, 3, 6, 9, 10]
+    versions = {
+        artifact.metadata["step"]: artifact
+        for artifact in offline.artifacts_named(f"clusterability-partition-{run.id}")
+    }
+    for row in rows:
+        step = row[STEP_METRIC]
+        # the W&B step of the row is the measured step: media panels show it there
+        assert row["_step"] == step
+        assert "train/loss" in row  # the loop's own row, not one of the sink's
+        for name in IMAGES:
+            image = row[f"clusterability/{name}"]
+            assert image["caption"] == image_caption(step) == f"measured at step {step}"
+            logged = (offline.files / image["path"]).read_bytes()
+            staged = versions[step].files[f"clusterability/step-{step}/{name}.png"]
+            assert logged == staged.read_bytes()
+        assert row["clusterability/clusters"]["_type"] == "table-file"
+    # the summary row comes after the loop's last step
+    (end_row,) = offline.rows_with("clusterability/trajectory_table")
+    assert end_row["_step"] == 11
+    assert offline.series("train/loss", "_step").keys() == set(range(11))
+
+
+def test_rows_delivered_late_land_after_their_step_and_name_it(
+    wandb_dir: Path, tmp_path: Path
+) -> None:
+    """Measurements delivered after training (the sink was held until the loop ended): each row
+    lands at a W&B step of its own, after the loop's last one, with the images of the step it
+    measured; the loop's rows are all there."""
+
+    class HeldSink(WandbSink):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.release = threading.Event()
+
+        def log_report(self, report: ClusterabilityReport, step: int, artifacts: Any) -> None:
+            assert self.release.wait(120), "test never released the sink"
+            super().log_report(report, step, artifacts)
+
+    run = start_run(wandb_dir)
+    sink = HeldSink(run, spool_dir=tmp_path / "spool")
+    tracker = ClusterabilityTracker([sink], every_n_steps=3, **FAST)
+    losses = train(tiny_mlp(), tracker, run, steps=10)  # due: 0, 3, 6, 9
+    sink.release.set()
+    tracker.close()
+    run.finish()
+
+    offline = read_run(wandb_dir, run)
+    rows = offline.rows_with("clusterability/ncut")
+    assert [row[STEP_METRIC] for row in rows] == [0, 3, 6, 9]
+    # the first joins the loop's last open row (step 9), the others follow, one W&B step each
+    assert [row["_step"] for row in rows] == [9, 10, 11, 12]
+    for row in rows:
+        for name in IMAGES:
+            assert row[f"clusterability/{name}"]["caption"] == image_caption(row[STEP_METRIC])
+    assert_metrics_match(offline, tracker.reports)
+    assert offline.series("train/loss", "_step") == pytest.approx(losses)
+
+
 def test_failing_wandb_spools_keeps_training_and_delivers_each_step_once(
     wandb_dir: Path, tmp_path: Path
 ) -> None:
@@ -226,6 +318,7 @@ def test_failing_wandb_spools_keeps_training_and_delivers_each_step_once(
 
     offline = read_run(wandb_dir, run)
     reports = tracker.reports
+    # the due steps (the model is gone by close(): measure_final has nothing to measure)
     assert [report.step for report in reports] == [0, 2, 4]
     assert_metrics_match(offline, reports)  # series() fails on a step logged twice
     assert offline.series("train/loss", "_step") == pytest.approx(losses)
