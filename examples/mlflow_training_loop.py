@@ -53,13 +53,13 @@ def main() -> None:
         # Measure every 50 steps, 0, 50, ..., 300 (the last training step is on the schedule):
         # 8 clusters, 10 weight-shuffled networks as the null model.
         #
-        # This toy loop trains 301 steps in about a second, less than one measurement takes, so
-        # the defaults would skip most due steps (the newest due step wins, and measuring may take
-        # max_overhead=0.1 of the wall time). Here every due step is measured: on_backlog="queue"
-        # with room for all 7 snapshots (max_pending=7; each one is a CPU copy of the weights)
-        # keeps every one of them, and max_overhead=None measures them back to back. In a real
-        # run of hours keep the defaults: the 10% budget protects the training loop, and the
-        # dashboard follows the newest weights.
+        # This toy loop trains its 301 steps in a few seconds, less than its 7 measurements
+        # take, so the defaults would skip most due steps (the newest due step wins, and
+        # measuring may take max_overhead=0.1 of the wall time). Here every due step is
+        # measured: on_backlog="queue" with room for all 7 snapshots (max_pending=7; each one is
+        # a CPU copy of the weights) keeps every one of them, and max_overhead=None measures
+        # them back to back. In a real run of hours keep the defaults: the 10% budget protects
+        # the training loop, and the dashboard follows the newest weights.
         tracker = ClusterabilityTracker(
             sinks=[MlflowSink()],
             every_n_steps=EVERY,

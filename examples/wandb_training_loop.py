@@ -9,12 +9,12 @@ W&B runs offline unless ``WANDB_MODE`` says otherwise: everything is written und
 The model is a small MLP trained on two unrelated tasks at once (the parity of the first four
 inputs and the sign of the sum of the last four), the kind of problem where the paper finds
 networks becoming more clusterable than their shuffled versions (Filan et al. 2021, section 4).
-In the run: ``clusterability/ncut`` and ``clusterability/z_score`` against
-``clusterability/step`` at steps 0, 500, ..., 2500 and 2999 (the final weights), the cluster table
-and plots at each measured step (in the media panels at the W&B step when the measurement arrived;
-each image's caption names its training step), the partition
-artifact ``clusterability-partition-<run id>`` (one version per step) and, at the end, the n-cut
-trajectory with the null model's band.
+In the run: ``clusterability/ncut``, ``clusterability/z_score``, ... against
+``clusterability/step`` at steps 0, 1000, ..., 5000 and 5999 (the final weights); the cluster
+table and the heat map, cluster matrix and composition images of each measured step (media panels
+show them at the W&B step when the measurement arrived, and each image's caption names the
+training step it shows); the partition artifact ``clusterability-partition-<run id>`` (versions
+``step-0`` and ``step-5999``) and, at the end, the n-cut trajectory with the null model's band.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def two_tasks(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, tor
 
 def main() -> None:
     # A network this small trains fastest on one thread; on a machine whose cores are all busy
-    # (the measuring process takes one), torch's default thread pool made this loop 8-20x slower.
+    # (the measuring process takes one), torch's default thread pool made this loop 7-20x slower.
     torch.set_num_threads(1)
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
@@ -59,12 +59,13 @@ def main() -> None:
         project="cluster-tracking-example",
         config={"steps": STEPS, "batch": BATCH, "lr": 3e-3, "hidden": 64},
     )
-    # Measure at the due steps 0, 500, ..., 2500 and, at close(), the final weights of step 2999
+    # Measure at the due steps 0, 1000, ..., 5000 and, at close(), the final weights of step 5999
     # (measure_final=True, the default): 4 clusters, 20 weight-shuffled networks as the null model.
     #
-    # This toy loop trains in a few seconds, about what its 7 measurements take (most of it
-    # drawing the plots), so the defaults would skip due steps: the newest due step wins, and
-    # measuring may take max_overhead=0.1 of the wall time, its process's start included. Here
+    # This toy loop trains in seconds, not much longer than its 7 measurements take (the
+    # measuring process's start and the plots are most of that), so the defaults would skip due
+    # steps: the newest due step wins, and measuring may take max_overhead=0.1 of the wall time,
+    # its process's start included. Here
     # every due step is measured: on_backlog="queue" with room for all 6 due snapshots
     # (max_pending=6; each one is a CPU copy of the weights) keeps every one of them, and
     # max_overhead=None measures them back to back. In a real run of hours keep the defaults:
@@ -89,7 +90,7 @@ def main() -> None:
             run.log({"train/loss": loss.item()}, step=step)  # your own logging, unchanged
             tracker.step(model, step)  # cheap; measures in the background when due
     finally:
-        # Measures the final weights (step 2999, off the schedule), waits for the measurements
+        # Measures the final weights (step 5999, off the schedule), waits for the measurements
         # and logs the summary: before finish().
         tracker.close()
         run.finish()
