@@ -414,6 +414,24 @@ def _null_ncuts(
 
     workers = _effective_jobs(n_jobs, backend)
     resolved = backend or "loky"
+    if model is None and getattr(graph, "source", None) is not None and resolved == "dask":
+        # read from a safetensors file: each Dask task maps the weights from its path
+        return baselines.mapped_null_ncuts(
+            graph,
+            method=method,
+            n=n,
+            ks=ks,
+            root=root,
+            n_init=n_init,
+            preset=preset,
+            scheduler=scheduler,
+            progress=progress,
+        )
+    if getattr(graph, "remote", None) is not None:
+        raise ConfigError(
+            "this graph's weights stay on Dask workers (safetensors_graph(..., scheduler=...)): "
+            "measure its null networks there too, with backend='dask'."
+        )
     if model is None and _uses_worker_processes(method, n_jobs, backend):
         if scheduler is not None:
             raise ConfigError("scheduler is only used with backend='dask'.")
