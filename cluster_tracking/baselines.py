@@ -532,11 +532,12 @@ def mapped_null_ncuts(
             from distributed import as_completed
 
             done = 0
-            for future in as_completed(futures):
-                rows[position[future.key]] = future.result()
-                done += len(chunks[position[future.key]])
-                if progress is not None:
-                    progress(done, n)
+            with client.as_current():  # (as_completed asks for the current client)
+                for future in as_completed(futures):
+                    rows[position[future.key]] = future.result()
+                    done += len(chunks[position[future.key]])
+                    if progress is not None:
+                        progress(done, n)
         finally:
             client.cancel(futures)
             client.run(forget_mapped, source.key)

@@ -912,7 +912,8 @@ class _RemoteBlocks:
             for worker in assignment
         ]
         self.closed = False
-        holders = [future.result() for future in self.futures]
+        with client.as_current():  # an actor binds to the current client when it is made
+            holders = [future.result() for future in self.futures]
         self.holder_of: dict[int, Any] = {}
         self.specs: dict[int, list[Any]] = {}
         loads = [
