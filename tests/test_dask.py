@@ -272,3 +272,60 @@ def test_null_networks_that_would_not_fit_a_worker_are_refused_with_the_estimate
     assert "\n" not in message and "Dask worker tcp://127.0.0.1:" in message
     assert format_size(estimate_null_task(nodes, edges, k=12)) in message
     assert format_size(limit) in message and "add workers" in message
+
+
+@pytest.mark.slow
+def test_cli_keeps_a_file_too_large_for_this_machine_on_the_workers(
+    dask_scheduler: str, tmp_path: Path
+) -> None:
+    """`audit --backend dask --scheduler`: a file whose graph does not fit --max-memory here
+    (exit 4 without the scheduler) is audited with its weight blocks kept on the workers, with
+    the bounded local path's labels and n-cut."""
+    from safetensors.torch import save_file
+
+    from cluster_tracking.audit import BOUNDED_MIN_EDGES
+    from cluster_tracking.estimate import estimate_peak
+    from cluster_tracking.graph.lazy import safetensors_extent, safetensors_graph
+    from tests.test_audit_cli import cli, json_reports, one_error_line
+
+    hidden, intermediate = 1024, 4096
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for i in range(2):
+        for name, shape in (
+            ("up_proj", (intermediate, hidden)),
+            ("down_proj", (hidden, intermediate)),
+        ):
+            weight = torch.randn(*shape, generator=generator).to(torch.bfloat16)
+            state[f"model.layers.{i}.mlp.{name}.weight"] = weight
+    path = tmp_path / "mlp.safetensors"
+    save_file(state, str(path))
+    layers = [f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("up_proj", "down_proj")]
+    nodes, edges = safetensors_extent(path, layers=layers)
+    assert edges >= BOUNDED_MIN_EDGES
+    here = estimate_peak(nodes, edges, k=4, bipartite=True).total
+    solver_only = estimate_peak(nodes, 0, k=4, bipartite=True).total
+    limit = f"{(here + solver_only) // 2 // 2**20}MiB"
+    arguments = ["audit", str(path), "--layers", ",".join(layers), "--shuffles", "0", "--k", "4"]
+
+    refused = cli(*arguments, "--max-memory", limit, cwd=tmp_path)
+    assert refused.returncode == 4, refused.stderr
+    assert "measuring it needs about" in one_error_line(refused)
+
+    done = cli(
+        *arguments,
+        "--max-memory",
+        limit,
+        "--backend",
+        "dask",
+        "--scheduler",
+        dask_scheduler,
+        "--json",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    (report,) = json_reports(done.stdout)
+    assert "kept on the Dask workers" in report.config["source_format"]
+    local = ct.measure(safetensors_graph(path, layers=layers), k=4, shuffles=0, seed=0)
+    assert report.partition.labels == local.partition.labels
+    assert report.ncut == local.ncut
