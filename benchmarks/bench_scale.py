@@ -11,7 +11,8 @@ at a time (no downloads, no whole model in memory). Its MLP graph, the chain of 
 :func:`cluster_tracking.graph.lazy.safetensors_graph` and :func:`cluster_tracking.measure` in a
 fresh process, which prints the time to read the graph and to partition it, its peak resident
 memory (``ru_maxrss``, which also counts the file's pages while they are mapped) and the bytes
-per edge above the process's memory before reading. With ``--compare`` the in-memory path
+per edge above the process's memory before reading (torch, which the chain builder imports,
+included in that base). With ``--compare`` the in-memory path
 (``weight_graph`` on the loaded state_dict, float64 and a sparse adjacency) measures the same
 graph in another fresh process, and the two n-cuts are compared (target: equal to 1e-6
 relative). With ``--dask`` the same graph is measured with its weight blocks kept on a local
@@ -129,6 +130,7 @@ def write_model(config: dict[str, int], path: Path, seed: int = 0) -> int:
 def task_bounded(path: str, layers: list[str]) -> dict[str, Any]:
     """Audit the MLP graph in bounded memory (``shuffles=0``)."""
     import cluster_tracking as ct
+    import cluster_tracking.graph.chain  # the chain builder imports torch: before the base
     from cluster_tracking.graph.lazy import safetensors_graph
 
     base = _current_rss()
@@ -179,6 +181,7 @@ def task_dask(path: str, layers: list[str]) -> dict[str, Any]:
     from distributed import Client, LocalCluster
 
     import cluster_tracking as ct
+    import cluster_tracking.graph.chain  # the chain builder imports torch: before the base
     from cluster_tracking.graph.lazy import safetensors_graph
 
     with (

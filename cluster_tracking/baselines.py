@@ -540,7 +540,8 @@ def mapped_null_ncuts(
                         progress(done, n)
         finally:
             client.cancel(futures)
-            client.run(forget_mapped, source.key)
+            # the workers free the blocks they mapped (a worker that is gone has nothing to free)
+            client.run(forget_mapped, source.key, on_error="ignore")
         return np.stack([row for i in range(len(chunks)) for row in rows[i]])
     finally:
         if owned:

@@ -112,10 +112,13 @@ def estimate_peak(
     )
 
 
-def check_fits(estimate: MemoryEstimate, what: str, limit: int | None = None) -> None:
+def check_fits(
+    estimate: MemoryEstimate, what: str, limit: int | None = None, *, dask: bool = True
+) -> None:
     """Refuse a measurement whose estimated peak passes ``limit`` (``None``: the limit in force,
     :func:`~cluster_tracking.limits.current_memory_limit`: ``--max-memory``, or half the memory
-    available).
+    available). ``dask``: name keeping the weights on a Dask cluster among the options (not
+    where they are there already).
 
     Raises:
         GraphError: one line with the estimate, the limit and the options that would fit.
@@ -128,7 +131,11 @@ def check_fits(estimate: MemoryEstimate, what: str, limit: int | None = None) ->
         without = BASE_BYTES + estimate.graph + estimate.solver
         if without <= limit:
             options.insert(0, f"fewer shuffles (shuffles=0 needs {format_size(without)})")
-        options.append("run the null networks on a Dask cluster (--backend dask --scheduler ...)")
+    if dask:
+        options.append(
+            "keep the weights on a Dask cluster's workers (--backend dask --scheduler ..., or "
+            "safetensors_graph(..., scheduler=...))"
+        )
     options.append("raise --max-memory / max_memory if the machine has the memory")
     raise GraphError(
         f"{what}: measuring it needs {estimate.describe()}, more than the memory limit of "

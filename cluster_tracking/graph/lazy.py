@@ -414,7 +414,7 @@ def _remote_graph(
     try:
         estimate = estimate_peak(nodes, 0, k=k, bipartite=True)
         what = f"{path} (this process; the weights on the Dask workers)"
-        check_fits(estimate, what, max_memory)
+        check_fits(estimate, what, max_memory, dask=False)
         workers = client.scheduler_info(n_workers=-1)["workers"]
         if not workers:
             raise ConfigError(
@@ -448,7 +448,8 @@ def _remote_graph(
         raise
     graph = replace(chain, blocks=skeleton)
     result = _as_safetensors_graph(graph, source, remote)
-    weakref.finalize(result, remote.close)
+    # the workers free the blocks when the graph goes (not at exit: the client may be gone)
+    weakref.finalize(result, remote.close).atexit = False
     return result
 
 
