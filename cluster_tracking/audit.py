@@ -1390,8 +1390,12 @@ class _SourceBar:
         self.progress.update(self.task, completed=done, total=total)
 
     def stage(self, name: str, done: int, total: int) -> None:
-        self.progress.update(
-            self.task, description=f"{self.label}: {name}", completed=done, total=total
+        self.progress.update(  # shown at once: a stage may pass between two auto-refreshes
+            self.task,
+            description=f"{self.label}: {name}",
+            completed=done,
+            total=total,
+            refresh=True,
         )
 
 
