@@ -501,12 +501,14 @@ def mapped_null_ncuts(
                 "with `dask worker`."
             )
         edges = sum(int(np.prod(tensor.shape, dtype=np.int64)) for tensor in source.tensors)
+        held = remote.held if remote is not None and not remote.closed else {}
         check_workers_fit(
             {
                 worker: (
                     estimate_null_task(
                         graph.n_nodes, edges, k=max(ks), threads=int(info.get("nthreads") or 1)
-                    ),
+                    )
+                    + held.get(worker, 0),  # the blocks it keeps for the observed graph
                     int(info.get("memory_limit") or 0),
                 )
                 for worker, info in workers.items()

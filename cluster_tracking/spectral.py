@@ -905,6 +905,11 @@ class _RemoteBlocks:
         stage: StageCallback | None = None,
     ) -> None:
         self.client, self.owned = client, owned
+        #: bytes of float32 weights each worker keeps (for the estimates of later work there)
+        self.held = {
+            worker: sum(4 * int(np.prod(source.tensors[i].shape, dtype=np.int64)) for i in indices)
+            for worker, indices in assignment.items()
+        }
         self.futures = [
             client.submit(
                 _BlockHolder, actor=True, workers=[worker], allow_other_workers=False, pure=False

@@ -279,8 +279,9 @@ def test_cli_keeps_a_file_too_large_for_this_machine_on_the_workers(
     dask_scheduler: str, tmp_path: Path
 ) -> None:
     """`audit --backend dask --scheduler`: a file whose graph does not fit --max-memory here
-    (exit 4 without the scheduler) is audited with its weight blocks kept on the workers, with
-    the bounded local path's labels and n-cut."""
+    (exit 4 without the scheduler) is audited with its weight blocks kept on the workers and
+    its null networks mapped there from its path, with the bounded local path's labels, n-cut
+    and null n-cuts."""
     from safetensors.torch import save_file
 
     from cluster_tracking.audit import BOUNDED_MIN_EDGES
@@ -306,14 +307,17 @@ def test_cli_keeps_a_file_too_large_for_this_machine_on_the_workers(
     here = estimate_peak(nodes, edges, k=4, bipartite=True).total
     solver_only = estimate_peak(nodes, 0, k=4, bipartite=True).total
     limit = f"{(here + solver_only) // 2 // 2**20}MiB"
-    arguments = ["audit", str(path), "--layers", ",".join(layers), "--shuffles", "0", "--k", "4"]
+    arguments = ["audit", str(path), "--layers", ",".join(layers), "--k", "4"]
 
-    refused = cli(*arguments, "--max-memory", limit, cwd=tmp_path)
+    refused = cli(*arguments, "--shuffles", "0", "--max-memory", limit, cwd=tmp_path)
     assert refused.returncode == 4, refused.stderr
-    assert "measuring it needs about" in one_error_line(refused)
+    line = one_error_line(refused)
+    assert "measuring it needs about" in line and "keep the weights on a Dask cluster" in line
 
     done = cli(
         *arguments,
+        "--shuffles",
+        "4",
         "--max-memory",
         limit,
         "--backend",
@@ -326,6 +330,8 @@ def test_cli_keeps_a_file_too_large_for_this_machine_on_the_workers(
     assert done.returncode == 0, done.stderr
     (report,) = json_reports(done.stdout)
     assert "kept on the Dask workers" in report.config["source_format"]
-    local = ct.measure(safetensors_graph(path, layers=layers), k=4, shuffles=0, seed=0)
+    local = ct.measure(safetensors_graph(path, layers=layers), k=4, shuffles=4, seed=0, n_jobs=1)
     assert report.partition.labels == local.partition.labels
     assert report.ncut == local.ncut
+    assert report.baseline is not None and local.baseline is not None
+    assert report.baseline.ncuts == local.baseline.ncuts  # null networks run on the workers
