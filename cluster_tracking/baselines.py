@@ -471,7 +471,7 @@ def mapped_null_ncuts(
     """
     from cluster_tracking.estimate import check_workers_fit, estimate_null_task
     from cluster_tracking.graph.lazy import forget_mapped
-    from cluster_tracking.spectral import _dask_client
+    from cluster_tracking.spectral import _dask_client, _running_workers
 
     source = getattr(graph, "source", None)
     if source is None:
@@ -494,12 +494,7 @@ def mapped_null_ncuts(
             ) from error
     client, owned = _dask_client(scheduler)
     try:
-        workers = client.scheduler_info(n_workers=-1)["workers"]
-        if not workers:
-            raise ConfigError(
-                f"the Dask scheduler {client.scheduler.address} has no workers; start some "
-                "with `dask worker`."
-            )
+        workers = _running_workers(client)
         edges = sum(int(np.prod(tensor.shape, dtype=np.int64)) for tensor in source.tensors)
         held = remote.held if remote is not None and not remote.closed else {}
         check_workers_fit(

@@ -884,6 +884,52 @@ class _BlockHolder:
 _NO_IDS = np.empty(0, dtype=np.int64)
 
 
+def _running_workers(client: Any) -> dict[str, Any]:
+    """The scheduler's workers that run tasks (``{address: info}``): a worker paused for memory
+    runs none, so work sent to it would wait until it frees memory.
+
+    Raises:
+        ConfigError: the cluster has no workers.
+        GraphError: every worker is paused.
+    """
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    if not workers:
+        raise ConfigError(
+            f"the Dask scheduler {client.scheduler.address} has no workers; start some with "
+            "`dask worker`."
+        )
+    running = {address: info for address, info in workers.items() if info.get("status") != "paused"}
+    if not running:
+        raise GraphError(
+            f"every worker of the Dask scheduler {client.scheduler.address} is paused (above "
+            "its memory's pause threshold), so none would run this; give them more memory "
+            "(dask worker --memory-limit) or free what they hold."
+        )
+    return running
+
+
+#: Seconds a Dask worker may take to start holding blocks (an actor starts at once on a
+#: worker that runs tasks; one that does not is paused, or busy with other work).
+ACTOR_START_TIMEOUT = 60.0
+
+
+def _started(future: Any, worker: str, client: Any) -> Any:
+    """The actor ``future`` makes on ``worker``, or a clear error when the worker does not
+    start it (a worker paused for memory never runs a task, and the call would wait forever)."""
+    from distributed import TimeoutError as DaskTimeoutError
+
+    try:
+        return future.result(timeout=ACTOR_START_TIMEOUT)
+    except (TimeoutError, DaskTimeoutError):
+        status = client.scheduler_info(n_workers=-1)["workers"].get(worker, {}).get("status")
+        raise GraphError(
+            f"Dask worker {worker} did not start holding its weight blocks within "
+            f"{ACTOR_START_TIMEOUT:.0f} s (its status: {status or 'gone'}); a paused worker is "
+            "above its memory's pause threshold: give it more memory (dask worker "
+            "--memory-limit) or free what it holds."
+        ) from None
+
+
 class _RemoteBlocks:
     """A graph's weight blocks held on a Dask cluster: one :class:`_BlockHolder` actor per
     worker, each mapping its consecutive run of blocks from the shared file; the graph's edge
@@ -918,7 +964,10 @@ class _RemoteBlocks:
         ]
         self.closed = False
         with client.as_current():  # an actor binds to the current client when it is made
-            holders = [future.result() for future in self.futures]
+            holders = [
+                _started(future, worker, client)
+                for future, worker in zip(self.futures, assignment, strict=True)
+            ]
         self.holder_of: dict[int, Any] = {}
         self.specs: dict[int, list[Any]] = {}
         loads = [

@@ -374,7 +374,7 @@ def _remote_graph(
         estimate_worker_blocks,
     )
     from cluster_tracking.graph.chain import _ChainEntry
-    from cluster_tracking.spectral import _dask_client, _RemoteBlocks
+    from cluster_tracking.spectral import _dask_client, _RemoteBlocks, _running_workers
 
     if preset == "filan2021":
         raise ConfigError(
@@ -415,12 +415,7 @@ def _remote_graph(
         estimate = estimate_peak(nodes, 0, k=k, bipartite=True)
         what = f"{path} (this process; the weights on the Dask workers)"
         check_fits(estimate, what, max_memory, dask=False)
-        workers = client.scheduler_info(n_workers=-1)["workers"]
-        if not workers:
-            raise ConfigError(
-                f"the Dask scheduler {client.scheduler.address} has no workers; start some with "
-                "`dask worker`."
-            )
+        workers = _running_workers(client)
         assignment = _assign_blocks(block_entries, sorted(workers))
         check_workers_fit(
             {
