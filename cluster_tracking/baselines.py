@@ -350,6 +350,19 @@ def check_magnitude_blocks(blocks: Sequence[EdgeBlock], method: str) -> None:
         )
 
 
+def check_null_backend(graph: WeightGraph, method: str, backend: str) -> None:
+    """Refuse, before the partition, null networks of a graph whose weights stay on Dask
+    workers (``safetensors_graph(..., scheduler=...)``) anywhere but on Dask."""
+    if getattr(graph, "remote", None) is not None and (
+        backend != "dask" or method not in MAGNITUDE_SHUFFLES
+    ):
+        raise ConfigError(
+            "this graph's weights stay on Dask workers (safetensors_graph(..., scheduler=...)): "
+            "measure its null networks there too, with backend='dask' and shuffle='layer' or "
+            "'layer_nonzero'."
+        )
+
+
 def check_shuffle_preconditions(weights: Sequence[np.ndarray], method: str) -> None:
     """Fail early, with the tensor's position, where a shuffle cannot apply (a zero-size
     placeholder, a block whose weights stay on a Dask worker, is checked there)."""

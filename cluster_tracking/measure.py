@@ -245,6 +245,7 @@ def measure(
     graph_seconds = time.perf_counter() - started
     if shuffles:
         baselines.check_magnitude_blocks(graph.blocks, method)
+        baselines.check_null_backend(graph, method, backend or "loky")
     root = np.random.SeedSequence(seed)
 
     ks, k_auto = _resolve_ks(k, graph, root)
@@ -426,11 +427,6 @@ def _null_ncuts(
             preset=preset,
             scheduler=scheduler,
             progress=progress,
-        )
-    if getattr(graph, "remote", None) is not None:
-        raise ConfigError(
-            "this graph's weights stay on Dask workers (safetensors_graph(..., scheduler=...)): "
-            "measure its null networks there too, with backend='dask'."
         )
     if model is None and _uses_worker_processes(method, n_jobs, backend):
         if scheduler is not None:

@@ -243,8 +243,10 @@ def test_weights_on_workers_give_the_local_and_in_memory_partition(
         assert ct.ncut(graph, labels) == ct.ncut(bounded, labels)
         with pytest.raises(GraphError, match="stay on the Dask workers"):
             graph.assemble()
+        started: list[str] = []
         with pytest.raises(ct.ConfigError, match="with backend='dask'"):
-            ct.measure(graph, shuffles=4, seed=3, n_jobs=1)
+            ct.measure(graph, shuffles=4, seed=3, n_jobs=1, stage=lambda *a: started.append(a[0]))
+        assert not started  # refused before the partition, not after it
     finally:
         graph.release()
     with pytest.raises(GraphError, match="released"):
