@@ -38,6 +38,12 @@ How it is fast (``benchmarks/`` measures it against scikit-learn on the same gra
   every restart is one product and one integer minimum (:func:`_nearest_centers`), and the
   n-cuts of all restarts come from one product of each weight block with the restarts' one-hot
   labels.
+
+Beyond one machine: a graph whose weight blocks stay on the workers of a Dask cluster
+(``safetensors_graph(..., scheduler=...)``; :class:`_RemoteBlocks`, one Dask actor per worker)
+has edge pieces whose products (``W x``, ``W^T y``, the within-cluster weights) run on the
+worker that holds them, by the same code, sent to all workers at once and summed here in block
+order: the same labels, n-cut and eigenvalues as the local path for the same seed.
 """
 
 from __future__ import annotations

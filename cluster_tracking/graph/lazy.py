@@ -17,6 +17,13 @@ The chain rules are :func:`~cluster_tracking.graph.weight_graph`'s for a state_d
 refused. Only magnitudes are kept, so the null models that draw new signed values
 (``layer_nonzero_distribution``, ``layer_all_distribution``...) are refused on such a graph;
 ``layer`` and ``layer_nonzero`` shuffle magnitudes as they shuffle weights.
+
+Beyond one machine, on Dask, only the file's path travels (:class:`MappedSource`: the path, a
+fingerprint of the file, the tensor of each block): a worker maps the blocks itself
+(:func:`map_block_weights`), for the null networks (each task maps the whole graph,
+:func:`mapped_blocks`) or, with ``safetensors_graph(..., scheduler=...)``, to keep a share of
+the layers whose products the eigensolver asks of it (:class:`SafetensorsGraph` ``.remote``).
+Every worker needs the same file at the same path; what a worker maps imports no torch.
 """
 
 from __future__ import annotations
