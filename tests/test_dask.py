@@ -252,6 +252,18 @@ def test_weights_on_workers_give_the_local_and_in_memory_partition(
     with pytest.raises(GraphError, match="released"):
         ct.measure(graph, shuffles=0, seed=3)
 
+    # a side of at most DENSE_MAX_NODES / 2 nodes: the dense solver, on blocks fetched once
+    two = MLP_LAYERS[:2]
+    small = safetensors_graph(path, layers=two, scheduler=address)
+    try:
+        assert min(small.widths[0] + small.widths[2], small.widths[1]) <= 300
+        remote = ct.measure(small, k=4, shuffles=0, seed=3)
+        local = ct.measure(safetensors_graph(path, layers=two), k=4, shuffles=0, seed=3)
+        assert remote.partition.labels == local.partition.labels
+        assert remote.ncut == local.ncut and remote.eigenvalues == local.eigenvalues
+    finally:
+        small.release()
+
 
 @pytest.mark.slow
 def test_null_networks_that_would_not_fit_a_worker_are_refused_with_the_estimate(
