@@ -14,6 +14,12 @@ What a bounded-memory measurement (:mod:`cluster_tracking.graph.lazy`) holds at 
   (float32) and the row chunks cast for float64 products;
 - **nulls**: with ``shuffles``, the weights written once for the worker processes, and per
   null network measured at once its shuffled weights and the permutation that made them.
+
+On a Dask cluster the peak splits: this process keeps the solver's part only when the weight
+blocks stay on the workers, each worker its share of the blocks
+(:func:`estimate_worker_blocks`), and a worker measuring null networks the whole graph and, per
+thread, a null network's part (:func:`estimate_null_task`); each is checked against the worker's
+own ``memory_limit`` (:func:`check_workers_fit`).
 """
 
 from __future__ import annotations
