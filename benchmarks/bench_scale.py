@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_scale                       # 0.1B, 0.3B, 1B; in-memory check at 0.1B
     python -m benchmarks.bench_scale --sizes 0.1B,0.3B,1B,3B --compare 0.1B
+    python -m benchmarks.bench_scale --sizes 0.1B,1B --compare "" --dask 0.1B,1B
 
 Each model is a Llama-style decoder (embeddings, attention with grouped KV heads, gated MLP,
 RMSNorm weights) with random bf16 weights, written to a safetensors file on the fly, one tensor
@@ -10,10 +11,16 @@ at a time (no downloads, no whole model in memory). Its MLP graph, the chain of 
 :func:`cluster_tracking.graph.lazy.safetensors_graph` and :func:`cluster_tracking.measure` in a
 fresh process, which prints the time to read the graph and to partition it, its peak resident
 memory (``ru_maxrss``, which also counts the file's pages while they are mapped) and the bytes
-per edge above the process's memory before reading. With ``--compare`` the in-memory path
+per edge above the process's memory before reading (torch, which the chain builder imports,
+included in that base). With ``--compare`` the in-memory path
 (``weight_graph`` on the loaded state_dict, float64 and a sparse adjacency) measures the same
 graph in another fresh process, and the two n-cuts are compared (target: equal to 1e-6
-relative). The files are deleted afterwards.
+relative). With ``--dask`` the same graph is measured with its weight blocks kept on a local
+``dask.distributed`` cluster of 2 worker processes (``safetensors_graph(..., scheduler=...)``:
+each worker maps its half of the layers from the file's path), printing the time, this
+process's peak and each worker's, and whether labels and n-cut equal the bounded local path's.
+On one machine this shows what travels and what each side holds, not a speed-up: the two
+workers share the machine's cores and memory. The files are deleted afterwards.
 
 Wall-clock numbers are for people to read; no test asserts on them.
 """
@@ -123,6 +130,7 @@ def write_model(config: dict[str, int], path: Path, seed: int = 0) -> int:
 def task_bounded(path: str, layers: list[str]) -> dict[str, Any]:
     """Audit the MLP graph in bounded memory (``shuffles=0``)."""
     import cluster_tracking as ct
+    import cluster_tracking.graph.chain  # the chain builder imports torch: before the base
     from cluster_tracking.graph.lazy import safetensors_graph
 
     base = _current_rss()
@@ -168,7 +176,47 @@ def task_in_memory(path: str, layers: list[str]) -> dict[str, Any]:
     }
 
 
-TASKS = {"bounded": task_bounded, "in_memory": task_in_memory}
+def task_dask(path: str, layers: list[str]) -> dict[str, Any]:
+    """The same graph with its weight blocks kept on 2 local Dask workers."""
+    from distributed import Client, LocalCluster
+
+    import cluster_tracking as ct
+    import cluster_tracking.graph.chain  # the chain builder imports torch: before the base
+    from cluster_tracking.graph.lazy import safetensors_graph
+
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            memory_limit=0,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        client.wait_for_workers(2)
+        base = _current_rss()
+        started = time.perf_counter()
+        graph = safetensors_graph(path, layers=layers, scheduler=client)
+        read = time.perf_counter() - started
+        report = ct.measure(graph, k=12, shuffles=0, seed=0)
+        total = time.perf_counter() - started
+        workers = client.run(_peak_rss)
+        graph.release()
+    return {
+        "read_s": read,
+        "partition_s": report.timings["partition"],
+        "total_s": total,
+        "peak": _peak_rss(),
+        "base": base,
+        "worker_peaks": sorted(workers.values()),
+        "ncut": report.ncut,
+        "labels": report.partition.labels,
+    }
+
+
+TASKS = {"bounded": task_bounded, "in_memory": task_in_memory, "dask": task_dask}
 
 
 def _child(task: str, path: Path, layers: list[str], timeout: float) -> dict[str, Any]:
@@ -208,12 +256,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--compare", default="0.1B", help="sizes also run in memory ('' for none)")
     parser.add_argument(
+        "--dask", default="", help="sizes also run with the weights on 2 local Dask workers"
+    )
+    parser.add_argument(
         "--dir", default=None, help="where the safetensors files go (deleted after)"
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per child process")
     args = parser.parse_args(argv)
     sizes = [size for size in args.sizes.split(",") if size]
     compare = {size for size in args.compare.split(",") if size}
+    on_dask = {size for size in args.dask.split(",") if size}
     unknown = [size for size in sizes if size not in CONFIGS]
     if unknown:
         parser.error(f"unknown sizes {unknown}; choose from {', '.join(CONFIGS)}")
@@ -244,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
                 row["memory_peak"] = theirs["peak"]
                 row["ncut_rel_diff"] = abs(row["ncut"] - theirs["ncut"]) / theirs["ncut"]
                 row["labels_equal"] = row["labels"] == theirs["labels"]
+            if size in on_dask:
+                print(f"{size}: the weights on 2 Dask workers ...", flush=True)
+                row["dask"] = _child("dask", path, layers, args.timeout)
             path.unlink()
             rows.append(row)
             print(_line(row), flush=True)
@@ -260,6 +315,18 @@ def main(argv: list[str] | None = None) -> None:
                 f"{row['size']} in memory: {row['memory_total_s']:.1f} s, peak "
                 f"{row['memory_peak'] / 1e9:.2f} GB; n-cut relative difference "
                 f"{row['ncut_rel_diff']:.1e}, labels equal: {row['labels_equal']}"
+            )
+    for row in rows:
+        if "dask" in row:
+            remote = row["dask"]
+            print(
+                f"{row['size']} on 2 Dask workers: read {remote['read_s']:.1f} s, partition "
+                f"{remote['partition_s']:.1f} s, total {remote['total_s']:.1f} s; peak here "
+                f"{remote['peak'] / 1e9:.2f} GB, workers "
+                + ", ".join(f"{peak / 1e9:.2f}" for peak in remote["worker_peaks"])
+                + f" GB; n-cut relative difference "
+                f"{abs(remote['ncut'] - row['ncut']) / row['ncut']:.1e}, labels equal: "
+                f"{remote['labels'] == row['labels']}"
             )
     if len(rows) >= 2:
         edges = [float(row["edges"]) for row in rows]

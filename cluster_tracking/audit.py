@@ -555,6 +555,7 @@ def _bounded_audit(
     first (a :class:`GraphError`, exit 4, when it would not fit); ``None`` for any other
     source, which the in-memory path reads."""
     from cluster_tracking.baselines import MAGNITUDE_SHUFFLES
+    from cluster_tracking.estimate import estimate_peak
     from cluster_tracking.graph.lazy import safetensors_extent, safetensors_graph
     from cluster_tracking.measure import measure
 
@@ -576,36 +577,61 @@ def _bounded_audit(
     _check_time(settings, n_nodes, 2 * n_edges, ref.path.name)  # stored entries: both directions
     limit = settings.max_memory if settings.max_memory is not None else current_memory_limit()
     stage = getattr(progress, "stage", None)  # the CLI's progress bar shows every stage
+    k = 32 if settings.k == "auto" else int(settings.k)
+    # With a Dask scheduler the null networks run there (each task maps the file from its
+    # path), and when the graph itself does not fit here, its weight blocks stay there too.
+    on_dask = settings.backend == "dask" and settings.scheduler is not None
+    here = estimate_peak(
+        n_nodes,
+        n_edges,
+        k=k,
+        shuffles=0 if on_dask else settings.shuffles,
+        workers=_workers(settings) + 1,
+        bipartite=True,
+    )
+    remote = on_dask and here.total > limit
+    if remote:
+        assert settings.scheduler is not None
+        check_scheduler(settings.scheduler)
     graph = safetensors_graph(
         ref.path,
         layers=settings.layers,
         preset=settings.preset,
-        k=32 if settings.k == "auto" else int(settings.k),
-        shuffles=settings.shuffles,
+        k=k,
+        shuffles=0 if on_dask else settings.shuffles,
         workers=_workers(settings) + 1,
         max_memory=limit,
         stage=stage,
+        scheduler=settings.scheduler if remote else None,
+    )
+    where = (
+        "kept on the Dask workers, each mapping its layers from the same path"
+        if remote
+        else "read in bounded memory"
     )
     loaded = LoadedModel(
         source=ref.uri,
         label=ref.path.name,
         weights={},
-        format="safetensors state_dict, read in bounded memory (float32 magnitudes)",
-        notes=["the layers were read in bounded memory: float32 |W|, no sparse adjacency"],
+        format=f"safetensors state_dict, {where} (float32 magnitudes)",
+        notes=[f"the layers were {where}: float32 |W|, no sparse adjacency"],
     )
-    report = measure(
-        graph,
-        k=settings.k,
-        shuffles=settings.shuffles,
-        shuffle=settings.method,
-        seed=settings.seed,
-        n_jobs=settings.jobs,
-        backend=settings.backend,
-        scheduler=settings.scheduler,
-        preset=settings.preset,
-        progress=None if stage is not None else progress,
-        stage=stage,
-    )
+    try:
+        report = measure(
+            graph,
+            k=settings.k,
+            shuffles=settings.shuffles,
+            shuffle=settings.method,
+            seed=settings.seed,
+            n_jobs=settings.jobs,
+            backend=settings.backend,
+            scheduler=settings.scheduler,
+            preset=settings.preset,
+            progress=None if stage is not None else progress,
+            stage=stage,
+        )
+    finally:
+        graph.release()  # the workers free the blocks of a graph kept there
     report.config["source"] = ref.uri
     report.config["source_format"] = loaded.format
     report.config["layers"] = list(settings.layers) if settings.layers else None
@@ -1364,8 +1390,12 @@ class _SourceBar:
         self.progress.update(self.task, completed=done, total=total)
 
     def stage(self, name: str, done: int, total: int) -> None:
-        self.progress.update(
-            self.task, description=f"{self.label}: {name}", completed=done, total=total
+        self.progress.update(  # shown at once: a stage may pass between two auto-refreshes
+            self.task,
+            description=f"{self.label}: {name}",
+            completed=done,
+            total=total,
+            refresh=True,
         )
 
 

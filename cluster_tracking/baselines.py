@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cluster_tracking.errors import ConfigError
-from cluster_tracking.graph.types import EdgeBlock
+from cluster_tracking.graph.types import EdgeBlock, WeightGraph
 from cluster_tracking.report import Baseline
 from cluster_tracking.spectral import block_ncuts, child_seed
 
@@ -350,12 +350,26 @@ def check_magnitude_blocks(blocks: Sequence[EdgeBlock], method: str) -> None:
         )
 
 
+def check_null_backend(graph: WeightGraph, method: str, backend: str) -> None:
+    """Refuse, before the partition, null networks of a graph whose weights stay on Dask
+    workers (``safetensors_graph(..., scheduler=...)``) anywhere but on Dask."""
+    if getattr(graph, "remote", None) is not None and (
+        backend != "dask" or method not in MAGNITUDE_SHUFFLES
+    ):
+        raise ConfigError(
+            "this graph's weights stay on Dask workers (safetensors_graph(..., scheduler=...)): "
+            "measure its null networks there too, with backend='dask' and shuffle='layer' or "
+            "'layer_nonzero'."
+        )
+
+
 def check_shuffle_preconditions(weights: Sequence[np.ndarray], method: str) -> None:
-    """Fail early, with the tensor's position, where a shuffle cannot apply."""
+    """Fail early, with the tensor's position, where a shuffle cannot apply (a zero-size
+    placeholder, a block whose weights stay on a Dask worker, is checked there)."""
     if method not in ("layer_nonzero", "layer_nonzero_distribution"):
         return
     for index, weight in enumerate(weights):
-        if np.count_nonzero(weight) < 2:
+        if weight.size and np.count_nonzero(weight) < 2:
             raise ConfigError(
                 f"the {method!r} null needs at least 2 non-zero weights per tensor, but weight "
                 f"tensor #{index} (shape {weight.shape}) has {np.count_nonzero(weight)}; "
@@ -440,3 +454,131 @@ def null_statistics(ncut: float, null_ncuts: Sequence[float] | np.ndarray, metho
         degenerate=degenerate,
         ncuts=[float(value) for value in nulls],
     )
+
+
+def mapped_null_ncuts(
+    graph: WeightGraph,
+    *,
+    method: str,
+    n: int,
+    ks: Sequence[int],
+    root: np.random.SeedSequence,
+    n_init: int | None,
+    preset: str,
+    scheduler: Any,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """n-cuts of ``n`` shuffled null networks of a graph read from a safetensors file, each a
+    Dask task that maps the weights from the same path on its worker: ``[n, len(ks)]``.
+
+    Only the file's path and fingerprint, the blocks' topology (node indices) and each task's
+    null indices and seeds travel; no weights go through the scheduler. A worker keeps the
+    blocks it mapped for its next tasks and frees them when the call ends. The numbers are the
+    local path's (:func:`shuffled_ncuts` on the same float32 blocks with the same streams).
+    ``scheduler``: an address or a ``distributed.Client`` (``None``: the remote graph's own,
+    else the current client).
+
+    Raises:
+        ConfigError: no Dask, no scheduler, or a graph that does not know its file.
+        GraphError: a worker's memory limit is below the estimated peak of a task.
+    """
+    from cluster_tracking.estimate import check_workers_fit, estimate_null_task
+    from cluster_tracking.graph.lazy import forget_mapped
+    from cluster_tracking.spectral import _dask_client, _running_workers
+
+    source = getattr(graph, "source", None)
+    if source is None:
+        raise ConfigError(
+            "this graph does not come from a safetensors file (safetensors_graph), so Dask "
+            "workers cannot map its weights from a shared path."
+        )
+    remote = getattr(graph, "remote", None)
+    if scheduler is None and remote is not None:
+        scheduler = remote.client
+    if scheduler is None:
+        try:
+            from distributed import get_client
+
+            scheduler = get_client()
+        except (ImportError, ValueError) as error:
+            raise ConfigError(
+                "null networks on Dask need a scheduler: pass scheduler='tcp://HOST:PORT' (or "
+                "run inside a dask.distributed Client)."
+            ) from error
+    client, owned = _dask_client(scheduler)
+    try:
+        workers = _running_workers(client)
+        edges = sum(int(np.prod(tensor.shape, dtype=np.int64)) for tensor in source.tensors)
+        held = remote.held if remote is not None and not remote.closed else {}
+        check_workers_fit(
+            {
+                worker: (
+                    estimate_null_task(
+                        graph.n_nodes, edges, k=max(ks), threads=int(info.get("nthreads") or 1)
+                    )
+                    + held.get(worker, 0),  # the blocks it keeps for the observed graph
+                    int(info.get("memory_limit") or 0),
+                )
+                for worker, info in workers.items()
+            },
+            source.path,
+            task="null networks (the whole graph, a shuffled copy and the solver per thread)",
+        )
+        skeleton = [replace(block, weight=_NO_WEIGHT) for block in graph.blocks]
+        [shared] = client.scatter(
+            [(source, skeleton, graph.n_nodes, graph.node_layer)], broadcast=True
+        )
+        size = max(1, min(2, math.ceil(n / (4 * len(workers)))))
+        chunks = [list(range(start, min(n, start + size))) for start in range(0, n, size)]
+        futures = [
+            client.submit(
+                _mapped_null_task, shared, chunk, method, list(ks), root, n_init, preset, pure=False
+            )
+            for chunk in chunks
+        ]
+        position = {future.key: i for i, future in enumerate(futures)}
+        rows: dict[int, list[np.ndarray]] = {}
+        try:
+            from distributed import as_completed
+
+            done = 0
+            with client.as_current():  # (as_completed asks for the current client)
+                for future in as_completed(futures):
+                    rows[position[future.key]] = future.result()
+                    done += len(chunks[position[future.key]])
+                    if progress is not None:
+                        progress(done, n)
+        finally:
+            client.cancel(futures)
+            # the workers free the blocks they mapped (a worker that is gone has nothing to free)
+            client.run(forget_mapped, source.key, on_error="ignore")
+        return np.stack([row for i in range(len(chunks)) for row in rows[i]])
+    finally:
+        if owned:
+            client.close()
+
+
+_NO_WEIGHT = np.empty(0, dtype=np.float32)
+
+
+def _mapped_null_task(
+    shared: tuple[Any, list[EdgeBlock], int, np.ndarray],
+    indices: list[int],
+    method: str,
+    ks: list[int],
+    root: np.random.SeedSequence,
+    n_init: int | None,
+    preset: str,
+) -> list[np.ndarray]:
+    """On a Dask worker: :func:`shuffled_ncuts` of the null networks ``indices`` on the blocks
+    mapped from the file (:func:`~cluster_tracking.graph.lazy.mapped_blocks`)."""
+    from threadpoolctl import threadpool_limits
+
+    from cluster_tracking.graph.lazy import mapped_blocks
+
+    source, skeleton, n_nodes, node_layer = shared
+    blocks = mapped_blocks(source, skeleton)
+    with threadpool_limits(1):
+        return shuffled_ncuts(
+            indices, blocks, n_nodes, node_layer, method, ks, root, n_init, preset
+        )

@@ -14,6 +14,12 @@ What a bounded-memory measurement (:mod:`cluster_tracking.graph.lazy`) holds at 
   (float32) and the row chunks cast for float64 products;
 - **nulls**: with ``shuffles``, the weights written once for the worker processes, and per
   null network measured at once its shuffled weights and the permutation that made them.
+
+On a Dask cluster the peak splits: this process keeps the solver's part only when the weight
+blocks stay on the workers, each worker its share of the blocks
+(:func:`estimate_worker_blocks`), and a worker measuring null networks the whole graph and, per
+thread, a null network's part (:func:`estimate_null_task`); each is checked against the worker's
+own ``memory_limit`` (:func:`check_workers_fit`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,14 @@ from dataclasses import dataclass
 from cluster_tracking.errors import GraphError
 from cluster_tracking.limits import current_memory_limit, format_size
 
-__all__ = ["MemoryEstimate", "check_fits", "estimate_peak"]
+__all__ = [
+    "MemoryEstimate",
+    "check_fits",
+    "check_workers_fit",
+    "estimate_null_task",
+    "estimate_peak",
+    "estimate_worker_blocks",
+]
 
 #: What the interpreter, numpy, scipy and the package hold before any graph (bytes).
 BASE_BYTES = 300 * 2**20
@@ -87,7 +100,7 @@ def estimate_peak(
     # basis and images, float64: one side each for a bipartite graph, all nodes each otherwise
     krylov = (1 if bipartite else 2) * nodes * vectors * KRYLOV_MAX_BLOCKS * 8
     kmeans = 3 * nodes * n_init * k * 4  # distances, packed copies, labels (float32/int)
-    chunks = 3 * CHUNK_ENTRIES * 8  # a row chunk cast to float64 and its product
+    chunks = 3 * min(edges, CHUNK_ENTRIES) * 8  # a row chunk cast to float64 and its product
     solver = krylov + kmeans + chunks
     nulls = 0
     if shuffles:
@@ -105,10 +118,13 @@ def estimate_peak(
     )
 
 
-def check_fits(estimate: MemoryEstimate, what: str, limit: int | None = None) -> None:
+def check_fits(
+    estimate: MemoryEstimate, what: str, limit: int | None = None, *, dask: bool = True
+) -> None:
     """Refuse a measurement whose estimated peak passes ``limit`` (``None``: the limit in force,
     :func:`~cluster_tracking.limits.current_memory_limit`: ``--max-memory``, or half the memory
-    available).
+    available). ``dask``: name keeping the weights on a Dask cluster among the options (not
+    where they are there already).
 
     Raises:
         GraphError: one line with the estimate, the limit and the options that would fit.
@@ -121,9 +137,53 @@ def check_fits(estimate: MemoryEstimate, what: str, limit: int | None = None) ->
         without = BASE_BYTES + estimate.graph + estimate.solver
         if without <= limit:
             options.insert(0, f"fewer shuffles (shuffles=0 needs {format_size(without)})")
-        options.append("run the null networks on a Dask cluster (--backend dask --scheduler ...)")
+    if dask:
+        options.append(
+            "keep the weights on a Dask cluster's workers (--backend dask --scheduler ..., or "
+            "safetensors_graph(..., scheduler=...))"
+        )
     options.append("raise --max-memory / max_memory if the machine has the memory")
     raise GraphError(
         f"{what}: measuring it needs {estimate.describe()}, more than the memory limit of "
         f"{format_size(limit)}; options: {'; '.join(options)}."
     )
+
+
+def estimate_worker_blocks(edges: int, bytes_per_weight: int = 4) -> int:
+    """The estimated peak of a Dask worker that keeps ``edges`` weight entries of a graph whose
+    eigensolver products it computes (``safetensors_graph(..., scheduler=...)``): the
+    interpreter, its blocks, and a row chunk cast to float64 with its product."""
+    from cluster_tracking.spectral import CHUNK_ENTRIES
+
+    return BASE_BYTES + edges * bytes_per_weight + 3 * min(edges, CHUNK_ENTRIES) * 8
+
+
+def estimate_null_task(
+    nodes: int, edges: int, *, k: int = 12, threads: int = 1, n_init: int = 25
+) -> int:
+    """The estimated peak of a Dask worker measuring null networks of a chain graph read from
+    its file: the interpreter, the graph's float32 blocks (kept between its tasks), and per
+    task running at once (``threads``) a shuffled copy, its permutation and the solver."""
+    whole = estimate_peak(nodes, edges, k=k, n_init=n_init, bipartite=True)
+    per_task = 2 * whole.graph + whole.solver
+    return BASE_BYTES + whole.graph + max(1, threads) * per_task
+
+
+def check_workers_fit(needs: dict[str, tuple[int, int]], what: str, task: str = "") -> None:
+    """Refuse work whose estimated peak on a Dask worker passes that worker's memory limit.
+
+    ``needs`` maps each worker's address to ``(estimated bytes, its memory_limit)``; a limit of
+    0 (the worker was started without one) is not checked. ``task`` says what the estimate is
+    of, for the message.
+
+    Raises:
+        GraphError: one line naming the worker, the estimate, its limit and the options.
+    """
+    for worker, (need, limit) in sorted(needs.items()):
+        if limit and need > limit:
+            raise GraphError(
+                f"{what}: {task or 'its weight blocks'} on Dask worker {worker} need about "
+                f"{format_size(need)}, more than its memory limit of {format_size(limit)}; "
+                "options: add workers (or give them more memory: dask worker --memory-limit), "
+                "audit fewer layers (--layers / layers=)."
+            )

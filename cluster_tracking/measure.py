@@ -245,6 +245,7 @@ def measure(
     graph_seconds = time.perf_counter() - started
     if shuffles:
         baselines.check_magnitude_blocks(graph.blocks, method)
+        baselines.check_null_backend(graph, method, backend or "loky")
     root = np.random.SeedSequence(seed)
 
     ks, k_auto = _resolve_ks(k, graph, root)
@@ -414,6 +415,19 @@ def _null_ncuts(
 
     workers = _effective_jobs(n_jobs, backend)
     resolved = backend or "loky"
+    if model is None and getattr(graph, "source", None) is not None and resolved == "dask":
+        # read from a safetensors file: each Dask task maps the weights from its path
+        return baselines.mapped_null_ncuts(
+            graph,
+            method=method,
+            n=n,
+            ks=ks,
+            root=root,
+            n_init=n_init,
+            preset=preset,
+            scheduler=scheduler,
+            progress=progress,
+        )
     if model is None and _uses_worker_processes(method, n_jobs, backend):
         if scheduler is not None:
             raise ConfigError("scheduler is only used with backend='dask'.")

@@ -38,12 +38,18 @@ How it is fast (``benchmarks/`` measures it against scikit-learn on the same gra
   every restart is one product and one integer minimum (:func:`_nearest_centers`), and the
   n-cuts of all restarts come from one product of each weight block with the restarts' one-hot
   labels.
+
+Beyond one machine: a graph whose weight blocks stay on the workers of a Dask cluster
+(``safetensors_graph(..., scheduler=...)``; :class:`_RemoteBlocks`, one Dask actor per worker)
+has edge pieces whose products (``W x``, ``W^T y``, the within-cluster weights) run on the
+worker that holds them, by the same code, sent to all workers at once and summed here in block
+order: the same labels, n-cut and eigenvalues as the local path for the same seed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -152,7 +158,7 @@ def ncut(graph: WeightGraph | sp.sparray | sp.spmatrix | np.ndarray, labels: np.
     if _unassembled(graph):
         assert isinstance(graph, WeightGraph)
         labels = _checked_labels(labels, graph.n_nodes)
-        edges = _edges_from_blocks(graph.blocks, graph.n_nodes, graph.node_layer)
+        edges = _graph_edges(graph)
         if np.any(labels[edges.active] < 0):
             raise ConfigError(
                 "labels leaves a node with edges unclustered (-1); only zero-degree nodes may "
@@ -623,7 +629,7 @@ def _edges_of(graph: WeightGraph | sp.sparray | sp.spmatrix | np.ndarray) -> _Ed
     """The graph's edge pieces: a WeightGraph's weight blocks when they make its adjacency
     (cheaper products than a sparse matrix), else its adjacency."""
     if isinstance(graph, WeightGraph) and graph.blocks:
-        edges = _edges_from_blocks(graph.blocks, graph.n_nodes, graph.node_layer)
+        edges = _graph_edges(graph)
         if not graph.assembled:
             return edges
         degrees = graph.degrees
@@ -672,53 +678,390 @@ def _edges_from_blocks(blocks: Sequence[EdgeBlock], n_nodes: int, node_layer: np
     A graph is bipartite along layer parity when each block reads nodes of one parity and writes
     nodes of the other (a chain of layers): node_layer % 2 is then a 2-colouring for free.
     """
+    _refuse_placeholders(blocks)
+    layouts = []
+    for block in blocks:
+        rows, cols, weights = _block_layout(block)
+        layouts.append((rows, cols, weights, *_row_col_sums(weights)))
+    return _edges_from_layouts(layouts, n_nodes, node_layer)
+
+
+def _block_layout(block: EdgeBlock) -> tuple[np.ndarray, np.ndarray, np.ndarray | sp.csr_array]:
+    """``(rows, cols, weights)``: the block's output and input nodes and ``[out, in]`` edge
+    weights, a node's edges to itself (after a residual add: never cut) dropped."""
+    rows, cols, weights = block.dst, block.src, _block_weights(block)
+    disjoint = rows.min() > cols.max() or cols.min() > rows.max()  # layers of a chain
+    if not disjoint and np.intersect1d(rows, cols).size:
+        weights = _drop_self_loops(rows, cols, weights)
+    return rows, cols, weights
+
+
+def _edges_from_layouts(
+    layouts: Sequence[tuple[np.ndarray, np.ndarray, Any, np.ndarray, np.ndarray]],
+    n_nodes: int,
+    node_layer: np.ndarray,
+    remote: _RemoteBlocks | None = None,
+) -> _Edges:
+    """The edge pieces of blocks given as ``(rows, cols, weights, row sums, column sums)``:
+    degrees summed in block order, zero-degree nodes dropped, each piece oriented with its rows
+    on the first side of a bipartite graph. With ``remote``, the weights stay on the Dask
+    workers (``weights`` is ``None``) and each becomes a :class:`_RemotePiece`, shaped there as
+    here (:func:`_piece_weights`)."""
     parity = (node_layer % 2).astype(bool)
     raw = []
     degrees = np.zeros(n_nodes)
     bipartite = True
-    for block in blocks:
-        rows, cols, weights = block.dst, block.src, _block_weights(block)
-        disjoint = rows.min() > cols.max() or cols.min() > rows.max()  # layers of a chain
-        if (
-            not disjoint and np.intersect1d(rows, cols).size
-        ):  # a node joined to itself (after a residual add): never cut, dropped
-            weights = _drop_self_loops(rows, cols, weights)
-        row_sums, col_sums = _row_col_sums(weights)
+    for rows, cols, weights, row_sums, col_sums in layouts:
         _add_at(degrees, rows, row_sums)
         _add_at(degrees, cols, col_sums)
+        transposed = False
         row_parity, col_parity = parity[rows], parity[cols]
         if row_parity.min() != row_parity.max() or col_parity.min() != col_parity.max():
             bipartite = False
         elif row_parity[0] == col_parity[0]:
             bipartite = False
         elif row_parity[0]:  # rows on the first side (even layers)
-            rows, cols, weights = cols, rows, weights.T
-        raw.append((rows, cols, weights))
+            rows, cols, transposed = cols, rows, True
+        raw.append((rows, cols, weights, transposed))
     active = degrees > 0
     renumber = np.cumsum(active) - 1
-    pieces = []
-    for rows, cols, weights in raw:
-        keep_rows, keep_cols = active[rows], active[cols]
-        if not keep_rows.all() or not keep_cols.all():
-            weights = weights[keep_rows][:, keep_cols]
+    pieces: list[Any] = []
+    for index, (rows, cols, weights, transposed) in enumerate(raw):
+        keep_rows: np.ndarray | None = active[rows]
+        keep_cols: np.ndarray | None = active[cols]
+        assert keep_rows is not None and keep_cols is not None
+        if keep_rows.all() and keep_cols.all():
+            keep_rows = keep_cols = None
+        else:
             rows, cols = rows[keep_rows], cols[keep_cols]
         if not rows.size or not cols.size:
             continue
-        if isinstance(weights, np.ndarray):
-            if not (weights.flags.c_contiguous or weights.flags.f_contiguous):
-                weights = np.ascontiguousarray(weights)  # a transposed view is used as it is
+        if remote is not None:
+            pieces.append(
+                remote.piece(
+                    index, renumber[rows], renumber[cols], transposed, keep_rows, keep_cols
+                )
+            )
         else:
-            weights = sp.csr_array(weights)
-        pieces.append(_Piece(renumber[rows], renumber[cols], weights))
+            weights = _piece_weights(weights, transposed, keep_rows, keep_cols)
+            pieces.append(_Piece(renumber[rows], renumber[cols], weights))
+    if remote is not None:
+        remote.prepare()
     sides = parity[active] if bipartite else None
     if sides is not None and (sides.all() or not sides.any()):
         sides = None
     return _Edges(n_nodes, active, degrees[active], pieces, sides)
 
 
+def _piece_weights(
+    weights: Any, transposed: bool, keep_rows: np.ndarray | None, keep_cols: np.ndarray | None
+) -> np.ndarray | sp.csr_array:
+    """A block's edge weights as its piece holds them: transposed (a view) to put its rows on
+    the first side, restricted to the non-isolated nodes."""
+    if transposed:
+        weights = weights.T
+    if keep_rows is not None and keep_cols is not None:
+        weights = weights[keep_rows][:, keep_cols]
+    if isinstance(weights, np.ndarray):
+        if not (weights.flags.c_contiguous or weights.flags.f_contiguous):
+            weights = np.ascontiguousarray(weights)  # a transposed view is used as it is
+        return weights
+    return sp.csr_array(weights)
+
+
+def _refuse_placeholders(blocks: Sequence[EdgeBlock]) -> None:
+    """Refuse blocks whose weights are not in this process (a remote graph's placeholders)."""
+    if any(block.weight.size == 0 and len(block.src) and len(block.dst) for block in blocks):
+        raise GraphError(
+            "this graph's weight blocks are not in this process (their weights stay on Dask "
+            "workers); compute on the graph itself (spectral_partitions, ncut, measure), which "
+            "runs its products on the workers."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The weight blocks on a Dask cluster
+# ---------------------------------------------------------------------------------------------
+
+
+def _dask_client(scheduler: Any) -> tuple[Any, bool]:
+    """``(client, owned)``: a ``distributed.Client`` on ``scheduler`` (an address: a new client,
+    owned by the caller, who closes it) or ``scheduler`` itself when it is a client."""
+    try:
+        from distributed import Client
+    except ImportError as error:
+        raise ConfigError(
+            "a Dask scheduler needs Dask's distributed package: pip install "
+            "'cluster-tracking[dask]'."
+        ) from error
+    if isinstance(scheduler, Client):
+        return scheduler, False
+    if not isinstance(scheduler, str):
+        raise ConfigError(
+            f"scheduler must be a Dask scheduler's address (tcp://HOST:PORT) or a "
+            f"distributed.Client, got {scheduler!r}."
+        )
+    try:
+        return Client(scheduler, timeout="5s", set_as_default=False), True
+    except OSError as error:
+        raise ConfigError(
+            f"cannot reach the Dask scheduler at {scheduler!r} ({error}); start one with "
+            "`dask scheduler` or pass the right address."
+        ) from error
+
+
+@dataclass
+class _RemotePiece:
+    """A :class:`_Piece` whose weights a :class:`_BlockHolder` on a Dask worker holds: its
+    products and within-cluster weights are computed there, by the same code."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    holder: Any  # the worker's _BlockHolder actor
+    index: int  # the block's position in the graph
+    symmetric: bool = False
+    dense: bool = True
+
+    def submit(self, method: str, args: Any, dtype: Any) -> Any:
+        """Start ``method`` (``"matmul"``, ``"rmatmul"`` or ``"within"``) on the worker; the
+        result of the returned future is what ``_Piece`` would give here."""
+        name = np.dtype(dtype).name
+        if method == "within":
+            return self.holder.within(self.index, *args, name)
+        return self.holder.product(self.index, method, args, name)
+
+    def matmul(self, x: np.ndarray, dtype: Any) -> Any:
+        return self.submit("matmul", x, dtype).result()
+
+    def rmatmul(self, y: np.ndarray, dtype: Any) -> Any:
+        return self.submit("rmatmul", y, dtype).result()
+
+    @property
+    def weights(self) -> np.ndarray | sp.csr_array:
+        """The piece's weights, fetched from the worker (the dense solver of small graphs)."""
+        return self.holder.weights(self.index).result()
+
+
+class _BlockHolder:
+    """On a Dask worker (a Dask actor): some weight blocks of a graph, mapped from the shared
+    file by :func:`~cluster_tracking.graph.lazy.map_block_weights`, and the products the
+    eigensolver and the n-cut ask of them (numpy and scipy only: no torch on the worker)."""
+
+    def __init__(self) -> None:
+        self.layouts: dict[int, Any] = {}
+        self.pieces: dict[int, _Piece] = {}
+
+    def load(
+        self, source: Any, skeleton: dict[int, EdgeBlock]
+    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Map the blocks ``skeleton`` names; their row and column sums (float64)."""
+        from cluster_tracking.graph.lazy import map_block_weights
+
+        indices = sorted(skeleton)
+        sums = {}
+        for index, weight in zip(indices, map_block_weights(source, indices), strict=True):
+            _, _, weights = _block_layout(replace(skeleton[index], weight=weight))
+            self.layouts[index] = weights
+            sums[index] = _row_col_sums(weights)
+        return sums
+
+    def prepare(self, specs: list[tuple[int, bool, np.ndarray | None, np.ndarray | None]]) -> None:
+        """Shape each block as its piece (:func:`_piece_weights`)."""
+        for index, transposed, keep_rows, keep_cols in specs:
+            weights = _piece_weights(self.layouts.pop(index), transposed, keep_rows, keep_cols)
+            self.pieces[index] = _Piece(_NO_IDS, _NO_IDS, weights)
+        self.layouts.clear()  # blocks with no piece (every node isolated)
+
+    def product(self, index: int, method: str, x: np.ndarray, dtype: str) -> np.ndarray:
+        with threadpool_limits(1):
+            result: np.ndarray = getattr(self.pieces[index], method)(x, np.dtype(dtype))
+            return result
+
+    def within(
+        self, index: int, row_ids: np.ndarray, col_ids: np.ndarray, n_flat: int, dtype: str
+    ) -> np.ndarray:
+        with threadpool_limits(1):
+            return _dense_within(self.pieces[index], row_ids, col_ids, n_flat, np.dtype(dtype))
+
+    def weights(self, index: int) -> np.ndarray | sp.csr_array:
+        return self.pieces[index].weights
+
+
+_NO_IDS = np.empty(0, dtype=np.int64)
+
+
+def _running_workers(client: Any) -> dict[str, Any]:
+    """The scheduler's workers that run tasks (``{address: info}``): a worker paused for memory
+    runs none, so work sent to it would wait until it frees memory.
+
+    Raises:
+        ConfigError: the cluster has no workers.
+        GraphError: every worker is paused.
+    """
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    if not workers:
+        raise ConfigError(
+            f"the Dask scheduler {client.scheduler.address} has no workers; start some with "
+            "`dask worker`."
+        )
+    running = {address: info for address, info in workers.items() if info.get("status") != "paused"}
+    if not running:
+        raise GraphError(
+            f"every worker of the Dask scheduler {client.scheduler.address} is paused (above "
+            "its memory's pause threshold), so none would run this; give them more memory "
+            "(dask worker --memory-limit) or free what they hold."
+        )
+    return running
+
+
+#: Seconds a Dask worker may take to start holding blocks (an actor starts at once on a
+#: worker that runs tasks; one that does not is paused, or busy with other work).
+ACTOR_START_TIMEOUT = 60.0
+
+
+def _started(future: Any, worker: str, client: Any) -> Any:
+    """The actor ``future`` makes on ``worker``, or a clear error when the worker does not
+    start it (a worker paused for memory never runs a task, and the call would wait forever)."""
+    from distributed import TimeoutError as DaskTimeoutError
+
+    try:
+        return future.result(timeout=ACTOR_START_TIMEOUT)
+    except (TimeoutError, DaskTimeoutError):
+        status = client.scheduler_info(n_workers=-1)["workers"].get(worker, {}).get("status")
+        raise GraphError(
+            f"Dask worker {worker} did not start holding its weight blocks within "
+            f"{ACTOR_START_TIMEOUT:.0f} s (its status: {status or 'gone'}); a paused worker is "
+            "above its memory's pause threshold: give it more memory (dask worker "
+            "--memory-limit) or free what it holds."
+        ) from None
+
+
+class _RemoteBlocks:
+    """A graph's weight blocks held on a Dask cluster: one :class:`_BlockHolder` actor per
+    worker, each mapping its consecutive run of blocks from the shared file; the graph's edge
+    pieces (:meth:`edges`) compute on them there.
+
+    Only the file's path and fingerprint, the blocks' topology and the vectors of each product
+    travel; the weights never leave the workers.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        owned: bool,
+        source: Any,
+        skeleton: Sequence[EdgeBlock],
+        n_nodes: int,
+        node_layer: np.ndarray,
+        assignment: dict[str, list[int]],
+        stage: StageCallback | None = None,
+    ) -> None:
+        self.client, self.owned = client, owned
+        #: bytes of float32 weights each worker keeps (for the estimates of later work there)
+        self.held = {
+            worker: sum(4 * int(np.prod(source.tensors[i].shape, dtype=np.int64)) for i in indices)
+            for worker, indices in assignment.items()
+        }
+        self.futures = [
+            client.submit(
+                _BlockHolder, actor=True, workers=[worker], allow_other_workers=False, pure=False
+            )
+            for worker in assignment
+        ]
+        self.closed = False
+        with client.as_current():  # an actor binds to the current client when it is made
+            holders = [
+                _started(future, worker, client)
+                for future, worker in zip(self.futures, assignment, strict=True)
+            ]
+        self.holder_of: dict[int, Any] = {}
+        self.specs: dict[int, list[Any]] = {}
+        loads = [
+            holder.load(source, {index: skeleton[index] for index in indices})
+            for holder, indices in zip(holders, assignment.values(), strict=True)
+        ]
+        layouts: list[Any] = [None] * len(skeleton)
+        done = 0
+        for position, (holder, indices, load) in enumerate(
+            zip(holders, assignment.values(), loads, strict=True)
+        ):
+            sums = load.result()
+            for index in indices:
+                self.holder_of[index] = (position, holder)
+                block = skeleton[index]
+                layouts[index] = (block.dst, block.src, None, *sums[index])
+            done += len(indices)
+            if stage is not None:
+                stage("reading", done, len(skeleton))
+        self._edges = _edges_from_layouts(layouts, n_nodes, node_layer, remote=self)
+
+    def piece(
+        self,
+        index: int,
+        rows: np.ndarray,
+        cols: np.ndarray,
+        transposed: bool,
+        keep_rows: np.ndarray | None,
+        keep_cols: np.ndarray | None,
+    ) -> _RemotePiece:
+        """The piece of block ``index`` (shaped on its worker at :meth:`prepare`)."""
+        position, holder = self.holder_of[index]
+        self.specs.setdefault(position, []).append((index, transposed, keep_rows, keep_cols))
+        return _RemotePiece(rows, cols, holder, index)
+
+    def prepare(self) -> None:
+        """Have every worker shape its blocks as the pieces asked for."""
+        holders = {position: holder for position, holder in self.holder_of.values()}
+        pending = [
+            holders[position].prepare(self.specs.get(position, [])) for position in sorted(holders)
+        ]
+        for future in pending:
+            future.result()
+        self.specs.clear()
+
+    def edges(self) -> _Edges:
+        if self.closed:
+            raise GraphError(
+                "this graph's weight blocks were released from the Dask workers; read the "
+                "graph again (safetensors_graph(..., scheduler=...))."
+            )
+        return self._edges
+
+    def node_degrees(self) -> np.ndarray:
+        """Weighted degree of every node, ``[n_nodes]`` (0 for isolated ones)."""
+        edges = self.edges()
+        degrees = np.zeros(edges.n_nodes)
+        degrees[edges.active] = edges.degrees
+        return degrees
+
+    def close(self) -> None:
+        """Release the actors (the workers free the blocks) and an owned client."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.futures and self.client.status == "running":
+                self.client.cancel(self.futures)
+        finally:
+            self.futures = []
+            self.holder_of.clear()
+            self._edges = _Edges(0, np.zeros(0, dtype=bool), np.zeros(0), [], None)
+            if self.owned:
+                self.client.close()
+
+
+def _graph_edges(graph: WeightGraph) -> _Edges:
+    """A block-built graph's edge pieces: on the Dask workers for a remote graph."""
+    remote = getattr(graph, "remote", None)
+    if remote is not None:
+        return remote.edges()
+    return _edges_from_blocks(graph.blocks, graph.n_nodes, graph.node_layer)
+
+
 def block_degrees(blocks: Sequence[EdgeBlock], n_nodes: int) -> np.ndarray:
     """Weighted degree of every node of the graph made of ``blocks`` (self-loops left out, as
     in the adjacency), shape ``[n_nodes]``, summed block by block without the adjacency."""
+    _refuse_placeholders(blocks)
     degrees = np.zeros(n_nodes)
     for block in blocks:
         rows, cols, weights = block.dst, block.src, _block_weights(block)
@@ -825,17 +1168,36 @@ class _CrossOperator:
         """``B @ x`` for ``x`` of shape ``[n_second, b]``."""
         xs = (x * self.scale_second).astype(self.dtype)
         out = np.zeros((self.shape[0], x.shape[1]), dtype=self.dtype)
-        for rows, rows_unique, cols, _, piece in self.parts:
-            _scatter_add(out, rows, rows_unique, piece.matmul(xs[cols], self.dtype))
+        products = _products(
+            [(piece, "matmul", xs[cols]) for _, _, cols, _, piece in self.parts], self.dtype
+        )
+        for (rows, rows_unique, _, _, _), product in zip(self.parts, products, strict=True):
+            _scatter_add(out, rows, rows_unique, product)
         return out.astype(np.float64) * self.scale_first
 
     def rmatmat(self, y: np.ndarray) -> np.ndarray:
         """``B^T @ y`` for ``y`` of shape ``[n_first, b]``."""
         ys = (y * self.scale_first).astype(self.dtype)
         out = np.zeros((self.shape[1], y.shape[1]), dtype=self.dtype)
-        for rows, _, cols, cols_unique, piece in self.parts:
-            _scatter_add(out, cols, cols_unique, piece.rmatmul(ys[rows], self.dtype))
+        products = _products(
+            [(piece, "rmatmul", ys[rows]) for rows, _, _, _, piece in self.parts], self.dtype
+        )
+        for (_, _, cols, cols_unique, _), product in zip(self.parts, products, strict=True):
+            _scatter_add(out, cols, cols_unique, product)
         return out.astype(np.float64) * self.scale_second
+
+
+def _products(calls: list[tuple[Any, str, np.ndarray]], dtype: Any) -> Iterator[Any]:
+    """``piece.matmul(x)`` / ``piece.rmatmul(x)`` of each call, in order: computed one by one
+    here, or, for pieces on Dask workers, sent to all the workers at once and gathered in
+    order (the same products, computed there)."""
+    if calls and isinstance(calls[0][0], _RemotePiece):
+        pending = [piece.submit(method, x, dtype) for piece, method, x in calls]
+        for future in pending:
+            yield future.result()
+        return
+    for piece, method, x in calls:
+        yield getattr(piece, method)(x, dtype)
 
 
 class _SymmetricOperator:
@@ -1326,36 +1688,49 @@ def _cluster_weights(
         flat.ravel(), weights=np.broadcast_to(edges.degrees, flat.shape).ravel(), minlength=n_flat
     )
     within = np.zeros(n_flat)
+    pending: list[tuple[float, Any]] = []  # pieces on Dask workers: sent at once, added in order
     for piece in edges.pieces:
         factor = 1.0 if piece.symmetric else 2.0
         row_ids = flat[:, piece.rows]  # [R, m]
         col_ids = flat[:, piece.cols]  # [R, c]
+        if isinstance(piece, _RemotePiece):
+            pending.append((factor, piece.submit("within", (row_ids, col_ids, n_flat), dtype)))
+            continue
         if piece.dense:
-            per_cluster: Any = None
-            for start, stop, chunk in piece.row_chunks(dtype):
-                ids = row_ids[:, start:stop]
-                # [rows, R * k]: row i of W has a 1 at r * k + label_r(i) for each restart r
-                one_hot = sp.csr_array(
-                    (
-                        np.ones(ids.size, dtype=dtype),
-                        ids.T.ravel(),
-                        np.arange(0, ids.size + 1, n_restarts),
-                    ),
-                    shape=(stop - start, n_flat),
-                )
-                part = one_hot.T @ chunk  # [R * k, c]
-                per_cluster = part if per_cluster is None else per_cluster + part
-            own = per_cluster[col_ids, np.arange(piece.cols.size)[None, :]]  # [R, c]
-            within += factor * np.bincount(
-                col_ids.ravel(), weights=own.ravel().astype(np.float64), minlength=n_flat
-            )
+            within += factor * _dense_within(piece, row_ids, col_ids, n_flat, dtype)
             continue
         i, j, w = piece.edge_list()
         for r in range(n_restarts):
             source = row_ids[r, i]
             same = source == col_ids[r, j]
             within += factor * np.bincount(source[same], weights=w[same], minlength=n_flat)
+    for factor, future in pending:
+        within += factor * future.result()
     return volumes, within
+
+
+def _dense_within(
+    piece: _Piece, row_ids: np.ndarray, col_ids: np.ndarray, n_flat: int, dtype: Any
+) -> np.ndarray:
+    """``[n_flat]``: the weight of a dense piece's edges inside each cluster of each restart
+    (each edge once), from ``onehot(row labels)^T W`` (see :func:`_cluster_weights`)."""
+    n_restarts = row_ids.shape[0]
+    per_cluster: Any = None
+    for start, stop, chunk in piece.row_chunks(dtype):
+        ids = row_ids[:, start:stop]
+        # [rows, R * k]: row i of W has a 1 at r * k + label_r(i) for each restart r
+        one_hot = sp.csr_array(
+            (
+                np.ones(ids.size, dtype=dtype),
+                ids.T.ravel(),
+                np.arange(0, ids.size + 1, n_restarts),
+            ),
+            shape=(stop - start, n_flat),
+        )
+        part = one_hot.T @ chunk  # [R * k, c]
+        per_cluster = part if per_cluster is None else per_cluster + part
+    own = per_cluster[col_ids, np.arange(col_ids.shape[1])[None, :]]  # [R, c]
+    return np.bincount(col_ids.ravel(), weights=own.ravel().astype(np.float64), minlength=n_flat)
 
 
 def _within_cluster(
@@ -1383,7 +1758,7 @@ def cluster_cuts(
     if _unassembled(graph):
         assert isinstance(graph, WeightGraph)
         labels = _checked_labels(labels, graph.n_nodes)
-        edges = _edges_from_blocks(graph.blocks, graph.n_nodes, graph.node_layer)
+        edges = _graph_edges(graph)
         active = labels[edges.active]
         if np.any(active < 0):
             raise ConfigError("labels leaves a node with edges unclustered (-1).")

@@ -298,3 +298,36 @@ def test_stages_are_reported_in_order(tmp_path: Path) -> None:
         stage=lambda name, done, total: graph_stages.append((name, done, total)),
     )
     assert graph_stages[:2] == [("graph", 0, 1), ("graph", 1, 1)]
+
+
+def test_cli_progress_bar_names_the_stages_of_a_bounded_audit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a terminal, the bounded path's progress bar shows each stage as it starts: reading,
+    eigen, k-means, then the null networks."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from cluster_tracking import audit
+    from cluster_tracking.cli import app
+
+    path = tmp_path / "model.safetensors"
+    save_file(_llama_state_dict(torch.bfloat16), str(path))
+    monkeypatch.setattr(audit, "BOUNDED_MIN_EDGES", 1000)  # this small file takes that path
+    options = ["--layers", ",".join(MLP_LAYERS), "--shuffles", "4", "--k", "4", "--jobs", "1"]
+    result = CliRunner().invoke(
+        app,
+        ["audit", str(path), *options],
+        env={"COLUMNS": "150", "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1"},  # a terminal
+    )
+    assert result.exit_code == 0, result.output
+    assert "read in bounded memory" in result.output
+    shown = re.findall(r"model\.safetensors: ([a-z-]+)", result.output)
+    first_seen = sorted(set(shown), key=shown.index)
+    assert [name for name in first_seen if name != "shuffles"] == [
+        "reading",
+        "eigen",
+        "k-means",
+        "nulls",
+    ]
