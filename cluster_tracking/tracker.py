@@ -205,10 +205,10 @@ class ClusterabilityTracker:
         plots: draw the PNG plots and the HTML report (``False``: JSON only, faster). The
             plots can cost several times the measurement itself, so while measuring cannot keep
             up (due steps were skipped since the previous measurement) a measurement draws them
-            only while the plots so far took less than a quarter of the time spent measuring
-            (:data:`PLOTS_SHARE_WHILE_BEHIND`); the metrics and ``report.json`` of every measured
-            step are logged all the same, and the last measurement (at ``close()``) has its
-            plots.
+            only while the plots so far, with these, take at most a quarter of the time spent
+            measuring (:data:`PLOTS_SHARE_WHILE_BEHIND`); the metrics and ``report.json`` of
+            every measured step are logged all the same, and the last measurement (at
+            ``close()``) has its plots.
         measure_final: at ``close()``, measure the model of the latest hook call when its step
             was not measured (the last due step was skipped, or training ran past it), so the
             final value logged is the final model's (only once the tracker has measured
@@ -389,6 +389,8 @@ class ClusterabilityTracker:
         self._behind = 0  # measurements in a row that began with skipped steps behind them
         self._busy_seconds = 0.0  # wall time of the measurements so far
         self._plot_seconds = 0.0  # the part of it spent drawing plots
+        self._measure_cost = 0.0  # of the last measurement: without its plots
+        self._plot_cost = 0.0  # of the last plots drawn
         self._log_queue: queue.Queue[Any] = queue.Queue()
         self._measure_thread: threading.Thread | None = None
         self._log_thread: threading.Thread | None = None
@@ -849,10 +851,13 @@ class ClusterabilityTracker:
                 # plots are thinned first while measuring cannot keep up
                 self._behind = self._behind + 1 if self._skipped_since else 0
                 self._skipped_since = 0
+                # the plots' cost: as last time, or before any, 4x the last measurement's
+                cost = self._plot_cost or 4 * self._measure_cost
                 item.plots = self.plots and (
                     self._closing.is_set()
                     or self._behind == 0
-                    or self._plot_seconds < PLOTS_SHARE_WHILE_BEHIND * self._busy_seconds
+                    or self._plot_seconds + cost
+                    <= PLOTS_SHARE_WHILE_BEHIND * (self._busy_seconds + cost)
                 )
             started = time.monotonic()
             run_before = self._worker.run_seconds if self._worker is not None else 0.0
@@ -877,9 +882,12 @@ class ClusterabilityTracker:
                 else:
                     self._busy_seconds += time.monotonic() - started
             plot_time = report.timings.get("plots", 0.0)
+            spent = self._busy_seconds - busy_before
+            plot_share = plot_time / (plot_time + report.timings["total"]) if plot_time else 0.0
+            self._measure_cost = spent * (1 - plot_share)
             if plot_time > 0:  # the plots' part of the time this measurement was counted for
-                spent = self._busy_seconds - busy_before
-                self._plot_seconds += spent * plot_time / (plot_time + report.timings["total"])
+                self._plot_cost = spent * plot_share
+                self._plot_seconds += self._plot_cost
             with self._lock:
                 if self._abandoned:
                     break
