@@ -47,6 +47,7 @@ MLflow is imported when the sink is created, so ``cluster_tracking`` itself work
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -58,7 +59,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -572,27 +573,22 @@ class MlflowSink:
         """Send the metrics of ``metric_keys`` in one request and upload the files of ``keys``
         (artifact parts), ``upload_threads`` requests at a time; a part is done when all its
         files are. False when something stayed undelivered."""
-        from concurrent.futures import ThreadPoolExecutor
-
         with self._lock:  # from here on, _thin() leaves these alone
             keys = {key: item for key, item in keys.items() if key not in self._outbox.thinned}
             self._in_flight = {item["seq"] for item in keys.values()}
         tasks = [(key, entry, name) for key, entry in keys.items() for name in entry["files"]]
+        jobs: list[Callable[[], bool]] = [
+            functools.partial(self._attempt, [], functools.partial(self._send_file, *task[1:]))
+            for task in tasks
+        ]
+        if metric_keys:
+            jobs.append(
+                lambda: self._attempt(list(metric_keys), lambda: self._send_metrics(metric_keys))
+            )
         try:
-            with ThreadPoolExecutor(self.upload_threads) as pool:
-                metrics = (
-                    pool.submit(
-                        self._attempt, list(metric_keys), lambda: self._send_metrics(metric_keys)
-                    )
-                    if metric_keys
-                    else None
-                )
-                results = list(
-                    pool.map(
-                        lambda task: self._attempt([], lambda: self._send_file(*task[1:])), tasks
-                    )
-                )
-                metrics_ok = metrics is None or metrics.result()
+            outcomes = _in_daemon_threads(jobs, self.upload_threads)
+            results = outcomes[: len(tasks)]
+            metrics_ok = all(outcomes[len(tasks) :])
         finally:
             with self._lock:
                 self._in_flight = set()
@@ -693,6 +689,34 @@ def _is_permanent(error: BaseException) -> bool:
 def _parts(entry: Item) -> tuple[str, ...]:
     """The parts of a spooled item, delivered (and recorded) one by one, in this order."""
     return ("metrics", "artifacts") if entry["kind"] == "report" else (entry["kind"],)
+
+
+def _in_daemon_threads(jobs: Sequence[Callable[[], bool]], threads: int) -> list[bool]:
+    """Run ``jobs`` ``threads`` at a time; their results in order. Daemon threads, not a
+    ``ThreadPoolExecutor``, whose threads the interpreter joins at exit: a request stuck on a
+    dead server (MLflow retries for minutes) held a training script's exit for minutes after
+    ``close()`` had returned."""
+    results = [False] * len(jobs)
+    order = iter(range(len(jobs)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                index = next(order, None)
+            if index is None:
+                return
+            results[index] = jobs[index]()
+
+    workers = [
+        threading.Thread(target=work, name="cluster-tracking-mlflow-upload", daemon=True)
+        for _ in range(max(1, min(threads, len(jobs))))
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return results
 
 
 def _describe(error: BaseException | None) -> str:
