@@ -509,21 +509,28 @@ def audit_source(
     _check_time(settings, graph.n_nodes, graph.adjacency.nnz, loaded.label)
     report = measure(
         loaded.weights if settings.method == "random_init" else graph,
-        k=settings.k,
-        shuffles=settings.shuffles,
-        shuffle=settings.method,
-        seed=settings.seed,
-        n_jobs=settings.jobs,
-        backend=settings.backend,
-        scheduler=settings.scheduler,
+        **_measure_options(settings),
         norm=settings.norm,
-        preset=settings.preset,
         layers=layers,
         progress=progress,
     )
     report.config["source"] = loaded.source
     report.config["source_format"] = loaded.format
     return AuditResult(loaded, report, graph, time.perf_counter() - started)
+
+
+def _measure_options(settings: AuditSettings) -> dict[str, Any]:
+    """The options of :func:`~cluster_tracking.measure.measure` that both audit paths pass."""
+    return {
+        "k": settings.k,
+        "shuffles": settings.shuffles,
+        "shuffle": settings.method,
+        "seed": settings.seed,
+        "n_jobs": settings.jobs,
+        "backend": settings.backend,
+        "scheduler": settings.scheduler,
+        "preset": settings.preset,
+    }
 
 
 def _check_time(settings: AuditSettings, n_nodes: int, n_stored: int, label: str) -> None:
@@ -619,14 +626,7 @@ def _bounded_audit(
     try:
         report = measure(
             graph,
-            k=settings.k,
-            shuffles=settings.shuffles,
-            shuffle=settings.method,
-            seed=settings.seed,
-            n_jobs=settings.jobs,
-            backend=settings.backend,
-            scheduler=settings.scheduler,
-            preset=settings.preset,
+            **_measure_options(settings),
             progress=None if stage is not None else progress,
             stage=stage,
         )
