@@ -47,8 +47,8 @@ from torch import nn
 from benchmarks.networks import paper_mlp
 from cluster_tracking.graph import WeightGraph
 from cluster_tracking.report import ClusterabilityReport
-from cluster_tracking.sinks import LocalDirectorySink
-from cluster_tracking.tracker import ClusterabilityTracker
+from cluster_tracking.tracking.sinks import LocalDirectorySink
+from cluster_tracking.tracking.tracker import ClusterabilityTracker
 
 
 class SlowSink(LocalDirectorySink):
@@ -113,7 +113,7 @@ def train(
 
 def train_digits(epochs: int, tracker: ClusterabilityTracker | None) -> tuple[float, float]:
     """The demo's training loop: (loop seconds, loop + close() seconds)."""
-    from cluster_tracking.demo import digits_mlp, load_digits_split
+    from cluster_tracking.cli.demo import digits_mlp, load_digits_split
 
     x_train, y_train, _, _ = load_digits_split(0)
     model = digits_mlp(0)
@@ -164,7 +164,8 @@ def cpu_seconds(function: Callable[[], object]) -> float:
 def reference_measurement(graph: WeightGraph, shuffles: int) -> None:
     """The paper's pipeline on the graph and ``shuffles`` layer shuffles of it, one thread."""
     from benchmarks.reference import as_int32_csr, reference_labels
-    from cluster_tracking import baselines, ncut
+    from cluster_tracking import ncut
+    from cluster_tracking.nulls import baselines
 
     rng = np.random.default_rng(0)
     graphs = [graph] + [
@@ -180,7 +181,7 @@ def digits_cpu_budget(epochs: int, repeats: int) -> None:
     thread, in this process) against the epoch's, and the least wall time any schedule of that
     work on this machine's cores can take."""
     from cluster_tracking import measure
-    from cluster_tracking.demo import digits_mlp
+    from cluster_tracking.cli.demo import digits_mlp
     from cluster_tracking.graph import weight_graph
 
     graph = weight_graph(digits_mlp(0))

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _servers import DelayingProxy, MlflowServer, free_port
 
 from cluster_tracking.report import METRIC_KEYS
-from cluster_tracking.tracker import ClusterabilityTracker
+from cluster_tracking.tracking.tracker import ClusterabilityTracker
 
 EVERY = 50
 SHUFFLES = 10

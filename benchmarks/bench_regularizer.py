@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from benchmarks.networks import cnn, mlp, paper_mlp
-from cluster_tracking.regularizer import SpectralRegularizer
+from cluster_tracking.promote.regularizer import SpectralRegularizer
 
 BATCH = 128
 #: name: (solver, every_n_steps)

@@ -1,4 +1,5 @@
-"""The audit's time estimate (:func:`cluster_tracking.limits.run_time_estimate`) against real
+"""The audit's time estimate (:func:`cluster_tracking.resources.limits.run_time_estimate`)
+against real
 partitions on this machine.
 
 For random Glorot MLPs of 0.5 to 16 million stored adjacency entries, times one spectral
@@ -6,7 +7,7 @@ partition (eigenvectors, then k-means restarts) per preset and k on one core (BL
 thread, as in a null worker), prints each beside its estimate (estimate / measured: below 1 the
 estimate refuses later than needed, above 1 sooner), and the power law
 ``coefficient * stored ** exponent`` fitted to this machine's timings at k = 12 (the constants
-of ``_PARTITION_COST`` in :mod:`cluster_tracking.limits`).
+of ``_PARTITION_COST`` in :mod:`cluster_tracking.resources.limits`).
 
     python -m benchmarks.bench_run_time [--repeats 2] [--largest 2000]
 """
@@ -23,8 +24,8 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from cluster_tracking.graph import weight_graph
-from cluster_tracking.limits import partition_seconds
-from cluster_tracking.spectral import spectral_partitions
+from cluster_tracking.resources.limits import partition_seconds
+from cluster_tracking.spectral.partition import spectral_partitions
 
 
 def mlp(widths: tuple[int, ...], seed: int = 0) -> nn.Sequential:

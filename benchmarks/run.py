@@ -73,8 +73,8 @@ def task_ref_measure(net: str, shuffles: int, seed: int) -> dict[str, Any]:
     import cluster_tracking as ct
     from benchmarks.networks import build
     from benchmarks.reference import as_int32_csr, reference_labels
-    from cluster_tracking import baselines
-    from cluster_tracking.spectral import child_seed
+    from cluster_tracking.nulls import baselines
+    from cluster_tracking.spectral.partition import child_seed
 
     graph = ct.weight_graph(build(net))
     root = np.random.SeedSequence(seed)
@@ -97,7 +97,7 @@ def task_single(net: str, repeats: int, ref_repeats: int) -> dict[str, Any]:
     import cluster_tracking as ct
     from benchmarks.networks import build
     from benchmarks.reference import as_int32_csr, reference_labels
-    from cluster_tracking.spectral import spectral_partition
+    from cluster_tracking.spectral.partition import spectral_partition
 
     graph = ct.weight_graph(build(net))
     ours_times, ours_ncuts = [], []
@@ -125,7 +125,7 @@ def task_single(net: str, repeats: int, ref_repeats: int) -> dict[str, Any]:
 def task_scale(net: str) -> dict[str, Any]:
     import cluster_tracking as ct
     from benchmarks.networks import build
-    from cluster_tracking.spectral import spectral_partition
+    from cluster_tracking.spectral.partition import spectral_partition
 
     model = build(net)
     before = _peak_rss_gb()

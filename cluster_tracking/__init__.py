@@ -30,28 +30,28 @@ from cluster_tracking.report import (
     ClusterSummary,
     Partition,
 )
-from cluster_tracking.spectral import SpectralPartition, ncut, spectral_partition
+from cluster_tracking.spectral.partition import SpectralPartition, ncut, spectral_partition
 
 if TYPE_CHECKING:
-    from cluster_tracking.clusterable_init import clusterable_init_, module_assignment
     from cluster_tracking.graph import weight_graph
-    from cluster_tracking.normalization import ReLUWeightNormalizer
-    from cluster_tracking.regularizer import SpectralRegularizer
-    from cluster_tracking.sinks import LocalDirectorySink, Sink, SinkError
-    from cluster_tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
+    from cluster_tracking.promote.clusterable_init import clusterable_init_, module_assignment
+    from cluster_tracking.promote.normalization import ReLUWeightNormalizer
+    from cluster_tracking.promote.regularizer import SpectralRegularizer
+    from cluster_tracking.tracking.sinks import LocalDirectorySink, Sink, SinkError
+    from cluster_tracking.tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
 
 #: Public names imported on first use, and the module each comes from.
 _LAZY = {
     "weight_graph": "cluster_tracking.graph",
-    "clusterable_init_": "cluster_tracking.clusterable_init",
-    "module_assignment": "cluster_tracking.clusterable_init",
-    "ReLUWeightNormalizer": "cluster_tracking.normalization",
-    "SpectralRegularizer": "cluster_tracking.regularizer",
-    "LocalDirectorySink": "cluster_tracking.sinks",
-    "Sink": "cluster_tracking.sinks",
-    "SinkError": "cluster_tracking.sinks",
-    "ClusterabilityTracker": "cluster_tracking.tracker",
-    "ClusterTrackingWarning": "cluster_tracking.tracker",
+    "clusterable_init_": "cluster_tracking.promote.clusterable_init",
+    "module_assignment": "cluster_tracking.promote.clusterable_init",
+    "ReLUWeightNormalizer": "cluster_tracking.promote.normalization",
+    "SpectralRegularizer": "cluster_tracking.promote.regularizer",
+    "LocalDirectorySink": "cluster_tracking.tracking.sinks",
+    "Sink": "cluster_tracking.tracking.sinks",
+    "SinkError": "cluster_tracking.tracking.sinks",
+    "ClusterabilityTracker": "cluster_tracking.tracking.tracker",
+    "ClusterTrackingWarning": "cluster_tracking.tracking.tracker",
 }
 
 

@@ -56,7 +56,7 @@ def exit_code(error: BaseException) -> int:
     if isinstance(error, GraphError):
         return EXIT_MODEL
     if isinstance(error, ClusterTrackingError):
-        from cluster_tracking.sinks import SinkError
+        from cluster_tracking.tracking.sinks import SinkError
 
         return EXIT_PLATFORM if isinstance(error, SinkError) else EXIT_USAGE
     return EXIT_INTERNAL

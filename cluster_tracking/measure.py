@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any, Literal, TypeGuard, overload
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from cluster_tracking import baselines
 from cluster_tracking.errors import ConfigError
 from cluster_tracking.graph.types import WeightGraph
+from cluster_tracking.nulls import baselines
 from cluster_tracking.report import (
     ClusterabilityReport,
     ClusterSummary,
@@ -44,7 +44,7 @@ from cluster_tracking.report import (
     Partition,
     ave_in_out,
 )
-from cluster_tracking.spectral import (
+from cluster_tracking.spectral.partition import (
     CLUSTERING_PROCEDURES,
     DEFAULT_N_INIT,
     SpectralPartition,
@@ -635,7 +635,7 @@ def _shuffled_task(
     n_init: int | None,
     preset: str = "default",
 ) -> list[np.ndarray]:
-    """:func:`~cluster_tracking.baselines.shuffled_ncuts` in a worker process, on the weights
+    """:func:`~cluster_tracking.nulls.baselines.shuffled_ncuts` in a worker process, on the weights
     that :class:`_SharedWeights` wrote."""
     key = tuple(paths)
     if key not in _MAPPED:
@@ -653,13 +653,13 @@ class _NullWorkers:
     """``count`` worker processes for the shuffle nulls, each with a lock held while it serves
     a call; they exit after :data:`_POOL_IDLE_SECONDS` without a call, or with this process.
 
-    They are :class:`~cluster_tracking.worker._WorkerProcess` children fed through their own
+    They are :class:`~cluster_tracking.parallel.child._WorkerProcess` children fed through their own
     pipes, not a ``concurrent.futures`` pool: loky and ``multiprocessing`` start resource-tracker
     processes beside the workers, which compete for the cores with the first null networks.
     """
 
     def __init__(self, count: int) -> None:
-        from cluster_tracking.worker import _WorkerProcess
+        from cluster_tracking.parallel.child import _WorkerProcess
 
         self.processes = [
             _WorkerProcess(nice=False, env=_WORKER_ENV, wait=False) for _ in range(count)

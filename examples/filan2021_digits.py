@@ -34,8 +34,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import cluster_tracking as ct
-from cluster_tracking import baselines, spectral
-from cluster_tracking.clusterable_init import clusterable_init_
+from cluster_tracking.nulls import baselines
+from cluster_tracking.promote.clusterable_init import clusterable_init_
+from cluster_tracking.spectral import partition as spectral
 
 PAPER_WIDTHS = (784, 256, 256, 256, 256, 10)
 DIGITS_WIDTHS = (64, 256, 256, 256, 256, 10)

@@ -23,7 +23,7 @@ from torch import nn
 
 from cluster_tracking.integrations.mlflow import MlflowSink
 from cluster_tracking.report import format_ncut, format_null, format_p, format_z
-from cluster_tracking.tracker import ClusterabilityTracker
+from cluster_tracking.tracking.tracker import ClusterabilityTracker
 
 STEPS = 300  # train steps 0..300
 EVERY = 50  # measure at 0, 50, ..., 300

@@ -40,9 +40,9 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 import cluster_tracking as ct
-from cluster_tracking.clusterable_init import clusterable_init_
-from cluster_tracking.normalization import ReLUWeightNormalizer
-from cluster_tracking.regularizer import SpectralRegularizer
+from cluster_tracking.promote.clusterable_init import clusterable_init_
+from cluster_tracking.promote.normalization import ReLUWeightNormalizer
+from cluster_tracking.promote.regularizer import SpectralRegularizer
 
 ARMS = ("control", "regulariser", "regulariser (n=4)", "clusterable init")
 K = 12  # clusters measured, and non-trivial eigenvalues penalised (the paper's k)

@@ -29,7 +29,7 @@ from torch import nn
 
 from cluster_tracking.integrations.wandb import WandbSink
 from cluster_tracking.report import format_ncut, format_null, format_p, format_z
-from cluster_tracking.tracker import ClusterabilityTracker
+from cluster_tracking.tracking.tracker import ClusterabilityTracker
 
 STEPS = 6000  # train steps 0..5999
 EVERY = 1000  # measure at 0, 1000, ..., 5000; the final weights (5999) at close()

@@ -1,7 +1,8 @@
 """The framework-free part of the Lightning and Hugging Face callbacks.
 
 Both callbacks turn their framework's events (steps, epochs, checkpoint saves, the end of training)
-into :class:`~cluster_tracking.tracker.ClusterabilityTracker` calls, pick the sinks for the run the
+into :class:`~cluster_tracking.tracking.tracker.ClusterabilityTracker` calls, pick the sinks for
+the run the
 framework already logs to, and resolve which layers make the graph (:func:`select_layers`). That
 shared logic lives here so that neither adapter imports the other's framework.
 """
@@ -24,8 +25,8 @@ from cluster_tracking.graph import weight_graph
 from cluster_tracking.graph.chain import is_weight_layer
 from cluster_tracking.graph.selection import list_names
 from cluster_tracking.report import ClusterabilityReport
-from cluster_tracking.sinks import LocalDirectorySink, Sink
-from cluster_tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
+from cluster_tracking.tracking.sinks import LocalDirectorySink, Sink
+from cluster_tracking.tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
 
 #: What ``module=`` may be: an attribute path of the model (``"bert"``, ``"model.backbone"``) or a
 #: function returning the ``nn.Module`` to measure.

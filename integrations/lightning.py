@@ -9,7 +9,8 @@
 ... )
 >>> trainer.fit(model, train_loader)
 
-The callback measures the model with a :class:`~cluster_tracking.tracker.ClusterabilityTracker`
+The callback measures the model with a
+:class:`~cluster_tracking.tracking.tracker.ClusterabilityTracker`
 and logs into the run the trainer's loggers already use, at ``trainer.global_step``:
 
 * an ``MLFlowLogger``: its run (``logger.run_id``, at its tracking URI), through
@@ -17,7 +18,7 @@ and logs into the run the trainer's loggers already use, at ``trainer.global_ste
 * a ``WandbLogger``: its run (``logger.experiment``), through
   :class:`~cluster_tracking.integrations.wandb.WandbSink`; the ``clusterability/*`` metrics are
   plotted against their own step metric ``clusterability/step`` (the global step);
-* no such logger: a :class:`~cluster_tracking.sinks.LocalDirectorySink` in
+* no such logger: a :class:`~cluster_tracking.tracking.sinks.LocalDirectorySink` in
   ``<trainer.log_dir>/clusterability``.
 
 No second run is ever created. The metrics are ``clusterability/ncut``, ``clusterability/z_score``,
@@ -47,7 +48,8 @@ and a ``module=`` that leads to no ``nn.Module``, are configuration errors: they
 (:class:`~cluster_tracking.errors.GraphError`, :class:`~cluster_tracking.errors.ConfigError`)
 from ``on_fit_start``, before the first training step. A model whose *whole* graph cannot be
 built (the default, ``layers=None``) gives one
-:class:`~cluster_tracking.tracker.ClusterTrackingWarning` at the start of ``fit``; training then
+:class:`~cluster_tracking.tracking.tracker.ClusterTrackingWarning` at the start of ``fit``;
+training then
 runs without measurements. Every later failure (a measurement, a plot, a tracking server) is a
 warning too: the callback never stops training.
 
@@ -69,7 +71,7 @@ from cluster_tracking.integrations._callback_core import (
     _local_sink,
     select_layers,
 )
-from cluster_tracking.sinks import Sink
+from cluster_tracking.tracking.sinks import Sink
 
 _IMPORT_ERROR: ImportError | None = None  # why the framework could not be imported
 if TYPE_CHECKING:
@@ -115,12 +117,13 @@ class ClusterabilityCallback(_CoreViews, _LightningCallback):
         shuffle: the null model (``layer``, ``layer_nonzero``, ...).
         seed: the tracker's seed (step ``s`` is measured with a seed derived from it and ``s``).
         n_jobs: parallel workers for the null networks (1: in the tracker's thread).
-        **tracker_options: further :class:`~cluster_tracking.tracker.ClusterabilityTracker`
+        **tracker_options: further :class:`~cluster_tracking.tracking.tracker.ClusterabilityTracker`
             options: ``n_init``, ``norm``, ``preset``, ``on_backlog``, ``max_pending``,
             ``plots``...
 
     Attributes:
-        tracker: the :class:`~cluster_tracking.tracker.ClusterabilityTracker` of the current or
+        tracker: the :class:`~cluster_tracking.tracking.tracker.ClusterabilityTracker` of the
+        current or
             last ``fit`` (``None`` before the first measurement and on other ranks).
         selected_layers: the layer names ``layers=`` resolved to at the start of ``fit``.
 

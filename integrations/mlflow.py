@@ -64,16 +64,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from cluster_tracking.outbox import DEFAULT_SPOOL_ROOT, Item, Outbox
 from cluster_tracking.report import ClusterabilityReport
-from cluster_tracking.sinks import (
+from cluster_tracking.tracking.sinks import (
     ARTIFACT_ROOT,
     LocalDirectorySink,
     SinkError,
     logged_metrics,
     step_artifact_dir,
 )
-from cluster_tracking.tracker import ClusterTrackingWarning
+from cluster_tracking.tracking.spool import DEFAULT_SPOOL_ROOT, Item, Outbox
+from cluster_tracking.tracking.tracker import ClusterTrackingWarning
 
 __all__ = ["DEFAULT_CLOSE_TIMEOUT", "INSTALL_HINT", "MlflowSink"]
 
@@ -116,7 +116,7 @@ class _Unreachable(Exception):
 
 
 class MlflowSink:
-    """A :class:`~cluster_tracking.sinks.Sink` that logs clusterability to an MLflow run.
+    """A :class:`~cluster_tracking.tracking.sinks.Sink` that logs clusterability to an MLflow run.
 
     Everything goes through :class:`mlflow.MlflowClient` with an explicit run id, so it is safe
     from the tracker's background thread (the fluent ``mlflow.log_*`` API and its active-run stack

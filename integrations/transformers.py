@@ -15,7 +15,8 @@
 ... )
 >>> trainer.train()
 
-The callback measures the model with a :class:`~cluster_tracking.tracker.ClusterabilityTracker`
+The callback measures the model with a
+:class:`~cluster_tracking.tracking.tracker.ClusterabilityTracker`
 and logs into the run the ``Trainer`` already reports to, at ``state.global_step``:
 
 * ``report_to`` holds ``"mlflow"``: the MLflow run that Hugging Face's ``MLflowCallback`` started
@@ -23,7 +24,7 @@ and logs into the run the ``Trainer`` already reports to, at ``state.global_step
   :class:`~cluster_tracking.integrations.mlflow.MlflowSink` with that explicit run id;
 * ``report_to`` holds ``"wandb"``: ``wandb.run``, through
   :class:`~cluster_tracking.integrations.wandb.WandbSink`;
-* neither: a :class:`~cluster_tracking.sinks.LocalDirectorySink` in
+* neither: a :class:`~cluster_tracking.tracking.sinks.LocalDirectorySink` in
   ``<output_dir>/clusterability``.
 
 No second run is ever created. The metrics are ``clusterability/ncut``, ``clusterability/z_score``,
@@ -57,7 +58,8 @@ Errors. A ``layers=`` selection that names an unknown module, matches nothing, o
 is a configuration error: it raises :class:`~cluster_tracking.errors.GraphError` from
 ``on_train_begin``, before the first training step, with the available layer names. A model whose
 *whole* graph cannot be built (the default, ``layers=None``) gives one
-:class:`~cluster_tracking.tracker.ClusterTrackingWarning` at the start of training; training then
+:class:`~cluster_tracking.tracking.tracker.ClusterTrackingWarning` at the start of training;
+training then
 runs without measurements. Every later failure (a measurement, a plot, a tracking server) is a
 warning too: the callback never stops training.
 
@@ -80,7 +82,7 @@ from cluster_tracking.integrations._callback_core import (
     _warn,
     select_layers,
 )
-from cluster_tracking.sinks import Sink
+from cluster_tracking.tracking.sinks import Sink
 
 _IMPORT_ERROR: ImportError | None = None  # why the framework could not be imported
 if TYPE_CHECKING:
@@ -125,12 +127,13 @@ class ClusterabilityTrainerCallback(_CoreViews, _TrainerCallback):
         shuffle: the null model (``layer``, ``layer_nonzero``, ...).
         seed: the tracker's seed (step ``s`` is measured with a seed derived from it and ``s``).
         n_jobs: parallel workers for the null networks (1: in the tracker's thread).
-        **tracker_options: further :class:`~cluster_tracking.tracker.ClusterabilityTracker`
+        **tracker_options: further :class:`~cluster_tracking.tracking.tracker.ClusterabilityTracker`
             options: ``n_init``, ``norm``, ``preset``, ``on_backlog``, ``max_pending``,
             ``plots``...
 
     Attributes:
-        tracker: the :class:`~cluster_tracking.tracker.ClusterabilityTracker` of the current or
+        tracker: the :class:`~cluster_tracking.tracking.tracker.ClusterabilityTracker` of the
+        current or
             last training run (``None`` before the first measurement and on other processes).
         selected_layers: the layer names ``layers=`` resolved to at the start of training.
 

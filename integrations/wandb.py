@@ -2,7 +2,7 @@
 
 >>> import wandb
 >>> from cluster_tracking.integrations.wandb import WandbSink
->>> from cluster_tracking.tracker import ClusterabilityTracker
+>>> from cluster_tracking.tracking.tracker import ClusterabilityTracker
 >>> run = wandb.init(project="p")
 >>> tracker = ClusterabilityTracker(sinks=[WandbSink(run)], every_n_steps=200)
 >>> for step, batch in enumerate(loader):
@@ -55,9 +55,11 @@ heat map, cluster matrix and composition images, the cluster table) step through
 each image's caption names the training step measured (``measured at step 2000``).
 
 Delivery is exactly once and survives W&B calls that fail: every item is first written to a local
-spool (a :class:`~cluster_tracking.sinks.LocalDirectorySink`), then sent with a few quick retries
+spool (a :class:`~cluster_tracking.tracking.sinks.LocalDirectorySink`), then sent with a few quick
+retries
 (0.5 s, 1 s); when W&B still fails the item stays spooled, a
-:class:`~cluster_tracking.tracker.ClusterTrackingWarning` says so, training goes on, and every later
+:class:`~cluster_tracking.tracking.tracker.ClusterTrackingWarning` says so, training goes on, and
+every later
 call (and ``close()``) sends what is spooled, in order. ``delivered.json`` in the spool records what
 was sent, so nothing is logged twice; after a send whose outcome is unknown (the process died during
 it), the run's summary is checked before a history row is sent again. Config, summary fields and
@@ -84,15 +86,15 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from cluster_tracking.integrations.mlflow import _describe, _is_rank_zero, _warn
-from cluster_tracking.outbox import DEFAULT_SPOOL_ROOT, Item, Outbox
 from cluster_tracking.report import ClusterabilityReport
-from cluster_tracking.sinks import (
+from cluster_tracking.tracking.sinks import (
     ARTIFACT_ROOT,
     LocalDirectorySink,
     SinkError,
     logged_metrics,
     step_artifact_dir,
 )
+from cluster_tracking.tracking.spool import DEFAULT_SPOOL_ROOT, Item, Outbox
 
 if TYPE_CHECKING:
     from wandb import Run
@@ -124,7 +126,8 @@ CLUSTER_TABLE_COLUMNS = ("cluster", "size", "cut", "volume", "ncut_term")
 
 _UNKNOWN_ROW = -1  # our last row went out, but to which W&B step is not known
 _TABLE_KEY = f"{ARTIFACT_ROOT}/clusters"
-#: The per-step plots (:data:`~cluster_tracking.tracker.STEP_ARTIFACTS`) and their history keys.
+#: The per-step plots (:data:`~cluster_tracking.tracking.tracker.STEP_ARTIFACTS`) and their history
+#: keys.
 _IMAGE_KEYS = {
     "adjacency.png": f"{ARTIFACT_ROOT}/adjacency",
     "cluster_matrix.png": f"{ARTIFACT_ROOT}/cluster_matrix",
@@ -157,7 +160,7 @@ class _RunFinished(Exception):
 
 
 class WandbSink:
-    """A :class:`~cluster_tracking.sinks.Sink` that logs clusterability to a W&B run.
+    """A :class:`~cluster_tracking.tracking.sinks.Sink` that logs clusterability to a W&B run.
 
     The sink logs to a run you started; it never starts or finishes one. Close the tracker before
     ``run.finish()`` so that the last report and the summary reach the run.

@@ -32,11 +32,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cluster_tracking import measure
-from cluster_tracking.audit import EXIT_CODES, AuditSettings, exit_code, parse_k, parse_layers
+from cluster_tracking.audit.run import EXIT_CODES, AuditSettings, exit_code, parse_k, parse_layers
+from cluster_tracking.audit.sources import PlatformError
 from cluster_tracking.errors import ConfigError, GraphError, SourceError
-from cluster_tracking.loading import PlatformError
 from cluster_tracking.report import METRIC_KEYS, ClusterabilityReport
-from cluster_tracking.sinks import SinkError
+from cluster_tracking.tracking.sinks import SinkError
 
 BUNDLE = ("report.json", "adjacency.png", "cluster_matrix.png", "composition.png", "report.html")
 FAST = ["--k", "3", "--shuffles", "6", "--seed", "0", "--jobs", "1"]
@@ -53,7 +53,7 @@ def cli(
     """Run the installed ``cluster-tracking`` script (or the module when not installed)."""
     script = Path(sys.executable).with_name("cluster-tracking")
     found = str(script) if script.exists() else shutil.which("cluster-tracking")
-    command = [found] if found else [sys.executable, "-m", "cluster_tracking.cli"]
+    command = [found] if found else [sys.executable, "-m", "cluster_tracking.cli.app"]
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "WANDB_"))}
     environment["COLUMNS"] = "150"
     environment.update(env or {})
@@ -367,7 +367,7 @@ def test_more_mistakes_are_one_line_and_their_exit_code(
 ) -> None:
     from typer.testing import CliRunner
 
-    from cluster_tracking.cli import app
+    from cluster_tracking.cli.app import app
 
     arguments, code, phrase = IN_PROCESS_MISTAKES[name]
     mistake_files(tmp_path)
@@ -393,7 +393,7 @@ def test_a_badly_typed_option_is_typers_usage_error_exit_2(tmp_path: Path) -> No
 def test_help_is_the_manual() -> None:
     from typer.testing import CliRunner
 
-    from cluster_tracking.cli import app
+    from cluster_tracking.cli.app import app
 
     runner = CliRunner()
     top = runner.invoke(app, ["--help"], env={"COLUMNS": "150"})
@@ -432,9 +432,9 @@ def test_help_is_the_manual() -> None:
 def test_closed_option_values_are_listed_in_help_and_match_the_package() -> None:
     from typer.testing import CliRunner
 
-    from cluster_tracking.audit import _BACKENDS
-    from cluster_tracking.baselines import NULL_METHODS, PRESETS
-    from cluster_tracking.cli import Backend, Norm, NullMethod, Preset, app
+    from cluster_tracking.audit.run import _BACKENDS
+    from cluster_tracking.cli.app import Backend, Norm, NullMethod, Preset, app
+    from cluster_tracking.nulls.baselines import NULL_METHODS, PRESETS
 
     assert tuple(m.value for m in NullMethod) == NULL_METHODS
     assert tuple(p.value for p in Preset) == PRESETS
@@ -455,7 +455,7 @@ def test_short_options_work_like_the_long_ones(
 ) -> None:
     from typer.testing import CliRunner
 
-    from cluster_tracking.cli import app
+    from cluster_tracking.cli.app import app
 
     source = str(checkpoints["state_dict"])
     page = CliRunner().invoke(
@@ -831,8 +831,8 @@ def test_log_to_a_wandb_run_writes_metrics_and_a_new_artifact_version(
     Fetching a ``wandb-artifact://`` source and resuming a run on a server are not tested."""
     from _wandb_offline import find_run_dir, offline_wandb, read_offline_run
 
-    from cluster_tracking.audit import audit_source, log_to_run
-    from cluster_tracking.loading import RunTarget
+    from cluster_tracking.audit.run import audit_source, log_to_run
+    from cluster_tracking.audit.sources import RunTarget
 
     result = audit_source(str(checkpoints["state_dict"]), AuditSettings(k=3, shuffles=6, jobs=1))
     result.loaded.run = RunTarget(

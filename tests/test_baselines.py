@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import cluster_tracking as ct
-from cluster_tracking.baselines import null_statistics, shuffle_tensor
+from cluster_tracking.nulls.baselines import null_statistics, shuffle_tensor
 
 
 def planted_mlp(
@@ -124,7 +124,7 @@ def test_planted_modules_reach_the_p_value_floor() -> None:
 @pytest.mark.slow
 def test_p_values_are_calibrated_on_networks_without_structure() -> None:
     """An observed network that is itself a shuffle: p is uniform, 5% false positives at 0.05."""
-    from cluster_tracking.baselines import shuffle_weights
+    from cluster_tracking.nulls.baselines import shuffle_weights
 
     base = ct.weight_graph(small_mlp(0, (10, 16, 16, 6)))
     p_values = []
@@ -316,7 +316,7 @@ def test_the_null_workers_import_path_needs_no_torch() -> None:
     import sys
 
     probe = (
-        "import sys, cluster_tracking, cluster_tracking.baselines, cluster_tracking.measure;"
+        "import sys, cluster_tracking, cluster_tracking.nulls.baselines, cluster_tracking.measure;"
         "print(sorted(m for m in ('torch', 'sklearn', 'matplotlib') if m in sys.modules))"
     )
     out = subprocess.run(

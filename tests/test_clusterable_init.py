@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cluster_tracking.clusterable_init import clusterable_init_, module_assignment
 from cluster_tracking.errors import ConfigError
 from cluster_tracking.graph import weight_graph
-from cluster_tracking.spectral import ncut
+from cluster_tracking.promote.clusterable_init import clusterable_init_, module_assignment
+from cluster_tracking.spectral.partition import ncut
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:

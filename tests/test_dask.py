@@ -172,8 +172,8 @@ def limited_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     model in one process needs (both estimated)."""
     from distributed import LocalCluster
 
-    from cluster_tracking.estimate import estimate_peak, estimate_worker_blocks
     from cluster_tracking.graph.lazy import safetensors_extent
+    from cluster_tracking.resources.estimate import estimate_peak, estimate_worker_blocks
     from tests.test_large_models import MLP_LAYERS
 
     path, _ = _llama_file(tmp_path_factory.mktemp("limited"))
@@ -200,11 +200,11 @@ def test_weights_on_workers_give_the_local_and_in_memory_partition(
     """Below the memory a one-process run needs (refused by the pre-check, with its
     estimate), the graph's blocks kept on 2 workers give the in-memory and the bounded local
     paths' labels, n-cut and eigenvalues for the same seed."""
-    from cluster_tracking import spectral
     from cluster_tracking.errors import GraphError
-    from cluster_tracking.estimate import estimate_peak
     from cluster_tracking.graph.lazy import safetensors_extent, safetensors_graph
-    from cluster_tracking.limits import format_size
+    from cluster_tracking.resources.estimate import estimate_peak
+    from cluster_tracking.resources.limits import format_size
+    from cluster_tracking.spectral import partition as spectral
     from tests.test_large_models import MLP_LAYERS, _llama_state_dict
 
     address, path, limit = limited_cluster
@@ -272,9 +272,9 @@ def test_null_networks_that_would_not_fit_a_worker_are_refused_with_the_estimate
     """A null network needs the whole graph on one worker: refused before any task starts,
     naming the worker, the estimate and its limit."""
     from cluster_tracking.errors import GraphError
-    from cluster_tracking.estimate import estimate_null_task
     from cluster_tracking.graph.lazy import safetensors_extent, safetensors_graph
-    from cluster_tracking.limits import format_size
+    from cluster_tracking.resources.estimate import estimate_null_task
+    from cluster_tracking.resources.limits import format_size
     from tests.test_large_models import MLP_LAYERS
 
     address, path, limit = limited_cluster
@@ -298,9 +298,9 @@ def test_cli_keeps_a_file_too_large_for_this_machine_on_the_workers(
     and null n-cuts."""
     from safetensors.torch import save_file
 
-    from cluster_tracking.audit import BOUNDED_MIN_EDGES
-    from cluster_tracking.estimate import estimate_peak
+    from cluster_tracking.audit.run import BOUNDED_MIN_EDGES
     from cluster_tracking.graph.lazy import safetensors_extent, safetensors_graph
+    from cluster_tracking.resources.estimate import estimate_peak
     from tests.test_audit_cli import cli, json_reports, one_error_line
 
     hidden, intermediate = 1024, 4096

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from torch import nn
 
 from cluster_tracking.report import METRIC_KEYS
-from cluster_tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
+from cluster_tracking.tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
 
 
 @pytest.fixture

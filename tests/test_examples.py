@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 from cluster_tracking.integrations.wandb import STEP_METRIC, image_caption
 from cluster_tracking.report import METRIC_KEYS
-from cluster_tracking.sinks import SKIPPED_STEPS_METRIC
+from cluster_tracking.tracking.sinks import SKIPPED_STEPS_METRIC
 
 REPO = Path(__file__).resolve().parents[1]
 

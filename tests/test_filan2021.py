@@ -21,8 +21,7 @@ from sklearn.cluster import SpectralClustering
 from torch import nn
 
 import cluster_tracking as ct
-from cluster_tracking import spectral
-from cluster_tracking.baselines import (
+from cluster_tracking.nulls.baselines import (
     FILAN2021_BANDWIDTH,
     kde_bandwidth,
     live_masks,
@@ -30,6 +29,7 @@ from cluster_tracking.baselines import (
     shuffle_tensor,
 )
 from cluster_tracking.report import mixed_procedures, procedure_of
+from cluster_tracking.spectral import partition as spectral
 
 PRESETS = ("default", "filan2021")
 

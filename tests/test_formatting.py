@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import cluster_tracking as ct
-from cluster_tracking.plots import cluster_matrix, cluster_matrix_figure, png_bytes
 from cluster_tracking.report import (
     MISSING,
     Baseline,
@@ -23,7 +22,8 @@ from cluster_tracking.report import (
     format_z,
     p_at_floor,
 )
-from cluster_tracking.sinks import LocalDirectorySink
+from cluster_tracking.tracking.sinks import LocalDirectorySink
+from cluster_tracking.viz.plots import cluster_matrix, cluster_matrix_figure, png_bytes
 
 
 def baseline(*, n: int = 20, p_value: float = 1 / 21, mean: float = 10.7) -> Baseline:

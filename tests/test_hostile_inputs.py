@@ -50,7 +50,7 @@ from _hostile import (
 from _servers import free_port
 from torch import nn
 
-from cluster_tracking.audit import EXIT_CODES
+from cluster_tracking.audit.run import EXIT_CODES
 
 #: Address space each CLI process may map: a reader that trusts a declared size dies here.
 MEMORY_CEILING = 3 * 2**30
@@ -601,7 +601,7 @@ def _has_workers(pid: int) -> bool:
 
 def _command() -> list[str]:
     script = Path(sys.executable).with_name("cluster-tracking")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cluster_tracking.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cluster_tracking.cli.app"]
 
 
 def run_case(

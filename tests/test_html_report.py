@@ -19,10 +19,10 @@ import pytest
 import torch
 from torch import nn
 
-from cluster_tracking.html_report import render_html
 from cluster_tracking.report import ClusterabilityReport
-from cluster_tracking.sinks import LocalDirectorySink
-from cluster_tracking.tracker import ClusterabilityTracker
+from cluster_tracking.tracking.sinks import LocalDirectorySink
+from cluster_tracking.tracking.tracker import ClusterabilityTracker
+from cluster_tracking.viz.html_report import render_html
 
 CHROMIUM = "/usr/bin/chromium"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import save_file
 
 import cluster_tracking as ct
-from cluster_tracking import spectral
 from cluster_tracking.errors import ConfigError, GraphError, SourceError
-from cluster_tracking.estimate import estimate_peak
 from cluster_tracking.graph.lazy import safetensors_extent, safetensors_graph
-from cluster_tracking.limits import format_size
+from cluster_tracking.resources.estimate import estimate_peak
+from cluster_tracking.resources.limits import format_size
+from cluster_tracking.spectral import partition as spectral
 
 HIDDEN, INTERMEDIATE, N_LAYERS = 96, 384, 4
 #: The MLP chain of a Llama-style model: each block's up_proj, then its down_proj.
@@ -210,7 +210,7 @@ def test_whole_file_chain_matches_weight_graph(tmp_path: Path) -> None:
 def test_cli_audits_a_large_safetensors_file_in_bounded_memory(tmp_path: Path) -> None:
     """A file whose MLP chain has 2^24 edges goes through the bounded reader: refused with exit 4
     and the estimate when it would not fit --max-memory, measured when it does."""
-    from cluster_tracking.audit import BOUNDED_MIN_EDGES
+    from cluster_tracking.audit.run import BOUNDED_MIN_EDGES
     from tests.test_audit_cli import cli, json_reports, one_error_line
 
     hidden, intermediate = 1024, 4096
@@ -309,8 +309,8 @@ def test_cli_progress_bar_names_the_stages_of_a_bounded_audit(
 
     from typer.testing import CliRunner
 
-    from cluster_tracking import audit
-    from cluster_tracking.cli import app
+    from cluster_tracking.audit import run as audit
+    from cluster_tracking.cli.app import app
 
     path = tmp_path / "model.safetensors"
     save_file(_llama_state_dict(torch.bfloat16), str(path))

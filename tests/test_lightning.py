@@ -30,8 +30,8 @@ from cluster_tracking.errors import ConfigError, GraphError
 from cluster_tracking.integrations.lightning import ClusterabilityCallback
 from cluster_tracking.integrations.wandb import STEP_METRIC
 from cluster_tracking.report import METRIC_KEYS, ClusterabilityReport
-from cluster_tracking.sinks import LocalDirectorySink
-from cluster_tracking.tracker import SUMMARY_ARTIFACTS, ClusterTrackingWarning
+from cluster_tracking.tracking.sinks import LocalDirectorySink
+from cluster_tracking.tracking.tracker import SUMMARY_ARTIFACTS, ClusterTrackingWarning
 
 REPO = Path(__file__).resolve().parents[1]
 FAST: dict[str, Any] = {"k": 3, "shuffles": 4, "n_jobs": 1, "seed": 1, "on_backlog": "queue"}

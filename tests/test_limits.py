@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster_tracking.audit import AuditSettings, capped_jobs, weight_extent
+from cluster_tracking.audit.run import AuditSettings, capped_jobs, weight_extent
+from cluster_tracking.audit.sources import PlatformError, check_tracking_uri, load_file
 from cluster_tracking.errors import ConfigError, GraphError, LimitError
-from cluster_tracking.limits import (
+from cluster_tracking.resources.limits import (
     MAX_RUN_SECONDS,
     MAX_SHUFFLES,
     MemoryBudget,
@@ -32,7 +33,6 @@ from cluster_tracking.limits import (
     partition_seconds,
     run_time_estimate,
 )
-from cluster_tracking.loading import PlatformError, check_tracking_uri, load_file
 
 
 @pytest.mark.parametrize(
@@ -205,8 +205,8 @@ def test_an_absurd_run_is_refused_with_the_estimate_and_what_fits() -> None:
 def test_an_audit_estimated_too_long_is_refused_unless_allowed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cluster_tracking import limits
-    from cluster_tracking.audit import audit_source
+    from cluster_tracking.audit.run import audit_source
+    from cluster_tracking.resources import limits
 
     path = tmp_path / "model.pt"
     torch.manual_seed(0)
@@ -225,8 +225,9 @@ def test_the_bounded_safetensors_path_checks_the_time_too(
     """A safetensors file large enough for the bounded reader gets the same time check."""
     from safetensors.torch import save_file
 
-    from cluster_tracking import audit, limits
-    from cluster_tracking.audit import audit_source
+    from cluster_tracking.audit.run import audit_source
+    from cluster_tracking.audit import run as audit
+    from cluster_tracking.resources import limits
 
     path = tmp_path / "model.safetensors"
     torch.manual_seed(0)

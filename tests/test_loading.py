@@ -1,4 +1,4 @@
-"""Loading models for audits (``cluster_tracking.loading``), in process.
+"""Loading models for audits (``cluster_tracking.audit.sources``), in process.
 
 What an auditor relies on: every checkpoint format gives back exactly the weights that were saved,
 in an order the weight graph reads as the model's chain of layers; URIs are parsed without touching
@@ -20,14 +20,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cluster_tracking import measure
-from cluster_tracking.errors import SourceError
-from cluster_tracking.loading import (
+from cluster_tracking.audit.sources import (
     LoadedModel,
     _strip_common_prefix,
     load_file,
     load_source,
     parse_source,
 )
+from cluster_tracking.errors import SourceError
 
 FAST: dict[str, Any] = {"k": 3, "shuffles": 4, "seed": 0, "n_jobs": 1}
 
@@ -123,7 +123,7 @@ def test_a_wandb_artifact_without_a_server_fails_in_seconds_with_a_platform_erro
 ) -> None:
     from _servers import free_port
 
-    from cluster_tracking.loading import PlatformError
+    from cluster_tracking.audit.sources import PlatformError
 
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)

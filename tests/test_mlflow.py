@@ -25,8 +25,8 @@ from mlflow import MlflowClient
 from torch import nn
 
 from cluster_tracking.report import METRIC_KEYS, ClusterabilityReport
-from cluster_tracking.sinks import SinkError
-from cluster_tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
+from cluster_tracking.tracking.sinks import SinkError
+from cluster_tracking.tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
 
 REPO = Path(__file__).resolve().parents[1]
 # Measuring in a thread: these tests are about the sink; one test keeps the default process.
@@ -370,8 +370,9 @@ def test_missing_mlflow_names_the_pip_extra(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_the_core_does_not_import_mlflow() -> None:
     code = (
-        "import sys, cluster_tracking, cluster_tracking.tracker, cluster_tracking.sinks, "
-        "cluster_tracking.plots, cluster_tracking.html_report, cluster_tracking.integrations.mlflow"
+        "import sys, cluster_tracking, cluster_tracking.tracking.tracker, "
+        "cluster_tracking.tracking.sinks, cluster_tracking.viz.plots, "
+        "cluster_tracking.viz.html_report, cluster_tracking.integrations.mlflow"
         "\nassert 'mlflow' not in sys.modules, 'mlflow was imported'"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -23,13 +23,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 import cluster_tracking as ct
+from cluster_tracking.audit.pretrained import load_model_folder
+from cluster_tracking.audit.sources import load_source
 from cluster_tracking.errors import SourceError
 from cluster_tracking.graph import WeightGraph, weight_graph
-from cluster_tracking.loading import load_source
-from cluster_tracking.pretrained import load_model_folder
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "cluster_tracking.cli"]
+CLI = [sys.executable, "-m", "cluster_tracking.cli.app"]
 
 
 def _bert() -> transformers.PreTrainedModel:
@@ -148,7 +148,7 @@ def test_a_chain_reads_the_same_from_its_state_dict_and_safetensors(tmp_path: Pa
 
 
 def test_arch_rebuilds_a_state_dicts_model_and_gives_the_live_graph() -> None:
-    from cluster_tracking.architectures import load_into_architecture
+    from cluster_tracking.audit.architectures import load_into_architecture
 
     torch.manual_seed(2)
     live = ResNetBlock()
@@ -162,7 +162,7 @@ def test_arch_rebuilds_a_state_dicts_model_and_gives_the_live_graph() -> None:
 
 
 def test_an_unknown_arch_names_what_it_tried() -> None:
-    from cluster_tracking.architectures import build_architecture
+    from cluster_tracking.audit.architectures import build_architecture
     from cluster_tracking.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"not a model of .*torchvision.*timm"):

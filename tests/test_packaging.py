@@ -50,7 +50,7 @@ def test_mypy_type_checks_a_user_script_against_the_installed_package(tmp_path: 
     )
     out = result.stdout + result.stderr
     assert "import-not-found" not in out and "Cannot find implementation" not in out, out
-    assert 'Revealed type is "cluster_tracking.tracker.ClusterabilityTracker"' in out, out
+    assert 'Revealed type is "cluster_tracking.tracking.tracker.ClusterabilityTracker"' in out, out
     assert "-> cluster_tracking.integrations.mlflow.MlflowSink" in out, out
     # the package's types are checked, not taken as Any: the bad argument is the one error
     errors = [line for line in out.splitlines() if ": error:" in line]

@@ -3,8 +3,8 @@
 Hypothesis generates safetensors headers, torch zip archives with damaged members, ``.pt2``
 weights configs, ``MLmodel`` YAML, pickled structures and legacy (pre-1.6) ``torch.save`` files
 (at least 500 inputs per reader), and each is read in-process by
-:func:`~cluster_tracking.loading.load_file`. Each must end in a
-:class:`~cluster_tracking.loading.LoadedModel` or a
+:func:`~cluster_tracking.audit.sources.load_file`. Each must end in a
+:class:`~cluster_tracking.audit.sources.LoadedModel` or a
 :class:`~cluster_tracking.errors.ClusterTrackingError` (what the CLI maps to exit 3 or 4), never
 another exception, and within a memory ceiling: the process's address space is limited
 (``RLIMIT_AS``) while the readers run, so an allocation a file talked them into fails the test.
@@ -29,8 +29,8 @@ from _hostile import mlp_arrays, pt2_archive, safetensors_bytes, write_legacy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cluster_tracking.audit.sources import LoadedModel, load_file
 from cluster_tracking.errors import ClusterTrackingError, GraphError, LimitError, SourceError
-from cluster_tracking.loading import LoadedModel, load_file
 
 EXAMPLES = 500
 FUZZ = settings(

@@ -17,9 +17,9 @@ from torch import nn
 
 from cluster_tracking.errors import ConfigError, GraphError
 from cluster_tracking.graph import weight_graph
-from cluster_tracking.normalization import ReLUWeightNormalizer
-from cluster_tracking.regularizer import DEFAULT_TOL, TRACKING_TOL, SpectralRegularizer
-from cluster_tracking.spectral import laplacian_eigenvalues
+from cluster_tracking.promote.normalization import ReLUWeightNormalizer
+from cluster_tracking.promote.regularizer import DEFAULT_TOL, TRACKING_TOL, SpectralRegularizer
+from cluster_tracking.spectral.partition import laplacian_eigenvalues
 
 
 @pytest.fixture(autouse=True)

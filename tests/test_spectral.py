@@ -13,9 +13,9 @@ from sklearn.metrics import adjusted_rand_score
 from torch import nn
 
 import cluster_tracking as ct
-from cluster_tracking import spectral
-from cluster_tracking.baselines import shuffle_weights
-from cluster_tracking.spectral import laplacian_embedding, spectral_partitions
+from cluster_tracking.nulls.baselines import shuffle_weights
+from cluster_tracking.spectral.partition import laplacian_embedding, spectral_partitions
+from cluster_tracking.spectral import partition as spectral
 
 
 def _symmetric(n: int, edges: dict[tuple[int, int], float]) -> sp.csr_array:
@@ -248,7 +248,7 @@ def test_weight_blocks_with_groups_and_residual_adds_give_the_adjacency_spectrum
 @pytest.mark.parametrize("k", [2, 3, 12, 17, 300])
 def test_nearest_centers_are_the_argmin_of_the_distances(k: int) -> None:
     """k-means' packed-minimum assignment gives argmin's labels (up to float32 near-ties)."""
-    from cluster_tracking.spectral import _nearest_centers
+    from cluster_tracking.spectral.partition import _nearest_centers
 
     rng = np.random.default_rng(k)
     points = rng.standard_normal((500, 6)).astype(np.float32)

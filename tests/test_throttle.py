@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_tracking.worker import _Throttle, can_throttle
+from cluster_tracking.parallel.child import _Throttle, can_throttle
 
 pytestmark = pytest.mark.skipif(not can_throttle(), reason="SIGSTOP throttling is Linux-only")
 

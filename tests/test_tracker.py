@@ -22,10 +22,15 @@ from torch import nn
 
 from cluster_tracking.errors import ConfigError
 from cluster_tracking.measure import measure
-from cluster_tracking.plots import adjacency_figure, block_average, cluster_order
 from cluster_tracking.report import METRIC_KEYS, ClusterabilityReport
-from cluster_tracking.sinks import SKIPPED_STEPS_METRIC, LocalDirectorySink, Sink, logged_metrics
-from cluster_tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
+from cluster_tracking.tracking.sinks import (
+    SKIPPED_STEPS_METRIC,
+    LocalDirectorySink,
+    Sink,
+    logged_metrics,
+)
+from cluster_tracking.tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
+from cluster_tracking.viz.plots import adjacency_figure, block_average, cluster_order
 
 MEASURE: dict[str, Any] = {"k": 3, "shuffles": 4}
 FAST: dict[str, Any] = {**MEASURE, "worker": "thread"}  # no worker process to start
@@ -252,7 +257,7 @@ def test_layers_snapshots_measure_the_weights_of_their_step(
     """With layers=[...] the training thread builds the graph at the first due step only (no
     tracing); no graph is built in a thread of the training process later, where it would hold
     the GIL that training needs: later steps copy the weights, and the child process rebuilds."""
-    import cluster_tracking.tracker as tracker_module
+    import cluster_tracking.tracking.tracker as tracker_module
 
     built: list[str] = []
     for name in ("weight_graph", "weight_topology"):
@@ -640,7 +645,7 @@ def test_random_init_null_with_layers() -> None:
 def test_a_worker_process_that_cannot_start_falls_back_to_a_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import cluster_tracking.worker as worker_module
+    import cluster_tracking.parallel.child as worker_module
 
     monkeypatch.setattr(worker_module, "_WORKER_BOOTSTRAP", "import sys; sys.exit(3)")
     tracker = ClusterabilityTracker(every_n_steps=1, plots=False, **PROCESS)

@@ -33,8 +33,8 @@ from cluster_tracking.integrations.wandb import (
     image_caption,
 )
 from cluster_tracking.report import METRIC_KEYS, ClusterabilityReport
-from cluster_tracking.sinks import SinkError
-from cluster_tracking.tracker import (
+from cluster_tracking.tracking.sinks import SinkError
+from cluster_tracking.tracking.tracker import (
     STEP_ARTIFACTS,
     SUMMARY_ARTIFACTS,
     ClusterabilityTracker,

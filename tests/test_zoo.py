@@ -565,7 +565,7 @@ def test_every_saved_form_gives_the_live_graph(arch: Arch, tmp_path: Path) -> No
     archive loaded into the architecture (what ``--arch`` does), give the live graph."""
     from safetensors.torch import save_file
 
-    from cluster_tracking.loading import load_source
+    from cluster_tracking.audit.sources import load_source
 
     torch.manual_seed(0)
     model = arch.make().eval()

@@ -6,10 +6,11 @@ the chosen layers straight from the file instead, a row chunk at a time through 
 (bf16 and fp16 converted per chunk), and keeps one float32 copy of each weight's magnitudes
 ``|W|`` (4 bytes per edge; exact for bf16, fp16 and float32 files). The graph it returns has no
 sparse adjacency (``WeightGraph.assembled`` is ``False``): degrees, the eigensolver's products
-and the n-cut work block by block on these magnitudes (:mod:`cluster_tracking.spectral`).
+and the n-cut work block by block on these magnitudes (:mod:`cluster_tracking.spectral.partition`).
 
 Before it reads a weight it estimates the measurement's peak memory from the header's shapes
-(:func:`~cluster_tracking.estimate.estimate_peak`) and refuses, in one line, what would not fit.
+(:func:`~cluster_tracking.resources.estimate.estimate_peak`) and refuses, in one line, what would
+not fit.
 
 The chain rules are :func:`~cluster_tracking.graph.weight_graph`'s for a state_dict: the
 ``*.weight`` tensors in natural name order (a safetensors file keeps no other), or the layers
@@ -45,7 +46,7 @@ from cluster_tracking.graph.selection import list_names, parse_layers, select_la
 from cluster_tracking.graph.types import EdgeBlock, Preset, WeightGraph
 
 if TYPE_CHECKING:
-    from cluster_tracking.spectral import _RemoteBlocks
+    from cluster_tracking.spectral.partition import _RemoteBlocks
 
 # (The chain builder and the weight readers import torch: they are imported where a graph is
 # built, so that Dask workers, which only map weight blocks, start without it.)
@@ -79,8 +80,8 @@ class _Tensor:
 def _read_header(path: Path) -> dict[str, _Tensor]:
     """The tensors a safetensors file declares, checked against the file (sizes, offsets, dtypes)
     by the readers' own check, in natural name order."""
-    from cluster_tracking.limits import MemoryBudget
-    from cluster_tracking.loading import _check_safetensors_header, _natural_key
+    from cluster_tracking.audit.sources import _check_safetensors_header, _natural_key
+    from cluster_tracking.resources.limits import MemoryBudget
 
     if not path.is_file():
         what = "no such file" if not path.exists() else "not a regular file"
@@ -254,7 +255,8 @@ def safetensors_graph(
     without a sparse adjacency: about 4 bytes per edge where the in-memory path needs about 60.
     bf16, fp16 and float32 weights are read exactly; float64 ones are rounded to float32
     (relative 6e-8). Pass it to :func:`~cluster_tracking.measure` or
-    :func:`~cluster_tracking.spectral.spectral_partition` as any graph. It records the file it
+    :func:`~cluster_tracking.spectral.partition.spectral_partition` as any graph. It records the
+    file it
     came from (``graph.source``): with ``measure(..., backend="dask")`` each null network is a
     Dask task that maps the weights from the same path on its worker.
 
@@ -275,7 +277,7 @@ def safetensors_graph(
         k, shuffles, workers: what the measurement will do, for the memory estimate (``workers``:
             null networks measured at once on this machine; 0 when they run on a Dask cluster).
         max_memory: bytes the measurement may use here (``None``: the limit in force,
-            :func:`~cluster_tracking.limits.current_memory_limit`).
+            :func:`~cluster_tracking.resources.limits.current_memory_limit`).
         stage: called as ``stage("reading", done, total)`` as the layers are read.
         scheduler: a Dask scheduler to keep the weights on (see above); ``None``: read here.
 
@@ -285,7 +287,7 @@ def safetensors_graph(
         GraphError: the layers do not chain, a weight is not a float or holds NaN/Inf, or the
             estimated peak memory passes the limit (the message gives the estimate).
     """
-    from cluster_tracking.estimate import check_fits, estimate_peak
+    from cluster_tracking.resources.estimate import check_fits, estimate_peak
 
     path = Path(path).absolute()
     tensors = _read_header(path)
@@ -374,14 +376,14 @@ def _remote_graph(
 ) -> SafetensorsGraph:
     """The graph of ``plan`` with its weight blocks mapped and kept by the workers of a Dask
     cluster (see :func:`safetensors_graph`)."""
-    from cluster_tracking.estimate import (
+    from cluster_tracking.graph.chain import _ChainEntry
+    from cluster_tracking.resources.estimate import (
         check_fits,
         check_workers_fit,
         estimate_peak,
         estimate_worker_blocks,
     )
-    from cluster_tracking.graph.chain import _ChainEntry
-    from cluster_tracking.spectral import _dask_client, _RemoteBlocks, _running_workers
+    from cluster_tracking.spectral.partition import _dask_client, _RemoteBlocks, _running_workers
 
     if preset == "filan2021":
         raise ConfigError(

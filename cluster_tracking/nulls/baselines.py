@@ -42,7 +42,7 @@ import numpy as np
 from cluster_tracking.errors import ConfigError
 from cluster_tracking.graph.types import EdgeBlock, WeightGraph
 from cluster_tracking.report import Baseline
-from cluster_tracking.spectral import block_ncuts, child_seed
+from cluster_tracking.spectral.partition import block_ncuts, child_seed
 
 if TYPE_CHECKING:
     import torch
@@ -482,9 +482,9 @@ def mapped_null_ncuts(
         ConfigError: no Dask, no scheduler, or a graph that does not know its file.
         GraphError: a worker's memory limit is below the estimated peak of a task.
     """
-    from cluster_tracking.estimate import check_workers_fit, estimate_null_task
     from cluster_tracking.graph.lazy import forget_mapped
-    from cluster_tracking.spectral import _dask_client, _running_workers
+    from cluster_tracking.resources.estimate import check_workers_fit, estimate_null_task
+    from cluster_tracking.spectral.partition import _dask_client, _running_workers
 
     source = getattr(graph, "source", None)
     if source is None:

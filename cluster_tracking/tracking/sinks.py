@@ -1,4 +1,5 @@
-"""Sinks: where a :class:`~cluster_tracking.tracker.ClusterabilityTracker` sends its reports.
+"""Sinks: where a :class:`~cluster_tracking.tracking.tracker.ClusterabilityTracker` sends
+its reports.
 
 A sink adapts the core's :class:`~cluster_tracking.report.ClusterabilityReport` to one destination
 (a local directory, an MLflow run, a W&B run). The tracker calls every sink from its background

@@ -2,7 +2,8 @@
 
 Trains a small MLP (64-128-128-10) on scikit-learn's bundled handwritten digits (``load_digits``,
 no download), measures its clusterability with a
-:class:`~cluster_tracking.tracker.ClusterabilityTracker` before training and after every epoch, and
+:class:`~cluster_tracking.tracking.tracker.ClusterabilityTracker` before training and after every
+epoch, and
 logs everything to MLflow: by default the local SQLite store ``sqlite:///mlflow.db`` in the working
 directory (or ``MLFLOW_TRACKING_URI``), plus a plain copy in ``./cluster-tracking-demo/<run id>/``.
 The run's experiment is tagged for MLflow's model-training view, the trained model is logged (so
@@ -152,7 +153,7 @@ def run_demo(
         tracking_uri: MLflow tracking URI; ``None``: ``MLFLOW_TRACKING_URI`` or
             :data:`DEFAULT_TRACKING_URI`.
         out_dir: folder of the local copies: this run's go to ``out_dir/<run id>/`` (a
-            :class:`~cluster_tracking.sinks.LocalDirectorySink`), so runs never mix.
+            :class:`~cluster_tracking.tracking.sinks.LocalDirectorySink`), so runs never mix.
         batch_size, learning_rate: of the Adam training loop.
 
     Returns:
@@ -166,7 +167,7 @@ def run_demo(
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}.")
-    from cluster_tracking.tracking_uri import check_tracking_uri
+    from cluster_tracking.integrations.tracking_uri import check_tracking_uri
 
     started = time.perf_counter()
     uri = resolve_tracking_uri(tracking_uri)
@@ -176,8 +177,8 @@ def run_demo(
 
     # The demo is MLflow's: imported here, so the core package never needs it.
     from cluster_tracking.integrations.mlflow import INSTALL_HINT, MlflowSink
-    from cluster_tracking.sinks import LocalDirectorySink, SinkError
-    from cluster_tracking.tracker import ClusterabilityTracker
+    from cluster_tracking.tracking.sinks import LocalDirectorySink, SinkError
+    from cluster_tracking.tracking.tracker import ClusterabilityTracker
 
     try:
         import mlflow
@@ -334,7 +335,7 @@ def print_demo_result(result: DemoResult) -> None:
     next: the run's URL and the command that serves it."""
     from rich.table import Table
 
-    from cluster_tracking.cli import console as make_console
+    from cluster_tracking.cli.app import console as make_console
 
     console = make_console()
     table = Table(title="Clusterability of an MLP learning digits (k = 12 clusters)")

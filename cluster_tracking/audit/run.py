@@ -1,7 +1,8 @@
 """``cluster-tracking audit`` and ``compare``: the clusterability of models saved or logged before.
 
 An audit reads a model's weights from a checkpoint, an MLflow run or registered model, or a W&B
-artifact (:mod:`cluster_tracking.loading`, which never runs code from the file unless told to),
+artifact (:mod:`cluster_tracking.audit.sources`, which never runs code from the file unless told
+to),
 measures it (:func:`~cluster_tracking.measure.measure`: spectral partition, n-cut, and a null model
 of weight-shuffled networks, Filan et al. 2021) and shows the result:
 
@@ -12,7 +13,7 @@ of weight-shuffled networks, Filan et al. 2021) and shows the result:
   run that logged the model (:func:`log_to_run`), next to what is already there.
 
 :func:`run_compare` audits many sources (or every run of MLflow experiments that holds a model)
-and sorts them by z-score. The CLI (:mod:`cluster_tracking.cli`) is a thin layer over
+and sorts them by z-score. The CLI (:mod:`cluster_tracking.cli.app`) is a thin layer over
 :func:`run_audit` and :func:`run_compare`; :func:`cli_guard` turns every error into one line on
 stderr and the exit code of :data:`EXIT_CODES`.
 """
@@ -39,6 +40,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import typer
 
+from cluster_tracking.audit.sources import (
+    LoadedModel,
+    PlatformError,
+    RunTarget,
+    SourceRef,
+    experiment_sources,
+    load_source,
+    mlflow_client,
+    parse_source,
+)
 from cluster_tracking.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
@@ -55,25 +66,6 @@ from cluster_tracking.errors import (
     exit_code,
 )
 from cluster_tracking.graph import WeightGraph
-from cluster_tracking.limits import (
-    MAX_JOBS_NOTE,
-    MAX_SHUFFLES,
-    check_run_time,
-    cpu_count,
-    current_memory_limit,
-    format_size,
-    memory_limit,
-)
-from cluster_tracking.loading import (
-    LoadedModel,
-    PlatformError,
-    RunTarget,
-    SourceRef,
-    experiment_sources,
-    load_source,
-    mlflow_client,
-    parse_source,
-)
 from cluster_tracking.report import (
     MISSING,
     P_FLOOR_NOTE,
@@ -85,6 +77,15 @@ from cluster_tracking.report import (
     format_z,
     mixed_procedures,
     p_at_floor,
+)
+from cluster_tracking.resources.limits import (
+    MAX_JOBS_NOTE,
+    MAX_SHUFFLES,
+    check_run_time,
+    cpu_count,
+    current_memory_limit,
+    format_size,
+    memory_limit,
 )
 
 if TYPE_CHECKING:
@@ -153,15 +154,15 @@ class AuditSettings:
         trust_pickle: unpickle pickled models for real (runs code from the file).
         tracking_uri: MLflow tracking server or store of ``runs:/``/``models:/`` sources.
         max_memory: bytes the readers and the run may use (``None``: half the memory available,
-            :func:`~cluster_tracking.limits.default_memory_limit`).
-        arch: the architecture of a bare state_dict (:mod:`cluster_tracking.architectures`: a
+            :func:`~cluster_tracking.resources.limits.default_memory_limit`).
+        arch: the architecture of a bare state_dict (:mod:`cluster_tracking.audit.architectures`: a
             torchvision or timm name, or ``package.module:function``); the state_dict is loaded
             into it and the model's data flow followed.
         input_shape: one example's shape (``(3, 224, 224)``), for models that ``torch.fx``
             cannot trace: they are followed with ``torch.export`` on ``zeros(1, *input_shape)``.
         allow_long_run: measure even when the run is estimated to take longer than
-            :data:`~cluster_tracking.limits.MAX_RUN_SECONDS`
-            (:func:`~cluster_tracking.limits.check_run_time`).
+            :data:`~cluster_tracking.resources.limits.MAX_RUN_SECONDS`
+            (:func:`~cluster_tracking.resources.limits.check_run_time`).
     """
 
     k: int | Literal["auto"] = 12
@@ -187,8 +188,8 @@ class AuditSettings:
         Raises:
             ConfigError: a value is out of range or settings contradict each other.
         """
-        from cluster_tracking.baselines import check_method
-        from cluster_tracking.tracking_uri import check_tracking_uri_form
+        from cluster_tracking.integrations.tracking_uri import check_tracking_uri_form
+        from cluster_tracking.nulls.baselines import check_method
 
         if self.k != "auto" and (isinstance(self.k, bool) or not isinstance(self.k, int)):
             raise ConfigError(f"--k must be a whole number >= 2 or 'auto', got {self.k!r}.")
@@ -467,7 +468,7 @@ def audit_source(
                 f"{loaded.label} is a model already ({loaded.format}); --arch builds the model "
                 "of a bare state_dict: drop it."
             )
-        from cluster_tracking.architectures import load_into_architecture
+        from cluster_tracking.audit.architectures import load_into_architecture
 
         try:
             model = load_into_architecture(settings.arch, loaded.weights)
@@ -561,10 +562,10 @@ def _bounded_audit(
     """Audit a large local safetensors file in bounded memory, its peak estimated and checked
     first (a :class:`GraphError`, exit 4, when it would not fit); ``None`` for any other
     source, which the in-memory path reads."""
-    from cluster_tracking.baselines import MAGNITUDE_SHUFFLES
-    from cluster_tracking.estimate import estimate_peak
     from cluster_tracking.graph.lazy import safetensors_extent, safetensors_graph
     from cluster_tracking.measure import measure
+    from cluster_tracking.nulls.baselines import MAGNITUDE_SHUFFLES
+    from cluster_tracking.resources.estimate import estimate_peak
 
     ref = source if isinstance(source, SourceRef) else parse_source(source)
     if ref.kind != "file" or ref.path is None or ref.path.suffix.lower() != ".safetensors":
@@ -657,8 +658,8 @@ def write_bundle(
     Returns:
         File name -> path.
     """
-    from cluster_tracking.html_report import write_html
-    from cluster_tracking.plots import (
+    from cluster_tracking.viz.html_report import write_html
+    from cluster_tracking.viz.plots import (
         adjacency_figure,
         cluster_matrix,
         cluster_matrix_figure,
@@ -800,7 +801,7 @@ def _audit_info(result: AuditResult, step: int | None, folder: str | None) -> di
 def _log_to_mlflow(result: AuditResult, target: RunTarget, step: int | None) -> str:
     from mlflow.entities import Metric
 
-    from cluster_tracking.loading import _mlflow_error, _run_label
+    from cluster_tracking.audit.sources import _mlflow_error, _run_label
 
     with mlflow_client(target.tracking_uri) as (client, uri):
         try:
@@ -1336,13 +1337,13 @@ def _escape(text: str) -> str:
 
 
 def _stdout() -> Any:
-    from cluster_tracking.cli import console
+    from cluster_tracking.cli.app import console
 
     return console()
 
 
 def _stderr() -> Any:
-    from cluster_tracking.cli import console
+    from cluster_tracking.cli.app import console
 
     return console(stderr=True)
 

@@ -40,7 +40,8 @@ Hostile input. Only regular files are read (devices, FIFOs and sockets are refus
 are opened; symlinks are followed only to regular files); a folder is searched to
 :data:`MAX_FOLDER_DEPTH` levels and :data:`MAX_FOLDER_ENTRIES` entries. Every size a file declares
 (safetensors header and offsets, zip members, ``.pt2`` shapes) is checked against the bytes really
-there and against the memory limit (:mod:`cluster_tracking.limits`, ``--max-memory``) before
+there and against the memory limit (:mod:`cluster_tracking.resources.limits`, ``--max-memory``)
+before
 anything is allocated; deflated zip members are inflated as a stream against that limit first.
 Every path an ``MLmodel`` file names must stay inside the model's folder. Weights whose
 magnitudes mean nothing alone (bool masks, integer tensors without their quantization scales),
@@ -86,8 +87,8 @@ from cluster_tracking.errors import (
     PlatformError,
     SourceError,
 )
-from cluster_tracking.limits import MemoryBudget, format_size, memory_limit
-from cluster_tracking.tracking_uri import PROBE_TIMEOUT, check_tracking_uri
+from cluster_tracking.integrations.tracking_uri import PROBE_TIMEOUT, check_tracking_uri
+from cluster_tracking.resources.limits import MemoryBudget, format_size, memory_limit
 
 __all__ = [
     "WEIGHT_SUFFIXES",
@@ -356,7 +357,7 @@ def load_source(
             sources; ``None``: ``MLFLOW_TRACKING_URI``, else MLflow's default.
         max_memory: bytes the readers may hold (what the file declares is checked against it
             before it is allocated); ``None``: the limit in force
-            (:func:`~cluster_tracking.limits.current_memory_limit`).
+            (:func:`~cluster_tracking.resources.limits.current_memory_limit`).
 
     Returns:
         The weights, how they were read, and the run they came from.
@@ -554,7 +555,7 @@ def _load_directory(folder: Path, *, trust_pickle: bool, source: str) -> LoadedM
             prefix=prefix,
             notes=notes,
         )
-    from cluster_tracking.pretrained import is_model_folder, load_model_folder
+    from cluster_tracking.audit.pretrained import is_model_folder, load_model_folder
 
     if is_model_folder(folder):
         # transformers reads the shards itself: check what they declare against the limit first.
@@ -666,7 +667,8 @@ def _read_weight_file(path: Path, *, trust_pickle: bool) -> _Read:
     """``(weights, format, prefix, notes)`` of one file, chosen by its content.
 
     The file must be regular (checked again here: a folder search may name a symlink), and its
-    size and every size it declares are budgeted (:class:`~cluster_tracking.limits.MemoryBudget`)
+    size and every size it declares are budgeted
+    (:class:`~cluster_tracking.resources.limits.MemoryBudget`)
     before anything is read into memory.
     """
     _file_mode(path, str(path))
@@ -1314,7 +1316,7 @@ def _read_pt2(path: Path) -> dict[str, Any]:
     state_dict name, record, dtype, sizes, strides, storage offset); the records are raw tensor
     bytes (``use_pickle: false``) or ``torch.save`` payloads, read with ``weights_only=True``.
     What a config declares is checked against its record's real length and budgeted
-    (:class:`~cluster_tracking.limits.MemoryBudget`) before the record is read.
+    (:class:`~cluster_tracking.resources.limits.MemoryBudget`) before the record is read.
     """
     budget = MemoryBudget(path)
     try:

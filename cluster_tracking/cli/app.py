@@ -1,7 +1,7 @@
 """The ``cluster-tracking`` command line: a thin Typer layer over the package's functions.
 
 Each command parses its options, calls one function of the module that implements it (``demo`` ->
-:func:`cluster_tracking.demo.run_demo`), and prints the result. Errors a user can cause
+:func:`cluster_tracking.cli.demo.run_demo`), and prints the result. Errors a user can cause
 (:class:`~cluster_tracking.errors.ClusterTrackingError`) become one red line on stderr and exit
 code 2, never a traceback.
 
@@ -11,7 +11,7 @@ To add a command, write its implementation in its own module and add a function 
     def audit(source: Annotated[str, typer.Argument(help="...")]) -> None:
         \"\"\"One line for the command list. More lines for its --help.\"\"\"
         with cli_errors():
-            from cluster_tracking.audit import run_audit
+            from cluster_tracking.audit.run import run_audit
             ...
 """
 
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cluster_tracking.errors import ClusterTrackingError, exit_code
-from cluster_tracking.limits import MAX_SHUFFLES
+from cluster_tracking.resources.limits import MAX_SHUFFLES
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -54,7 +54,7 @@ def console(*, stderr: bool = False) -> Console:
 
 
 class NullMethod(str, Enum):
-    """``--method``: the null model (:data:`cluster_tracking.baselines.NULL_METHODS`)."""
+    """``--method``: the null model (:data:`cluster_tracking.nulls.baselines.NULL_METHODS`)."""
 
     layer = "layer"
     layer_nonzero = "layer_nonzero"
@@ -72,7 +72,7 @@ class Norm(str, Enum):
 
 
 class Preset(str, Enum):
-    """``--preset``: the procedure (:data:`cluster_tracking.baselines.PRESETS`)."""
+    """``--preset``: the procedure (:data:`cluster_tracking.nulls.baselines.PRESETS`)."""
 
     default = "default"
     filan2021 = "filan2021"
@@ -241,16 +241,16 @@ def demo(
     dashboard. An MLflow server that does not answer fails within seconds (exit 5).
     """
     with cli_errors():  # before torch and mlflow load: a dead server is one line in seconds
-        from cluster_tracking.demo import resolve_tracking_uri
-        from cluster_tracking.tracking_uri import check_tracking_uri
+        from cluster_tracking.cli.demo import resolve_tracking_uri
+        from cluster_tracking.integrations.tracking_uri import check_tracking_uri
 
         tracking_uri = resolve_tracking_uri(tracking_uri)
         check_tracking_uri(tracking_uri, existing=False)
 
-    from cluster_tracking.audit import cli_guard
+    from cluster_tracking.audit.run import cli_guard
 
     with cli_guard(), cli_errors():
-        from cluster_tracking.demo import print_demo_result, run_demo
+        from cluster_tracking.cli.demo import print_demo_result, run_demo
 
         result = run_demo(
             epochs=epochs, shuffles=shuffles, tracking_uri=tracking_uri, seed=seed, out_dir=out
@@ -259,7 +259,7 @@ def demo(
 
 
 # --------------------------------------------------------------------- audit and compare
-# Options shared by both commands; the work is done in cluster_tracking.audit.
+# Options shared by both commands; the work is done in cluster_tracking.audit.run.
 
 _MEASURE = "Measurement"
 _SOURCE = "Reading sources"
@@ -526,17 +526,17 @@ def audit(
     bar on a terminal, or the report JSON with --json. Lower n-cut, negative z and small p: more
     clusterable than chance.
     """
-    from cluster_tracking.audit import cli_guard
+    from cluster_tracking.audit.run import cli_guard
 
     with cli_guard():
-        from cluster_tracking.audit import (
+        from cluster_tracking.audit.run import (
             AuditSettings,
             parse_k,
             parse_layers,
             parse_shape,
             run_audit,
         )
-        from cluster_tracking.limits import parse_size
+        from cluster_tracking.resources.limits import parse_size
 
         settings = AuditSettings(
             k=parse_k(k),
@@ -643,17 +643,17 @@ def compare(
     Every source is audited as by **audit** (same options) and one table is printed, sorted by
     z-score: the most clusterable model relative to its weight-shuffled networks first.
     """
-    from cluster_tracking.audit import cli_guard
+    from cluster_tracking.audit.run import cli_guard
 
     with cli_guard():
-        from cluster_tracking.audit import (
+        from cluster_tracking.audit.run import (
             AuditSettings,
             parse_k,
             parse_layers,
             parse_shape,
             run_compare,
         )
-        from cluster_tracking.limits import parse_size
+        from cluster_tracking.resources.limits import parse_size
 
         settings = AuditSettings(
             k=parse_k(k),

@@ -33,7 +33,7 @@ from torch import nn
 from cluster_tracking.errors import ConfigError, GraphError
 from cluster_tracking.graph import EdgeBlock, WeightGraph, layer_weight, weight_graph
 from cluster_tracking.graph.weights import unwrap_module
-from cluster_tracking.spectral import _bipartition
+from cluster_tracking.spectral.partition import _bipartition
 
 Solver = Literal["auto", "dense", "iterative", "tracking"]
 
@@ -78,7 +78,8 @@ class SpectralRegularizer:
     direction); the sum skips exactly this first eigenvalue. A graph with ``c`` connected
     components has ``c`` zero eigenvalues; the other ``c - 1`` are counted (they are 0 and stay
     0 under small changes, so they add nothing to the value or the gradient). Nodes whose edges all
-    weigh 0 are left out, as :func:`~cluster_tracking.spectral.spectral_partition` leaves them out.
+    weigh 0 are left out, as :func:`~cluster_tracking.spectral.partition.spectral_partition` leaves
+    them out.
 
     **Gradients.** ``d|w|/dw = sign(w)``, taken as 0 at ``w = 0`` (a subgradient). The sum of the
     k smallest non-trivial eigenvalues is differentiable wherever ``lambda_{k+1} < lambda_{k+2}``,
@@ -131,7 +132,8 @@ class SpectralRegularizer:
     **Rescaling loophole.** For a ReLU unit, multiplying its incoming weights and bias by ``c > 0``
     and its outgoing weights by ``1 / c`` leaves the network's function unchanged but changes the
     weight graph, so a regularised run can lower the penalty without becoming any more modular.
-    Call a :class:`~cluster_tracking.normalization.ReLUWeightNormalizer` after each optimiser step
+    Call a :class:`~cluster_tracking.promote.normalization.ReLUWeightNormalizer` after each
+    optimiser step
     to close that loophole.
 
     Args:

@@ -24,7 +24,8 @@ and the child process rebuilds each step's graph from it and the copied weights.
 Guarantees:
 
 * **Paced to a budget.** On Linux the worker runs at normal priority with one BLAS thread and is
-  throttled (:class:`~cluster_tracking.worker._Throttle`) to run at most ``m / (1 + m)`` of the
+  throttled (:class:`~cluster_tracking.parallel.child._Throttle`) to run at most ``m / (1 + m)`` of
+  the
   wall time for ``max_overhead=m`` (default 0.1), in 5 ms bursts, which bounds a busy loop's
   slowdown to ``1 + m``; elsewhere it runs at nice 19 and the wall time of its measurements is
   paced to ``max_overhead``. ``close()`` measures what is left at full speed.
@@ -73,13 +74,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from cluster_tracking import baselines
 from cluster_tracking.errors import ConfigError, GraphError
 from cluster_tracking.graph import WeightGraph, live_weights, weight_graph, weight_topology
 from cluster_tracking.graph.selection import parse_layers
-from cluster_tracking.report import ClusterabilityReport
-from cluster_tracking.sinks import SKIPPED_STEPS_METRIC, Sink
-from cluster_tracking.worker import (
+from cluster_tracking.nulls import baselines
+from cluster_tracking.parallel.child import (
     _WORKER_CALLS,
     _describe,
     _WorkerError,
@@ -87,6 +86,8 @@ from cluster_tracking.worker import (
     can_throttle,
     measure_step,
 )
+from cluster_tracking.report import ClusterabilityReport
+from cluster_tracking.tracking.sinks import SKIPPED_STEPS_METRIC, Sink
 
 OnBacklog = Literal["skip", "queue"]
 
@@ -166,9 +167,10 @@ class ClusterabilityTracker:
     ``clusterability/trajectory.png`` and the self-contained ``clusterability/report.html``.
 
     Args:
-        sinks: where reports go (:class:`~cluster_tracking.sinks.LocalDirectorySink`,
+        sinks: where reports go (:class:`~cluster_tracking.tracking.sinks.LocalDirectorySink`,
             ``cluster_tracking.integrations.mlflow.MlflowSink``, or anything with the
-            :class:`~cluster_tracking.sinks.Sink` methods). No sink: reports are only kept in
+            :class:`~cluster_tracking.tracking.sinks.Sink` methods). No sink: reports are only kept
+            in
             :attr:`reports`.
         every_n_steps: measure in :meth:`step` when ``step % every_n_steps == 0``; ``None``: never.
         every_n_epochs: measure in :meth:`epoch_end` after epochs ``n - 1, 2n - 1, ...``
@@ -273,7 +275,7 @@ class ClusterabilityTracker:
             if missing:
                 raise ConfigError(
                     f"sink {sink!r} lacks {', '.join(missing)}; a sink needs log_params, "
-                    "log_report, log_summary and close (see cluster_tracking.sinks.Sink)."
+                    "log_report, log_summary and close (see cluster_tracking.tracking.sinks.Sink)."
                 )
         self.every_n_steps = _check_interval(every_n_steps, "every_n_steps")
         self.every_n_epochs = _check_interval(every_n_epochs, "every_n_epochs")

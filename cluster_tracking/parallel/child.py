@@ -76,7 +76,7 @@ def measure_step(
         return report, images, None
     started = time.perf_counter()
     try:
-        from cluster_tracking import plots as figures
+        from cluster_tracking.viz import plots as figures
 
         images["adjacency"] = figures.png_bytes(
             figures.adjacency_figure(
@@ -125,8 +125,8 @@ def render_summary(
     if not plots:
         return files, None
     try:
-        from cluster_tracking import html_report
-        from cluster_tracking import plots as figures
+        from cluster_tracking.viz import html_report
+        from cluster_tracking.viz import plots as figures
 
         files["trajectory.png"] = figures.png_bytes(
             figures.trajectory_figure(reports, skipped_steps=skipped)
@@ -164,7 +164,7 @@ _WORKER_BOOTSTRAP = (
     "    try:\n        os.nice(19)\n"
     "    except (OSError, AttributeError):\n        pass\n"
     "sys.path.insert(0, sys.argv[1])\n"
-    "from cluster_tracking.worker import _worker_main\n"
+    "from cluster_tracking.parallel.child import _worker_main\n"
     "_worker_main()"
 )
 
@@ -301,7 +301,7 @@ class _WorkerProcess:
     Requests and answers are pickled frames on the child's stdin and stdout (its own pipes: only
     its owner talks to it). The tracker's child runs at the lowest CPU priority (``nice``: nice
     19), so training keeps the CPU when both want it, and the tracker also paces its requests to
-    a budget (:class:`~cluster_tracking.tracker.ClusterabilityTracker`'s ``max_overhead``);
+    a budget (:class:`~cluster_tracking.tracking.tracker.ClusterabilityTracker`'s ``max_overhead``);
     ``nice=False`` runs it at normal priority (the null workers of ``measure``). The child exits
     when its stdin closes (so it never outlives its parent; with ``die_with_thread`` it is also
     killed when the thread that started it ends, even mid-measurement) and writes nothing else to
@@ -472,7 +472,10 @@ def _worker_main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.environ.get("CLUSTER_TRACKING_WARM_PLOTS") == "1":
         try:  # part of the start, not of the first measurement (the tracker's budget)
-            from cluster_tracking import html_report, plots  # noqa: F401
+            from cluster_tracking.viz import (
+                html_report,  # noqa: F401
+                plots,  # noqa: F401
+            )
         except Exception:
             pass
     try:

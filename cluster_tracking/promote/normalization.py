@@ -4,7 +4,7 @@ A ReLU is positively homogeneous: ``relu(c z) = c relu(z)`` for ``c > 0``. So mu
 unit's incoming weights and bias by ``c`` and its outgoing weights by ``1 / c`` leaves the
 network's function unchanged, while its weight graph (Filan et al. 2021, section 2: edge weights
 ``|W|``) changes: the unit's incoming edges grow by ``c`` and its outgoing ones shrink by ``c``.
-Along these directions a clusterability penalty (:class:`~cluster_tracking.regularizer.
+Along these directions a clusterability penalty (:class:`~cluster_tracking.promote.regularizer.
 SpectralRegularizer`, Filan et al. 2021, "Promoting clusterability") can be lowered without the
 network computing anything in a more modular way, e.g. by shrinking the within-module and growing
 the cross-module side of a unit, or by making a unit's edges on one side vanishingly small so it
@@ -139,7 +139,8 @@ class ReLUWeightNormalizer:
 
     **Why the regulariser needs it.** The weight graph's edge weights are ``|W|``, which these
     rescalings change but the network's function does not: without normalisation, the
-    :class:`~cluster_tracking.regularizer.SpectralRegularizer` (Filan et al. 2021, "Promoting
+    :class:`~cluster_tracking.promote.regularizer.SpectralRegularizer` (Filan et al. 2021,
+    "Promoting
     clusterability") can lower its penalty by moving weight magnitude across units along
     function-preserving directions (e.g. shrinking one side of a unit's edges until it barely
     connects), a graph that looks clusterable only because of an arbitrary choice of scale.

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cluster_tracking.errors import GraphError
-from cluster_tracking.limits import current_memory_limit, format_size
+from cluster_tracking.resources.limits import current_memory_limit, format_size
 
 __all__ = [
     "MemoryEstimate",
@@ -93,7 +93,11 @@ def estimate_peak(
     weight entries held at ``bytes_per_weight`` bytes, with ``shuffles`` null networks of which
     ``workers`` are measured at once (on this machine; 0 when they run on a Dask cluster);
     ``bipartite``: a chain of layers, whose eigensolver works on its two sides."""
-    from cluster_tracking.spectral import CHUNK_ENTRIES, KRYLOV_MAX_BLOCKS, KRYLOV_OVERSAMPLE
+    from cluster_tracking.spectral.partition import (
+        CHUNK_ENTRIES,
+        KRYLOV_MAX_BLOCKS,
+        KRYLOV_OVERSAMPLE,
+    )
 
     graph = edges * bytes_per_weight
     vectors = k + KRYLOV_OVERSAMPLE
@@ -122,7 +126,8 @@ def check_fits(
     estimate: MemoryEstimate, what: str, limit: int | None = None, *, dask: bool = True
 ) -> None:
     """Refuse a measurement whose estimated peak passes ``limit`` (``None``: the limit in force,
-    :func:`~cluster_tracking.limits.current_memory_limit`: ``--max-memory``, or half the memory
+    :func:`~cluster_tracking.resources.limits.current_memory_limit`: ``--max-memory``, or half the
+    memory
     available). ``dask``: name keeping the weights on a Dask cluster among the options (not
     where they are there already).
 
@@ -153,7 +158,7 @@ def estimate_worker_blocks(edges: int, bytes_per_weight: int = 4) -> int:
     """The estimated peak of a Dask worker that keeps ``edges`` weight entries of a graph whose
     eigensolver products it computes (``safetensors_graph(..., scheduler=...)``): the
     interpreter, its blocks, and a row chunk cast to float64 with its product."""
-    from cluster_tracking.spectral import CHUNK_ENTRIES
+    from cluster_tracking.spectral.partition import CHUNK_ENTRIES
 
     return BASE_BYTES + edges * bytes_per_weight + 3 * min(edges, CHUNK_ENTRIES) * 8
 

@@ -1,0 +1,1 @@
+"""Null models: shuffled and re-initialised copies of a network, and the statistics against them."""

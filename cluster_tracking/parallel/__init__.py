@@ -1,0 +1,1 @@
+"""The parallel runtime: worker processes, the tracker's child process and its CPU throttle."""

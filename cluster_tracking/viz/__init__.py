@@ -1,0 +1,1 @@
+"""Pictures and pages of a measurement: adjacency and cluster plots, the HTML report."""
