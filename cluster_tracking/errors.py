@@ -7,6 +7,8 @@ CLI turns these into one red line and a non-zero exit code; hooks turn them into
 
 from __future__ import annotations
 
+import warnings
+
 
 class ClusterTrackingError(Exception):
     """Base class of every error raised on purpose by cluster-tracking."""
@@ -34,6 +36,30 @@ class PlatformError(SourceError):
     request, or its client package is not installed."""
 
 
+class SinkError(ClusterTrackingError):
+    """A sink cannot be set up: its platform package is missing or it has nowhere to log to."""
+
+
+class ClusterTrackingWarning(UserWarning):
+    """Something went wrong in a hook (a measurement, a plot, a sink) and training went on."""
+
+
+def describe(error: BaseException | None) -> str:
+    """``"Type: message"`` of an error, on one line (the first line of its message, at most 300
+    characters), for warnings and one-line reports; ``"no error recorded"`` for ``None``."""
+    if error is None:
+        return "no error recorded"
+    lines = str(error).strip().splitlines()
+    text = lines[0].strip().rstrip(".")[:300] if lines else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def warn(message: str, stacklevel: int = 3) -> None:
+    """Issue ``message`` as a :class:`ClusterTrackingWarning`, attributed to the caller's caller
+    (the user's code that called the hook)."""
+    warnings.warn(message, ClusterTrackingWarning, stacklevel=stacklevel)
+
+
 #: Exit status of the CLI's commands (``audit``, ``compare``, ``demo``), by kind of error.
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -56,7 +82,5 @@ def exit_code(error: BaseException) -> int:
     if isinstance(error, GraphError):
         return EXIT_MODEL
     if isinstance(error, ClusterTrackingError):
-        from cluster_tracking.tracking.sinks import SinkError
-
         return EXIT_PLATFORM if isinstance(error, SinkError) else EXIT_USAGE
     return EXIT_INTERNAL

@@ -12,21 +12,20 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from cluster_tracking.errors import ClusterTrackingError, ConfigError, GraphError
+from cluster_tracking.errors import ClusterTrackingError, ConfigError, GraphError, describe, warn
 from cluster_tracking.graph import selection as graph_selection
 from cluster_tracking.graph import weight_graph
 from cluster_tracking.graph.chain import is_weight_layer
 from cluster_tracking.graph.selection import list_names
 from cluster_tracking.report import ClusterabilityReport
 from cluster_tracking.tracking.sinks import LocalDirectorySink, Sink
-from cluster_tracking.tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
+from cluster_tracking.tracking.tracker import ClusterabilityTracker
 
 #: What ``module=`` may be: an attribute path of the model (``"bert"``, ``"model.backbone"``) or a
 #: function returning the ``nn.Module`` to measure.
@@ -245,9 +244,9 @@ class _CallbackCore:
 
     def _disable(self, module: nn.Module, error: BaseException) -> None:
         self._active = False
-        _warn(
+        warn(
             f"{self.owner}: the weight graph of {type(module).__name__} cannot be built "
-            f"({_describe(error)}). Clusterability is not "
+            f"({describe(error)}). Clusterability is not "
             "measured in this run; training goes on. Pass layers= naming a chain of its "
             "Linear/Conv modules, or patterns such as '*.intermediate.dense|*[0-9].output.dense' "
             "(the MLP blocks of a BERT-like model), or module= to measure a part of it. "
@@ -306,8 +305,8 @@ class _CallbackCore:
         except Exception as error:
             if not self._warned_hook:
                 self._warned_hook = True
-                _warn(
-                    f"{self.owner}: clusterability at step {step} failed: {_describe(error)}. "
+                warn(
+                    f"{self.owner}: clusterability at step {step} failed: {describe(error)}. "
                     "Training goes on."
                 )
 
@@ -331,7 +330,7 @@ class _CallbackCore:
             if self.tracker is not None:
                 self.tracker.close(remaining())
         except Exception as error:
-            _warn(f"{self.owner}: closing the clusterability tracker failed: {_describe(error)}.")
+            warn(f"{self.owner}: closing the clusterability tracker failed: {describe(error)}.")
         finally:
             self._active = False
 
@@ -352,9 +351,9 @@ class _CallbackCore:
             try:
                 sinks = self._make_sinks()
             except Exception as error:
-                _warn(
+                warn(
                     f"{self.owner}: could not connect to the training run's tracking platform "
-                    f"({_describe(error)}); clusterability goes to the other sinks only."
+                    f"({describe(error)}); clusterability goes to the other sinks only."
                 )
         sinks = [*sinks, *self.extra_sinks]
         try:
@@ -363,7 +362,7 @@ class _CallbackCore:
             )
         except Exception as error:  # checked in __init__; a hook never stops training
             self._tracker_failed = True
-            _warn(f"{self.owner}: could not start the clusterability tracker: {_describe(error)}.")
+            warn(f"{self.owner}: could not start the clusterability tracker: {describe(error)}.")
             return None
         _log.info("%s: measuring clusterability into %s", self.owner, sinks)
         return self.tracker
@@ -394,12 +393,3 @@ def _local_sink(folder: str | Path) -> LocalDirectorySink:
     """The fallback sink: its artifacts in ``<folder>/clusterability/`` (the sink adds that
     folder itself), ``params.json`` and ``reports.jsonl`` beside it in ``<folder>``."""
     return LocalDirectorySink(Path(folder))
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error).strip().rstrip(".")
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, ClusterTrackingWarning, stacklevel=3)

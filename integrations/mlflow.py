@@ -58,12 +58,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from cluster_tracking.errors import describe, warn
 from cluster_tracking.report import ClusterabilityReport
 from cluster_tracking.tracking.sinks import (
     ARTIFACT_ROOT,
@@ -73,7 +73,6 @@ from cluster_tracking.tracking.sinks import (
     step_artifact_dir,
 )
 from cluster_tracking.tracking.spool import DEFAULT_SPOOL_ROOT, Item, Outbox
-from cluster_tracking.tracking.tracker import ClusterTrackingWarning
 
 __all__ = ["DEFAULT_CLOSE_TIMEOUT", "INSTALL_HINT", "MlflowSink"]
 
@@ -256,14 +255,14 @@ class MlflowSink:
         kept = ", ".join(f"{key}={held[key]!r}" for key in changed[:8])
         old, new = held.get(PROCEDURE_PARAM), params.get(PROCEDURE_PARAM)
         if old is not None and new is not None and old != str(new):
-            _warn(
+            warn(
                 f"MLflow run {self.run_id} was already measured under clustering procedure "
                 f"{old!r}; this tracker measures under {str(new)!r}: the run's n-cuts and "
                 "z-scores of the two are not comparable (log them to separate runs). MLflow "
                 f"cannot change a param, so the run keeps {kept}."
             )
         else:
-            _warn(
+            warn(
                 f"MLflow run {self.run_id} already holds other clusterability settings; MLflow "
                 f"cannot change a param, so the run keeps {kept}."
             )
@@ -352,11 +351,11 @@ class MlflowSink:
         left = self.pending
         if not delivered or left:
             reason = (
-                _describe(self._offline_error)
+                describe(self._offline_error)
                 if self._offline_error is not None
                 else f"close() ran out of its {timeout} s"
             )
-            _warn(
+            warn(
                 f"{left} clusterability item(s) could not be delivered to MLflow at "
                 f"{self.tracking_uri} ({reason}); they are kept in "
                 f"{self.spool_path}. Deliver them later with MlflowSink(run_id="
@@ -368,7 +367,7 @@ class MlflowSink:
             try:
                 self._client.set_terminated(self.run_id, "FINISHED")
             except Exception as error:
-                _warn(f"could not finish the MLflow run {self.run_id}: {_describe(error)}.")
+                warn(f"could not finish the MLflow run {self.run_id}: {describe(error)}.")
         if self._temporary_spool:
             shutil.rmtree(self.spool_path, ignore_errors=True)
 
@@ -421,7 +420,7 @@ class MlflowSink:
             try:
                 self._drain()
             except Exception as error:  # never let the sender die silently
-                _warn(f"the MLflow sender failed: {_describe(error)}; items stay spooled.")
+                warn(f"the MLflow sender failed: {describe(error)}; items stay spooled.")
 
     def _thin(self) -> None:
         """Keep the spool bounded while the server is slow or down (with ``_lock`` held): the
@@ -439,7 +438,7 @@ class MlflowSink:
             shutil.rmtree(self.spool_path / item["folder"], ignore_errors=True)
         if excess and not self._warned_thinning:
             self._warned_thinning = True
-            _warn(
+            warn(
                 f"MLflow at {self.tracking_uri} is slower than the measurements: to keep the "
                 f"spool bounded, the plots and report.json of steps waiting beyond the newest "
                 f"{self.max_backlog} are dropped (first: step {excess[0]['step']}); every step's "
@@ -522,9 +521,9 @@ class MlflowSink:
                     with self._lock:
                         for key in keys:
                             self._outbox.mark(dropped=key)
-                    _warn(
+                    warn(
                         f"MLflow refused clusterability item(s) {', '.join(keys)}: "
-                        f"{_describe(failure)}. They are kept in {self.spool_path}."
+                        f"{describe(failure)}. They are kept in {self.spool_path}."
                     )
                     return True
                 self._suspect = True
@@ -535,8 +534,8 @@ class MlflowSink:
                 self._outbox.mark(done=keys)
             return True
         if self._offline_error is None:
-            _warn(
-                f"MLflow at {self.tracking_uri} is unreachable or failing ({_describe(error)}); "
+            warn(
+                f"MLflow at {self.tracking_uri} is unreachable or failing ({describe(error)}); "
                 f"clusterability reports are spooled to {self.spool_path} and will be delivered "
                 "when it answers again. Training goes on."
             )
@@ -651,7 +650,7 @@ class MlflowSink:
         except Exception as error:
             raise SinkError(
                 f"no active MLflow run and none could be created at {self.tracking_uri} "
-                f"({_describe(error)}). Start the tracking server, call mlflow.start_run() "
+                f"({describe(error)}). Start the tracking server, call mlflow.start_run() "
                 "first, or pass run_id=..."
             ) from error
         return str(run.info.run_id)
@@ -717,14 +716,3 @@ def _in_daemon_threads(jobs: Sequence[Callable[[], bool]], threads: int) -> list
     for worker in workers:
         worker.join()
     return results
-
-
-def _describe(error: BaseException | None) -> str:
-    if error is None:
-        return "no error recorded"
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, ClusterTrackingWarning, stacklevel=3)

@@ -74,12 +74,12 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from cluster_tracking.errors import warn
 from cluster_tracking.integrations._callback_core import (
     ModuleSelector,
     _CallbackCore,
     _CoreViews,
     _local_sink,
-    _warn,
     select_layers,
 )
 from cluster_tracking.tracking.sinks import Sink
@@ -195,7 +195,7 @@ class ClusterabilityTrainerCallback(_CoreViews, _TrainerCallback):
         """Check the layer selection (raises on a configuration error) and measure step 0."""
         model = kwargs.get("model")
         if model is None:
-            _warn(f"{type(self).__name__}: the Trainer passed no model; nothing is measured.")
+            warn(f"{type(self).__name__}: the Trainer passed no model; nothing is measured.")
             return
         self._core.begin(
             model,
@@ -250,7 +250,7 @@ def _run_sinks(args: TrainingArguments) -> list[Sink]:
 
         run = mlflow.active_run()
         if run is None:
-            _warn(
+            warn(
                 "ClusterabilityTrainerCallback: report_to has 'mlflow' but no MLflow run is "
                 "active; keep ClusterabilityTrainerCallback after MLflowCallback (pass it in "
                 "Trainer(callbacks=[...]) as usual). Clusterability is not logged to MLflow."
@@ -263,7 +263,7 @@ def _run_sinks(args: TrainingArguments) -> list[Sink]:
         from cluster_tracking.integrations.wandb import WandbSink
 
         if wandb.run is None:
-            _warn(
+            warn(
                 "ClusterabilityTrainerCallback: report_to has 'wandb' but there is no W&B run; "
                 "clusterability is not logged to W&B."
             )

@@ -85,7 +85,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from cluster_tracking.integrations.mlflow import _describe, _is_rank_zero, _warn
+from cluster_tracking.errors import describe, warn
+from cluster_tracking.integrations.mlflow import _is_rank_zero
 from cluster_tracking.report import ClusterabilityReport
 from cluster_tracking.tracking.sinks import (
     ARTIFACT_ROOT,
@@ -285,7 +286,7 @@ class WandbSink:
             return
         new = params.get(PROCEDURE_PARAM)
         if old is not None and new is not None and str(old) != str(new):
-            _warn(
+            warn(
                 f"W&B run {self.run_id} was already measured under clustering procedure "
                 f"{str(old)!r}; this tracker measures under {str(new)!r}: the run's n-cuts and "
                 "z-scores of the two are not comparable (log them to separate runs). Its config "
@@ -356,9 +357,9 @@ class WandbSink:
             delivered = self._drain()
             left = self.pending
             if not delivered or left:
-                _warn(
+                warn(
                     f"{left} clusterability item(s) could not be delivered to the W&B run "
-                    f"{self.run_id} ({_describe(self._offline_error)}); they are kept in "
+                    f"{self.run_id} ({describe(self._offline_error)}); they are kept in "
                     f"{self.spool.path}. Deliver them later to the resumed run with "
                     f"WandbSink(wandb.init(id={self.run_id!r}, resume='must'), spool_dir="
                     f"{str(self.spool.path.parent)!r}).close()."
@@ -430,23 +431,23 @@ class WandbSink:
                 break  # retrying cannot help
             except (TypeError, ValueError) as failure:  # W&B refuses this data: it never will
                 self._outbox.mark(dropped=key)
-                _warn(
+                warn(
                     f"W&B refused clusterability item {key} ({_what(entry)}): "
-                    f"{_describe(failure)}. It is kept in {self.spool.path}."
+                    f"{describe(failure)}. It is kept in {self.spool.path}."
                 )
                 return True
             except Exception as failure:
                 error = failure
         if self._offline_error is None:
             if isinstance(error, _RunFinished):
-                _warn(
+                warn(
                     f"the W&B run {self.run_id} was finished before the clusterability tracker "
                     f"was closed; {_what(entry)} and later items are kept in {self.spool.path}. "
                     "Call tracker.close() before run.finish()."
                 )
             else:
-                _warn(
-                    f"W&B failed to log to run {self.run_id} ({_describe(error)}); "
+                warn(
+                    f"W&B failed to log to run {self.run_id} ({describe(error)}); "
                     f"clusterability reports are spooled to {self.spool.path} and will be "
                     "delivered at the next report or at close(). Training goes on."
                 )

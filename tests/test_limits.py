@@ -225,8 +225,8 @@ def test_the_bounded_safetensors_path_checks_the_time_too(
     """A safetensors file large enough for the bounded reader gets the same time check."""
     from safetensors.torch import save_file
 
-    from cluster_tracking.audit.run import audit_source
     from cluster_tracking.audit import run as audit
+    from cluster_tracking.audit.run import audit_source
     from cluster_tracking.resources import limits
 
     path = tmp_path / "model.safetensors"

@@ -14,8 +14,8 @@ from torch import nn
 
 import cluster_tracking as ct
 from cluster_tracking.nulls.baselines import shuffle_weights
-from cluster_tracking.spectral.partition import laplacian_embedding, spectral_partitions
 from cluster_tracking.spectral import partition as spectral
+from cluster_tracking.spectral.partition import laplacian_embedding, spectral_partitions
 
 
 def _symmetric(n: int, edges: dict[tuple[int, int], float]) -> sp.csr_array:

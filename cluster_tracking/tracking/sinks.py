@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from cluster_tracking.errors import ClusterTrackingError
+from cluster_tracking.errors import ClusterTrackingError, SinkError  # noqa: F401 (SinkError: public here)
 from cluster_tracking.report import ClusterabilityReport
 
 #: Folder of every artifact the tracker logs, in every sink (public: dashboards rely on it).
@@ -37,10 +37,6 @@ ARTIFACT_ROOT = "clusterability"
 #: The metric logged with every measurement besides the report's own: how many due steps were
 #: skipped so far because measuring could not keep up (see the tracker's ``max_overhead``).
 SKIPPED_STEPS_METRIC = f"{ARTIFACT_ROOT}/skipped_steps"
-
-
-class SinkError(ClusterTrackingError):
-    """A sink cannot be set up: its platform package is missing or it has nowhere to log to."""
 
 
 def step_artifact_dir(step: int) -> str:

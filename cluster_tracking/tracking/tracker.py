@@ -60,7 +60,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 import weakref
 import zlib
 from collections import deque
@@ -74,7 +73,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cluster_tracking.errors import ConfigError, GraphError
+from cluster_tracking.errors import ClusterTrackingWarning, ConfigError, GraphError, warn
 from cluster_tracking.graph import WeightGraph, live_weights, weight_graph, weight_topology
 from cluster_tracking.graph.selection import parse_layers
 from cluster_tracking.nulls import baselines
@@ -113,10 +112,6 @@ LOG_BACKLOG_WITH_PLOTS = 8
 STEP_ARTIFACTS = ("report.json", "adjacency.png", "cluster_matrix.png", "composition.png")
 #: Summary artifact names written at ``close()`` (under ``clusterability/``).
 SUMMARY_ARTIFACTS = ("summary.json", "trajectory.png", "report.html")
-
-
-class ClusterTrackingWarning(UserWarning):
-    """Something went wrong in a hook (a measurement, a plot, a sink) and training went on."""
 
 
 @dataclass(eq=False)  # compared by identity (a waiting snapshot is replaced by identity)
@@ -578,7 +573,7 @@ class ClusterabilityTracker:
             try:
                 self._measure_final()
             except Exception as error:  # close() never raises
-                _warn(f"could not measure the final weights: {_describe(error)}.")
+                warn(f"could not measure the final weights: {_describe(error)}.")
         with self._lock:
             if self._closed:
                 return
@@ -586,7 +581,7 @@ class ClusterabilityTracker:
         try:
             self._close(timeout)
         except Exception as error:  # close() is called from training scripts' finally blocks
-            _warn(f"closing the clusterability tracker failed: {_describe(error)}.")
+            warn(f"closing the clusterability tracker failed: {_describe(error)}.")
 
     def __enter__(self) -> ClusterabilityTracker:
         return self
@@ -652,7 +647,7 @@ class ClusterabilityTracker:
         except (TypeError, ValueError):
             number = -1
         if isinstance(value, bool) or number < 0 or number != value:
-            _warn(f"{what}={value!r} is not an integer >= 0; the clusterability hook ignored it.")
+            warn(f"{what}={value!r} is not an integer >= 0; the clusterability hook ignored it.")
             return None
         return number
 
@@ -666,7 +661,7 @@ class ClusterabilityTracker:
         if self._closed:
             if not self._warned_closed:
                 self._warned_closed = True
-                _warn(f"the clusterability tracker is closed; step {step} was not measured.")
+                warn(f"the clusterability tracker is closed; step {step} was not measured.")
             return False
         if not self._is_rank_zero():
             return False
@@ -685,13 +680,13 @@ class ClusterabilityTracker:
                 self._failed.append(step)
                 self._finish_one()
             if not isinstance(error, GraphError):
-                _warn(
+                warn(
                     f"could not snapshot the model for clusterability at step {step}: "
                     f"{_describe(error)}. Training goes on; this step is not measured."
                 )
             elif not self._warned_untraceable:
                 self._warned_untraceable = True
-                _warn(
+                warn(
                     f"could not build the weight graph for clusterability at step {step}: "
                     f"{_describe(error)}. Training goes on; no due step of this model is "
                     "measured (warned once)."
@@ -725,7 +720,7 @@ class ClusterabilityTracker:
                 else f"max_overhead={self.max_overhead:g}: measuring takes at most "
                 f"{self.max_overhead:.0%} of the wall time"
             )
-            _warn(
+            warn(
                 f"clusterability cannot keep up with training ({budget}, "
                 f"every_n_steps={self.every_n_steps}, shuffles={self.shuffles}, "
                 f"plots={self.plots}): a newer due step replaced a waiting one "
@@ -803,7 +798,7 @@ class ClusterabilityTracker:
                     template = _structure_copy(module)
                 except Exception as error:
                     self._structure_copy_failed = True
-                    _warn(
+                    warn(
                         f"cannot copy the structure of {type(module).__name__} "
                         f"({_describe(error)}); clusterability is measured from its state_dict "
                         "instead."
@@ -871,7 +866,7 @@ class ClusterabilityTracker:
                     self._failed.append(item.step)
                     self._finish_one()
                 if not self._abandoned:
-                    _warn(
+                    warn(
                         f"clusterability measurement at step {item.step} failed: "
                         f"{_describe(error)}. Training goes on; this step is not logged."
                     )
@@ -902,7 +897,7 @@ class ClusterabilityTracker:
                 images = {}  # the sinks are behind: keep the working files small
                 if not self._warned_slow_sinks:
                     self._warned_slow_sinks = True
-                    _warn(
+                    warn(
                         f"the clusterability sinks are slower than the measurements "
                         f"({self._log_queue.qsize()} reports wait for them): the plots of "
                         f"steps measured while {LOG_BACKLOG_WITH_PLOTS} or more reports wait are "
@@ -976,7 +971,7 @@ class ClusterabilityTracker:
                 "measure", graph, snapshot.step, options, snapshot.plots, None, snapshot.weights
             )
         if plot_error:
-            _warn(f"clusterability plots at step {snapshot.step} failed: {plot_error}.")
+            warn(f"clusterability plots at step {snapshot.step} failed: {plot_error}.")
         report.config["tracker_seed"] = self.seed
         report.config["worker"] = "thread" if self._worker is None else "process"
         report.timings["graph"] = report.timings.get("graph", 0.0) + graph_seconds
@@ -1005,7 +1000,7 @@ class ClusterabilityTracker:
                 if self._worker is not None:
                     self._worker.stop()
                 self._worker = None
-                _warn(
+                warn(
                     f"the clusterability worker process failed ({_describe(error)}); measuring "
                     "in a background thread of the training process from now on, which slows a "
                     "Python-bound training loop while a measurement runs."
@@ -1065,7 +1060,7 @@ class ClusterabilityTracker:
                 "summary", reports, last_images, self.params, skipped, failed, self.plots
             )
             if plot_error:
-                _warn(f"clusterability summary plots failed: {plot_error}.")
+                warn(f"clusterability summary plots failed: {plot_error}.")
             assert self._workdir is not None
             folder = self._workdir / "summary"
             folder.mkdir(parents=True, exist_ok=True)
@@ -1075,7 +1070,7 @@ class ClusterabilityTracker:
                 artifacts[name] = folder / name
             self._log_queue.put(("summary", reports, artifacts))
         except Exception as error:
-            _warn(f"clusterability summary failed: {_describe(error)}.")
+            warn(f"clusterability summary failed: {_describe(error)}.")
 
     # ------------------------------------------------------------------------ logging thread
 
@@ -1104,7 +1099,7 @@ class ClusterabilityTracker:
             try:
                 getattr(sink, method)(*args)
             except Exception as error:
-                _warn(
+                warn(
                     f"{sink!r}.{method}{where} failed: {_describe(error)}. Training goes on; "
                     "the report stays in the tracker's other sinks."
                 )
@@ -1130,7 +1125,7 @@ class ClusterabilityTracker:
                 self._give_up(timeout)
             self._log_thread.join(remaining())
             if self._log_thread.is_alive():
-                _warn(
+                warn(
                     f"gave up waiting for the clusterability tracker's sinks after {timeout} s "
                     "(a sink is still busy with a report); the sinks were not closed."
                 )
@@ -1142,7 +1137,7 @@ class ClusterabilityTracker:
                 else:
                     sink.close()
             except Exception as error:
-                _warn(f"closing {sink!r} failed: {_describe(error)}.")
+                warn(f"closing {sink!r} failed: {_describe(error)}.")
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
         self._template = None
@@ -1160,7 +1155,7 @@ class ClusterabilityTracker:
         if worker is not None:
             worker.kill()
         self._log_queue.put(_STOP)  # after the reports already measured
-        _warn(
+        warn(
             f"gave up waiting for the clusterability tracker after {timeout} s: "
             f"{max(unmeasured, len(dropped))} due step(s) were not measured"
             f"{' (' + ', '.join(map(str, dropped)) + ' waiting)' if dropped else ''}; the worker "
@@ -1227,10 +1222,6 @@ def _trim_heap() -> None:
                 pass
     if _LIBC:
         _LIBC.malloc_trim(0)
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, ClusterTrackingWarning, stacklevel=3)
 
 
 __all__ = [
