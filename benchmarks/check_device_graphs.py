@@ -191,7 +191,7 @@ def audits() -> dict[str, Any]:
             torch.save(model.state_dict(), path)
             example = None if size is None else torch.zeros(1, 3, size, size)
             live = ct.measure(model, k=12, shuffles=4, seed=0, n_jobs=4, example_inputs=example)
-            command = [sys.executable, "-m", "cluster_tracking.cli.app", "audit", str(path)]
+            command = [sys.executable, "-m", "cluster_tracking", "audit", str(path)]
             options = ["--k", "12", "--shuffles", "4", "--seed", "0", "--jobs", "4", "--json"]
             shape = [] if size is None else ["--input-shape", f"3,{size},{size}"]
             done = subprocess.run(

@@ -53,7 +53,7 @@ def cli(
     """Run the installed ``cluster-tracking`` script (or the module when not installed)."""
     script = Path(sys.executable).with_name("cluster-tracking")
     found = str(script) if script.exists() else shutil.which("cluster-tracking")
-    command = [found] if found else [sys.executable, "-m", "cluster_tracking.cli.app"]
+    command = [found] if found else [sys.executable, "-m", "cluster_tracking"]
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "WANDB_"))}
     environment["COLUMNS"] = "150"
     environment.update(env or {})

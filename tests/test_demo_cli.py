@@ -19,7 +19,7 @@ def cli(*arguments: str, cwd: Path, timeout: float = 300) -> subprocess.Complete
     """Run the installed ``cluster-tracking`` script (or the module when not installed)."""
     script = Path(sys.executable).with_name("cluster-tracking")
     found = str(script) if script.exists() else shutil.which("cluster-tracking")
-    command = [found] if found else [sys.executable, "-m", "cluster_tracking.cli.app"]
+    command = [found] if found else [sys.executable, "-m", "cluster_tracking"]
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     env["COLUMNS"] = "120"
     return subprocess.run(

@@ -601,7 +601,7 @@ def _has_workers(pid: int) -> bool:
 
 def _command() -> list[str]:
     script = Path(sys.executable).with_name("cluster-tracking")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cluster_tracking.cli.app"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cluster_tracking"]
 
 
 def run_case(

@@ -29,7 +29,7 @@ from cluster_tracking.errors import SourceError
 from cluster_tracking.graph import WeightGraph, weight_graph
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "cluster_tracking.cli.app"]
+CLI = [sys.executable, "-m", "cluster_tracking"]
 
 
 def _bert() -> transformers.PreTrainedModel:
