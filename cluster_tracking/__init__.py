@@ -16,8 +16,6 @@ partition null networks start fast.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _version
 from typing import TYPE_CHECKING, Any
 
 from cluster_tracking.errors import ClusterTrackingError, ConfigError, GraphError, SourceError
@@ -31,6 +29,7 @@ from cluster_tracking.report import (
     Partition,
 )
 from cluster_tracking.spectral.partition import SpectralPartition, ncut, spectral_partition
+from cluster_tracking.version import __version__
 
 if TYPE_CHECKING:
     from cluster_tracking.graph import weight_graph
@@ -67,11 +66,6 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
-
-try:
-    __version__ = _version("cluster-tracking")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "METRIC_KEYS",
