@@ -1,15 +1,20 @@
-"""Griffe extension: a module attribute's ``#:`` comment is its docstring.
+"""Griffe extensions for the package's Sphinx-flavoured docstrings (loaded from ``mkdocs.yml``).
 
-The package documents its public constants the Sphinx way, with ``#:`` comment lines right above
-the assignment (``METRIC_KEYS`` in ``cluster_tracking/report.py``), which griffe does not read.
-This extension gives such an attribute, when it has no docstring of its own, the text of those
-comment lines, so the API reference shows it and ``tests/test_docs.py`` can require it. Loaded by
-mkdocstrings (``extensions:`` in ``mkdocs.yml``) and by the test.
+- :class:`CommentDocstrings`: the package documents its public constants the Sphinx way, with
+  ``#:`` comment lines right above the assignment (``METRIC_KEYS`` in
+  ``cluster_tracking/report.py``), which griffe does not read. An attribute with no docstring of
+  its own gets the text of those lines, so the API reference shows it and ``tests/test_docs.py``
+  can require it.
+- :class:`SphinxRoles`: docstrings cross-reference with Sphinx roles (``:class:`~a.b.C```,
+  ``:func:`a.b.f```), which Markdown would print verbatim. Each becomes a code span of the name
+  as Sphinx shows it (the last part after ``~``). Not a link: many targets are internal modules
+  the reference does not document, and a dangling link fails the strict build.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from typing import Any
 
 import griffe
@@ -41,3 +46,23 @@ class CommentDocstrings(griffe.Extension):
             attr.docstring = griffe.Docstring(
                 "\n".join(comment), lineno=index + 2, endlineno=attr.lineno - 1, parent=attr
             )
+
+
+ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|data|mod|exc|obj):`(~?)([^`]+)`")
+
+
+def _code_span(match: re.Match[str]) -> str:
+    target = match.group(2).strip()
+    if match.group(1):
+        target = target.rsplit(".", 1)[-1]
+    return f"`{target}`"
+
+
+class SphinxRoles(griffe.Extension):
+    """Turn Sphinx cross-reference roles in docstrings into Markdown code spans."""
+
+    def on_instance(
+        self, *, node: ast.AST | griffe.ObjectNode, obj: griffe.Object, agent: Any, **kwargs: Any
+    ) -> None:
+        if obj.docstring is not None and ":" in obj.docstring.value:
+            obj.docstring.value = ROLE.sub(_code_span, obj.docstring.value)
