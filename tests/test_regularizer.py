@@ -219,6 +219,33 @@ def test_every_n_steps_evaluates_every_nth_call_and_rescales() -> None:
     assert amortised.calls == 6
 
 
+class _WideResidual(nn.Module):
+    """A residual MLP of width 150 in float32: its eigensolve stalls at float32 round-off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(150, 150), nn.Linear(150, 150), nn.Linear(150, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x))
+        h = h + F.relu(self.b(h))
+        return self.c(h)
+
+
+@pytest.mark.parametrize("solver", ["iterative", "tracking"])
+def test_a_solve_stalled_above_tol_warns_from_the_line_that_called_the_regulariser(
+    solver: str,
+) -> None:
+    """The penalty is then approximate: a RuntimeWarning says so, pointing at the user's call
+    (not at the solver's internals), and ``last_residual`` shows how far above tol it stopped."""
+    torch.manual_seed(0)
+    reg = SpectralRegularizer(_WideResidual(), k=6, solver=solver, tol=1e-9)  # type: ignore[arg-type]
+    with pytest.warns(RuntimeWarning, match=f"the {solver} eigensolver stopped") as caught:
+        reg()
+    assert [warning.filename for warning in caught] == [__file__]
+    assert reg.last_residual is not None and reg.last_residual > 1e-6
+
+
 def test_iterative_solver_warm_starts_from_the_last_eigenvectors() -> None:
     model = _mlp(48, 64, 64, 10)
     reg = SpectralRegularizer(model, k=6, solver="iterative")
