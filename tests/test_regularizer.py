@@ -110,6 +110,31 @@ def test_penalty_is_weight_over_k_times_the_k_smallest_nontrivial_eigenvalues(
     assert penalty.requires_grad and penalty.ndim == 0
 
 
+@pytest.mark.parametrize("solver", ["dense", "iterative"])
+@pytest.mark.parametrize(
+    ("affine", "running_stats"), [(True, True), (True, False), (False, True), (False, False)]
+)
+def test_batchnorm_folds_as_the_weight_graph_folds_it(
+    affine: bool, running_stats: bool, solver: str
+) -> None:
+    """The regulariser's live BatchNorm fold (torch, differentiable in gamma) gives the graph's
+    ``|gamma| / sqrt(running_var + eps)``, ``|gamma|`` without running statistics and 1 without
+    affine parameters: the same eigenvalues as ``weight_graph``."""
+    torch.manual_seed(2)
+    batchnorm = nn.BatchNorm1d(12, affine=affine, track_running_stats=running_stats)
+    model = nn.Sequential(nn.Linear(10, 12), batchnorm, nn.ReLU(), nn.Linear(12, 6)).double()
+    with torch.no_grad():
+        if affine:
+            batchnorm.weight.uniform_(-1.5, 1.5)
+        if running_stats:
+            batchnorm.running_var.uniform_(0.2, 3.0)
+    reg = SpectralRegularizer(model, k=3, solver=solver)  # type: ignore[arg-type]
+    graph = weight_graph(model)
+    assert graph.blocks[0].batchnorm == "1"
+    expected = laplacian_eigenvalues(graph, 4, seed=0)[1:]
+    np.testing.assert_allclose(reg.eigenvalues(), expected, rtol=1e-7, atol=1e-9)
+
+
 # --- exact gradients -------------------------------------------------------------------------
 
 

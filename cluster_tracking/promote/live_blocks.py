@@ -50,7 +50,7 @@ class LiveBlock:
         block = self.block
         weight = self.weight.to(compute_dtype(self.weight))
         if self.batchnorm is not None:
-            scale = _batchnorm_scale(self.batchnorm, weight.dtype)
+            scale = _batchnorm_scale(self.batchnorm, weight)
             weight = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
         n_out, n_in = len(block.dst), len(block.src)
         if block.kind == "linear":
@@ -120,17 +120,19 @@ def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def _batchnorm_scale(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """``|gamma| / sqrt(running_var + eps)`` per channel (``|gamma|`` without running stats)."""
-    gamma: torch.Tensor | None = module.weight if isinstance(module.weight, torch.Tensor) else None
+def _batchnorm_scale(module: nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """The fold of :func:`cluster_tracking.graph.weights.batchnorm_scale`, in torch and
+    differentiable in ``gamma``, in ``like``'s dtype and on its device:
+    ``|gamma| / sqrt(running_var + eps)`` per channel, ``|gamma|`` without running statistics,
+    and ``gamma = 1`` without affine parameters (as the graph folds it)."""
+    gamma = module.weight if isinstance(module.weight, torch.Tensor) else None
     running_var = module.running_var
     if gamma is not None:
-        scale = gamma.to(dtype).abs()
+        scale = gamma.to(like.dtype).abs()
     else:
-        assert isinstance(running_var, torch.Tensor)  # a BatchNorm has gamma or running stats
-        scale = torch.ones(running_var.shape, dtype=dtype, device=running_var.device)
+        scale = torch.ones(int(module.num_features), dtype=like.dtype, device=like.device)  # type: ignore[arg-type]
     if isinstance(running_var, torch.Tensor):
-        scale = scale / torch.sqrt(running_var.to(dtype) + float(module.eps))  # type: ignore[arg-type]
+        scale = scale / torch.sqrt(running_var.to(like.dtype) + float(module.eps))  # type: ignore[arg-type]
     return scale
 
 
