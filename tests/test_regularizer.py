@@ -110,6 +110,31 @@ def test_penalty_is_weight_over_k_times_the_k_smallest_nontrivial_eigenvalues(
     assert penalty.requires_grad and penalty.ndim == 0
 
 
+@pytest.mark.parametrize("solver", ["dense", "iterative"])
+@pytest.mark.parametrize(
+    ("affine", "running_stats"), [(True, True), (True, False), (False, True), (False, False)]
+)
+def test_batchnorm_folds_as_the_weight_graph_folds_it(
+    affine: bool, running_stats: bool, solver: str
+) -> None:
+    """The regulariser's live BatchNorm fold (torch, differentiable in gamma) gives the graph's
+    ``|gamma| / sqrt(running_var + eps)``, ``|gamma|`` without running statistics and 1 without
+    affine parameters: the same eigenvalues as ``weight_graph``."""
+    torch.manual_seed(2)
+    batchnorm = nn.BatchNorm1d(12, affine=affine, track_running_stats=running_stats)
+    model = nn.Sequential(nn.Linear(10, 12), batchnorm, nn.ReLU(), nn.Linear(12, 6)).double()
+    with torch.no_grad():
+        if affine:
+            batchnorm.weight.uniform_(-1.5, 1.5)
+        if running_stats:
+            batchnorm.running_var.uniform_(0.2, 3.0)
+    reg = SpectralRegularizer(model, k=3, solver=solver)  # type: ignore[arg-type]
+    graph = weight_graph(model)
+    assert graph.blocks[0].batchnorm == "1"
+    expected = laplacian_eigenvalues(graph, 4, seed=0)[1:]
+    np.testing.assert_allclose(reg.eigenvalues(), expected, rtol=1e-7, atol=1e-9)
+
+
 # --- exact gradients -------------------------------------------------------------------------
 
 
@@ -217,6 +242,33 @@ def test_every_n_steps_evaluates_every_nth_call_and_rescales() -> None:
     assert float(plain().detach()) == pytest.approx(value)
     assert float(plain()) == 0.0
     assert amortised.calls == 6
+
+
+class _WideResidual(nn.Module):
+    """A residual MLP of width 150 in float32: its eigensolve stalls at float32 round-off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(150, 150), nn.Linear(150, 150), nn.Linear(150, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x))
+        h = h + F.relu(self.b(h))
+        return self.c(h)
+
+
+@pytest.mark.parametrize("solver", ["iterative", "tracking"])
+def test_a_solve_stalled_above_tol_warns_from_the_line_that_called_the_regulariser(
+    solver: str,
+) -> None:
+    """The penalty is then approximate: a RuntimeWarning says so, pointing at the user's call
+    (not at the solver's internals), and ``last_residual`` shows how far above tol it stopped."""
+    torch.manual_seed(0)
+    reg = SpectralRegularizer(_WideResidual(), k=6, solver=solver, tol=1e-9)  # type: ignore[arg-type]
+    with pytest.warns(RuntimeWarning, match=f"the {solver} eigensolver stopped") as caught:
+        reg()
+    assert [warning.filename for warning in caught] == [__file__]
+    assert reg.last_residual is not None and reg.last_residual > 1e-6
 
 
 def test_iterative_solver_warm_starts_from_the_last_eigenvectors() -> None:

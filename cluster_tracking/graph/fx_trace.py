@@ -21,8 +21,9 @@ from cluster_tracking.graph.build import _OTHER, LAYERS_HINT, _BlockSpec, _Build
 from cluster_tracking.graph.weights import batchnorm_scale, fetch_attr, weight_array
 
 
-def _module_types(*names: str) -> tuple[type, ...]:
-    """The ``torch.nn`` classes of these names that this torch version has."""
+def module_types(*names: str) -> tuple[type, ...]:
+    """The ``torch.nn`` classes of these names that this torch version has (for module tables
+    that list classes some torch versions lack, e.g. ``RMSNorm``, ``CircularPad1d``)."""
     return tuple(getattr(nn, name) for name in names if hasattr(nn, name))
 
 
@@ -30,7 +31,7 @@ CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # Modules that keep units apart: elementwise maps, per-channel scalings and normalisations,
 # pooling, padding and resampling of the spatial dims.
-_PASS_THROUGH_MODULES = _module_types(
+_PASS_THROUGH_MODULES = module_types(
     *"ReLU ReLU6 LeakyReLU PReLU RReLU ELU SELU CELU GELU SiLU Mish Sigmoid Tanh Hardtanh".split(),
     *"Hardswish Hardsigmoid Softplus Softsign Softshrink Hardshrink Tanhshrink Threshold".split(),
     *"LogSigmoid Softmax LogSoftmax Softmin Softmax2d Identity Dropout Dropout1d Dropout2d".split(),
@@ -168,7 +169,7 @@ class FxWalker:
     def _op(
         self, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], feats: list[_Feat]
     ) -> Any:
-        name = _op_name(node)
+        name = op_name(node)
         desc = _describe(node, name)
         first = args[0] if args and isinstance(args[0], _Feat) else kwargs.get("input")
         if name in _NOT_FEATURES:
@@ -262,7 +263,9 @@ def _feats_in(value: Any) -> Iterable[_Feat]:
         yield from _feats_in((value.start, value.stop, value.step))
 
 
-def _op_name(node: fx.Node) -> str:
+def op_name(node: fx.Node) -> str:
+    """The name of what an fx node calls: the method name for ``call_method``, else the
+    function's ``__name__`` (``"relu"``, ``"add"``, ``"flatten"``) or the target as a string."""
     if node.op == "call_method":
         return str(node.target)
     return str(getattr(node.target, "__name__", node.target))

@@ -24,21 +24,21 @@ import torch
 from torch import fx, nn
 
 from cluster_tracking.errors import ConfigError, GraphError
+from cluster_tracking.graph.fx_trace import CONV_MODULES, module_types, op_name
 from cluster_tracking.graph.weights import unwrap_module
 
-_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_WEIGHT_LAYERS = (nn.Linear, *CONV_MODULES)
+# The weight graph also folds SyncBatchNorm (graph.fx_trace.BATCHNORM_MODULES); the normaliser
+# has only ever rescaled through these three.
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _WeightLayer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
-_Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 _BatchNorm = nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d
 
-
-def _module_types(*names: str) -> tuple[type, ...]:
-    return tuple(getattr(nn, name) for name in names if hasattr(nn, name))
-
-
-# Maps with f(c z) = c f(z) for c > 0 that keep units apart (ReLU-like, pooling, dropout, flatten)
-_HOMOGENEOUS_MODULES = _module_types(
+# Maps with f(c z) = c f(z) for c > 0 that keep units apart (ReLU-like, pooling, dropout, flatten):
+# a subset of the weight graph's pass-through tables (graph.fx_trace), which also pass maps that
+# keep units apart without being homogeneous (tanh, GELU, normalisations), so rescaling before
+# them would change the network's function.
+_HOMOGENEOUS_MODULES = module_types(
     *"ReLU LeakyReLU PReLU Identity Dropout Dropout1d Dropout2d Dropout3d Flatten".split(),
     *"MaxPool1d MaxPool2d MaxPool3d AvgPool1d AvgPool2d AvgPool3d".split(),
     *"AdaptiveAvgPool1d AdaptiveAvgPool2d AdaptiveAvgPool3d".split(),
@@ -329,7 +329,7 @@ def _chain_steps(model: nn.Module) -> list[_Step]:
             continue
         if not inputs:
             continue  # a constant or a shape computation
-        name = _step_name(node)
+        name = op_name(node)
         if name in _NOT_FEATURES or (name == "getattr" and node.args[1:2] == ("shape",)):
             continue  # x.size(0), x.shape: metadata, not a feature tensor
         if inputs != [head]:
@@ -359,14 +359,10 @@ def _classify(model: nn.Module, node: fx.Node, name: str) -> _Step:
     return _Step("other", _describe(node))
 
 
-def _step_name(node: fx.Node) -> str:
-    if node.op == "call_method":
-        return str(node.target)
-    return str(getattr(node.target, "__name__", node.target))
-
-
 def _describe(node: fx.Node) -> str:
+    """How the normaliser's messages name a node (shorter than the weight graph's description,
+    which adds the function's module and the enclosing submodule)."""
     if node.op == "call_module":
         return f"module {str(node.target)!r}"
     kind = "tensor method" if node.op == "call_method" else "function"
-    return f"{kind} {_step_name(node)} (fx node {node.name!r})"
+    return f"{kind} {op_name(node)} (fx node {node.name!r})"
