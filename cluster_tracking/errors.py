@@ -3,6 +3,10 @@
 Every error a user can cause (a model the graph cannot follow, a bad ``k``, a missing checkpoint)
 is a :class:`ClusterTrackingError` whose message says what was wrong and what to do about it. The
 CLI turns these into one red line and a non-zero exit code; hooks turn them into warnings.
+
+:data:`EXIT_STATUSES` is the one table of the CLI's exit codes (code, name, meaning, the error
+classes that exit with it): :func:`exit_code`, the commands' ``--help`` and the docs' table
+(:func:`exit_codes_markdown`) are generated from it.
 """
 
 from __future__ import annotations

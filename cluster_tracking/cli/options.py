@@ -55,6 +55,7 @@ class Backend(str, Enum):
     dask = "dask"
 
 
+# The panels of --help the options are grouped in.
 _MEASURE = "Measurement"
 _SOURCE = "Reading sources"
 _OUTPUT = "Output"
