@@ -32,9 +32,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cluster_tracking import measure
-from cluster_tracking.audit.run import EXIT_CODES, AuditSettings, exit_code, parse_k, parse_layers
+from cluster_tracking.audit.run import AuditSettings, exit_code, parse_k, parse_layers
 from cluster_tracking.audit.sources import PlatformError
-from cluster_tracking.errors import ConfigError, GraphError, SourceError
+from cluster_tracking.errors import EXIT_CODES, ConfigError, GraphError, SourceError
 from cluster_tracking.report import METRIC_KEYS, ClusterabilityReport
 from cluster_tracking.tracking.sinks import SinkError
 
@@ -433,7 +433,8 @@ def test_closed_option_values_are_listed_in_help_and_match_the_package() -> None
     from typer.testing import CliRunner
 
     from cluster_tracking.audit.run import _BACKENDS
-    from cluster_tracking.cli.app import Backend, Norm, NullMethod, Preset, app
+    from cluster_tracking.cli.app import app
+    from cluster_tracking.cli.options import Backend, Norm, NullMethod, Preset
     from cluster_tracking.nulls.baselines import NULL_METHODS, PRESETS
 
     assert tuple(m.value for m in NullMethod) == NULL_METHODS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -124,3 +125,105 @@ def test_a_bad_setting_is_one_red_line_and_exit_code_2(tmp_path: Path) -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "shuffles=1" in lines[0]
     assert not (tmp_path / "mlflow.db").exists(), "settings are checked before MLflow is touched"
+
+
+def _unwrapped(text: str) -> str:
+    """A help page without Rich's wrapping and box lines: one space between words."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+def test_exit_codes_in_help_and_docs_come_from_the_one_table() -> None:
+    from typer.testing import CliRunner
+
+    from cluster_tracking import errors
+    from cluster_tracking.cli.app import app
+
+    runner = CliRunner()
+    top = _unwrapped(runner.invoke(app, ["--help"], env={"COLUMNS": "150"}).output)
+    audit = _unwrapped(runner.invoke(app, ["audit", "--help"], env={"COLUMNS": "150"}).output)
+    markdown = errors.exit_codes_markdown().splitlines()
+    assert len(markdown) == 2 + len(errors.EXIT_STATUSES)
+    for status in errors.EXIT_STATUSES:
+        assert getattr(errors, status.name) == status.code  # the constants are the table's
+        assert errors.EXIT_CODES[status.code] == status.meaning
+        assert f"{status.code} {status.summary}" in top, status
+        assert " ".join(status.details.split()) in top, status
+        assert f"{status.code} {status.summary}" in audit, status
+        assert f"| {status.code} | `{status.name}` | {status.meaning} |" in markdown
+
+
+def test_exit_code_is_that_of_the_nearest_error_class_in_the_table() -> None:
+    from cluster_tracking.errors import (
+        ConfigError,
+        GraphError,
+        LimitError,
+        PlatformError,
+        SinkError,
+        SourceError,
+        exit_code,
+    )
+
+    class ModelValueError(GraphError, ValueError):
+        pass
+
+    class SlowSinkError(SinkError):
+        pass
+
+    cases = [
+        (LimitError("too big"), 3),  # a SourceError: the source's code, not the generic 2
+        (PlatformError("down"), 5),  # a SourceError too, but the platform's class is nearer
+        (ModelValueError("odd"), 4),
+        (SlowSinkError("no mlflow"), 5),
+        (ConfigError("bad k"), 2),
+        (SourceError("missing"), 3),
+        (RuntimeError("a bug"), 1),
+        (KeyboardInterrupt(), 1),  # signals are the guard's, not the table's classes
+    ]
+    for error, code in cases:
+        assert exit_code(error) == code, error
+
+
+# A command body under the guard, run as the CLI runs it (typer.Exit becomes the exit status).
+GUARDED = """
+import os, signal, sys
+import typer
+from cluster_tracking.cli.guard import cli_errors
+from cluster_tracking.errors import ConfigError
+
+kind = sys.argv[1]
+try:
+    with cli_errors():
+        if kind == "config":
+            raise ConfigError("k must be at least 2,\\n got 1.")
+        if kind == "bug":
+            raise RuntimeError("first line\\nsecond line")
+        if kind == "interrupt":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.pause()
+except typer.Exit as done:
+    sys.exit(done.exit_code)
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "code", "line"),
+    [
+        ("config", 2, "error: k must be at least 2, got 1."),
+        ("bug", 1, "error: unexpected RuntimeError: first line (a bug; please report it"),
+        ("interrupt", 130, "error: interrupted."),
+        ("sigterm", 143, "error: terminated."),
+    ],
+)
+def test_the_guard_makes_every_error_one_line_and_its_exit_code(
+    tmp_path: Path, kind: str, code: int, line: str
+) -> None:
+    script = tmp_path / "guarded.py"
+    script.write_text(GUARDED)
+    env = {key: value for key, value in os.environ.items() if key != "CLUSTER_TRACKING_TRACEBACK"}
+    result = subprocess.run(
+        [sys.executable, str(script), kind], env=env, capture_output=True, text=True, timeout=60
+    )
+    lines = [text for text in result.stderr.splitlines() if text.strip()]
+    assert result.returncode == code, result.stderr
+    assert len(lines) == 1 and lines[0].startswith(line), result.stderr

@@ -50,7 +50,7 @@ from _hostile import (
 from _servers import free_port
 from torch import nn
 
-from cluster_tracking.audit.run import EXIT_CODES
+from cluster_tracking.errors import EXIT_CODES
 
 #: Address space each CLI process may map: a reader that trusts a declared size dies here.
 MEMORY_CEILING = 3 * 2**30

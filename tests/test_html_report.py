@@ -221,3 +221,20 @@ def test_report_html_renders_in_chromium_without_errors(
     kept = os.environ.get("CLUSTER_TRACKING_SCREENSHOT_DIR")
     if kept:  # to look at the rendering: CLUSTER_TRACKING_SCREENSHOT_DIR=/tmp pytest ...
         shutil.copy(screenshot, Path(kept) / "report-html-screenshot.png")
+
+
+def test_the_plots_and_the_html_report_import_no_torch() -> None:
+    """The tracker's torch-free child draws the plots and writes report.html: neither may load
+    torch (the graph's types come from the torch-free graph/types.py)."""
+    import sys
+
+    code = (
+        "import sys\n"
+        "import cluster_tracking.viz.plots, cluster_tracking.viz.html_report\n"
+        "loaded = sorted(name for name in sys.modules if name.split('.')[0] == 'torch')\n"
+        "assert not loaded, loaded[:5]\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr

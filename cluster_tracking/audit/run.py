@@ -1337,13 +1337,13 @@ def _escape(text: str) -> str:
 
 
 def _stdout() -> Any:
-    from cluster_tracking.cli.app import console
+    from cluster_tracking.cli.console import console
 
     return console()
 
 
 def _stderr() -> Any:
-    from cluster_tracking.cli.app import console
+    from cluster_tracking.cli.console import console
 
     return console(stderr=True)
 

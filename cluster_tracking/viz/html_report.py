@@ -75,9 +75,32 @@ def render_html(
     ordered = sorted(reports, key=lambda r: (r.step is None, r.step if r.step is not None else 0))
     images = dict(images or {})
     last = ordered[-1] if ordered else None
+    parts = _head(title, last)
+    parts.append("<p>No step was measured.</p>" if last is None else _verdict(last))
+    if "trajectory" in images:
+        parts.append(
+            _figure(
+                "trajectory",
+                images["trajectory"],
+                "n-cut against training step; grey band: null model mean ± one standard deviation; "
+                "red ticks: skipped steps (due, not measured).",
+            )
+        )
+    parts += _steps_section(ordered, skipped_steps, failed_steps)
+    if last is not None:
+        parts += _clusters_section(last, images)
+    if params:
+        parts.append("<h2>Settings</h2>")
+        parts.append(_params_table(params))
+    parts += ["</body>", "</html>", ""]
+    return "\n".join(parts)
+
+
+def _head(title: str, last: ClusterabilityReport | None) -> list[str]:
+    """The page up to its first section: the HTML head, the title and who generated it when."""
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     version = last.versions.get("cluster_tracking", "") if last else ""
-    parts = [
+    return [
         "<!DOCTYPE html>",
         '<html lang="en">',
         "<head>",
@@ -92,21 +115,16 @@ def render_html(
         "Clusterability as in Filan et al. (2021), arXiv:2103.03386: the n-cut of a spectral "
         "partition of the weight graph, compared with weight-shuffled networks.</p>",
     ]
-    if last is None:
-        parts.append("<p>No step was measured.</p>")
-    else:
-        parts.append(_verdict(last))
-    if "trajectory" in images:
-        parts.append(
-            _figure(
-                "trajectory",
-                images["trajectory"],
-                "n-cut against training step; grey band: null model mean ± one standard deviation; "
-                "red ticks: skipped steps (due, not measured).",
-            )
-        )
-    parts.append("<h2>Measured steps</h2>")
-    parts.append(_steps_table(ordered, skipped_steps, failed_steps))
+
+
+def _steps_section(
+    ordered: Sequence[ClusterabilityReport],
+    skipped_steps: Sequence[int],
+    failed_steps: Sequence[int],
+) -> list[str]:
+    """The measured steps: their table, the p-value floor note, and the skipped and failed
+    steps."""
+    parts = ["<h2>Measured steps</h2>", _steps_table(ordered, skipped_steps, failed_steps)]
     if any(r.baseline is not None and p_at_floor(r.baseline) for r in ordered):
         parts.append(f'<p id="p-floor">{_e(P_FLOOR_NOTE)}</p>')
     if skipped_steps:
@@ -118,37 +136,24 @@ def render_html(
     if failed_steps:
         listed = ", ".join(str(int(s)) for s in failed_steps)
         parts.append(f'<p id="failed">Failed steps (see the run\'s warnings): {_e(listed)}</p>')
-    if last is not None:
-        step = f"step {last.step}" if last.step is not None else "the last report"
-        parts.append(f"<h2>Clusters at {_e(step)}</h2>")
-        parts.append(_clusters_table(last))
-        if "cluster_matrix" in images:
-            parts.append(
-                _figure(
-                    "cluster_matrix",
-                    images["cluster_matrix"],
-                    "Edge weight between clusters, each row divided by its cluster's volume: "
-                    "the diagonal is the share that stays inside the cluster (a bright diagonal: "
-                    "modular), the rest of a row sums to the cluster's cut / volume.",
-                )
-            )
-        if "adjacency" in images:
-            parts.append(
-                _figure(
-                    "adjacency",
-                    images["adjacency"],
-                    "Adjacency matrix of the weight graph, nodes sorted by cluster.",
-                )
-            )
-        if "composition" in images:
-            parts.append(
-                _figure("composition", images["composition"], "Neurons of each layer by cluster.")
-            )
-    if params:
-        parts.append("<h2>Settings</h2>")
-        parts.append(_params_table(params))
-    parts += ["</body>", "</html>", ""]
-    return "\n".join(parts)
+    return parts
+
+
+def _clusters_section(last: ClusterabilityReport, images: Mapping[str, bytes]) -> list[str]:
+    """The clusters of the last measured step: their table and the figures of its partition."""
+    step = f"step {last.step}" if last.step is not None else "the last report"
+    parts = [f"<h2>Clusters at {_e(step)}</h2>", _clusters_table(last)]
+    captions = {
+        "cluster_matrix": "Edge weight between clusters, each row divided by its cluster's volume: "
+        "the diagonal is the share that stays inside the cluster (a bright diagonal: "
+        "modular), the rest of a row sums to the cluster's cut / volume.",
+        "adjacency": "Adjacency matrix of the weight graph, nodes sorted by cluster.",
+        "composition": "Neurons of each layer by cluster.",
+    }
+    for name, caption in captions.items():
+        if name in images:
+            parts.append(_figure(name, images[name], caption))
+    return parts
 
 
 def write_html(

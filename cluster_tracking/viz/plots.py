@@ -33,7 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Colormap, LogNorm
 from matplotlib.figure import Figure
 
-from cluster_tracking.graph import WeightGraph
+from cluster_tracking.graph.types import WeightGraph
 from cluster_tracking.report import ClusterabilityReport
 
 #: Largest side, in matrix cells, of the adjacency heat map (bigger graphs are block-averaged).
