@@ -30,7 +30,8 @@ from cluster_tracking.report import (
     ClusterSummary,
     Partition,
 )
-from cluster_tracking.spectral.partition import SpectralPartition, ncut, spectral_partition
+from cluster_tracking.spectral.cuts import ncut
+from cluster_tracking.spectral.partition import SpectralPartition, spectral_partition
 
 if TYPE_CHECKING:
     from cluster_tracking.graph import weight_graph

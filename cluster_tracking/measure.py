@@ -44,13 +44,13 @@ from cluster_tracking.report import (
     Partition,
     ave_in_out,
 )
+from cluster_tracking.spectral.cuts import cluster_cuts
 from cluster_tracking.spectral.partition import (
     CLUSTERING_PROCEDURES,
     DEFAULT_N_INIT,
     SpectralPartition,
     StageCallback,
     child_seed,
-    cluster_cuts,
     filan2021_n_init,
     laplacian_eigenvalues,
     spectral_partitions,

@@ -46,7 +46,7 @@ from cluster_tracking.graph.selection import list_names, parse_layers, select_la
 from cluster_tracking.graph.types import EdgeBlock, Preset, WeightGraph
 
 if TYPE_CHECKING:
-    from cluster_tracking.spectral.partition import _RemoteBlocks
+    from cluster_tracking.graph.remote import RemoteBlocks
 
 # (The chain builder and the weight readers import torch: they are imported where a graph is
 # built, so that Dask workers, which only map weight blocks, start without it.)
@@ -199,7 +199,7 @@ class SafetensorsGraph(WeightGraph):
     """
 
     source: MappedSource | None = field(default=None, compare=False, repr=False)
-    remote: _RemoteBlocks | None = field(default=None, compare=False, repr=False)
+    remote: RemoteBlocks | None = field(default=None, compare=False, repr=False)
 
     @property
     def degrees(self) -> np.ndarray:
@@ -358,7 +358,7 @@ def _finish_chain(entries: list[Any], layers: Any, preset: Preset, path: Path) -
 
 
 def _as_safetensors_graph(
-    graph: WeightGraph, source: MappedSource | None, remote: _RemoteBlocks | None
+    graph: WeightGraph, source: MappedSource | None, remote: RemoteBlocks | None
 ) -> SafetensorsGraph:
     values = {f.name: getattr(graph, f.name) for f in fields(WeightGraph)}
     return SafetensorsGraph(**values, source=source, remote=remote)
@@ -377,13 +377,14 @@ def _remote_graph(
     """The graph of ``plan`` with its weight blocks mapped and kept by the workers of a Dask
     cluster (see :func:`safetensors_graph`)."""
     from cluster_tracking.graph.chain import _ChainEntry
+    from cluster_tracking.graph.remote import RemoteBlocks
+    from cluster_tracking.parallel.dask import dask_client, running_workers
     from cluster_tracking.resources.estimate import (
         check_fits,
         check_workers_fit,
         estimate_peak,
         estimate_worker_blocks,
     )
-    from cluster_tracking.spectral.partition import _dask_client, _RemoteBlocks, _running_workers
 
     if preset == "filan2021":
         raise ConfigError(
@@ -419,12 +420,12 @@ def _remote_graph(
     )
     nodes = chain.n_nodes
     block_entries = [int(np.prod(t.shape, dtype=np.int64)) for t in source.tensors]
-    client, owned = _dask_client(scheduler)
+    client, owned = dask_client(scheduler)
     try:
         estimate = estimate_peak(nodes, 0, k=k, bipartite=True)
         what = f"{path} (this process; the weights on the Dask workers)"
         check_fits(estimate, what, max_memory, dask=False)
-        workers = _running_workers(client)
+        workers = running_workers(client)
         assignment = _assign_blocks(block_entries, sorted(workers))
         check_workers_fit(
             {
@@ -436,7 +437,7 @@ def _remote_graph(
             },
             str(path),
         )
-        remote = _RemoteBlocks(
+        remote = RemoteBlocks(
             client,
             owned,
             source,

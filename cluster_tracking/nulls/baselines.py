@@ -483,8 +483,8 @@ def mapped_null_ncuts(
         GraphError: a worker's memory limit is below the estimated peak of a task.
     """
     from cluster_tracking.graph.lazy import forget_mapped
+    from cluster_tracking.parallel.dask import dask_client, running_workers
     from cluster_tracking.resources.estimate import check_workers_fit, estimate_null_task
-    from cluster_tracking.spectral.partition import _dask_client, _running_workers
 
     source = getattr(graph, "source", None)
     if source is None:
@@ -505,9 +505,9 @@ def mapped_null_ncuts(
                 "null networks on Dask need a scheduler: pass scheduler='tcp://HOST:PORT' (or "
                 "run inside a dask.distributed Client)."
             ) from error
-    client, owned = _dask_client(scheduler)
+    client, owned = dask_client(scheduler)
     try:
-        workers = _running_workers(client)
+        workers = running_workers(client)
         edges = sum(int(np.prod(tensor.shape, dtype=np.int64)) for tensor in source.tensors)
         held = remote.held if remote is not None and not remote.closed else {}
         check_workers_fit(
