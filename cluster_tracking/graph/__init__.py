@@ -11,6 +11,12 @@ Filan et al. (2021), section 2. One idea per module:
   (transformers, channels-last blocks, reshapes that move the channel axis);
 - :mod:`~cluster_tracking.graph.chain`: chains of named layers and bare state_dicts;
 - :mod:`~cluster_tracking.graph.weights`: reading weights (and reading them again at later steps);
+- :mod:`~cluster_tracking.graph.edges`: the graph as edge pieces, its block-by-block linear
+  algebra (products, degrees, within-cluster weights), numpy and scipy only;
+- :mod:`~cluster_tracking.graph.lazy`: a chain of layers read from a safetensors file in bounded
+  memory; :mod:`~cluster_tracking.graph.mapped` reads its weights through a memory map (what a Dask
+  worker imports, no torch); :mod:`~cluster_tracking.graph.remote` and
+  :mod:`~cluster_tracking.graph.remote_graph` keep its weight blocks on a Dask cluster;
 - :mod:`~cluster_tracking.graph.api`: :func:`weight_graph`, which picks the route.
 
 The torch-free types are imported here directly; the rest on first use.

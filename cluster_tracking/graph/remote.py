@@ -68,7 +68,7 @@ class RemotePiece:
 
 class _BlockHolder:
     """On a Dask worker (a Dask actor): some weight blocks of a graph, mapped from the shared
-    file by :func:`~cluster_tracking.graph.lazy.map_block_weights`, and the products the
+    file by :func:`~cluster_tracking.graph.mapped.map_block_weights`, and the products the
     eigensolver and the n-cut ask of them (numpy and scipy only: no torch on the worker)."""
 
     def __init__(self) -> None:
@@ -79,7 +79,7 @@ class _BlockHolder:
         self, source: Any, skeleton: dict[int, EdgeBlock]
     ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Map the blocks ``skeleton`` names; their row and column sums (float64)."""
-        from cluster_tracking.graph.lazy import map_block_weights
+        from cluster_tracking.graph.mapped import map_block_weights
 
         indices = sorted(skeleton)
         sums = {}

@@ -482,7 +482,7 @@ def mapped_null_ncuts(
         ConfigError: no Dask, no scheduler, or a graph that does not know its file.
         GraphError: a worker's memory limit is below the estimated peak of a task.
     """
-    from cluster_tracking.graph.lazy import forget_mapped
+    from cluster_tracking.graph.mapped import forget_mapped
     from cluster_tracking.parallel.dask import dask_client, running_workers
     from cluster_tracking.resources.estimate import check_workers_fit, estimate_null_task
 
@@ -571,10 +571,10 @@ def _mapped_null_task(
     preset: str,
 ) -> list[np.ndarray]:
     """On a Dask worker: :func:`shuffled_ncuts` of the null networks ``indices`` on the blocks
-    mapped from the file (:func:`~cluster_tracking.graph.lazy.mapped_blocks`)."""
+    mapped from the file (:func:`~cluster_tracking.graph.mapped.mapped_blocks`)."""
     from threadpoolctl import threadpool_limits
 
-    from cluster_tracking.graph.lazy import mapped_blocks
+    from cluster_tracking.graph.mapped import mapped_blocks
 
     source, skeleton, n_nodes, node_layer = shared
     blocks = mapped_blocks(source, skeleton)
