@@ -30,12 +30,12 @@ from cluster_tracking.graph.chain import (
     _state_dict_entries,
     _unwrap_checkpoint,
 )
-from cluster_tracking.graph.export import (
-    ExportWalker,
+from cluster_tracking.graph.example_inputs import (
     example_inputs_for,
     is_hugging_face,
     lm_head_parameters,
 )
+from cluster_tracking.graph.export import ExportWalker
 from cluster_tracking.graph.fx_trace import FxWalker
 from cluster_tracking.graph.selection import parse_layers
 from cluster_tracking.graph.types import KernelNorm, Preset, WeightGraph
