@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from cluster_tracking.errors import GraphError
-from cluster_tracking.graph.build import _Builder, _Feat
+from cluster_tracking.graph.build import _Builder
 from cluster_tracking.graph.export_units import (
     _CHAIN_HINT,
     _IDENTITIES,
@@ -37,6 +37,7 @@ from cluster_tracking.graph.export_units import (
     _Units,
     _varying,
 )
+from cluster_tracking.graph.features import _Feat
 from cluster_tracking.graph.weights import weight_array
 
 
