@@ -27,6 +27,7 @@ from cluster_tracking.nulls.baselines import (
     live_masks,
     null_blocks,
     shuffle_tensor,
+    shuffled_ncuts,
 )
 from cluster_tracking.report import mixed_procedures, procedure_of
 from cluster_tracking.spectral import partition as spectral
@@ -100,7 +101,7 @@ def test_preset_nulls_are_clustered_by_scikit_learn_too() -> None:
     """A null network's n-cut under the preset is that of scikit-learn's partition of it."""
     graph = ct.weight_graph(mlp((24, 20, 20, 6), 3))
     root = np.random.SeedSequence(7)
-    (ncut,) = ct.baselines.shuffled_ncuts(
+    (ncut,) = shuffled_ncuts(
         [0], graph.blocks, graph.n_nodes, graph.node_layer, "layer", [5], root, None, "filan2021"
     )
     blocks = null_blocks(
