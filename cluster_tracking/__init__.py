@@ -28,7 +28,8 @@ from cluster_tracking.report import (
     ClusterSummary,
     Partition,
 )
-from cluster_tracking.spectral.partition import SpectralPartition, ncut, spectral_partition
+from cluster_tracking.spectral.cuts import ncut
+from cluster_tracking.spectral.partition import SpectralPartition, spectral_partition
 from cluster_tracking.version import __version__
 
 if TYPE_CHECKING:

@@ -44,13 +44,13 @@ from cluster_tracking.report import (
     Partition,
     ave_in_out,
 )
+from cluster_tracking.spectral.cuts import cluster_cuts
 from cluster_tracking.spectral.partition import (
     CLUSTERING_PROCEDURES,
     DEFAULT_N_INIT,
     SpectralPartition,
     StageCallback,
     child_seed,
-    cluster_cuts,
     filan2021_n_init,
     laplacian_eigenvalues,
     spectral_partitions,
@@ -903,7 +903,7 @@ def _report(
 
 def versions() -> dict[str, str]:
     """Versions of cluster-tracking and of what its numbers depend on."""
-    from cluster_tracking import __version__
+    from cluster_tracking.version import __version__
 
     found = {"cluster_tracking": __version__, "python": platform.python_version()}
     for name, distribution in (

@@ -12,7 +12,7 @@ from torch import nn
 from cluster_tracking.errors import ConfigError
 from cluster_tracking.graph import weight_graph
 from cluster_tracking.promote.clusterable_init import clusterable_init_, module_assignment
-from cluster_tracking.spectral.partition import ncut
+from cluster_tracking.spectral.cuts import ncut
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:

@@ -204,7 +204,7 @@ def test_weights_on_workers_give_the_local_and_in_memory_partition(
     from cluster_tracking.graph.lazy import safetensors_extent, safetensors_graph
     from cluster_tracking.resources.estimate import estimate_peak
     from cluster_tracking.resources.limits import format_size
-    from cluster_tracking.spectral import partition as spectral
+    from cluster_tracking.spectral import eigensolver as spectral
     from tests.test_large_models import MLP_LAYERS, _llama_state_dict
 
     address, path, limit = limited_cluster

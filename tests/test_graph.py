@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -12,6 +16,7 @@ import torch.nn.functional as F
 from _tiny_models import ResNetBlock
 from torch import nn
 
+import cluster_tracking
 from cluster_tracking.errors import GraphError
 from cluster_tracking.graph import WeightGraph, weight_graph, weight_topology
 
@@ -690,3 +695,47 @@ def test_masks_quantized_integers_and_all_zero_weights_are_refused() -> None:
         nn.init.zeros_(layer.weight)
     with pytest.raises(GraphError, match=r"Every weight .* is zero"):
         weight_graph(zero)
+
+
+# --- layering ---------------------------------------------------------------------------------
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at its top or inside a function."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_the_graph_imports_nothing_of_the_layers_above_it() -> None:
+    """graph/ is below spectral/ and everything that partitions or measures: its block-by-block
+    linear algebra (edge pieces, degrees, the Dask block holders) lives in graph/ itself, so data
+    flows one way and the graph's types load without the partition code."""
+    package = Path(cluster_tracking.__file__).parent
+    above = ("spectral", "nulls", "measure", "viz", "promote", "tracking", "integrations", "cli")
+    for path in sorted((package / "graph").glob("*.py")):
+        upward = {
+            module
+            for module in _imported_modules(path)
+            if module.startswith(tuple(f"cluster_tracking.{name}" for name in above))
+        }
+        assert not upward, f"{path.name} imports {sorted(upward)}"
+
+
+def test_torch_free_graph_modules_import_no_torch() -> None:
+    """The graph's types, its edge pieces, the Dask block holders and the memory-mapped reader
+    (what a Dask worker or the tracker's child imports) load without torch, in a fresh
+    interpreter."""
+    modules = ["types", "edges", "remote", "mapped", "numbering", "features"]
+    code = (
+        "import sys\n"
+        + "".join(f"import cluster_tracking.graph.{name}\n" for name in modules)
+        + "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -13,10 +13,13 @@ from safetensors.torch import save_file
 
 import cluster_tracking as ct
 from cluster_tracking.errors import ConfigError, GraphError, SourceError
+from cluster_tracking.graph import edges as graph_edges
+from cluster_tracking.graph.edges import block_degrees
 from cluster_tracking.graph.lazy import safetensors_extent, safetensors_graph
 from cluster_tracking.resources.estimate import estimate_peak
 from cluster_tracking.resources.limits import format_size
-from cluster_tracking.spectral import partition as spectral
+from cluster_tracking.spectral.cuts import cluster_cuts
+from cluster_tracking.spectral.eigensolver import DENSE_MAX_NODES
 
 HIDDEN, INTERMEDIATE, N_LAYERS = 96, 384, 4
 #: The MLP chain of a Llama-style model: each block's up_proj, then its down_proj.
@@ -70,7 +73,7 @@ def test_bounded_graph_is_the_in_memory_graph(
         assert lazy_block.magnitude
         np.testing.assert_array_equal(lazy_block.weight, np.abs(block.weight))
     # degrees summed block by block, to the last bit, and equal to the adjacency's
-    np.testing.assert_array_equal(bounded.degrees, spectral.block_degrees(in_memory.blocks, 2016))
+    np.testing.assert_array_equal(bounded.degrees, block_degrees(in_memory.blocks, 2016))
     np.testing.assert_allclose(bounded.degrees, in_memory.degrees, rtol=1e-12)
     assert safetensors_extent(path, layers=MLP_LAYERS) == (
         HIDDEN + N_LAYERS * (HIDDEN + INTERMEDIATE),
@@ -87,7 +90,7 @@ def test_bounded_and_in_memory_paths_give_identical_partitions(
     path, state = llama_file
     in_memory = ct.measure(ct.weight_graph(state, layers=MLP_LAYERS), shuffles=0, seed=3)
     graph = safetensors_graph(path, layers=MLP_LAYERS)
-    assert graph.n_nodes - in_memory.nodes.removed > 2 * spectral.DENSE_MAX_NODES  # Krylov
+    assert graph.n_nodes - in_memory.nodes.removed > 2 * DENSE_MAX_NODES  # Krylov
     bounded = ct.measure(graph, shuffles=0, seed=3)
     assert bounded.partition.labels == in_memory.partition.labels
     assert bounded.ncut == in_memory.ncut
@@ -96,7 +99,7 @@ def test_bounded_and_in_memory_paths_give_identical_partitions(
         assert mine.cut == pytest.approx(theirs.cut, rel=1e-12)
         assert mine.volume == pytest.approx(theirs.volume, rel=1e-12)
 
-    monkeypatch.setattr(spectral, "CHUNK_ENTRIES", 5_000)  # dozens of row chunks per block
+    monkeypatch.setattr(graph_edges, "CHUNK_ENTRIES", 5_000)  # dozens of row chunks per block
     chunked = ct.measure(graph, shuffles=0, seed=3)
     assert chunked.partition.labels == in_memory.partition.labels
     assert chunked.ncut == pytest.approx(in_memory.ncut, rel=1e-12)
@@ -113,8 +116,8 @@ def test_unassembled_graph_assembles_on_request(tmp_path: Path) -> None:
     assert assembled.assembled and assembled.adjacency.nnz == 2 * 2 * HIDDEN * INTERMEDIATE
     labels = np.arange(graph.n_nodes) % 3
     assert ct.ncut(graph, labels) == pytest.approx(ct.ncut(assembled, labels), rel=1e-12)
-    cuts, volumes = spectral.cluster_cuts(graph, labels, 3)
-    expected_cuts, expected_volumes = spectral.cluster_cuts(assembled, labels, 3)
+    cuts, volumes = cluster_cuts(graph, labels, 3)
+    expected_cuts, expected_volumes = cluster_cuts(assembled, labels, 3)
     np.testing.assert_allclose(cuts, expected_cuts, rtol=1e-12)
     np.testing.assert_allclose(volumes, expected_volumes, rtol=1e-12)
 

@@ -15,7 +15,11 @@ from torch import nn
 import cluster_tracking as ct
 from cluster_tracking.nulls.baselines import shuffle_weights
 from cluster_tracking.spectral import partition as spectral
-from cluster_tracking.spectral.partition import laplacian_embedding, spectral_partitions
+from cluster_tracking.spectral.adjacency import _edges_of, bipartition
+from cluster_tracking.spectral.cuts import _ncuts_of_pieces
+from cluster_tracking.spectral.eigensolver import laplacian_embedding
+from cluster_tracking.spectral.kmeans import _kmeans_restarts
+from cluster_tracking.spectral.partition import spectral_partitions
 
 
 def _symmetric(n: int, edges: dict[tuple[int, int], float]) -> sp.csr_array:
@@ -167,9 +171,9 @@ def test_iterative_path_on_a_large_graph_matches_the_dense_eigenvalues_and_ncut(
     np.testing.assert_allclose(partition.eigenvalues, _laplacian_spectrum(adjacency, 8), atol=1e-6)
     # k-means on the exact embedding, same starts: the Krylov subspace does as well in n-cut.
     _, exact = laplacian_embedding(adjacency, 8, rng=np.random.default_rng(0))
-    edges = spectral._edges_of(adjacency)
-    starts = spectral._kmeans_restarts(exact, 8, np.random.default_rng(1), 25)
-    exact_best = spectral._ncuts_of_pieces(edges, starts, 8, np.float64).min()
+    edges = _edges_of(adjacency)
+    starts = _kmeans_restarts(exact, 8, np.random.default_rng(1), 25)
+    exact_best = _ncuts_of_pieces(edges, starts, 8, np.float64).min()
     assert partition.ncut <= exact_best * 1.005, (partition.ncut, exact_best)
     assert ct.ncut(adjacency, partition.labels) == pytest.approx(partition.ncut, rel=1e-9)
 
@@ -189,7 +193,7 @@ def test_iterative_path_on_a_graph_with_odd_cycles() -> None:
     inside = sp.random_array((900, 900), density=0.01, rng=rng, format="csr")
     inside = sp.triu(inside, k=1)
     adjacency = sp.csr_array(layered + inside + inside.T)
-    assert spectral._bipartition(adjacency) is None
+    assert bipartition(adjacency) is None
     partition = ct.spectral_partition(adjacency, k=6, seed=0)
     np.testing.assert_allclose(partition.eigenvalues, _laplacian_spectrum(adjacency, 6), atol=1e-6)
     assert partition.ncut <= _sklearn_ncut(adjacency, k=6, seed=0) * 1.002
@@ -197,11 +201,11 @@ def test_iterative_path_on_a_graph_with_odd_cycles() -> None:
 
 def test_bipartition_colours_layers_and_detects_odd_cycles() -> None:
     path = _symmetric(5, {(0, 1): 1.0, (1, 2): 1.0, (2, 3): 1.0, (3, 4): 1.0})
-    sides = spectral._bipartition(path)
+    sides = bipartition(path)
     assert sides is not None
     assert all(sides[i] != sides[i + 1] for i in range(4))
     triangle = _symmetric(4, {(0, 1): 1.0, (1, 2): 1.0, (0, 2): 1.0, (2, 3): 1.0})
-    assert spectral._bipartition(triangle) is None
+    assert bipartition(triangle) is None
 
 
 def test_null_networks_from_weight_blocks_match_their_assembled_graphs() -> None:
@@ -239,7 +243,7 @@ class _DepthwiseResidual(nn.Module):
 def test_weight_blocks_with_groups_and_residual_adds_give_the_adjacency_spectrum() -> None:
     torch.manual_seed(1)
     graph = ct.weight_graph(_DepthwiseResidual())
-    edges = spectral._edges_of(graph)
+    edges = _edges_of(graph)
     assert any(not piece.dense for piece in edges.pieces)  # the grouped conv stays sparse
     values = spectral.spectral_partition(graph, 4, seed=0).eigenvalues
     np.testing.assert_allclose(values, _laplacian_spectrum(graph.adjacency, 4), atol=1e-9)
@@ -248,7 +252,7 @@ def test_weight_blocks_with_groups_and_residual_adds_give_the_adjacency_spectrum
 @pytest.mark.parametrize("k", [2, 3, 12, 17, 300])
 def test_nearest_centers_are_the_argmin_of_the_distances(k: int) -> None:
     """k-means' packed-minimum assignment gives argmin's labels (up to float32 near-ties)."""
-    from cluster_tracking.spectral.partition import _nearest_centers
+    from cluster_tracking.spectral.kmeans import _nearest_centers
 
     rng = np.random.default_rng(k)
     points = rng.standard_normal((500, 6)).astype(np.float32)

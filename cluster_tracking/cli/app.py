@@ -93,7 +93,7 @@ app = _OneLineTyper(
 
 def _version(value: bool) -> None:
     if value:
-        from cluster_tracking import __version__
+        from cluster_tracking.version import __version__
 
         typer.echo(f"cluster-tracking {__version__}")
         raise typer.Exit()

@@ -4,13 +4,22 @@ Filan et al. (2021), section 2. One idea per module:
 
 - :mod:`~cluster_tracking.graph.types`: the graph as data (:class:`WeightGraph`,
   :class:`EdgeBlock`), numpy and scipy only, so worker processes import no torch;
-- :mod:`~cluster_tracking.graph.build`: the provisional graph the readers fill in, and the public
-  node numbering;
+- :mod:`~cluster_tracking.graph.build`: the provisional graph the readers fill in
+  (:mod:`~cluster_tracking.graph.features`: the values the tracers carry), and
+  :mod:`~cluster_tracking.graph.numbering`: the public node numbering;
 - :mod:`~cluster_tracking.graph.fx_trace`: following a model's data flow with ``torch.fx``;
 - :mod:`~cluster_tracking.graph.export`: following it with ``torch.export`` and tensor shapes
-  (transformers, channels-last blocks, reshapes that move the channel axis);
+  (transformers, channels-last blocks, reshapes that move the channel axis); its rules by concept
+  in ``export_base``, ``export_elementwise``, ``export_movement`` and ``export_layers``, the unit
+  maps in ``export_units``, and :mod:`~cluster_tracking.graph.example_inputs`;
 - :mod:`~cluster_tracking.graph.chain`: chains of named layers and bare state_dicts;
 - :mod:`~cluster_tracking.graph.weights`: reading weights (and reading them again at later steps);
+- :mod:`~cluster_tracking.graph.edges`: the graph as edge pieces, its block-by-block linear
+  algebra (products, degrees, within-cluster weights), numpy and scipy only;
+- :mod:`~cluster_tracking.graph.lazy`: a chain of layers read from a safetensors file in bounded
+  memory; :mod:`~cluster_tracking.graph.mapped` reads its weights through a memory map (what a Dask
+  worker imports, no torch); :mod:`~cluster_tracking.graph.remote` and
+  :mod:`~cluster_tracking.graph.remote_graph` keep its weight blocks on a Dask cluster;
 - :mod:`~cluster_tracking.graph.api`: :func:`weight_graph`, which picks the route.
 
 The torch-free types are imported here directly; the rest on first use.

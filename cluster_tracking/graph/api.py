@@ -1,13 +1,43 @@
 """Weight graphs: a network's neurons as nodes, its weight magnitudes as edges.
 
-Filan et al. (2021), section 2: nodes are neurons (channels, for convolutions), and the edge
-between two neurons of consecutive layers weighs the magnitude of the weight joining them. For a
-``Linear`` layer with torch weight ``W`` of shape ``[out, in]`` the edge (input i, output j) weighs
-``|W[j, i]|``; for a convolution with kernel ``W`` of shape ``[out, in / groups, *kernel]`` the edge
-(input channel a, output channel b) weighs the L1 norm of the kernel slice ``W[b, a]`` (L2 on
-request).
+Filan et al. (2021), section 2. Every neuron is a node, and two neurons of consecutive layers
+are joined by an edge weighing the magnitude of the weight between them:
 
-Node order is public and stable: layer by layer from the input, and inside a layer by index.
+* ``nn.Linear`` with weight ``W`` of shape ``[out, in]``: every unit of every layer is a node,
+  the input layer included, and edge (input i, output j) weighs ``|W[j, i]|``.
+* ``nn.Conv1d/2d/3d`` with kernel ``W`` of shape ``[out, in / groups, *kernel]``: every
+  *channel* is a node, and edge (input channel a, output channel b) weighs the L1 norm of the
+  kernel slice, ``sum |W[b, a, ...]|`` (``norm="l2"``: its L2 norm). A grouped or depthwise
+  convolution only joins channels of the same group.
+* A ``BatchNorm1d/2d/3d`` that directly consumes a Linear/Conv output (and is that output's only
+  reader) is folded in first: output unit b's weights are multiplied by
+  ``|gamma_b| / sqrt(running_var_b + eps)`` (``gamma = 1`` without affine parameters; a
+  BatchNorm without running statistics folds ``|gamma_b|`` only). A BatchNorm elsewhere (e.g.
+  after a residual add) is a per-channel scaling and passes through unfolded.
+* A conv output flattened (``nn.Flatten``, ``torch.flatten``, ``x.view(x.size(0), -1)``,
+  ``x.reshape(...)``) into a Linear with ``in_features = C * S`` gives a ``"flatten"`` block:
+  channel c and output unit j are joined by ``sum_s |W[j, c * S + s]|``, the sum over the S
+  flattened positions of channel c (channel-major, as ``flatten`` lays them out). After global
+  pooling (``in_features == C``) it is a plain ``"linear"`` block from the channel nodes.
+
+For a model the graph follows the real data flow, traced with ``torch.fx.symbolic_trace`` (not
+the modules' declaration order). Activations, dropout, identity, pooling, padding, upsampling,
+normalisation layers without cross-unit weights (LayerNorm, GroupNorm, InstanceNorm, unfolded
+BatchNorm), softmax and scaling by constants pass nodes through unchanged. A residual add
+(``+``, ``+=``, ``torch.add``; also ``-``, ``*`` and ``/`` between two feature tensors, e.g.
+squeeze-and-excitation gating) *identifies* the units it combines: unit i of one operand is
+the same node as unit i of the other. A merged node belongs to the earliest layer among its
+members; a layer all of whose nodes were merged into earlier layers is left out of
+``layer_names`` and recorded in ``WeightGraph.merged``. A concatenation along the channel dim
+(``torch.cat(..., dim=1)``) keeps units apart: its nodes are the operands' nodes, in order.
+A module called several times gets one layer per call, named ``name``, ``name#2``, ...
+
+Node order is public and stable: layer by layer from the input, in data-flow order, and by
+index inside a layer. ``layer_names`` are the modules' qualified names (``"0"``, ``"2"`` in an
+``nn.Sequential``; ``"fc1"``, ``"layer1.0.conv1"`` in a custom module), the input layer is
+``"input"`` (``"input.<argument>"`` for each of several model inputs) and its width is what the
+first layer reading it reads: ``in_features`` (e.g. 784 pixels of a flattened image) or
+``in_channels``.
 
 :func:`weight_graph` builds the graph from a model (following its real data flow with
 ``torch.fx``), from a chain of named layers, or from a bare ``state_dict``. The graph types
@@ -30,12 +60,12 @@ from cluster_tracking.graph.chain import (
     _state_dict_entries,
     _unwrap_checkpoint,
 )
-from cluster_tracking.graph.export import (
-    ExportWalker,
+from cluster_tracking.graph.example_inputs import (
     example_inputs_for,
     is_hugging_face,
     lm_head_parameters,
 )
+from cluster_tracking.graph.export import ExportWalker
 from cluster_tracking.graph.fx_trace import FxWalker
 from cluster_tracking.graph.selection import parse_layers
 from cluster_tracking.graph.types import KernelNorm, Preset, WeightGraph
@@ -55,44 +85,10 @@ def weight_graph(
 ) -> WeightGraph:
     """The weight graph of a network (Filan et al. 2021, section 2), ready for spectral clustering.
 
-    Every neuron is a node, and two neurons of consecutive layers are joined by an edge weighing the
-    magnitude of the weight between them:
-
-    * ``nn.Linear`` with weight ``W`` of shape ``[out, in]``: every unit of every layer is a node,
-      the input layer included, and edge (input i, output j) weighs ``|W[j, i]|``.
-    * ``nn.Conv1d/2d/3d`` with kernel ``W`` of shape ``[out, in / groups, *kernel]``: every
-      *channel* is a node, and edge (input channel a, output channel b) weighs the L1 norm of the
-      kernel slice, ``sum |W[b, a, ...]|`` (``norm="l2"``: its L2 norm). A grouped or depthwise
-      convolution only joins channels of the same group.
-    * A ``BatchNorm1d/2d/3d`` that directly consumes a Linear/Conv output (and is that output's only
-      reader) is folded in first: output unit b's weights are multiplied by
-      ``|gamma_b| / sqrt(running_var_b + eps)`` (``gamma = 1`` without affine parameters; a
-      BatchNorm without running statistics folds ``|gamma_b|`` only). A BatchNorm elsewhere (e.g.
-      after a residual add) is a per-channel scaling and passes through unfolded.
-    * A conv output flattened (``nn.Flatten``, ``torch.flatten``, ``x.view(x.size(0), -1)``,
-      ``x.reshape(...)``) into a Linear with ``in_features = C * S`` gives a ``"flatten"`` block:
-      channel c and output unit j are joined by ``sum_s |W[j, c * S + s]|``, the sum over the S
-      flattened positions of channel c (channel-major, as ``flatten`` lays them out). After global
-      pooling (``in_features == C``) it is a plain ``"linear"`` block from the channel nodes.
-
-    For a model the graph follows the real data flow, traced with ``torch.fx.symbolic_trace`` (not
-    the modules' declaration order). Activations, dropout, identity, pooling, padding, upsampling,
-    normalisation layers without cross-unit weights (LayerNorm, GroupNorm, InstanceNorm, unfolded
-    BatchNorm), softmax and scaling by constants pass nodes through unchanged. A residual add
-    (``+``, ``+=``, ``torch.add``; also ``-``, ``*`` and ``/`` between two feature tensors, e.g.
-    squeeze-and-excitation gating) *identifies* the units it combines: unit i of one operand is
-    the same node as unit i of the other. A merged node belongs to the earliest layer among its
-    members; a layer all of whose nodes were merged into earlier layers is left out of
-    ``layer_names`` and recorded in ``WeightGraph.merged``. A concatenation along the channel dim
-    (``torch.cat(..., dim=1)``) keeps units apart: its nodes are the operands' nodes, in order.
-    A module called several times gets one layer per call, named ``name``, ``name#2``, ...
-
-    Node order (public): layer by layer from the input, in data-flow order, and by index inside a
-    layer. ``layer_names`` are the modules' qualified names (``"0"``, ``"2"`` in an
-    ``nn.Sequential``; ``"fc1"``, ``"layer1.0.conv1"`` in a custom module), the input layer is
-    ``"input"`` (``"input.<argument>"`` for each of several model inputs) and its width is what the
-    first layer reading it reads: ``in_features`` (e.g. 784 pixels of a flattened image) or
-    ``in_channels``.
+    Every neuron is a node, and two neurons of consecutive layers are joined by an edge weighing
+    the magnitude of the weight between them (Linear, Conv, BatchNorm folding and flattened
+    feature maps: see :mod:`cluster_tracking.graph.api`). For a model the graph follows its real
+    data flow, and nodes come in the public order (same module).
 
     Args:
         model_or_state_dict: an ``nn.Module`` (``DataParallel``/``DistributedDataParallel`` and
@@ -107,7 +103,7 @@ def weight_graph(
             ``weight_mask``) are applied.
         norm: how a conv kernel slice becomes one edge weight: ``"l1"`` (sum of magnitudes) or
             ``"l2"`` (Euclidean norm).
-        preset: ``"default"`` (the conventions above) or ``"filan2021"``, the choices of the
+        preset: ``"default"`` (the module's rules) or ``"filan2021"``, the choices of the
             published code of Filan et al. (2021). For networks with convolutions it differs from
             the default in three ways: (1) only conv-to-conv edges are kept, so the node layers are
             the conv layers' output channels only (no input-channel layer, no Linear layer, no

@@ -17,6 +17,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from cluster_tracking.errors import GraphError
+from cluster_tracking.graph.features import LAYERS_HINT, _chain_advice, _Feat
+from cluster_tracking.graph.numbering import NodeNumbering, number_nodes
 from cluster_tracking.graph.types import (
     BlockKind,
     EdgeBlock,
@@ -25,21 +27,6 @@ from cluster_tracking.graph.types import (
     WeightGraph,
     WeightSource,
     assemble_adjacency,
-)
-
-STATE_DICT_ADVICE = (
-    "A bare state_dict is read as a chain of its weights in key order, which is right only for a "
-    "network that is such a chain; for any other, measure the model itself (in the CLI: --arch "
-    "NAME, a torchvision or timm architecture or package.module:function of your own code, or a "
-    "Hugging Face model folder with its config.json), or name a chain with layers=/--layers in "
-    "data-flow order."
-)
-
-LAYERS_HINT = (
-    "pass example_inputs=(a small input tensor, ...) to follow the model with torch.export "
-    "instead (it follows reshapes, attention, recurrent and transposed-convolution layers), or "
-    "layers=[...] naming the Linear/Conv modules to use, in data-flow order, to build the graph "
-    "from them as a chain without tracing"
 )
 
 
@@ -67,30 +54,6 @@ class _BlockSpec:
     batchnorm: str | None = None  # that BatchNorm's module name (state_dict prefix)
     source: WeightSource | None = None  # how the weight comes from parameters, if not plainly
     magnitude: bool = False  # weight holds |W| already (the bounded-memory reader)
-
-
-@dataclass(frozen=True)
-class _Feat:
-    """What the graph knows about one tensor of the forward pass.
-
-    ``nodes``: provisional node id of each unit/channel along dim 1 (``None`` for a model input that
-    no layer has read yet, so its width is still unknown: ``placeholder`` names it). ``flat``: a
-    ``[C, *spatial]`` map flattened into dim 1, so dim 1 holds ``C * S`` features for ``C`` nodes.
-    ``spatial``: number of dims after dim 1 (``None`` when unknown).
-    """
-
-    nodes: np.ndarray | None
-    origin: str
-    placeholder: str | None = None
-    flat: bool = False
-    spatial: int | None = None
-
-
-class _Other:
-    """A value that is not a feature tensor (a constant, a shape, a parameter)."""
-
-
-_OTHER = _Other()
 
 
 class _Builder:
@@ -317,78 +280,19 @@ class _Builder:
         order = sorted(range(len(self.layers)), key=lambda i: self.layers[i].kind != "input")
         self.layers = [self.layers[i] for i in order]
         names = self._final_names()
-        touched = {
-            self._find(int(i)) for spec in self.specs for i in np.concatenate([spec.src, spec.dst])
-        }
-        kept = np.array(
-            [
-                (layer.kind == "conv" or not filan)
-                and (
-                    layer.name not in self.optional
-                    or any(self._find(i) in touched for i in range(layer.start, layer.end))
-                )
-                for layer in self.layers
-            ]
-        )
+        kept = self._kept_layers(filan)
         n_provisional = len(self.parent)
-        layer_of = np.empty(n_provisional, dtype=np.int64)
-        index = np.empty(n_provisional, dtype=np.int64)
-        for rank, layer in enumerate(self.layers):
-            layer_of[layer.start : layer.start + layer.width] = rank
-            index[layer.start : layer.start + layer.width] = np.arange(layer.width)
-
-        # Every class of identified nodes is held by its earliest (kept) member: the one with the
-        # smallest (layer, index) key. Final node numbers follow these keys, so nodes come layer
-        # by layer and by index inside a layer.
         roots = np.fromiter(
             (self._find(i) for i in range(n_provisional)), dtype=np.int64, count=n_provisional
         )
-        stride = max(layer.width for layer in self.layers) + 1
-        no_holder = len(self.layers) * stride
-        keys = np.where(kept[layer_of], layer_of * stride + index, no_holder)
-        class_key = np.full(n_provisional, no_holder, dtype=np.int64)
-        np.minimum.at(class_key, roots, keys)
-        holder_key = class_key[roots]
-        alive = holder_key < no_holder
-        unique_keys = np.unique(holder_key[alive])
-        final = np.full(n_provisional, -1, dtype=np.int64)
-        final[alive] = np.searchsorted(unique_keys, holder_key[alive])
-        final_widths = np.bincount(unique_keys // stride, minlength=len(self.layers))
-
-        layer_names: list[str] = []
-        layer_widths: list[int] = []
-        merged: dict[str, str] = {}
-        for i, layer in enumerate(self.layers):
-            if not kept[i]:
-                continue
-            if final_widths[i] > 0:
-                layer_names.append(names[i])
-                layer_widths.append(int(final_widths[i]))
-                continue
-            own = holder_key[layer.start : layer.start + layer.width] // stride
-            holders = dict.fromkeys(names[h] for h in own.tolist())
-            merged[names[i]] = ", ".join(holders)
-
-        blocks = []
-        for spec in self.specs:
-            src, dst = final[spec.src], final[spec.dst]
-            if (src < 0).any() or (dst < 0).any():
-                continue  # filan2021: an edge to the input or a Linear layer
-            norm: KernelNorm = "l1_induced" if filan and spec.kind == "conv" else self.norm
-            blocks.append(
-                EdgeBlock(
-                    spec.name,
-                    spec.kind,
-                    spec.weight,
-                    src,
-                    dst,
-                    spec.groups,
-                    norm,
-                    spec.batchnorm,
-                    spec.source,
-                    spec.magnitude,
-                )
-            )
+        numbering = number_nodes(
+            [layer.start for layer in self.layers],
+            [layer.width for layer in self.layers],
+            roots,
+            kept,
+        )
+        layer_names, layer_widths, merged = self._final_layers(names, kept, numbering)
+        blocks = self._edge_blocks(numbering.final, filan)
         if not blocks:
             raise GraphError(
                 f"preset='filan2021' keeps only convolution-to-convolution edges, and {what} has "
@@ -414,6 +318,69 @@ class _Builder:
             assembled=assemble,
         )
 
+    def _kept_layers(self, filan: bool) -> np.ndarray:
+        """Whether each layer is kept: under ``filan2021`` (a CNN) the convolutions only, and an
+        optional layer only when a weight block reaches one of its nodes."""
+        touched = {
+            self._find(int(i)) for spec in self.specs for i in np.concatenate([spec.src, spec.dst])
+        }
+        return np.array(
+            [
+                (layer.kind == "conv" or not filan)
+                and (
+                    layer.name not in self.optional
+                    or any(self._find(i) in touched for i in range(layer.start, layer.end))
+                )
+                for layer in self.layers
+            ]
+        )
+
+    def _final_layers(
+        self, names: list[str], kept: np.ndarray, numbering: NodeNumbering
+    ) -> tuple[list[str], list[int], dict[str, str]]:
+        """``(layer names, widths, merged)`` of the graph: the kept layers that hold nodes, and
+        those whose nodes all went to earlier layers, mapped to the layers holding them."""
+        layer_names: list[str] = []
+        layer_widths: list[int] = []
+        merged: dict[str, str] = {}
+        stride = numbering.stride
+        for i, layer in enumerate(self.layers):
+            if not kept[i]:
+                continue
+            if numbering.final_widths[i] > 0:
+                layer_names.append(names[i])
+                layer_widths.append(int(numbering.final_widths[i]))
+                continue
+            own = numbering.holder_key[layer.start : layer.start + layer.width] // stride
+            holders = dict.fromkeys(names[h] for h in own.tolist())
+            merged[names[i]] = ", ".join(holders)
+        return layer_names, layer_widths, merged
+
+    def _edge_blocks(self, final: np.ndarray, filan: bool) -> list[EdgeBlock]:
+        """The weight blocks in final node numbers (under ``filan2021``, those between kept
+        convolutions only)."""
+        blocks = []
+        for spec in self.specs:
+            src, dst = final[spec.src], final[spec.dst]
+            if (src < 0).any() or (dst < 0).any():
+                continue  # filan2021: an edge to the input or a Linear layer
+            norm: KernelNorm = "l1_induced" if filan and spec.kind == "conv" else self.norm
+            blocks.append(
+                EdgeBlock(
+                    spec.name,
+                    spec.kind,
+                    spec.weight,
+                    src,
+                    dst,
+                    spec.groups,
+                    norm,
+                    spec.batchnorm,
+                    spec.source,
+                    spec.magnitude,
+                )
+            )
+        return blocks
+
     def _final_names(self) -> list[str]:
         """Layer names, the model input called ``"input"`` when there is one."""
         inputs = [layer for layer in self.layers if layer.name.startswith("input.")]
@@ -421,9 +388,3 @@ class _Builder:
         if len(inputs) == 1 and "input" not in self._names:
             names[self.layers.index(inputs[0])] = "input"
         return names
-
-
-def _chain_advice(label: str) -> str:
-    if label.startswith("weight "):
-        return STATE_DICT_ADVICE
-    return "Check the model, or pass layers=[...] naming Linear/Conv modules that form a chain."

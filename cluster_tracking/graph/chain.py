@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from cluster_tracking.errors import GraphError
-from cluster_tracking.graph.build import STATE_DICT_ADVICE, _BlockSpec, _Builder, _Feat
+from cluster_tracking.graph.build import _BlockSpec, _Builder
+from cluster_tracking.graph.features import STATE_DICT_ADVICE, _Feat
 from cluster_tracking.graph.fx_trace import BATCHNORM_MODULES, CONV_MODULES
 from cluster_tracking.graph.selection import list_names, select_layers
 from cluster_tracking.graph.types import WeightSource

@@ -17,7 +17,8 @@ from typing import Any
 from torch import fx, nn
 
 from cluster_tracking.errors import GraphError
-from cluster_tracking.graph.build import _OTHER, LAYERS_HINT, _BlockSpec, _Builder, _Feat
+from cluster_tracking.graph.build import _BlockSpec, _Builder
+from cluster_tracking.graph.features import _OTHER, LAYERS_HINT, _Feat
 from cluster_tracking.graph.weights import batchnorm_scale, fetch_attr, weight_array
 
 

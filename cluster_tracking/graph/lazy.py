@@ -29,80 +29,35 @@ Every worker needs the same file at the same path; what a worker maps imports no
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import threading
-import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from cluster_tracking.errors import ConfigError, GraphError, SourceError
+from cluster_tracking.errors import GraphError
 from cluster_tracking.graph.selection import list_names, parse_layers, select_layers
-from cluster_tracking.graph.types import EdgeBlock, Preset, WeightGraph
+from cluster_tracking.graph.types import Preset, WeightGraph
 
 if TYPE_CHECKING:
-    from cluster_tracking.spectral.partition import _RemoteBlocks
+    from cluster_tracking.graph.remote import RemoteBlocks
+from cluster_tracking.graph.mapped import (
+    MappedSource,
+    _fingerprint,
+    _read_header,
+    _read_magnitudes,
+    _Tensor,
+)
 
 # (The chain builder and the weight readers import torch: they are imported where a graph is
 # built, so that Dask workers, which only map weight blocks, start without it.)
 
-__all__ = ["MappedSource", "SafetensorsGraph", "safetensors_extent", "safetensors_graph"]
+__all__ = ["SafetensorsGraph", "safetensors_extent", "safetensors_graph"]
 
-#: Bytes of float32 output converted per row chunk (the memory map is opened per chunk, so the
-#: file's pages mapped at once stay bounded too).
-READ_CHUNK_BYTES = 64 * 2**20
-
-#: Float dtypes read, with their numpy layout (bf16: the high half of a float32).
-_FLOAT_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
 
 StageCallback = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    """A tensor the header declares: its dtype, shape and where its bytes lie in the file."""
-
-    key: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in the file
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-
-def _read_header(path: Path) -> dict[str, _Tensor]:
-    """The tensors a safetensors file declares, checked against the file (sizes, offsets, dtypes)
-    by the readers' own check, in natural name order."""
-    from cluster_tracking.audit.sources import _check_safetensors_header, _natural_key
-    from cluster_tracking.resources.limits import MemoryBudget
-
-    if not path.is_file():
-        what = "no such file" if not path.exists() else "not a regular file"
-        raise SourceError(f"{path}: {what}; give the path of a .safetensors file.")
-    # Nothing is allocated by the declared sizes here (weights are read in chunks), so the
-    # header is checked for consistency with an unbounded budget; the measurement's own peak is
-    # estimated below.
-    _check_safetensors_header(path, MemoryBudget(path, limit=1 << 62))
-    with open(path, "rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(length).decode("utf-8"))
-    tensors = {
-        str(key): _Tensor(
-            str(key), entry["dtype"], tuple(entry["shape"]), 8 + length + entry["data_offsets"][0]
-        )
-        for key, entry in header.items()
-        if key != "__metadata__"
-    }
-    if not tensors:
-        raise SourceError(f"{path}: the safetensors file holds no tensors.")
-    return {key: tensors[key] for key in sorted(tensors, key=_natural_key)}
 
 
 def _chain_plan(
@@ -161,31 +116,6 @@ def _extent(plan: Sequence[tuple[str, str, _Tensor]]) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class MappedSource:
-    """Where a graph's weight blocks lie in a safetensors file: what a Dask worker needs to map
-    them itself, so that only this travels to it, never the weights.
-
-    Attributes:
-        path: the file's absolute path; every worker needs the same file at this path.
-        fingerprint: the file's size, and a hash of its header and of 64 pages of its data
-            spread over the whole file: a worker refuses a file at ``path`` whose fingerprint
-            differs (another file, or another version of it).
-        tensors: the tensor each weight block is read from, in the graph's block order.
-        scales: per block, the folded BatchNorm's per-output factor (float32), or ``None``.
-    """
-
-    path: str
-    fingerprint: str
-    tensors: tuple[_Tensor, ...]
-    scales: tuple[np.ndarray | None, ...] = field(compare=False)
-
-    @property
-    def key(self) -> str:
-        """Names this file's blocks in a worker's cache."""
-        return f"{self.path}|{self.fingerprint}|{'|'.join(t.key for t in self.tensors)}"
-
-
-@dataclass(frozen=True)
 class SafetensorsGraph(WeightGraph):
     """A :class:`~cluster_tracking.graph.WeightGraph` read from a safetensors file, which knows
     where its weights lie (:class:`MappedSource`), so that Dask workers map them from the same
@@ -199,7 +129,7 @@ class SafetensorsGraph(WeightGraph):
     """
 
     source: MappedSource | None = field(default=None, compare=False, repr=False)
-    remote: _RemoteBlocks | None = field(default=None, compare=False, repr=False)
+    remote: RemoteBlocks | None = field(default=None, compare=False, repr=False)
 
     @property
     def degrees(self) -> np.ndarray:
@@ -294,14 +224,34 @@ def safetensors_graph(
     plan = _chain_plan(tensors, layers, path)
     nodes, edges = _extent(plan)
     if scheduler is not None:
+        from cluster_tracking.graph.remote_graph import _remote_graph
+
         return _remote_graph(path, plan, layers, preset, k, max_memory, stage, scheduler)
     estimate = estimate_peak(nodes, edges, k=k, shuffles=shuffles, workers=workers, bipartite=True)
     check_fits(estimate, str(path), max_memory)
+    entries, recipes = _read_chain(path, tensors, plan, stage)
+    graph = _finish_chain(entries, layers, preset, path)
+    return _as_safetensors_graph(graph, _mapped_source(path, graph, recipes), None)
+
+
+#: Per layer of the chain read here: the tensor its weights come from and the per-output factor
+#: of the BatchNorm folded into it, if any.
+_Recipes = dict[str, tuple[_Tensor, np.ndarray | None]]
+
+
+def _read_chain(
+    path: Path,
+    tensors: dict[str, _Tensor],
+    plan: list[tuple[str, Literal["linear", "conv", "batchnorm"], _Tensor]],
+    stage: StageCallback | None,
+) -> tuple[list[Any], _Recipes]:
+    """The chain builder's entries of ``plan``, each weight read as float32 magnitudes and each
+    BatchNorm as its folding factor, and how each layer was read (see :data:`_Recipes`)."""
     from cluster_tracking.graph.chain import _ChainEntry
     from cluster_tracking.graph.weights import fold_scale
 
     entries = []
-    recipes: dict[str, tuple[_Tensor, np.ndarray | None]] = {}
+    recipes: _Recipes = {}
     total = sum(1 for _, kind, _ in plan if kind != "batchnorm")
     done = 0
     last = None
@@ -330,20 +280,24 @@ def safetensors_graph(
         done += 1
         if stage is not None:
             stage("reading", done, total)
-    graph = _finish_chain(entries, layers, preset, path)
-    source = None
-    if all(block.name in recipes for block in graph.blocks):
-        chosen = [recipes[block.name] for block in graph.blocks]
-        source = MappedSource(
-            str(path),
-            _fingerprint(path),
-            tuple(tensor for tensor, _ in chosen),
-            tuple(
-                None if scale is None or block.batchnorm is None else scale
-                for (_, scale), block in zip(chosen, graph.blocks, strict=True)
-            ),
-        )
-    return _as_safetensors_graph(graph, source, None)
+    return entries, recipes
+
+
+def _mapped_source(path: Path, graph: WeightGraph, recipes: _Recipes) -> MappedSource | None:
+    """Where the graph's blocks lie in the file, for Dask workers to map them (``None`` when a
+    block was not read from one tensor)."""
+    if not all(block.name in recipes for block in graph.blocks):
+        return None
+    chosen = [recipes[block.name] for block in graph.blocks]
+    return MappedSource(
+        str(path),
+        _fingerprint(path),
+        tuple(tensor for tensor, _ in chosen),
+        tuple(
+            None if scale is None or block.batchnorm is None else scale
+            for (_, scale), block in zip(chosen, graph.blocks, strict=True)
+        ),
+    )
 
 
 def _finish_chain(entries: list[Any], layers: Any, preset: Preset, path: Path) -> WeightGraph:
@@ -358,242 +312,7 @@ def _finish_chain(entries: list[Any], layers: Any, preset: Preset, path: Path) -
 
 
 def _as_safetensors_graph(
-    graph: WeightGraph, source: MappedSource | None, remote: _RemoteBlocks | None
+    graph: WeightGraph, source: MappedSource | None, remote: RemoteBlocks | None
 ) -> SafetensorsGraph:
     values = {f.name: getattr(graph, f.name) for f in fields(WeightGraph)}
     return SafetensorsGraph(**values, source=source, remote=remote)
-
-
-def _remote_graph(
-    path: Path,
-    plan: list[tuple[str, Literal["linear", "conv", "batchnorm"], _Tensor]],
-    layers: str | Sequence[str] | None,
-    preset: Preset,
-    k: int,
-    max_memory: int | None,
-    stage: StageCallback | None,
-    scheduler: Any,
-) -> SafetensorsGraph:
-    """The graph of ``plan`` with its weight blocks mapped and kept by the workers of a Dask
-    cluster (see :func:`safetensors_graph`)."""
-    from cluster_tracking.graph.chain import _ChainEntry
-    from cluster_tracking.resources.estimate import (
-        check_fits,
-        check_workers_fit,
-        estimate_peak,
-        estimate_worker_blocks,
-    )
-    from cluster_tracking.spectral.partition import _dask_client, _RemoteBlocks, _running_workers
-
-    if preset == "filan2021":
-        raise ConfigError(
-            "preset='filan2021' runs scikit-learn's SpectralClustering, which needs the whole "
-            "adjacency in one process; keeping the weights on Dask workers (scheduler=) works "
-            "with preset='default' only."
-        )
-    batchnorms = [tensor.key for _, kind, tensor in plan if kind == "batchnorm"]
-    if batchnorms:
-        raise ConfigError(
-            f"the chain folds BatchNorm layers ({list_names(batchnorms)}); keeping the weights "
-            "on Dask workers (scheduler=) reads plain Linear/Conv chains: read this one here "
-            "(without scheduler=)."
-        )
-    # The chain's topology from the header's shapes alone: zero-stride placeholders (no
-    # memory), replaced below by zero-size ones so nothing here can compute on them.
-    entries = [
-        _ChainEntry(
-            name, f"weight {tensor.key!r}", kind, np.broadcast_to(np.float32(1), tensor.shape)
-        )
-        for name, kind, tensor in plan
-    ]
-    chain = _finish_chain(entries, layers, preset, path)
-    by_name = {name: tensor for name, _, tensor in plan}
-    source = MappedSource(
-        str(path),
-        _fingerprint(path),
-        tuple(by_name[block.name] for block in chain.blocks),
-        tuple(None for _ in chain.blocks),
-    )
-    skeleton = tuple(
-        replace(block, weight=_placeholder(block.weight.ndim)) for block in chain.blocks
-    )
-    nodes = chain.n_nodes
-    block_entries = [int(np.prod(t.shape, dtype=np.int64)) for t in source.tensors]
-    client, owned = _dask_client(scheduler)
-    try:
-        estimate = estimate_peak(nodes, 0, k=k, bipartite=True)
-        what = f"{path} (this process; the weights on the Dask workers)"
-        check_fits(estimate, what, max_memory, dask=False)
-        workers = _running_workers(client)
-        assignment = _assign_blocks(block_entries, sorted(workers))
-        check_workers_fit(
-            {
-                worker: (
-                    estimate_worker_blocks(sum(block_entries[i] for i in indices)),
-                    int(workers[worker].get("memory_limit") or 0),
-                )
-                for worker, indices in assignment.items()
-            },
-            str(path),
-        )
-        remote = _RemoteBlocks(
-            client,
-            owned,
-            source,
-            skeleton,
-            chain.n_nodes,
-            chain.node_layer,
-            assignment,
-            stage,
-        )
-    except BaseException:
-        if owned:
-            client.close()
-        raise
-    graph = replace(chain, blocks=skeleton)
-    result = _as_safetensors_graph(graph, source, remote)
-    # the workers free the blocks when the graph goes (not at exit: the client may be gone)
-    weakref.finalize(result, remote.close).atexit = False
-    return result
-
-
-def _placeholder(ndim: int) -> np.ndarray:
-    """A zero-size weight: a block whose weights stay on a Dask worker."""
-    return np.empty((0,) * ndim, dtype=np.float32)
-
-
-def _assign_blocks(block_entries: Sequence[int], workers: Sequence[str]) -> dict[str, list[int]]:
-    """Consecutive runs of blocks to workers, about the same number of entries each."""
-    count = min(len(workers), len(block_entries))
-    total = sum(block_entries)
-    assignment: dict[str, list[int]] = {worker: [] for worker in workers[:count]}
-    filled = 0
-    for index, entries in enumerate(block_entries):
-        # the worker whose share the middle of this block falls in
-        position = min(count - 1, int((filled + entries / 2) * count / max(total, 1)))
-        assignment[workers[position]].append(index)
-        filled += entries
-    return {worker: indices for worker, indices in assignment.items() if indices}
-
-
-def _fingerprint(path: Path) -> str:
-    """The file's size, and a hash of its header and of 64 pages spread over its data (see
-    :class:`MappedSource`)."""
-    size = path.stat().st_size
-    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
-    with open(path, "rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        digest.update(handle.read(min(length, 1 << 26)))
-        start = 8 + length
-        span = max(0, size - start)
-        for index in range(64):
-            handle.seek(start + span * index // 64)
-            digest.update(handle.read(4096))
-    return f"{size}:{digest.hexdigest()}"
-
-
-#: In a Dask worker: the weight blocks it mapped, by :attr:`MappedSource.key` (one file at a
-#: time; freed when the measurement is done).
-_MAPPED: dict[str, list[np.ndarray]] = {}
-_MAPPED_LOCK = threading.Lock()
-
-
-def map_block_weights(source: MappedSource, indices: Sequence[int]) -> list[np.ndarray]:
-    """On a Dask worker: the weights of blocks ``indices`` (float32 ``|W|``, BatchNorm folded)
-    read from ``source.path`` as :func:`safetensors_graph` reads them, after checking that the
-    file there is the one measured. Imports no torch."""
-    path = Path(source.path)
-    if not path.is_file():
-        raise SourceError(
-            f"{path}: no such file on this Dask worker ({_host()}); every worker needs the "
-            "model at the same path as the process that measures it (a shared file system, or "
-            "a copy at the same path)."
-        )
-    found = _fingerprint(path)
-    if found != source.fingerprint:
-        raise SourceError(
-            f"{path} on this Dask worker ({_host()}) is not the file being measured (size and "
-            f"sampled contents differ: {found} here, {source.fingerprint} there); give every "
-            "worker the same file at the same path."
-        )
-    weights = []
-    for index in indices:
-        tensor = source.tensors[index]
-        weight = _read_magnitudes(path, tensor, f"weight {tensor.key!r}", absolute=True)
-        scale = source.scales[index]
-        if scale is not None:  # as the chain builder folds it: float32 factor, per output
-            factor = scale.astype(weight.dtype, copy=False)
-            weight = weight * factor.reshape((-1,) + (1,) * (weight.ndim - 1))
-        weights.append(weight)
-    return weights
-
-
-def mapped_blocks(source: MappedSource, skeleton: Sequence[EdgeBlock]) -> list[EdgeBlock]:
-    """On a Dask worker: every block of the graph with its weights mapped from the file (kept
-    for the worker's next tasks on the same file, until :func:`forget_mapped`)."""
-    with _MAPPED_LOCK:
-        if source.key not in _MAPPED:
-            _MAPPED.clear()  # one file's blocks at a time
-            _MAPPED[source.key] = map_block_weights(source, range(len(skeleton)))
-        weights = _MAPPED[source.key]
-    return [replace(block, weight=weight) for block, weight in zip(skeleton, weights, strict=True)]
-
-
-def forget_mapped(key: str | None = None) -> None:
-    """On a Dask worker: drop the blocks :func:`mapped_blocks` kept (``key``: only that file's)."""
-    with _MAPPED_LOCK:
-        if key is None:
-            _MAPPED.clear()
-        else:
-            _MAPPED.pop(key, None)
-
-
-def _host() -> str:
-    import socket
-
-    return socket.gethostname()
-
-
-def _read_magnitudes(path: Path, tensor: _Tensor, label: str, *, absolute: bool) -> np.ndarray:
-    """One tensor as float32 (its magnitudes ``|W|`` with ``absolute``), read from a memory map
-    of the file in row chunks of :data:`READ_CHUNK_BYTES` of output."""
-    layout = _FLOAT_DTYPES.get(tensor.dtype)
-    if layout is None:
-        what = "a mask" if tensor.dtype == "BOOL" else "quantized weights without their scales"
-        raise GraphError(
-            f"{label} holds {tensor.dtype} values ({what}); their magnitudes are not weights. "
-            "Measure the float weights (apply the mask, or dequantize with the scales first)."
-        )
-    shape = tensor.shape
-    out = np.empty(shape, dtype=np.float32)
-    if out.size == 0:
-        raise GraphError(f"{label} has shape {list(shape)}: a layer with no neurons.")
-    flat_out = out.reshape(shape[0], -1)
-    row = flat_out.shape[1]
-    itemsize = np.dtype(layout).itemsize
-    step = max(1, READ_CHUNK_BYTES // (4 * row))
-    for first in range(0, shape[0], step):
-        rows = min(step, shape[0] - first)
-        mapped = np.memmap(
-            path,
-            dtype=layout,
-            mode="r",
-            offset=tensor.start + first * row * itemsize,
-            shape=(rows, row),
-        )
-        target = flat_out[first : first + rows]
-        if tensor.dtype == "BF16":  # bf16 is the high 16 bits of a float32
-            target.view(np.uint32)[:] = mapped.astype(np.uint32) << 16
-        else:
-            target[:] = mapped
-        del mapped
-        if not np.isfinite(target).all():
-            bad = int(target.size - np.isfinite(target).sum())
-            raise GraphError(
-                f"{label} has {bad} NaN/Inf weight value(s) in rows {first}-{first + rows - 1}; "
-                "a weight graph needs finite weights. The training run has probably diverged: "
-                "measure an earlier checkpoint."
-            )
-        if absolute:
-            np.abs(target, out=target)
-    return out

@@ -190,7 +190,7 @@ class WeightGraph:
     def degrees(self) -> np.ndarray:
         """Weighted degree of every node (sum of its edge weights), shape ``[n_nodes]``."""
         if not self.assembled:
-            from cluster_tracking.spectral.partition import block_degrees  # numpy and scipy only
+            from cluster_tracking.graph.edges import block_degrees  # edges imports this module
 
             return block_degrees(self.blocks, self.n_nodes)
         return np.asarray(self.adjacency.sum(axis=1)).ravel()

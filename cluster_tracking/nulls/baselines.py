@@ -482,9 +482,9 @@ def mapped_null_ncuts(
         ConfigError: no Dask, no scheduler, or a graph that does not know its file.
         GraphError: a worker's memory limit is below the estimated peak of a task.
     """
-    from cluster_tracking.graph.lazy import forget_mapped
+    from cluster_tracking.graph.mapped import forget_mapped
+    from cluster_tracking.parallel.dask import dask_client, running_workers
     from cluster_tracking.resources.estimate import check_workers_fit, estimate_null_task
-    from cluster_tracking.spectral.partition import _dask_client, _running_workers
 
     source = getattr(graph, "source", None)
     if source is None:
@@ -505,9 +505,9 @@ def mapped_null_ncuts(
                 "null networks on Dask need a scheduler: pass scheduler='tcp://HOST:PORT' (or "
                 "run inside a dask.distributed Client)."
             ) from error
-    client, owned = _dask_client(scheduler)
+    client, owned = dask_client(scheduler)
     try:
-        workers = _running_workers(client)
+        workers = running_workers(client)
         edges = sum(int(np.prod(tensor.shape, dtype=np.int64)) for tensor in source.tensors)
         held = remote.held if remote is not None and not remote.closed else {}
         check_workers_fit(
@@ -571,10 +571,10 @@ def _mapped_null_task(
     preset: str,
 ) -> list[np.ndarray]:
     """On a Dask worker: :func:`shuffled_ncuts` of the null networks ``indices`` on the blocks
-    mapped from the file (:func:`~cluster_tracking.graph.lazy.mapped_blocks`)."""
+    mapped from the file (:func:`~cluster_tracking.graph.mapped.mapped_blocks`)."""
     from threadpoolctl import threadpool_limits
 
-    from cluster_tracking.graph.lazy import mapped_blocks
+    from cluster_tracking.graph.mapped import mapped_blocks
 
     source, skeleton, n_nodes, node_layer = shared
     blocks = mapped_blocks(source, skeleton)

@@ -24,7 +24,7 @@ from torch import nn
 
 from cluster_tracking.errors import GraphError
 from cluster_tracking.graph import EdgeBlock, WeightGraph, layer_weight
-from cluster_tracking.spectral.partition import _bipartition
+from cluster_tracking.spectral.adjacency import bipartition
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def bipartite_sides(graph: WeightGraph, min_side: int) -> np.ndarray | None:
     as in a chain of layers without residual connections.
     """
     structure = graph.with_weights([np.ones_like(w) for w in graph.weights()]).adjacency
-    sides = _bipartition(structure)
+    sides = bipartition(structure)
     if sides is None:
         return None
     for block in graph.blocks:

@@ -93,7 +93,7 @@ def estimate_peak(
     weight entries held at ``bytes_per_weight`` bytes, with ``shuffles`` null networks of which
     ``workers`` are measured at once (on this machine; 0 when they run on a Dask cluster);
     ``bipartite``: a chain of layers, whose eigensolver works on its two sides."""
-    from cluster_tracking.spectral.partition import (
+    from cluster_tracking.resources.chunks import (
         CHUNK_ENTRIES,
         KRYLOV_MAX_BLOCKS,
         KRYLOV_OVERSAMPLE,
@@ -158,7 +158,7 @@ def estimate_worker_blocks(edges: int, bytes_per_weight: int = 4) -> int:
     """The estimated peak of a Dask worker that keeps ``edges`` weight entries of a graph whose
     eigensolver products it computes (``safetensors_graph(..., scheduler=...)``): the
     interpreter, its blocks, and a row chunk cast to float64 with its product."""
-    from cluster_tracking.spectral.partition import CHUNK_ENTRIES
+    from cluster_tracking.resources.chunks import CHUNK_ENTRIES
 
     return BASE_BYTES + edges * bytes_per_weight + 3 * min(edges, CHUNK_ENTRIES) * 8
 

@@ -405,7 +405,7 @@ class ClusterabilityTracker:
     @property
     def params(self) -> dict[str, Any]:
         """The settings logged once to every sink, under ``clusterability.*`` names."""
-        from cluster_tracking import __version__
+        from cluster_tracking.version import __version__
 
         options = self._measure_options
         params: dict[str, Any] = {
