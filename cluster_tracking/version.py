@@ -1,4 +1,4 @@
-"""The installed version of cluster-tracking (``cluster_tracking.__version__``), in a module of its
+"""The installed version of cluster-tracking (the package's ``__version__``), in a module of its
 own so that any part of the package can record it without importing the package's facade."""
 
 from __future__ import annotations
