@@ -58,7 +58,7 @@ Delivery is exactly once and survives W&B calls that fail: every item is first w
 spool (a :class:`~cluster_tracking.tracking.sinks.LocalDirectorySink`), then sent with a few quick
 retries
 (0.5 s, 1 s); when W&B still fails the item stays spooled, a
-:class:`~cluster_tracking.tracking.tracker.ClusterTrackingWarning` says so, training goes on, and
+:class:`~cluster_tracking.errors.ClusterTrackingWarning` says so, training goes on, and
 every later
 call (and ``close()``) sends what is spooled, in order. ``delivered.json`` in the spool records what
 was sent, so nothing is logged twice; after a send whose outcome is unknown (the process died during
@@ -85,16 +85,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from cluster_tracking.errors import describe, warn
+from cluster_tracking.errors import SinkError, describe, warn
 from cluster_tracking.integrations.mlflow import _is_rank_zero
-from cluster_tracking.report import ClusterabilityReport
-from cluster_tracking.tracking.sinks import (
+from cluster_tracking.report import (
     ARTIFACT_ROOT,
-    LocalDirectorySink,
-    SinkError,
+    ClusterabilityReport,
     logged_metrics,
     step_artifact_dir,
 )
+from cluster_tracking.tracking.sinks import LocalDirectorySink
 from cluster_tracking.tracking.spool import DEFAULT_SPOOL_ROOT, Item, Outbox
 
 if TYPE_CHECKING:
@@ -127,7 +126,7 @@ CLUSTER_TABLE_COLUMNS = ("cluster", "size", "cut", "volume", "ncut_term")
 
 _UNKNOWN_ROW = -1  # our last row went out, but to which W&B step is not known
 _TABLE_KEY = f"{ARTIFACT_ROOT}/clusters"
-#: The per-step plots (:data:`~cluster_tracking.tracking.tracker.STEP_ARTIFACTS`) and their history
+#: The per-step plots (:data:`~cluster_tracking.report.STEP_ARTIFACTS`) and their history
 #: keys.
 _IMAGE_KEYS = {
     "adjacency.png": f"{ARTIFACT_ROOT}/adjacency",

@@ -24,9 +24,9 @@ from _servers import DelayingProxy, MlflowServer
 from mlflow import MlflowClient
 from torch import nn
 
+from cluster_tracking.errors import ClusterTrackingWarning, SinkError
 from cluster_tracking.report import METRIC_KEYS, ClusterabilityReport
-from cluster_tracking.tracking.sinks import SinkError
-from cluster_tracking.tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
+from cluster_tracking.tracking.tracker import ClusterabilityTracker
 
 REPO = Path(__file__).resolve().parents[1]
 # Measuring in a thread: these tests are about the sink; one test keeps the default process.

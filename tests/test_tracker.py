@@ -20,16 +20,16 @@ import pytest
 import torch
 from torch import nn
 
-from cluster_tracking.errors import ConfigError
+from cluster_tracking.errors import ClusterTrackingWarning, ConfigError
 from cluster_tracking.measure import measure
-from cluster_tracking.report import METRIC_KEYS, ClusterabilityReport
-from cluster_tracking.tracking.sinks import (
+from cluster_tracking.report import (
+    METRIC_KEYS,
     SKIPPED_STEPS_METRIC,
-    LocalDirectorySink,
-    Sink,
+    ClusterabilityReport,
     logged_metrics,
 )
-from cluster_tracking.tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
+from cluster_tracking.tracking.sinks import LocalDirectorySink, Sink
+from cluster_tracking.tracking.tracker import ClusterabilityTracker
 from cluster_tracking.viz.plots import adjacency_figure, block_average, cluster_order
 
 MEASURE: dict[str, Any] = {"k": 3, "shuffles": 4}
@@ -257,17 +257,20 @@ def test_layers_snapshots_measure_the_weights_of_their_step(
     """With layers=[...] the training thread builds the graph at the first due step only (no
     tracing); no graph is built in a thread of the training process later, where it would hold
     the GIL that training needs: later steps copy the weights, and the child process rebuilds."""
-    import cluster_tracking.tracking.tracker as tracker_module
+    import cluster_tracking.tracking.measuring as measuring_module
+    import cluster_tracking.tracking.snapshots as snapshots_module
 
     built: list[str] = []
-    for name in ("weight_graph", "weight_topology"):
-        real = getattr(tracker_module, name)
+    # the measuring thread builds graphs with weight_graph, the training thread's snapshots
+    # trace with weight_topology
+    for module, name in ((measuring_module, "weight_graph"), (snapshots_module, "weight_topology")):
+        real = getattr(module, name)
 
         def counting(*args: Any, real: Any = real, **kwargs: Any) -> Any:
             built.append(threading.current_thread().name)
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(tracker_module, name, counting)
+        monkeypatch.setattr(module, name, counting)
     trainer = Trainer(tiny_mlp(seed=3))
     tracker = ClusterabilityTracker(
         every_n_steps=2, layers=["0", "2", "4"], on_backlog="queue", plots=False, **FAST

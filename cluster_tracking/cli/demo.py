@@ -175,9 +175,11 @@ def run_demo(
     import torch
     from torch import nn
 
+    from cluster_tracking.errors import SinkError
+
     # The demo is MLflow's: imported here, so the core package never needs it.
     from cluster_tracking.integrations.mlflow import INSTALL_HINT, MlflowSink
-    from cluster_tracking.tracking.sinks import LocalDirectorySink, SinkError
+    from cluster_tracking.tracking.sinks import LocalDirectorySink
     from cluster_tracking.tracking.tracker import ClusterabilityTracker
 
     try:
