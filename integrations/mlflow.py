@@ -364,7 +364,7 @@ class MlflowSink(BackgroundSender):
 
     def _later(self) -> str:
         return (
-            f"MlflowSink(run_id={self.run_id!r}, tracking_uri={self.tracking_uri!r}, "
+            f"later with MlflowSink(run_id={self.run_id!r}, tracking_uri={self.tracking_uri!r}, "
             f"spool_dir={str(self.spool_path.parent)!r}).close()"
         )
 

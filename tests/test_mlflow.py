@@ -377,3 +377,15 @@ def test_the_core_does_not_import_mlflow() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_importing_the_platform_sinks_loads_no_torch_and_no_platform() -> None:
+    """``import cluster_tracking.integrations.mlflow`` (and ``.wandb``) is cheap: torch, mlflow
+    and wandb are imported when a sink is created (or its rank is asked), never at import."""
+    code = (
+        "import sys, cluster_tracking.integrations.mlflow, cluster_tracking.integrations.wandb"
+        "\nloaded = [name for name in ('torch', 'mlflow', 'wandb') if name in sys.modules]"
+        "\nassert not loaded, f'imported at import time: {loaded}'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -216,10 +216,10 @@ class SpooledSink:
 
     def _warn_undelivered(self, left: int, reason: str, how: str) -> None:
         """The one warning of ``close()`` when ``left`` items stay in the spool: why, where
-        they are, and the code (``how``) that delivers them later."""
+        they are, and ``how`` to deliver them (``"later with <code>"``)."""
         warn(
             f"{left} clusterability item(s) could not be delivered to {self._destination()} "
-            f"({reason}); they are kept in {self.spool_path}. Deliver them later with {how}.",
+            f"({reason}); they are kept in {self.spool_path}. Deliver them {how}.",
             stacklevel=4,
         )
 

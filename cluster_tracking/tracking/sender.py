@@ -86,7 +86,7 @@ class BackgroundSender(SpooledSink, abc.ABC):
 
     @abc.abstractmethod
     def _later(self) -> str:
-        """The code that delivers what ``close()`` left in the spool, later."""
+        """How to deliver what ``close()`` left in the spool: ``"later with <code>"``."""
 
     # ---------------------------------------------------------------------- the sender thread
 

@@ -132,9 +132,10 @@ class ClusterabilityTracker(_Requests, _Closing):
             plots can cost several times the measurement itself, so while measuring cannot keep
             up (due steps were skipped since the previous measurement) a measurement draws them
             only while the plots so far, with these, take at most a quarter of the time spent
-            measuring (:data:`PLOTS_SHARE_WHILE_BEHIND`); the metrics and ``report.json`` of
-            every measured step are logged all the same, and the last measurement (at
-            ``close()``) has its plots.
+            measuring
+            (:data:`~cluster_tracking.tracking.measuring.PLOTS_SHARE_WHILE_BEHIND`); the
+            metrics and ``report.json`` of every measured step are logged all the same, and the
+            last measurement (at ``close()``) has its plots.
         measure_final: at ``close()``, measure the model of the latest hook call when its step
             was not measured (the last due step was skipped, or training ran past it), so the
             final value logged is the final model's (only once the tracker has measured
