@@ -24,9 +24,11 @@ from cluster_tracking.errors import ClusterTrackingWarning, ConfigError
 from cluster_tracking.measure import measure
 from cluster_tracking.report import (
     METRIC_KEYS,
+    SCHEMA_VERSION,
     SKIPPED_STEPS_METRIC,
     ClusterabilityReport,
     logged_metrics,
+    summary_document,
 )
 from cluster_tracking.tracking.sinks import LocalDirectorySink, Sink
 from cluster_tracking.tracking.tracker import ClusterabilityTracker
@@ -746,3 +748,24 @@ def test_measure_final_measures_the_weights_of_the_last_step_at_close(tmp_path: 
         off.step(trainer.model, step)
     off.close()
     assert [report.step for report in off.reports] == [0, 4, 8]
+
+
+def test_summary_json_is_the_report_packages_summary_document(tmp_path: Path) -> None:
+    """``clusterability/summary.json`` is exactly :func:`summary_document` (schema v1): the one
+    definition of the summary a dashboard reads, whatever process writes it."""
+    trainer = Trainer(tiny_mlp(seed=4))
+    sink = LocalDirectorySink(tmp_path)
+    tracker = ClusterabilityTracker(
+        sinks=[sink], every_n_steps=2, plots=False, on_backlog="queue", max_overhead=None, **FAST
+    )
+    for step in range(5):
+        trainer.step()
+        tracker.step(trainer.model, step)
+    tracker.close()
+    written = json.loads((tmp_path / "clusterability/summary.json").read_text())
+    expected = summary_document(
+        tracker.reports, tracker.params, tracker.skipped_steps, tracker.failed_steps
+    )
+    assert written == json.loads(json.dumps(expected))
+    assert written["schema_version"] == SCHEMA_VERSION == 1
+    assert [point["step"] for point in written["trajectory"]] == [0, 2, 4]
