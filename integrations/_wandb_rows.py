@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from cluster_tracking.report import ARTIFACT_ROOT, ClusterabilityReport
+from cluster_tracking.errors import warn
+from cluster_tracking.report import ARTIFACT_ROOT, PROCEDURE_PARAM, ClusterabilityReport
 from cluster_tracking.tracking.delivery import SpooledSink
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class _WandbRows(SpooledSink):
     """The W&B content of a sink: rows, tables, artifacts (see the module docstring)."""
 
     run: Run | None
+    run_id: str
     artifact_name: str
     summary_artifact_name: str
 
@@ -73,6 +75,23 @@ class _WandbRows(SpooledSink):
                 os.environ.pop("WANDB_DATA_DIR", None)
             else:
                 os.environ["WANDB_DATA_DIR"] = previous
+
+    def _warn_if_other_procedure(self, params: Mapping[str, Any]) -> None:
+        """One warning when the run's config (a resumed run, or a run an earlier tracker
+        wrote to) names another clustering procedure than ``params``: n-cuts and z-scores of
+        the two are not comparable. The config then takes the new value, as W&B allows."""
+        try:
+            old = dict(self.run.config).get(PROCEDURE_PARAM) if self.run is not None else None
+        except Exception:  # a config W&B cannot read now: nothing to compare with
+            return
+        new = params.get(PROCEDURE_PARAM)
+        if old is not None and new is not None and str(old) != str(new):
+            warn(
+                f"W&B run {self.run_id} was already measured under clustering procedure "
+                f"{str(old)!r}; this tracker measures under {str(new)!r}: the run's n-cuts and "
+                "z-scores of the two are not comparable (log them to separate runs). Its config "
+                f"now says {str(new)!r}."
+            )
 
     def _send(self, entry: dict[str, Any], part: str) -> None:
         with self._staging_in_run_folder():

@@ -33,10 +33,9 @@ own client first, for minutes by default: lower ``MLFLOW_HTTP_REQUEST_MAX_RETRIE
 to the spool sooner.)
 
 Bounded: a delivered item leaves the spool at once; while the server is slow or down, the
-metrics of every step are kept and the plots and ``report.json`` of all but the newest
-``max_backlog`` waiting steps are thinned, with one warning.
-
-MLflow is imported when the sink is created, so ``cluster_tracking`` itself works without it.
+plots and ``report.json`` of all but the newest ``max_backlog`` waiting steps are thinned (every
+step's metrics are kept), with one warning. MLflow is imported when the sink is created, so
+``cluster_tracking`` itself works without it.
 """
 
 from __future__ import annotations
@@ -164,7 +163,9 @@ class MlflowSink(BackgroundSender):
 
         if run_id is None:
             active = mlflow.active_run()
-            if active is not None and (tracking_uri is None or tracking_uri == _fluent_uri()):
+            if active is not None and (
+                tracking_uri is None or tracking_uri == str(mlflow.get_tracking_uri())
+            ):
                 run_id = active.info.run_id
         if run_id is None:
             run_id = self._create_run(experiment_name, run_name)
@@ -391,12 +392,6 @@ class MlflowSink(BackgroundSender):
 
     def __repr__(self) -> str:
         return f"MlflowSink(run_id={self.run_id!r}, tracking_uri={self.tracking_uri!r})"
-
-
-def _fluent_uri() -> str:
-    import mlflow
-
-    return str(mlflow.get_tracking_uri())
 
 
 def _parts(entry: Item) -> tuple[str, ...]:

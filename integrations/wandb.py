@@ -54,16 +54,14 @@ Line charts use ``clusterability/step`` and are exact whatever ``_step`` is; med
 heat map, cluster matrix and composition images, the cluster table) step through ``_step``, and
 each image's caption names the training step measured (``measured at step 2000``).
 
-Delivery is exactly once and survives W&B calls that fail: every item is first written to a local
-spool (a :class:`~cluster_tracking.tracking.sinks.LocalDirectorySink`), then sent with a few quick
-retries
-(0.5 s, 1 s); when W&B still fails the item stays spooled, a
-:class:`~cluster_tracking.errors.ClusterTrackingWarning` says so, training goes on, and
-every later
-call (and ``close()``) sends what is spooled, in order. ``delivered.json`` in the spool records what
-was sent, so nothing is logged twice; after a send whose outcome is unknown (the process died during
-it), the run's summary is checked before a history row is sent again. Config, summary fields and
-artifacts are idempotent (an artifact with the same contents is the same version).
+Delivery is exactly once and survives W&B calls that fail
+(:mod:`cluster_tracking.tracking.delivery`): every item is first written to a local spool, then
+sent with a few quick retries (0.5 s, 1 s); when W&B still fails the item stays spooled, a
+:class:`~cluster_tracking.errors.ClusterTrackingWarning` says so, training goes on, and every
+later call (and ``close()``) sends what is spooled, in order. ``delivered.json`` in the spool
+records what was sent, so nothing is logged twice; after a send whose outcome is unknown (the
+process died during it), the run's summary is checked before a history row is sent again.
+Config, summary fields and artifacts are idempotent.
 
 Threads: the tracker calls the sink from its background logging thread. W&B's ``run.log`` may be
 called from any thread (checked with wandb 0.31: every record goes to wandb-core through one
@@ -93,7 +91,7 @@ from cluster_tracking.integrations._wandb_rows import (
     image_caption,
     trajectory_point,
 )
-from cluster_tracking.report import PROCEDURE_PARAM, ClusterabilityReport
+from cluster_tracking.report import ClusterabilityReport
 from cluster_tracking.tracking.delivery import Outcome, require_package, send_with_retries
 from cluster_tracking.tracking.spool import DEFAULT_SPOOL_ROOT, Item
 
@@ -233,23 +231,6 @@ class WandbSink(_WandbRows):
             self.spool.log_params(params)
             self._append({"kind": "params", "params": _plain_params(params)})
             self._drain()
-
-    def _warn_if_other_procedure(self, params: Mapping[str, Any]) -> None:
-        """One warning when the run's config (a resumed run, or a run an earlier tracker
-        wrote to) names another clustering procedure than ``params``: n-cuts and z-scores of
-        the two are not comparable. The config then takes the new value, as W&B allows."""
-        try:
-            old = dict(self.run.config).get(PROCEDURE_PARAM) if self.run is not None else None
-        except Exception:  # a config W&B cannot read now: nothing to compare with
-            return
-        new = params.get(PROCEDURE_PARAM)
-        if old is not None and new is not None and str(old) != str(new):
-            warn(
-                f"W&B run {self.run_id} was already measured under clustering procedure "
-                f"{str(old)!r}; this tracker measures under {str(new)!r}: the run's n-cuts and "
-                "z-scores of the two are not comparable (log them to separate runs). Its config "
-                f"now says {str(new)!r}."
-            )
 
     def log_report(
         self, report: ClusterabilityReport, step: int, artifacts: Mapping[str, Path]
