@@ -18,7 +18,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from cluster_tracking.errors import ClusterTrackingError, ConfigError, GraphError, SourceError
+from cluster_tracking.errors import (
+    ClusterTrackingError,
+    ClusterTrackingWarning,
+    ConfigError,
+    GraphError,
+    SinkError,
+    SourceError,
+)
 from cluster_tracking.graph.types import EdgeBlock, WeightGraph
 from cluster_tracking.measure import measure
 from cluster_tracking.report import (
@@ -37,8 +44,8 @@ if TYPE_CHECKING:
     from cluster_tracking.promote.clusterable_init import clusterable_init_, module_assignment
     from cluster_tracking.promote.normalization import ReLUWeightNormalizer
     from cluster_tracking.promote.regularizer import SpectralRegularizer
-    from cluster_tracking.tracking.sinks import LocalDirectorySink, Sink, SinkError
-    from cluster_tracking.tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
+    from cluster_tracking.tracking.sinks import LocalDirectorySink, Sink
+    from cluster_tracking.tracking.tracker import ClusterabilityTracker
 
 #: Public names imported on first use, and the module each comes from.
 _LAZY = {
@@ -49,9 +56,7 @@ _LAZY = {
     "SpectralRegularizer": "cluster_tracking.promote.regularizer",
     "LocalDirectorySink": "cluster_tracking.tracking.sinks",
     "Sink": "cluster_tracking.tracking.sinks",
-    "SinkError": "cluster_tracking.tracking.sinks",
     "ClusterabilityTracker": "cluster_tracking.tracking.tracker",
-    "ClusterTrackingWarning": "cluster_tracking.tracking.tracker",
 }
 
 

@@ -48,7 +48,7 @@ and a ``module=`` that leads to no ``nn.Module``, are configuration errors: they
 (:class:`~cluster_tracking.errors.GraphError`, :class:`~cluster_tracking.errors.ConfigError`)
 from ``on_fit_start``, before the first training step. A model whose *whole* graph cannot be
 built (the default, ``layers=None``) gives one
-:class:`~cluster_tracking.tracking.tracker.ClusterTrackingWarning` at the start of ``fit``;
+:class:`~cluster_tracking.errors.ClusterTrackingWarning` at the start of ``fit``;
 training then
 runs without measurements. Every later failure (a measurement, a plot, a tracking server) is a
 warning too: the callback never stops training.

@@ -21,66 +21,44 @@ What lands in the run:
 
 Delivery is exactly once, never waits in the training process's way, and survives a tracking
 server that is slow or goes away: every item is first written to a local spool (a folder with
-``outbox.jsonl`` and ``delivered.json``), and the sink's own sender thread delivers what is spooled
-in the background. A backlog goes out in bulk, not item by item: the metrics of every waiting
-measurement in one ``log_batch`` request, their artifacts uploaded ``upload_threads`` at a time.
-A slow server is not a dead one: requests carry MLflow's own timeout
-(``MLFLOW_HTTP_REQUEST_TIMEOUT``, 120 s by default), and the server's ``/health`` is probed
-(``probe_timeout``) only after a request failed, until it answers again; before that, a TCP
-connect (no request) tells a server that is not there from a slow one in milliseconds. When the
-server does not answer after a few quick retries (0.5 s, 1 s), items stay spooled and are sent
-when it answers (tried again every ``retry_interval`` seconds and at every new item).
-``delivered.json`` records what the server acknowledged, so nothing is sent twice; after a
-failure whose outcome is unknown, the run's metric history is checked before metrics are sent
-again. (A request already under way when the server goes down is
-retried by MLflow's own client first, for minutes by default: lower
-``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` to fall back to the spool sooner.)
+``outbox.jsonl`` and ``delivered.json``), and the sink's own sender thread delivers it, a backlog
+in bulk (:mod:`cluster_tracking.tracking.sender`). A slow server is not a dead one: requests
+carry MLflow's own timeout (``MLFLOW_HTTP_REQUEST_TIMEOUT``, 120 s by default), and the server's
+``/health`` is probed (``probe_timeout``) only after a request failed, until it answers again;
+before that, a TCP connect (no request) tells a server that is not there from a slow one in
+milliseconds. ``delivered.json`` records what the server acknowledged, so nothing is sent twice;
+after a failure whose outcome is unknown, the run's metric history is checked before metrics
+are sent again. (A request already under way when the server goes down is retried by MLflow's
+own client first, for minutes by default: lower ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` to fall back
+to the spool sooner.)
 
-Bounded: a delivered item leaves the spool at once (its files and its outbox line), so with a
-reachable server the spool holds only what is in flight. While the server is slow or down, the
-metrics of every step are kept; the plots and ``report.json`` of all but the newest
-``max_backlog`` waiting steps are thinned (deleted, and recorded as ``thinned`` in
-``delivered.json``), with one warning.
-
-MLflow is imported when the sink is created, so ``cluster_tracking`` itself works without it.
+Bounded: a delivered item leaves the spool at once; while the server is slow or down, the
+plots and ``report.json`` of all but the newest ``max_backlog`` waiting steps are thinned (every
+step's metrics are kept), with one warning. MLflow is imported when the sink is created, so
+``cluster_tracking`` itself works without it.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
-import logging
 import os
-import shutil
-import socket
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from cluster_tracking.errors import describe, warn
-from cluster_tracking.report import ClusterabilityReport
-from cluster_tracking.tracking.sinks import (
-    ARTIFACT_ROOT,
-    LocalDirectorySink,
-    SinkError,
-    logged_metrics,
-    step_artifact_dir,
-)
-from cluster_tracking.tracking.spool import DEFAULT_SPOOL_ROOT, Item, Outbox
+from cluster_tracking.errors import SinkError, describe, warn
+from cluster_tracking.integrations.tracking_uri import check_connectable, probe_health
+from cluster_tracking.report import PROCEDURE_PARAM, ClusterabilityReport
+from cluster_tracking.tracking.delivery import require_package
+from cluster_tracking.tracking.sender import BackgroundSender
+from cluster_tracking.tracking.spool import DEFAULT_SPOOL_ROOT, Item
 
 __all__ = ["DEFAULT_CLOSE_TIMEOUT", "INSTALL_HINT", "MlflowSink"]
 
 #: How to install what this module needs.
 INSTALL_HINT = "pip install 'cluster-tracking[mlflow]'"
-
-#: The run param (W&B: config key) naming the procedure of the logged numbers.
-PROCEDURE_PARAM = "clusterability.procedure"
 
 # MLflow error codes that retrying cannot fix: the item is set aside (kept in the spool).
 _PERMANENT_ERRORS = frozenset(
@@ -93,28 +71,12 @@ _PERMANENT_ERRORS = frozenset(
     }
 )
 
-_log = logging.getLogger(__name__)
-
 #: Seconds :meth:`MlflowSink.close` spends delivering by default before it leaves the rest in
 #: the spool.
 DEFAULT_CLOSE_TIMEOUT = 10.0
 
 
-def _import_mlflow() -> ModuleType:
-    try:
-        import mlflow
-    except ImportError as error:
-        raise SinkError(
-            f"MlflowSink needs the mlflow package, which is not installed: {INSTALL_HINT}"
-        ) from error
-    return mlflow
-
-
-class _Unreachable(Exception):
-    """The tracking server did not answer its health check."""
-
-
-class MlflowSink:
+class MlflowSink(BackgroundSender):
     """A :class:`~cluster_tracking.tracking.sinks.Sink` that logs clusterability to an MLflow run.
 
     Everything goes through :class:`mlflow.MlflowClient` with an explicit run id, so it is safe
@@ -152,6 +114,8 @@ class MlflowSink:
         SinkError: mlflow is not installed, or there is no run and none can be created.
     """
 
+    platform = "MLflow"
+
     def __init__(
         self,
         run_id: str | None = None,
@@ -168,7 +132,7 @@ class MlflowSink:
         retry_interval: float = 5.0,
         close_timeout: float | None = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
-        mlflow = _import_mlflow()
+        mlflow = require_package("mlflow", "MlflowSink", INSTALL_HINT)
         from mlflow.tracking import MlflowClient
 
         if retries < 1:
@@ -187,41 +151,31 @@ class MlflowSink:
         if close_timeout is not None and not close_timeout >= 0:
             raise SinkError(f"close_timeout must be >= 0 seconds or None, got {close_timeout}.")
         self.close_timeout = None if close_timeout is None else float(close_timeout)
-        self._abandoned = False  # close() gave up: send nothing more
         self.tracking_uri: str = tracking_uri or mlflow.get_tracking_uri()
         self._client = MlflowClient(tracking_uri=self.tracking_uri)
         self._sync_supported = "synchronous" in inspect.signature(self._client.log_batch).parameters
-        self._lock = threading.RLock()  # the outbox and the spool's files
-        self._send_lock = threading.Lock()  # one delivery pass at a time
-        self._wake = threading.Event()
-        self._sender: threading.Thread | None = None
-        self._stopping = False
-        self._in_flight: set[int] = set()  # seqs whose files are being uploaded
-        self._suspect = False  # a request failed: probe /health before the next one
-        self._warned_thinning = False
+        self._init_delivery()
+        self._init_sender()
         self._owns_run = False
-        self._closed = False
-        self._offline_error: BaseException | None = None
-        self.inert = not _is_rank_zero()
         self.run_id: str = run_id or ""
         if self.inert:  # other ranks of a distributed run: no run, no spool, no calls
             return
 
         if run_id is None:
             active = mlflow.active_run()
-            if active is not None and (tracking_uri is None or tracking_uri == _fluent_uri()):
+            if active is not None and (
+                tracking_uri is None or tracking_uri == str(mlflow.get_tracking_uri())
+            ):
                 run_id = active.info.run_id
         if run_id is None:
             run_id = self._create_run(experiment_name, run_name)
             self._owns_run = True
         self.run_id = run_id
 
-        self._temporary_spool = spool_dir is None
         root = DEFAULT_SPOOL_ROOT if spool_dir is None else Path(spool_dir)
-        self.spool_path = root / run_id
-        self._spool: LocalDirectorySink | None = None  # created with the first item
-        self._outbox = Outbox(
-            self.spool_path,
+        self._open_spool(
+            root / run_id,
+            temporary=spool_dir is None,
             parts=_parts,
             identity={"run_id": self.run_id, "tracking_uri": self.tracking_uri},
         )
@@ -276,7 +230,7 @@ class MlflowSink:
 
         def read() -> None:
             try:
-                self._connectable()
+                check_connectable(self.tracking_uri, self.probe_timeout)
                 answer.append(dict(self._client.get_run(self.run_id).data.params))
             except Exception:
                 pass
@@ -293,17 +247,7 @@ class MlflowSink:
         if self.inert:
             return
         with self._lock:
-            self.spool.copy_artifacts(artifacts, self.spool_path / step_artifact_dir(step))
-            self._append(
-                {
-                    "kind": "report",
-                    "step": int(step),
-                    "timestamp_ms": int(time.time() * 1000),
-                    "metrics": logged_metrics(report),
-                    "folder": step_artifact_dir(step),
-                    "files": sorted(Path(name).name for name in artifacts),
-                }
-            )
+            self._spool_report(report, step, artifacts, timestamp_ms=int(time.time() * 1000))
             self._thin()
         self._kick()
 
@@ -314,14 +258,7 @@ class MlflowSink:
         if self.inert:
             return
         with self._lock:
-            self.spool.log_summary(reports, artifacts)
-            self._append(
-                {
-                    "kind": "summary",
-                    "folder": ARTIFACT_ROOT,
-                    "files": sorted(Path(name).name for name in artifacts),
-                }
-            )
+            self._spool_summary(reports, artifacts)
         self._kick()
 
     def close(self, timeout: float | None = None) -> None:
@@ -332,215 +269,16 @@ class MlflowSink:
                 (``None``: ``close_timeout``). Whatever is not delivered by then stays in
                 :attr:`spool`, and one warning says where and how to deliver it.
         """
-        if self.inert:
-            return
-        bounds = [bound for bound in (timeout, self.close_timeout) if bound is not None]
-        timeout = min(bounds) if bounds else None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._stopping = True
-        self._wake.set()
-        if self._sender is not None:
-            self._sender.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        delivered = not self._sender_alive() and self._drain_within(deadline)
-        if not delivered:
-            self._abandoned = True  # a request under way may finish; nothing more is sent
-        left = self.pending
-        if not delivered or left:
-            reason = (
-                describe(self._offline_error)
-                if self._offline_error is not None
-                else f"close() ran out of its {timeout} s"
-            )
-            warn(
-                f"{left} clusterability item(s) could not be delivered to MLflow at "
-                f"{self.tracking_uri} ({reason}); they are kept in "
-                f"{self.spool_path}. Deliver them later with MlflowSink(run_id="
-                f"{self.run_id!r}, tracking_uri={self.tracking_uri!r}, spool_dir="
-                f"{str(self.spool_path.parent)!r}).close()."
-            )
+        if self.inert or not self._finish_delivery(timeout, self.close_timeout):
             return
         if self._owns_run:
             try:
                 self._client.set_terminated(self.run_id, "FINISHED")
             except Exception as error:
                 warn(f"could not finish the MLflow run {self.run_id}: {describe(error)}.")
-        if self._temporary_spool:
-            shutil.rmtree(self.spool_path, ignore_errors=True)
+        self._remove_temporary_spool()
 
     # ---------------------------------------------------------------------------- delivery
-
-    @property
-    def spool(self) -> LocalDirectorySink:
-        """The local folder of what waits for the server (created on first use)."""
-        if self._spool is None:
-            self._spool = LocalDirectorySink(self.spool_path)
-        return self._spool
-
-    @property
-    def pending(self) -> int:
-        """Number of spooled items (params, reports, summary) not yet delivered."""
-        if self.inert:
-            return 0
-        with self._lock:
-            return self._outbox.pending
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Try to deliver everything spooled now, in this thread; True when nothing is left."""
-        if self.inert:
-            return True
-        return self._drain(None if timeout is None else time.monotonic() + timeout)
-
-    def _append(self, entry: Item) -> None:
-        self._outbox.append(entry)
-
-    def _kick(self) -> None:
-        """Wake the sender thread (started with the first item)."""
-        if self._closed:
-            return
-        if self._sender is None:
-            self._sender = threading.Thread(
-                target=self._send_loop, name="cluster-tracking-mlflow", daemon=True
-            )
-            self._sender.start()
-        self._wake.set()
-
-    def _sender_alive(self) -> bool:
-        return self._sender is not None and self._sender.is_alive()
-
-    def _send_loop(self) -> None:
-        while not self._stopping:
-            self._wake.wait(self.retry_interval if self._offline_error is not None else None)
-            self._wake.clear()
-            if self._stopping:
-                return
-            try:
-                self._drain()
-            except Exception as error:  # never let the sender die silently
-                warn(f"the MLflow sender failed: {describe(error)}; items stay spooled.")
-
-    def _thin(self) -> None:
-        """Keep the spool bounded while the server is slow or down (with ``_lock`` held): the
-        files of all but the newest ``max_backlog`` waiting reports go; their metrics stay."""
-        waiting = [
-            item
-            for item in self._outbox.items
-            if item["kind"] == "report"
-            and f"{item['seq']}:artifacts" in self._outbox.undelivered(item)
-            and item["seq"] not in self._in_flight
-        ]
-        excess = waiting[: max(0, len(waiting) - self.max_backlog)]
-        for item in excess:
-            self._outbox.mark(thinned=f"{item['seq']}:artifacts")
-            shutil.rmtree(self.spool_path / item["folder"], ignore_errors=True)
-        if excess and not self._warned_thinning:
-            self._warned_thinning = True
-            warn(
-                f"MLflow at {self.tracking_uri} is slower than the measurements: to keep the "
-                f"spool bounded, the plots and report.json of steps waiting beyond the newest "
-                f"{self.max_backlog} are dropped (first: step {excess[0]['step']}); every step's "
-                "metrics are kept and delivered. Raise max_backlog= to keep more."
-            )
-
-    def _drain_within(self, deadline: float | None) -> bool:
-        """:meth:`_drain` in a thread of its own, waited for until ``deadline`` at most: a
-        request to a hung server blocks for MLflow's request timeout, which the deadline
-        checks between requests cannot cut short. False when it ran out."""
-        result: list[bool] = []
-        drainer = threading.Thread(
-            target=lambda: result.append(self._drain(deadline)),
-            name="cluster-tracking-mlflow-close",
-            daemon=True,
-        )
-        drainer.start()
-        drainer.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return bool(result and result[0])
-
-    def _drain(self, deadline: float | None = None) -> bool:
-        """Deliver everything spooled: params, then the metrics of every waiting report in one
-        request, their artifacts a few at a time, then the summary. False when something is
-        left (the server failed, or ``deadline`` passed)."""
-        with self._send_lock:
-            ok = self._deliver_all(deadline)
-            with self._lock:
-                for item in self._outbox.prune():  # delivered: its files leave the spool
-                    if item["kind"] == "report":
-                        shutil.rmtree(self.spool_path / item["folder"], ignore_errors=True)
-                    elif item["kind"] == "summary":
-                        for name in item["files"]:
-                            (self.spool_path / item["folder"] / name).unlink(missing_ok=True)
-                left = self._outbox.pending
-        if ok and not left and self._offline_error is not None:
-            _log.info("MLflow at %s answers again; spooled items delivered.", self.tracking_uri)
-            self._offline_error = None
-        return ok and not left
-
-    def _deliver_all(self, deadline: float | None) -> bool:
-        def late() -> bool:
-            return deadline is not None and time.monotonic() > deadline
-
-        with self._lock:
-            waiting = [(item, self._outbox.undelivered(item)) for item in self._outbox.items]
-        waiting = [(item, keys) for item, keys in waiting if keys]
-        for item, keys in waiting:  # params first, in order
-            if item["kind"] == "params":
-                if late() or not self._attempt(keys, lambda i=item: self._send_params(i)):
-                    return False
-        reports = [(item, keys) for item, keys in waiting if item["kind"] == "report"]
-        metric_keys = {key: item for item, keys in reports for key in keys if "metrics" in key}
-        # every file of every waiting report, and of the summary, a few at a time, while the
-        # metrics of every waiting report go in one request
-        files = {key: item for item, keys in reports for key in keys if "artifacts" in key}
-        files.update(
-            {key: item for item, keys in waiting if item["kind"] == "summary" for key in keys}
-        )
-        if late() or not (metric_keys or files):
-            return not late()
-        return self._upload(files, metric_keys)
-
-    def _attempt(self, keys: list[str], send: Any) -> bool:
-        """Run ``send()`` for ``keys`` with retries; record them done. False when the server
-        stayed unreachable (the keys stay undelivered)."""
-        error: BaseException | None = None
-        for attempt in range(self.retries):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            if self._abandoned:
-                return False
-            try:
-                if self._suspect:
-                    self._probe()  # HTTP /health, only after a failure
-                else:
-                    self._connectable()  # a TCP handshake: no request, so a slow server is fine
-                send()
-            except Exception as failure:
-                if _is_permanent(failure):
-                    with self._lock:
-                        for key in keys:
-                            self._outbox.mark(dropped=key)
-                    warn(
-                        f"MLflow refused clusterability item(s) {', '.join(keys)}: "
-                        f"{describe(failure)}. They are kept in {self.spool_path}."
-                    )
-                    return True
-                self._suspect = True
-                error = failure
-                continue
-            self._suspect = False
-            with self._lock:
-                self._outbox.mark(done=keys)
-            return True
-        if self._offline_error is None:
-            warn(
-                f"MLflow at {self.tracking_uri} is unreachable or failing ({describe(error)}); "
-                f"clusterability reports are spooled to {self.spool_path} and will be delivered "
-                "when it answers again. Training goes on."
-            )
-        self._offline_error = error
-        return False
 
     def _send_params(self, entry: Item) -> None:
         from mlflow.entities import Param
@@ -568,34 +306,6 @@ class MlflowSink:
         for start in range(0, len(metrics), 1000):
             self._client.log_batch(self.run_id, metrics=metrics[start : start + 1000], **self._sync)
 
-    def _upload(self, keys: Mapping[str, Item], metric_keys: Mapping[str, Item]) -> bool:
-        """Send the metrics of ``metric_keys`` in one request and upload the files of ``keys``
-        (artifact parts), ``upload_threads`` requests at a time; a part is done when all its
-        files are. False when something stayed undelivered."""
-        with self._lock:  # from here on, _thin() leaves these alone
-            keys = {key: item for key, item in keys.items() if key not in self._outbox.thinned}
-            self._in_flight = {item["seq"] for item in keys.values()}
-        tasks = [(key, entry, name) for key, entry in keys.items() for name in entry["files"]]
-        jobs: list[Callable[[], bool]] = [
-            functools.partial(self._attempt, [], functools.partial(self._send_file, *task[1:]))
-            for task in tasks
-        ]
-        if metric_keys:
-            jobs.append(
-                lambda: self._attempt(list(metric_keys), lambda: self._send_metrics(metric_keys))
-            )
-        try:
-            outcomes = _in_daemon_threads(jobs, self.upload_threads)
-            results = outcomes[: len(tasks)]
-            metrics_ok = all(outcomes[len(tasks) :])
-        finally:
-            with self._lock:
-                self._in_flight = set()
-        failed = {key for (key, _, _), ok in zip(tasks, results, strict=True) if not ok}
-        with self._lock:
-            self._outbox.mark(done=[key for key in keys if key not in failed])
-        return metrics_ok and not failed
-
     def _send_file(self, entry: Item, name: str) -> None:
         folder = self.spool_path / entry["folder"]
         self._client.log_artifact(self.run_id, str(folder / name), entry["folder"])
@@ -615,33 +325,49 @@ class MlflowSink:
             m.step == entry["step"] and m.timestamp == entry["timestamp_ms"] for m in history
         )
 
-    def _connectable(self) -> None:
-        """Fail fast when nothing listens at an HTTP tracking URI (MLflow's own client would
-        retry a refused connection for minutes); a server that accepts is given its time."""
-        if not self.tracking_uri.startswith(("http://", "https://")):
-            return
-        parsed = urllib.parse.urlsplit(self.tracking_uri)
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            socket.create_connection(
-                (parsed.hostname or "localhost", port), self.probe_timeout
-            ).close()
-        except OSError as error:
-            raise _Unreachable(f"cannot connect to {parsed.netloc}: {error}") from error
+    def _check(self, suspect: bool) -> None:
+        """Before a request: after a failure (``suspect``), the server's ``/health``, until it
+        answers again; else only a TCP connect (no request, so a slow server is fine)."""
+        if suspect:
+            probe_health(self.tracking_uri, self.probe_timeout)
+        else:
+            check_connectable(self.tracking_uri, self.probe_timeout)
 
-    def _probe(self) -> None:
-        """Fail fast when an HTTP tracking server is down (MLflow itself retries for minutes)."""
-        if not self.tracking_uri.startswith(("http://", "https://")):
-            return
-        url = self.tracking_uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=self.probe_timeout):
-                return
-        except urllib.error.HTTPError as error:
-            if error.code >= 500:
-                raise _Unreachable(f"{url} answered HTTP {error.code}") from error
-        except (OSError, ValueError) as error:
-            raise _Unreachable(f"no answer from {url}: {error}") from error
+    def _refused(self, error: BaseException) -> bool:
+        """MLflow error codes that retrying cannot fix: the item is set aside (kept in the
+        spool)."""
+        code = getattr(error, "error_code", None)
+        return isinstance(code, str) and code in _PERMANENT_ERRORS
+
+    def _warn_refused(self, keys: list[str], error: BaseException) -> None:
+        warn(
+            f"MLflow refused clusterability item(s) {', '.join(keys)}: "
+            f"{describe(error)}. They are kept in {self.spool_path}."
+        )
+
+    def _offline_message(self, error: BaseException | None) -> str:
+        return (
+            f"MLflow at {self.tracking_uri} is unreachable or failing ({describe(error)}); "
+            f"clusterability reports are spooled to {self.spool_path} and will be delivered "
+            "when it answers again. Training goes on."
+        )
+
+    def _thinning_message(self, first_step: int) -> str:
+        return (
+            f"MLflow at {self.tracking_uri} is slower than the measurements: to keep the "
+            f"spool bounded, the plots and report.json of steps waiting beyond the newest "
+            f"{self.max_backlog} are dropped (first: step {first_step}); every step's "
+            "metrics are kept and delivered. Raise max_backlog= to keep more."
+        )
+
+    def _destination(self) -> str:
+        return f"MLflow at {self.tracking_uri}"
+
+    def _later(self) -> str:
+        return (
+            f"later with MlflowSink(run_id={self.run_id!r}, tracking_uri={self.tracking_uri!r}, "
+            f"spool_dir={str(self.spool_path.parent)!r}).close()"
+        )
 
     def _create_run(self, experiment_name: str | None, run_name: str | None) -> str:
         try:
@@ -668,51 +394,6 @@ class MlflowSink:
         return f"MlflowSink(run_id={self.run_id!r}, tracking_uri={self.tracking_uri!r})"
 
 
-def _fluent_uri() -> str:
-    import mlflow
-
-    return str(mlflow.get_tracking_uri())
-
-
-def _is_rank_zero() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
-
-
-def _is_permanent(error: BaseException) -> bool:
-    code = getattr(error, "error_code", None)
-    return isinstance(code, str) and code in _PERMANENT_ERRORS
-
-
 def _parts(entry: Item) -> tuple[str, ...]:
     """The parts of a spooled item, delivered (and recorded) one by one, in this order."""
     return ("metrics", "artifacts") if entry["kind"] == "report" else (entry["kind"],)
-
-
-def _in_daemon_threads(jobs: Sequence[Callable[[], bool]], threads: int) -> list[bool]:
-    """Run ``jobs`` ``threads`` at a time; their results in order. Daemon threads, not a
-    ``ThreadPoolExecutor``, whose threads the interpreter joins at exit: a request stuck on a
-    dead server (MLflow retries for minutes) held a training script's exit for minutes after
-    ``close()`` had returned."""
-    results = [False] * len(jobs)
-    order = iter(range(len(jobs)))
-    lock = threading.Lock()
-
-    def work() -> None:
-        while True:
-            with lock:
-                index = next(order, None)
-            if index is None:
-                return
-            results[index] = jobs[index]()
-
-    workers = [
-        threading.Thread(target=work, name="cluster-tracking-mlflow-upload", daemon=True)
-        for _ in range(max(1, min(threads, len(jobs))))
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    return results

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -99,24 +100,83 @@ def _file_store_allowed() -> bool:
     return os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("1", "true", "yes")
 
 
+class ServerUnreachable(Exception):
+    """An HTTP tracking server did not pass its ``/health`` check (:func:`probe_health`), or
+    nothing listens at its address.
+
+    Attributes:
+        status: the HTTP status it answered (500 or more), or ``None`` when it did not answer.
+        reason: why it did not answer (the connection's error), or ``None``.
+    """
+
+    def __init__(self, message: str, status: int | None = None, reason: object = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+def probe_health(uri: str, timeout: float) -> None:
+    """Ask an HTTP tracking server's ``/health`` (connect and read within ``timeout`` seconds).
+
+    The one health probe of cluster-tracking: the CLI checks a server with it before MLflow is
+    given the URI, and the MLflow sink after a request failed. Any answer below HTTP 500 passes
+    (a proxy without ``/health`` answers 404: let MLflow talk to it); a URI that is not HTTP is
+    not probed.
+
+    Raises:
+        ServerUnreachable: the server answered 500 or more, or did not answer.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return
+    except urllib.error.HTTPError as error:
+        if error.code >= 500:
+            raise ServerUnreachable(
+                f"{url} answered HTTP {error.code}", status=error.code
+            ) from error
+    except (OSError, ValueError) as error:
+        raise ServerUnreachable(
+            f"no answer from {url}: {error}", reason=getattr(error, "reason", error)
+        ) from error
+
+
+def check_connectable(uri: str, timeout: float) -> None:
+    """Fail fast when nothing listens at an HTTP tracking URI (MLflow's own client would retry
+    a refused connection for minutes): a TCP connect within ``timeout`` seconds, no request, so
+    a server that accepts is given its time. A URI that is not HTTP is not checked.
+
+    Raises:
+        ServerUnreachable: the connection was refused or timed out.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    parsed = urllib.parse.urlsplit(uri)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname or "localhost", port), timeout).close()
+    except OSError as error:
+        raise ServerUnreachable(
+            f"cannot connect to {parsed.netloc}: {error}", reason=error
+        ) from error
+
+
 def _check_tracking_store(uri: str) -> None:
     if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
         try:
-            with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT):
-                return
-        except urllib.error.HTTPError as error:
-            if error.code < 500:
-                return  # it answers (e.g. a proxy without /health): let MLflow talk to it
+            probe_health(uri, PROBE_TIMEOUT)
+        except ServerUnreachable as error:
+            if error.status is not None:
+                raise PlatformError(
+                    f"the MLflow server at {uri} answers HTTP {error.status}; is it healthy?"
+                ) from error
             raise PlatformError(
-                f"the MLflow server at {uri} answers HTTP {error.code}; is it healthy?"
+                f"cannot reach the MLflow server at {uri} ({_first_line(error.reason)}); start "
+                "it, or pass --tracking-uri / set MLFLOW_TRACKING_URI."
             ) from error
-        except (OSError, ValueError) as error:
-            reason = getattr(error, "reason", error)
-            raise PlatformError(
-                f"cannot reach the MLflow server at {uri} ({_first_line(reason)}); start it, or "
-                "pass --tracking-uri / set MLFLOW_TRACKING_URI."
-            ) from error
+        return
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme == "sqlite":
         database = uri.split(":///", 1)[1] if ":///" in uri else ""

@@ -58,7 +58,7 @@ Errors. A ``layers=`` selection that names an unknown module, matches nothing, o
 is a configuration error: it raises :class:`~cluster_tracking.errors.GraphError` from
 ``on_train_begin``, before the first training step, with the available layer names. A model whose
 *whole* graph cannot be built (the default, ``layers=None``) gives one
-:class:`~cluster_tracking.tracking.tracker.ClusterTrackingWarning` at the start of training;
+:class:`~cluster_tracking.errors.ClusterTrackingWarning` at the start of training;
 training then
 runs without measurements. Every later failure (a measurement, a plot, a tracking server) is a
 warning too: the callback never stops training.

@@ -34,9 +34,8 @@ from torch import nn
 from cluster_tracking import measure
 from cluster_tracking.audit.run import AuditSettings, exit_code, parse_k, parse_layers
 from cluster_tracking.audit.sources import PlatformError
-from cluster_tracking.errors import EXIT_CODES, ConfigError, GraphError, SourceError
+from cluster_tracking.errors import EXIT_CODES, ConfigError, GraphError, SinkError, SourceError
 from cluster_tracking.report import METRIC_KEYS, ClusterabilityReport
-from cluster_tracking.tracking.sinks import SinkError
 
 BUNDLE = ("report.json", "adjacency.png", "cluster_matrix.png", "composition.png", "report.html")
 FAST = ["--k", "3", "--shuffles", "6", "--seed", "0", "--jobs", "1"]

@@ -20,8 +20,9 @@ from _servers import MlflowServer
 from mlflow import MlflowClient
 from torch import nn
 
+from cluster_tracking.errors import ClusterTrackingWarning
 from cluster_tracking.report import METRIC_KEYS
-from cluster_tracking.tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
+from cluster_tracking.tracking.tracker import ClusterabilityTracker
 
 
 @pytest.fixture

@@ -20,8 +20,7 @@ from _wandb_offline import find_run_dir, read_offline_run
 from mlflow import MlflowClient
 
 from cluster_tracking.integrations.wandb import STEP_METRIC, image_caption
-from cluster_tracking.report import METRIC_KEYS
-from cluster_tracking.tracking.sinks import SKIPPED_STEPS_METRIC
+from cluster_tracking.report import METRIC_KEYS, SKIPPED_STEPS_METRIC
 
 REPO = Path(__file__).resolve().parents[1]
 

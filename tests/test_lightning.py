@@ -26,12 +26,11 @@ from mlflow import MlflowClient
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cluster_tracking.errors import ConfigError, GraphError
+from cluster_tracking.errors import ClusterTrackingWarning, ConfigError, GraphError
 from cluster_tracking.integrations.lightning import ClusterabilityCallback
 from cluster_tracking.integrations.wandb import STEP_METRIC
-from cluster_tracking.report import METRIC_KEYS, ClusterabilityReport
+from cluster_tracking.report import METRIC_KEYS, SUMMARY_ARTIFACTS, ClusterabilityReport
 from cluster_tracking.tracking.sinks import LocalDirectorySink
-from cluster_tracking.tracking.tracker import SUMMARY_ARTIFACTS, ClusterTrackingWarning
 
 REPO = Path(__file__).resolve().parents[1]
 FAST: dict[str, Any] = {"k": 3, "shuffles": 4, "n_jobs": 1, "seed": 1, "on_backlog": "queue"}

@@ -24,9 +24,9 @@ from _servers import DelayingProxy, MlflowServer
 from mlflow import MlflowClient
 from torch import nn
 
+from cluster_tracking.errors import ClusterTrackingWarning, SinkError
 from cluster_tracking.report import METRIC_KEYS, ClusterabilityReport
-from cluster_tracking.tracking.sinks import SinkError
-from cluster_tracking.tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
+from cluster_tracking.tracking.tracker import ClusterabilityTracker
 
 REPO = Path(__file__).resolve().parents[1]
 # Measuring in a thread: these tests are about the sink; one test keeps the default process.
@@ -374,6 +374,18 @@ def test_the_core_does_not_import_mlflow() -> None:
         "cluster_tracking.tracking.sinks, cluster_tracking.viz.plots, "
         "cluster_tracking.viz.html_report, cluster_tracking.integrations.mlflow"
         "\nassert 'mlflow' not in sys.modules, 'mlflow was imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_importing_the_platform_sinks_loads_no_torch_and_no_platform() -> None:
+    """``import cluster_tracking.integrations.mlflow`` (and ``.wandb``) is cheap: torch, mlflow
+    and wandb are imported when a sink is created (or its rank is asked), never at import."""
+    code = (
+        "import sys, cluster_tracking.integrations.mlflow, cluster_tracking.integrations.wandb"
+        "\nloaded = [name for name in ('torch', 'mlflow', 'wandb') if name in sys.modules]"
+        "\nassert not loaded, f'imported at import time: {loaded}'"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

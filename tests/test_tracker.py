@@ -20,16 +20,18 @@ import pytest
 import torch
 from torch import nn
 
-from cluster_tracking.errors import ConfigError
+from cluster_tracking.errors import ClusterTrackingWarning, ConfigError
 from cluster_tracking.measure import measure
-from cluster_tracking.report import METRIC_KEYS, ClusterabilityReport
-from cluster_tracking.tracking.sinks import (
+from cluster_tracking.report import (
+    METRIC_KEYS,
+    SCHEMA_VERSION,
     SKIPPED_STEPS_METRIC,
-    LocalDirectorySink,
-    Sink,
+    ClusterabilityReport,
     logged_metrics,
+    summary_document,
 )
-from cluster_tracking.tracking.tracker import ClusterabilityTracker, ClusterTrackingWarning
+from cluster_tracking.tracking.sinks import LocalDirectorySink, Sink
+from cluster_tracking.tracking.tracker import ClusterabilityTracker
 from cluster_tracking.viz.plots import adjacency_figure, block_average, cluster_order
 
 MEASURE: dict[str, Any] = {"k": 3, "shuffles": 4}
@@ -257,17 +259,20 @@ def test_layers_snapshots_measure_the_weights_of_their_step(
     """With layers=[...] the training thread builds the graph at the first due step only (no
     tracing); no graph is built in a thread of the training process later, where it would hold
     the GIL that training needs: later steps copy the weights, and the child process rebuilds."""
-    import cluster_tracking.tracking.tracker as tracker_module
+    import cluster_tracking.tracking.measuring as measuring_module
+    import cluster_tracking.tracking.snapshots as snapshots_module
 
     built: list[str] = []
-    for name in ("weight_graph", "weight_topology"):
-        real = getattr(tracker_module, name)
+    # the measuring thread builds graphs with weight_graph, the training thread's snapshots
+    # trace with weight_topology
+    for module, name in ((measuring_module, "weight_graph"), (snapshots_module, "weight_topology")):
+        real = getattr(module, name)
 
         def counting(*args: Any, real: Any = real, **kwargs: Any) -> Any:
             built.append(threading.current_thread().name)
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(tracker_module, name, counting)
+        monkeypatch.setattr(module, name, counting)
     trainer = Trainer(tiny_mlp(seed=3))
     tracker = ClusterabilityTracker(
         every_n_steps=2, layers=["0", "2", "4"], on_backlog="queue", plots=False, **FAST
@@ -743,3 +748,24 @@ def test_measure_final_measures_the_weights_of_the_last_step_at_close(tmp_path: 
         off.step(trainer.model, step)
     off.close()
     assert [report.step for report in off.reports] == [0, 4, 8]
+
+
+def test_summary_json_is_the_report_packages_summary_document(tmp_path: Path) -> None:
+    """``clusterability/summary.json`` is exactly :func:`summary_document` (schema v1): the one
+    definition of the summary a dashboard reads, whatever process writes it."""
+    trainer = Trainer(tiny_mlp(seed=4))
+    sink = LocalDirectorySink(tmp_path)
+    tracker = ClusterabilityTracker(
+        sinks=[sink], every_n_steps=2, plots=False, on_backlog="queue", max_overhead=None, **FAST
+    )
+    for step in range(5):
+        trainer.step()
+        tracker.step(trainer.model, step)
+    tracker.close()
+    written = json.loads((tmp_path / "clusterability/summary.json").read_text())
+    expected = summary_document(
+        tracker.reports, tracker.params, tracker.skipped_steps, tracker.failed_steps
+    )
+    assert written == json.loads(json.dumps(expected))
+    assert written["schema_version"] == SCHEMA_VERSION == 1
+    assert [point["step"] for point in written["trajectory"]] == [0, 2, 4]

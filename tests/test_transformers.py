@@ -31,16 +31,15 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from cluster_tracking.errors import ConfigError, GraphError
+from cluster_tracking.errors import ClusterTrackingWarning, ConfigError, GraphError
 from cluster_tracking.graph import weight_graph
 from cluster_tracking.integrations.transformers import (
     ClusterabilityTrainerCallback,
     select_layers,
 )
 from cluster_tracking.integrations.wandb import STEP_METRIC
-from cluster_tracking.report import METRIC_KEYS
+from cluster_tracking.report import METRIC_KEYS, SUMMARY_ARTIFACTS
 from cluster_tracking.tracking.sinks import LocalDirectorySink
-from cluster_tracking.tracking.tracker import SUMMARY_ARTIFACTS, ClusterTrackingWarning
 
 REPO = Path(__file__).resolve().parents[1]
 FAST: dict[str, Any] = {"k": 3, "shuffles": 4, "n_jobs": 1, "seed": 1, "on_backlog": "queue"}

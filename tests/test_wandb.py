@@ -23,6 +23,7 @@ import wandb
 from _wandb_offline import OfflineRun, find_run_dir, offline_wandb, read_offline_run
 from torch import nn
 
+from cluster_tracking.errors import ClusterTrackingWarning, SinkError
 from cluster_tracking.integrations.wandb import (
     CLUSTER_TABLE_COLUMNS,
     INSTALL_HINT,
@@ -32,14 +33,13 @@ from cluster_tracking.integrations.wandb import (
     WandbSink,
     image_caption,
 )
-from cluster_tracking.report import METRIC_KEYS, ClusterabilityReport
-from cluster_tracking.tracking.sinks import SinkError
-from cluster_tracking.tracking.tracker import (
+from cluster_tracking.report import (
+    METRIC_KEYS,
     STEP_ARTIFACTS,
     SUMMARY_ARTIFACTS,
-    ClusterabilityTracker,
-    ClusterTrackingWarning,
+    ClusterabilityReport,
 )
+from cluster_tracking.tracking.tracker import ClusterabilityTracker
 
 FAST: dict[str, Any] = {"k": 3, "shuffles": 4, "n_jobs": 1, "seed": 3, "on_backlog": "queue"}
 

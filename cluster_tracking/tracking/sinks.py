@@ -11,9 +11,10 @@ reaches the training loop.
 
 Artifacts are plain files that the tracker wrote into its own working directory; a sink copies or
 uploads them *during* the call (the tracker deletes its working directory when it closes). Their
-names are stable: per step ``report.json``, ``adjacency.png``, ``composition.png``; in the summary
-``summary.json``, ``trajectory.png``, ``report.html``. Every sink puts per-step artifacts under
-``clusterability/step-<step>/`` and summary artifacts under ``clusterability/``.
+names are stable (:data:`~cluster_tracking.report.STEP_ARTIFACTS` per step,
+:data:`~cluster_tracking.report.SUMMARY_ARTIFACTS` in the summary). Every sink puts per-step
+artifacts under ``clusterability/step-<step>/`` and summary artifacts under ``clusterability/``
+(:mod:`cluster_tracking.report.layout`).
 
 :class:`LocalDirectorySink` is the core's own sink; the MLflow sink also uses it as its spool.
 """
@@ -29,30 +30,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from cluster_tracking.errors import ClusterTrackingError, SinkError  # noqa: F401 (SinkError: public here)
-from cluster_tracking.report import ClusterabilityReport
-
-#: Folder of every artifact the tracker logs, in every sink (public: dashboards rely on it).
-ARTIFACT_ROOT = "clusterability"
-#: The metric logged with every measurement besides the report's own: how many due steps were
-#: skipped so far because measuring could not keep up (see the tracker's ``max_overhead``).
-SKIPPED_STEPS_METRIC = f"{ARTIFACT_ROOT}/skipped_steps"
-
-
-def step_artifact_dir(step: int) -> str:
-    """The artifact folder of one measured step: ``clusterability/step-<step>``."""
-    return f"{ARTIFACT_ROOT}/step-{int(step)}"
-
-
-def logged_metrics(report: ClusterabilityReport) -> dict[str, float]:
-    """The metrics a platform sink logs for one measurement: ``report.metrics()`` and, for a
-    tracker's report, :data:`SKIPPED_STEPS_METRIC` (the tracker records it in
-    ``report.config["skipped_steps"]``)."""
-    metrics = report.metrics()
-    skipped = report.config.get("skipped_steps")
-    if isinstance(skipped, int) and not isinstance(skipped, bool):
-        metrics[SKIPPED_STEPS_METRIC] = float(skipped)
-    return metrics
+from cluster_tracking.errors import SinkError
+from cluster_tracking.report import ARTIFACT_ROOT, ClusterabilityReport, step_artifact_dir
 
 
 @runtime_checkable

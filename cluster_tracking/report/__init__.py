@@ -1,0 +1,81 @@
+"""Everything a dashboard relies on, in one place: the report of one measurement and its
+versioned JSON schema (:mod:`~cluster_tracking.report.types`), the metric keys, artifact layout
+and summary schema (:mod:`~cluster_tracking.report.layout`), and the fixed decimals a person
+reads them with (:mod:`~cluster_tracking.report.formatting`).
+"""
+
+from cluster_tracking.report.formatting import (
+    MISSING,
+    NCUT_DECIMALS,
+    P_DECIMALS,
+    P_FLOOR_NOTE,
+    Z_DECIMALS,
+    format_diff,
+    format_ncut,
+    format_null,
+    format_number,
+    format_p,
+    format_z,
+    p_at_floor,
+)
+from cluster_tracking.report.layout import (
+    ARTIFACT_ROOT,
+    METRIC_KEYS,
+    PROCEDURE_PARAM,
+    SKIPPED_STEPS_METRIC,
+    STEP_ARTIFACTS,
+    SUMMARY_ARTIFACTS,
+    logged_metrics,
+    short_metrics,
+    step_artifact_dir,
+    summary_document,
+)
+from cluster_tracking.report.types import (
+    SCHEMA_VERSION,
+    UNRECORDED_PROCEDURE,
+    Baseline,
+    ClusterabilityReport,
+    ClusterSummary,
+    LayerSummary,
+    NodeCounts,
+    Partition,
+    ave_in_out,
+    mixed_procedures,
+    procedure_of,
+)
+
+__all__ = [
+    "ARTIFACT_ROOT",
+    "METRIC_KEYS",
+    "MISSING",
+    "NCUT_DECIMALS",
+    "PROCEDURE_PARAM",
+    "P_DECIMALS",
+    "P_FLOOR_NOTE",
+    "SCHEMA_VERSION",
+    "SKIPPED_STEPS_METRIC",
+    "STEP_ARTIFACTS",
+    "SUMMARY_ARTIFACTS",
+    "UNRECORDED_PROCEDURE",
+    "Z_DECIMALS",
+    "Baseline",
+    "ClusterSummary",
+    "ClusterabilityReport",
+    "LayerSummary",
+    "NodeCounts",
+    "Partition",
+    "ave_in_out",
+    "format_diff",
+    "format_ncut",
+    "format_null",
+    "format_number",
+    "format_p",
+    "format_z",
+    "logged_metrics",
+    "mixed_procedures",
+    "p_at_floor",
+    "procedure_of",
+    "short_metrics",
+    "step_artifact_dir",
+    "summary_document",
+]
