@@ -20,13 +20,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cluster_tracking import measure
-from cluster_tracking.audit.sources import (
-    LoadedModel,
-    _strip_common_prefix,
-    load_file,
-    load_source,
-    parse_source,
-)
+from cluster_tracking.audit.formats.checkpoint import strip_common_prefix
+from cluster_tracking.audit.sources import LoadedModel, load_file, load_source, parse_source
 from cluster_tracking.errors import SourceError
 
 FAST: dict[str, Any] = {"k": 3, "shuffles": 4, "seed": 0, "n_jobs": 1}
@@ -123,7 +118,7 @@ def test_a_wandb_artifact_without_a_server_fails_in_seconds_with_a_platform_erro
 ) -> None:
     from _servers import free_port
 
-    from cluster_tracking.audit.sources import PlatformError
+    from cluster_tracking.errors import PlatformError
 
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
@@ -195,7 +190,7 @@ def test_a_lightning_checkpoint_loses_its_attribute_prefix(tmp_path: Path) -> No
     ],
 )
 def test_only_a_prefix_shared_by_every_layer_is_removed(keys: list[str], prefix: str) -> None:
-    stripped, found = _strip_common_prefix({key: torch.zeros(1) for key in keys})
+    stripped, found = strip_common_prefix({key: torch.zeros(1) for key in keys})
     assert found == prefix
     assert list(stripped) == [key.removeprefix(prefix) for key in keys]
 
