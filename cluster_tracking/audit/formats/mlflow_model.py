@@ -27,6 +27,8 @@ from cluster_tracking.graph.selection import list_names
 
 
 def read_mlflow_model_dir(folder: Path, *, trust_pickle: bool) -> WeightFileRead:
+    """``(weights, format, prefix, notes)`` of an MLflow PyTorch model folder: its ``.pt2``, its
+    weight file, or its pickled ``data/model.pth`` (stand-ins; for real with ``trust_pickle``)."""
     import yaml
 
     spec_file = folder / "MLmodel"

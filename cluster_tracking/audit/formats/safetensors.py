@@ -20,6 +20,8 @@ def looks_like_safetensors(head: bytes) -> bool:
 
 
 def read_safetensors(path: Path, budget: MemoryBudget | None = None) -> dict[str, Any]:
+    """The tensors of a safetensors file, its header checked and budgeted first, in natural
+    order of their names."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file as load_safetensors
 

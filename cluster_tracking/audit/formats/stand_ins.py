@@ -51,6 +51,7 @@ class StandIn:
 
 
 def stand_in_class(name: str) -> type[StandIn]:
+    """A :class:`StandIn` subclass standing for the global ``name`` a pickle names."""
     short = re.sub(r"\W", "_", name.rsplit(".", 1)[-1]) or "StandIn"
     return type(short, (StandIn,), {"qualified_name": name})
 
@@ -93,6 +94,8 @@ def stand_in_state_dict(root: StandIn) -> dict[str, Any]:
 
 
 def is_stand_in_module(value: Any) -> bool:
+    """Whether ``value`` stands in for a pickled ``nn.Module`` (its state has parameters and
+    children)."""
     state = value.__dict__.get("_state") if isinstance(value, StandIn) else None
     if isinstance(state, tuple) and len(state) == 2:
         state = state[0]

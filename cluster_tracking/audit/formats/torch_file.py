@@ -51,6 +51,8 @@ def read_torch_file(path: Path, *, trust_pickle: bool) -> WeightFileRead:
 
 
 def read_torchscript(path: Path, *, trust_pickle: bool) -> WeightFileRead:
+    """A TorchScript archive's weights as a chain (only with ``trust_pickle``: loading it compiles
+    the code in it)."""
     if not trust_pickle:
         raise SourceError(
             f"{path} is a TorchScript archive (torch.jit.save), whose loading compiles the code "
