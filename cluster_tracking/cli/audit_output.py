@@ -4,7 +4,7 @@ The audit package returns data (:class:`~cluster_tracking.audit.run.AuditResult`
 :class:`~cluster_tracking.audit.run.AuditBatch`); :func:`run_audit` and :func:`run_compare` run
 a command over it and print the result with Rich: a table (n-cut, null mean ± std, z, p, nodes,
 k) or the report JSON (``--json``) on stdout; notes, progress and errors on stderr. They return
-the command's exit code (:data:`EXIT_CODES`).
+the command's exit code (:data:`~cluster_tracking.errors.EXIT_CODES`).
 """
 
 from __future__ import annotations
@@ -37,17 +37,8 @@ from cluster_tracking.audit.run import (
 from cluster_tracking.audit.settings import AuditSettings, capped_jobs
 from cluster_tracking.audit.sources import SourceRef, parse_source
 from cluster_tracking.audit.writeback import log_all
-from cluster_tracking.errors import (
-    EXIT_INTERNAL,
-    EXIT_INTERRUPTED,
-    EXIT_MODEL,
-    EXIT_OK,
-    EXIT_PLATFORM,
-    EXIT_SOURCE,
-    EXIT_TERMINATED,
-    EXIT_USAGE,
-    exit_code,
-)
+from cluster_tracking.cli.console import console, print_error
+from cluster_tracking.errors import EXIT_OK, exit_code
 from cluster_tracking.report import (
     MISSING,
     P_FLOOR_NOTE,
@@ -59,30 +50,6 @@ from cluster_tracking.report import (
     mixed_procedures,
     p_at_floor,
 )
-from cluster_tracking.resources.limits import MAX_SHUFFLES
-
-#: Exit status of ``audit`` and ``compare`` (the codes are :mod:`cluster_tracking.errors`'),
-#: and what it means.
-EXIT_CODES: dict[int, str] = {
-    EXIT_OK: "success",
-    EXIT_INTERNAL: "unexpected internal error (a bug; please report it)",
-    EXIT_USAGE: "bad command line or option value (unknown option, --shuffles 1 or above "
-    f"{MAX_SHUFFLES}, --k above the node count, a malformed tracking URI or scheduler address, a "
-    "--plot/--csv extension, a run whose estimated memory passes --max-memory or whose "
-    "estimated time passes 6 h without --allow-long-run, --log-to-run on a local file...)",
-    EXIT_SOURCE: "source not found or unreadable: missing or corrupt file, not a regular file "
-    "(a device, FIFO or socket), a folder too large to search, sizes declared in the file that "
-    "it does not hold or that pass --max-memory, a path in MLmodel outside the model's folder, "
-    "unknown URI scheme, no such run/model/artifact, a run without a model, a pickle refused "
-    "without --trust-pickle",
-    EXIT_MODEL: "the model cannot be measured: no Linear/Conv layers, weights that do not chain, "
-    "an unknown --layers name, NaN weights, empty or all-zero weights, bool (mask) or integer "
-    "(quantized) weights",
-    EXIT_PLATFORM: "MLflow, W&B or the Dask scheduler unreachable, silent (10 s at most), "
-    "refusing, or not installed; a file store MLflow 3 refuses",
-    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
-    EXIT_TERMINATED: "terminated (SIGTERM)",
-}
 
 
 def run_audit(
@@ -231,7 +198,7 @@ def _audit_with_progress(refs: Sequence[SourceRef], settings: AuditSettings) -> 
 
 def _report_failures(failures: Sequence[AuditFailure]) -> int:
     for failure in failures:
-        _print_error(f"{failure.source}: {failure.error}")
+        print_error(f"{failure.source}: {failure.error}")
     return exit_code(failures[0].error) if failures else EXIT_OK
 
 
@@ -311,14 +278,10 @@ def _escape(text: str) -> str:
 
 
 def _stdout() -> Any:
-    from cluster_tracking.cli.app import console
-
     return console()
 
 
 def _stderr() -> Any:
-    from cluster_tracking.cli.app import console
-
     return console(stderr=True)
 
 
@@ -377,15 +340,3 @@ class _SourceBar:
 # ---------------------------------------------------------------------------------------------
 # Errors and exit codes
 # ---------------------------------------------------------------------------------------------
-
-
-def _print_error(message: str) -> None:
-    from rich.markup import escape
-
-    text = " ".join(message.split())
-    _stderr().print(f"[bold red]error:[/bold red] {escape(text)}")
-
-
-def exit_codes_help() -> str:
-    """The exit codes, as Markdown for ``--help``."""
-    return "\n".join(f"* **{code}**: {meaning}" for code, meaning in EXIT_CODES.items())
