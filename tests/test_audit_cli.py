@@ -32,9 +32,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cluster_tracking import measure
-from cluster_tracking.audit.run import AuditSettings, exit_code, parse_k, parse_layers
-from cluster_tracking.audit.sources import PlatformError
-from cluster_tracking.errors import EXIT_CODES, ConfigError, GraphError, SinkError, SourceError
+from cluster_tracking.audit.settings import AuditSettings, parse_k, parse_layers
+from cluster_tracking.errors import (
+    EXIT_CODES,
+    ConfigError,
+    GraphError,
+    PlatformError,
+    SinkError,
+    SourceError,
+    exit_code,
+)
 from cluster_tracking.report import METRIC_KEYS, ClusterabilityReport
 
 BUNDLE = ("report.json", "adjacency.png", "cluster_matrix.png", "composition.png", "report.html")
@@ -431,7 +438,7 @@ def test_help_is_the_manual() -> None:
 def test_closed_option_values_are_listed_in_help_and_match_the_package() -> None:
     from typer.testing import CliRunner
 
-    from cluster_tracking.audit.run import _BACKENDS
+    from cluster_tracking.audit.settings import _BACKENDS
     from cluster_tracking.cli.app import app
     from cluster_tracking.cli.options import Backend, Norm, NullMethod, Preset
     from cluster_tracking.nulls.baselines import NULL_METHODS, PRESETS
@@ -831,8 +838,9 @@ def test_log_to_a_wandb_run_writes_metrics_and_a_new_artifact_version(
     Fetching a ``wandb-artifact://`` source and resuming a run on a server are not tested."""
     from _wandb_offline import find_run_dir, offline_wandb, read_offline_run
 
-    from cluster_tracking.audit.run import audit_source, log_to_run
+    from cluster_tracking.audit.run import audit_source
     from cluster_tracking.audit.sources import RunTarget
+    from cluster_tracking.audit.writeback import log_to_run
 
     result = audit_source(str(checkpoints["state_dict"]), AuditSettings(k=3, shuffles=6, jobs=1))
     result.loaded.run = RunTarget(

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster_tracking.audit.run import AuditSettings, capped_jobs, weight_extent
-from cluster_tracking.audit.sources import PlatformError, check_tracking_uri, load_file
-from cluster_tracking.errors import ConfigError, GraphError, LimitError
+from cluster_tracking.audit.settings import AuditSettings, capped_jobs
+from cluster_tracking.audit.sizing import weight_extent
+from cluster_tracking.audit.sources import load_file
+from cluster_tracking.errors import ConfigError, GraphError, LimitError, PlatformError
+from cluster_tracking.integrations.tracking_uri import check_tracking_uri
 from cluster_tracking.resources.limits import (
     MAX_RUN_SECONDS,
     MAX_SHUFFLES,

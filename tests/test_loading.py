@@ -20,13 +20,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cluster_tracking import measure
-from cluster_tracking.audit.sources import (
-    LoadedModel,
-    _strip_common_prefix,
-    load_file,
-    load_source,
-    parse_source,
-)
+from cluster_tracking.audit.formats.checkpoint import strip_common_prefix
+from cluster_tracking.audit.sources import LoadedModel, load_file, load_source, parse_source
 from cluster_tracking.errors import SourceError
 
 FAST: dict[str, Any] = {"k": 3, "shuffles": 4, "seed": 0, "n_jobs": 1}
@@ -123,7 +118,7 @@ def test_a_wandb_artifact_without_a_server_fails_in_seconds_with_a_platform_erro
 ) -> None:
     from _servers import free_port
 
-    from cluster_tracking.audit.sources import PlatformError
+    from cluster_tracking.errors import PlatformError
 
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
@@ -136,6 +131,68 @@ def test_a_wandb_artifact_without_a_server_fails_in_seconds_with_a_platform_erro
             load_source("wandb-artifact://team/proj/model:v0")
     finally:
         wandb.teardown()  # the next test's wandb reads its own environment
+
+
+def test_platform_schemes_are_found_through_entry_points_and_the_core_imports_no_integration() -> (
+    None
+):
+    """The audit core imports no integration: runs:/, models:/ and wandb-artifact:// are served
+    by the platforms that the entry points of group cluster_tracking.sources register, loaded
+    only when such a scheme is first parsed; an unknown scheme keeps its error."""
+    import subprocess
+
+    script = """
+import sys
+from cluster_tracking.audit.sources import parse_source
+from cluster_tracking.errors import SourceError
+from cluster_tracking.integrations.tracking_uri import check_tracking_uri_form
+assert parse_source("model.pt").kind == "file"
+loaded = sorted(m for m in sys.modules if m.startswith("cluster_tracking.integrations."))
+assert loaded == ["cluster_tracking.integrations.tracking_uri"], loaded
+assert parse_source("runs:/abc123/model").kind == "mlflow-run"
+assert "cluster_tracking.integrations.mlflow_source" in sys.modules
+assert "cluster_tracking.integrations.wandb_source" not in sys.modules
+assert parse_source("wandb-artifact://a/b/c:v1").kind == "wandb-artifact"
+assert "mlflow" not in sys.modules and "wandb" not in sys.modules
+try:
+    parse_source("s3://bucket/model.pt")
+except SourceError as error:
+    print(error)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        "unknown source scheme 's3:' in 's3://bucket/model.pt'; audit reads local files and "
+        "folders, runs:/<run_id>/<path>, models:/<name>/<version or alias> and "
+        "wandb-artifact://<entity>/<project>/<name>:<alias>."
+    )
+
+
+def test_the_audit_registry_serves_a_scheme_a_plugin_registers() -> None:
+    from cluster_tracking.audit.registry import SourcePlatform, platform_for_scheme, register
+    from cluster_tracking.audit.sources import LoadedModel, SourceRef
+
+    def load(ref: SourceRef, **options: Any) -> LoadedModel:
+        return LoadedModel(source=ref.uri, label="plugin", weights=mlp().state_dict(), format="x")
+
+    register(
+        SourcePlatform(
+            name="test-plugin",
+            schemes={"plugin": lambda uri, rest: SourceRef(uri=uri, kind="wandb-artifact")},
+            kinds=("plugin-kind",),
+            load=load,
+        )
+    )
+    try:
+        assert parse_source("plugin://anything").kind == "wandb-artifact"
+        assert platform_for_scheme("PLUGIN") is not None
+        assert load_source(SourceRef(uri="p", kind="plugin-kind")).label == "plugin"  # type: ignore[arg-type]
+    finally:
+        from cluster_tracking.audit import registry
+
+        registry._PLATFORMS.pop("test-plugin")
 
 
 # ------------------------------------------------------------------------- local formats
@@ -161,6 +218,26 @@ def test_a_state_dict_and_a_checkpoint_dict_give_back_the_saved_weights(tmp_path
     assert same_tensors(full.weights, model.state_dict())  # type: ignore[arg-type]
     assert list(state_of(plain)) == list(model.state_dict())  # the chain's order is kept
     assert "model_state_dict" in full.format and plain.notes == [] and plain.prefix == ""
+
+
+@pytest.mark.parametrize("key", ["state_dict", "model_state_dict", "net", "network", "weights"])
+def test_one_checkpoint_unwrapper_serves_the_readers_and_weight_graph(
+    tmp_path: Path, key: str
+) -> None:
+    """graph.chain.unwrap_checkpoint follows every key of CHECKPOINT_KEYS, for the audit's
+    reader and for weight_graph alike (weight_graph once knew only three of them)."""
+    from cluster_tracking.graph import weight_graph
+    from cluster_tracking.graph.chain import CHECKPOINT_KEYS
+
+    assert key in CHECKPOINT_KEYS and len(CHECKPOINT_KEYS) == 8
+    model = mlp()
+    checkpoint = {"epoch": 3, key: model.state_dict()}
+    torch.save(checkpoint, tmp_path / "ck.pt")
+    loaded = load_file(tmp_path / "ck.pt")
+    assert same_tensors(loaded.weights, model.state_dict())  # type: ignore[arg-type]
+    assert f"[{key!r}]" in loaded.format
+    graph = weight_graph(checkpoint)
+    assert graph.n_nodes == weight_graph(model.state_dict()).n_nodes == 8 + 16 + 16 + 4
 
 
 def test_a_lightning_checkpoint_loses_its_attribute_prefix(tmp_path: Path) -> None:
@@ -195,7 +272,7 @@ def test_a_lightning_checkpoint_loses_its_attribute_prefix(tmp_path: Path) -> No
     ],
 )
 def test_only_a_prefix_shared_by_every_layer_is_removed(keys: list[str], prefix: str) -> None:
-    stripped, found = _strip_common_prefix({key: torch.zeros(1) for key in keys})
+    stripped, found = strip_common_prefix({key: torch.zeros(1) for key in keys})
     assert found == prefix
     assert list(stripped) == [key.removeprefix(prefix) for key in keys]
 

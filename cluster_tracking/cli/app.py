@@ -14,7 +14,7 @@ below with ``app.command()(function)``::
     def audit(source: Annotated[str, typer.Argument(help="...")]) -> None:
         \"\"\"One line for the command list. More lines for its --help.\"\"\"
         with cli_errors():
-            from cluster_tracking.audit.run import run_audit
+            from cluster_tracking.cli.audit_output import run_audit
             ...
 """
 

@@ -2,7 +2,7 @@
 
 Each option is an ``Annotated`` type, so that both commands declare it in one line with the same
 flags, help text and ``--help`` panel; :func:`audit_settings` turns the parsed values into the
-:class:`~cluster_tracking.audit.run.AuditSettings` both commands run with.
+:class:`~cluster_tracking.audit.settings.AuditSettings` both commands run with.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import typer
 from cluster_tracking.resources.limits import MAX_SHUFFLES
 
 if TYPE_CHECKING:
-    from cluster_tracking.audit.run import AuditSettings
+    from cluster_tracking.audit.settings import AuditSettings
 
 # Closed option values: Typer lists them in --help and refuses any other value before work
 # starts (one line, exit 2). The tests check them against the package's own lists.
@@ -328,7 +328,7 @@ def audit_settings(
 ) -> AuditSettings:
     """The settings of an audit from the shared options' values (``--k auto``, ``--layers
     a,b``, ``--input-shape 3,224,224`` and ``--max-memory 2GiB`` parsed, with their errors)."""
-    from cluster_tracking.audit.run import AuditSettings, parse_k, parse_layers, parse_shape
+    from cluster_tracking.audit.settings import AuditSettings, parse_k, parse_layers, parse_shape
     from cluster_tracking.resources.limits import parse_size
 
     return AuditSettings(

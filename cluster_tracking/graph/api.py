@@ -58,7 +58,7 @@ from cluster_tracking.graph.chain import (
     _build_chain,
     _module_chain_entries,
     _state_dict_entries,
-    _unwrap_checkpoint,
+    unwrap_checkpoint,
 )
 from cluster_tracking.graph.example_inputs import (
     example_inputs_for,
@@ -194,7 +194,7 @@ def _build_graph(
 
     source: object = model_or_state_dict
     if isinstance(source, Mapping):
-        source = _unwrap_checkpoint(source)
+        source = unwrap_checkpoint(source)
     builder = _Builder(norm)
     if isinstance(source, nn.Module):
         model = unwrap_module(source)

@@ -142,16 +142,42 @@ def _module_chain_entries(model: nn.Module, selection: str | Sequence[str]) -> l
     return entries
 
 
-def _unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> Any:
-    """The state_dict (or model) inside a checkpoint dict, e.g. ``{"state_dict": ...}``."""
+#: Keys of a checkpoint dict that hold the model's weights, in the order they are tried.
+CHECKPOINT_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model_state",
+    "model",
+    "module",
+    "net",
+    "network",
+    "weights",
+)
+
+
+def unwrap_checkpoint(
+    checkpoint: Mapping[str, Any],
+    *,
+    holders: tuple[type, ...] = (Mapping, nn.Module),
+    max_depth: int = 4,
+    followed: list[str] | None = None,
+) -> Any:
+    """The state_dict (or model) inside a checkpoint dict, e.g. ``{"state_dict": ...}``.
+
+    Follows the first key of :data:`CHECKPOINT_KEYS` whose value is one of ``holders``, at most
+    ``max_depth`` levels down; returns ``checkpoint`` itself when no key leads anywhere. The keys
+    followed are appended to ``followed`` when a list is given.
+    """
     found: Any = checkpoint
-    for _ in range(4):
+    for _ in range(max_depth):
         if not isinstance(found, Mapping):
             break
-        for key in ("state_dict", "model_state_dict", "model"):
+        for key in CHECKPOINT_KEYS:
             inner = found.get(key)
-            if isinstance(inner, (Mapping, nn.Module)):
+            if isinstance(inner, holders):
                 found = inner
+                if followed is not None:
+                    followed.append(key)
                 break
         else:
             break

@@ -46,7 +46,7 @@ class _Tensor:
 def _read_header(path: Path) -> dict[str, _Tensor]:
     """The tensors a safetensors file declares, checked against the file (sizes, offsets, dtypes)
     by the readers' own check, in natural name order."""
-    from cluster_tracking.audit.sources import _check_safetensors_header, _natural_key
+    from cluster_tracking.graph.safetensors_header import check_safetensors_header, natural_key
     from cluster_tracking.resources.limits import MemoryBudget
 
     if not path.is_file():
@@ -55,7 +55,7 @@ def _read_header(path: Path) -> dict[str, _Tensor]:
     # Nothing is allocated by the declared sizes here (weights are read in chunks), so the
     # header is checked for consistency with an unbounded budget; the measurement's own peak is
     # estimated below.
-    _check_safetensors_header(path, MemoryBudget(path, limit=1 << 62))
+    check_safetensors_header(path, MemoryBudget(path, limit=1 << 62))
     with open(path, "rb") as handle:
         length = int.from_bytes(handle.read(8), "little")
         header = json.loads(handle.read(length).decode("utf-8"))
@@ -68,7 +68,7 @@ def _read_header(path: Path) -> dict[str, _Tensor]:
     }
     if not tensors:
         raise SourceError(f"{path}: the safetensors file holds no tensors.")
-    return {key: tensors[key] for key in sorted(tensors, key=_natural_key)}
+    return {key: tensors[key] for key in sorted(tensors, key=natural_key)}
 
 
 @dataclass(frozen=True)

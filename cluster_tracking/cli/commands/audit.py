@@ -94,7 +94,7 @@ def audit(
     clusterable than chance.
     """
     with cli_errors():
-        from cluster_tracking.audit.run import run_audit
+        from cluster_tracking.cli.audit_output import run_audit
 
         settings = audit_settings(
             k=k,

@@ -78,7 +78,7 @@ def compare(
     z-score: the most clusterable model relative to its weight-shuffled networks first.
     """
     with cli_errors():
-        from cluster_tracking.audit.run import run_compare
+        from cluster_tracking.cli.audit_output import run_compare
 
         settings = audit_settings(
             k=k,
