@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import cluster_tracking as ct
 from cluster_tracking.errors import ConfigError, GraphError, SourceError
 from cluster_tracking.graph import edges as graph_edges
-from cluster_tracking.graph.edges import block_degrees
+from cluster_tracking.graph.degrees import block_degrees
 from cluster_tracking.graph.lazy import safetensors_extent, safetensors_graph
 from cluster_tracking.resources.estimate import estimate_peak
 from cluster_tracking.resources.limits import format_size

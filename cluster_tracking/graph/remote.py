@@ -18,20 +18,20 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from cluster_tracking.errors import GraphError
+from cluster_tracking.graph.degrees import _row_col_sums
 from cluster_tracking.graph.edges import (
     EdgePiece,
     GraphEdges,
     _block_layout,
     _edges_from_layouts,
     _piece_weights,
-    _row_col_sums,
     dense_within,
 )
 from cluster_tracking.graph.types import EdgeBlock
 from cluster_tracking.parallel.dask import started_actor
 
 if TYPE_CHECKING:
-    from cluster_tracking.graph.lazy import StageCallback
+    from cluster_tracking.graph.mapped_graph import StageCallback
 
 
 @dataclass

@@ -18,13 +18,13 @@ from typing import Any, Literal
 import numpy as np
 
 from cluster_tracking.errors import ConfigError
-from cluster_tracking.graph.lazy import (
+from cluster_tracking.graph.mapped import MappedSource, _fingerprint, _Tensor
+from cluster_tracking.graph.mapped_graph import (
     SafetensorsGraph,
     StageCallback,
     _as_safetensors_graph,
     _finish_chain,
 )
-from cluster_tracking.graph.mapped import MappedSource, _fingerprint, _Tensor
 from cluster_tracking.graph.selection import list_names
 from cluster_tracking.graph.types import Preset
 

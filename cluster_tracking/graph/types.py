@@ -20,6 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cluster_tracking.errors import GraphError
+from cluster_tracking.graph.degrees import _kernel_slice_norms, block_degrees
 
 BlockKind = Literal["linear", "conv", "flatten"]
 KernelNorm = Literal["l1", "l2", "l1_induced"]
@@ -124,22 +125,6 @@ class EdgeBlock:
         return self.dst[out_idx], self.src[in_idx], edges[out_idx, in_idx]
 
 
-def _kernel_slice_norms(magnitude: np.ndarray, norm: KernelNorm) -> np.ndarray:
-    """Norm of each kernel slice ``|W[b, a, ...]|`` -> ``[out, in / groups]``."""
-    n_out, n_in = magnitude.shape[:2]
-    slices = magnitude.reshape(n_out, n_in, *magnitude.shape[2:])
-    spatial_axes = tuple(range(2, slices.ndim))
-    if norm == "l1":
-        return slices.sum(axis=spatial_axes) if spatial_axes else slices
-    if norm == "l2":
-        return np.sqrt((slices**2).sum(axis=spatial_axes)) if spatial_axes else slices
-    # "l1_induced": numpy's matrix 1-norm of the 2-D slice (largest column sum), as in the
-    # published code of Filan et al.; a 1-D or 3-D kernel slice falls back to its vector 1-norm.
-    if slices.ndim == 4:
-        return slices.sum(axis=2).max(axis=2)
-    return slices.sum(axis=spatial_axes) if spatial_axes else slices
-
-
 @dataclass(frozen=True)
 class WeightGraph:
     """The weight graph of a network (Filan et al. 2021, section 2).
@@ -190,8 +175,6 @@ class WeightGraph:
     def degrees(self) -> np.ndarray:
         """Weighted degree of every node (sum of its edge weights), shape ``[n_nodes]``."""
         if not self.assembled:
-            from cluster_tracking.graph.edges import block_degrees  # edges imports this module
-
             return block_degrees(self.blocks, self.n_nodes)
         return np.asarray(self.adjacency.sum(axis=1)).ravel()
 
