@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_tracking.parallel.child import _Throttle, can_throttle
+from cluster_tracking.parallel.throttle import Throttle, can_throttle
 
 pytestmark = pytest.mark.skipif(not can_throttle(), reason="SIGSTOP throttling is Linux-only")
 
@@ -45,7 +45,7 @@ def spinner():
 def test_a_throttled_child_gets_at_most_its_share_and_is_never_left_paused(spinner) -> None:
     share = 0.2
     before_threads = set(threading.enumerate())
-    throttle = _Throttle(spinner.pid, share)
+    throttle = Throttle(spinner.pid, share)
     try:
         for _ in range(2):  # one thread serves every cycle
             before, started = cpu_seconds(spinner.pid), time.monotonic()
@@ -73,7 +73,7 @@ def test_a_throttled_child_gets_at_most_its_share_and_is_never_left_paused(spinn
 
 def test_stop_wakes_a_paused_child_at_once(spinner) -> None:
     """A long pause (a small share) ends as soon as stop() is called, not after the pause."""
-    throttle = _Throttle(spinner.pid, 0.001, burst=0.005)  # pauses of about 5 s
+    throttle = Throttle(spinner.pid, 0.001, burst=0.005)  # pauses of about 5 s
     try:
         throttle.start()
         deadline = time.monotonic() + 5
@@ -88,7 +88,7 @@ def test_stop_wakes_a_paused_child_at_once(spinner) -> None:
 
 def test_the_throttle_survives_its_child(spinner) -> None:
     before_threads = set(threading.enumerate())
-    throttle = _Throttle(spinner.pid, 0.5)
+    throttle = Throttle(spinner.pid, 0.5)
     throttle.start()
     spinner.kill()
     spinner.wait()

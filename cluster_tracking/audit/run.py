@@ -188,8 +188,8 @@ class AuditSettings:
         Raises:
             ConfigError: a value is out of range or settings contradict each other.
         """
+        from cluster_tracking.config import check_method
         from cluster_tracking.integrations.tracking_uri import check_tracking_uri_form
-        from cluster_tracking.nulls.baselines import check_method
 
         if self.k != "auto" and (isinstance(self.k, bool) or not isinstance(self.k, int)):
             raise ConfigError(f"--k must be a whole number >= 2 or 'auto', got {self.k!r}.")
@@ -564,7 +564,7 @@ def _bounded_audit(
     source, which the in-memory path reads."""
     from cluster_tracking.graph.lazy import safetensors_extent, safetensors_graph
     from cluster_tracking.measure import measure
-    from cluster_tracking.nulls.baselines import MAGNITUDE_SHUFFLES
+    from cluster_tracking.nulls.preconditions import MAGNITUDE_SHUFFLES
     from cluster_tracking.resources.estimate import estimate_peak
 
     ref = source if isinstance(source, SourceRef) else parse_source(source)

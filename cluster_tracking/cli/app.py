@@ -54,7 +54,7 @@ def console(*, stderr: bool = False) -> Console:
 
 
 class NullMethod(str, Enum):
-    """``--method``: the null model (:data:`cluster_tracking.nulls.baselines.NULL_METHODS`)."""
+    """``--method``: the null model (:data:`cluster_tracking.config.NULL_METHODS`)."""
 
     layer = "layer"
     layer_nonzero = "layer_nonzero"
@@ -72,7 +72,7 @@ class Norm(str, Enum):
 
 
 class Preset(str, Enum):
-    """``--preset``: the procedure (:data:`cluster_tracking.nulls.baselines.PRESETS`)."""
+    """``--preset``: the procedure (:data:`cluster_tracking.config.PRESETS`)."""
 
     default = "default"
     filan2021 = "filan2021"

@@ -24,11 +24,10 @@ and the child process rebuilds each step's graph from it and the copied weights.
 Guarantees:
 
 * **Paced to a budget.** On Linux the worker runs at normal priority with one BLAS thread and is
-  throttled (:class:`~cluster_tracking.parallel.child._Throttle`) to run at most ``m / (1 + m)`` of
-  the
-  wall time for ``max_overhead=m`` (default 0.1), in 5 ms bursts, which bounds a busy loop's
-  slowdown to ``1 + m``; elsewhere it runs at nice 19 and the wall time of its measurements is
-  paced to ``max_overhead``. ``close()`` measures what is left at full speed.
+  throttled (:class:`~cluster_tracking.parallel.throttle.Throttle`) to run at most
+  ``m / (1 + m)`` of the wall time for ``max_overhead=m`` (default 0.1), in 5 ms bursts, which
+  bounds a busy loop's slowdown to ``1 + m``; elsewhere it runs at nice 19 and the wall time of
+  its measurements is paced to ``max_overhead``. ``close()`` measures what is left at full speed.
 * **Never blocks training; the newest due step wins.** When ``max_pending`` snapshots already
   wait at a due step, ``on_backlog="skip"`` (the default) replaces the oldest waiting one with the
   new one, so the dashboard follows training; ``on_backlog="queue"`` replaces the newest waiting
@@ -73,19 +72,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from cluster_tracking.errors import ClusterTrackingWarning, ConfigError, GraphError, warn
+from cluster_tracking import nulls
+from cluster_tracking.errors import ClusterTrackingWarning, ConfigError, GraphError, describe, warn
 from cluster_tracking.graph import WeightGraph, live_weights, weight_graph, weight_topology
 from cluster_tracking.graph.selection import parse_layers
-from cluster_tracking.nulls import baselines
-from cluster_tracking.parallel.child import (
-    _WORKER_CALLS,
-    _describe,
-    _WorkerError,
-    _WorkerProcess,
-    can_throttle,
-    measure_step,
-)
+from cluster_tracking.parallel.child import PRELOAD_VARIABLE, WorkerError, WorkerProcess, run_job
+from cluster_tracking.parallel.throttle import can_throttle
 from cluster_tracking.report import ClusterabilityReport
+from cluster_tracking.tracking.jobs import MEASURE_STEP, PLOT_MODULES, RENDER_SUMMARY, measure_step
 from cluster_tracking.tracking.sinks import SKIPPED_STEPS_METRIC, Sink
 
 OnBacklog = Literal["skip", "queue"]
@@ -285,7 +279,7 @@ class ClusterabilityTracker:
                 "during training); pass shuffles=0 to skip it."
             )
         self.shuffles = int(shuffles)
-        self.shuffle = baselines.check_method(shuffle)
+        self.shuffle = nulls.check_method(shuffle)
         if norm not in ("l1", "l2"):
             raise ConfigError(f"norm must be 'l1' or 'l2', got {norm!r}.")
         if preset not in ("default", "filan2021"):
@@ -392,7 +386,7 @@ class ClusterabilityTracker:
         self._measure_thread: threading.Thread | None = None
         self._log_thread: threading.Thread | None = None
         self._workdir: Path | None = None
-        self._worker: _WorkerProcess | None = None
+        self._worker: WorkerProcess | None = None
         self._worker_failed = False
         self._closed = False
         # the model and step of the latest hook call, for measure_final (a module is held by
@@ -573,7 +567,7 @@ class ClusterabilityTracker:
             try:
                 self._measure_final()
             except Exception as error:  # close() never raises
-                warn(f"could not measure the final weights: {_describe(error)}.")
+                warn(f"could not measure the final weights: {describe(error)}.")
         with self._lock:
             if self._closed:
                 return
@@ -581,7 +575,7 @@ class ClusterabilityTracker:
         try:
             self._close(timeout)
         except Exception as error:  # close() is called from training scripts' finally blocks
-            warn(f"closing the clusterability tracker failed: {_describe(error)}.")
+            warn(f"closing the clusterability tracker failed: {describe(error)}.")
 
     def __enter__(self) -> ClusterabilityTracker:
         return self
@@ -682,13 +676,13 @@ class ClusterabilityTracker:
             if not isinstance(error, GraphError):
                 warn(
                     f"could not snapshot the model for clusterability at step {step}: "
-                    f"{_describe(error)}. Training goes on; this step is not measured."
+                    f"{describe(error)}. Training goes on; this step is not measured."
                 )
             elif not self._warned_untraceable:
                 self._warned_untraceable = True
                 warn(
                     f"could not build the weight graph for clusterability at step {step}: "
-                    f"{_describe(error)}. Training goes on; no due step of this model is "
+                    f"{describe(error)}. Training goes on; no due step of this model is "
                     "measured (warned once)."
                 )
             return False
@@ -800,7 +794,7 @@ class ClusterabilityTracker:
                     self._structure_copy_failed = True
                     warn(
                         f"cannot copy the structure of {type(module).__name__} "
-                        f"({_describe(error)}); clusterability is measured from its state_dict "
+                        f"({describe(error)}); clusterability is measured from its state_dict "
                         "instead."
                     )
                 else:
@@ -868,13 +862,13 @@ class ClusterabilityTracker:
                 if not self._abandoned:
                     warn(
                         f"clusterability measurement at step {item.step} failed: "
-                        f"{_describe(error)}. Training goes on; this step is not logged."
+                        f"{describe(error)}. Training goes on; this step is not logged."
                     )
                 continue
             finally:
                 item.state = item.graph = item.module = item.weights = None  # free the copy now
                 worker = self._worker
-                if worker is not None and worker.throttle is not None:
+                if worker is not None and worker.share is not None:
                     self._busy_seconds += worker.run_seconds - run_before  # time it could run
                 else:
                     self._busy_seconds += time.monotonic() - started
@@ -968,7 +962,7 @@ class ClusterabilityTracker:
             )
         else:  # with weights, the worker rebuilds the graph from the traced topology
             report, images, plot_error = self._run(
-                "measure", graph, snapshot.step, options, snapshot.plots, None, snapshot.weights
+                MEASURE_STEP, graph, snapshot.step, options, snapshot.plots, None, snapshot.weights
             )
         if plot_error:
             warn(f"clusterability plots at step {snapshot.step} failed: {plot_error}.")
@@ -986,12 +980,12 @@ class ClusterabilityTracker:
                 if self._worker is None:
                     started = time.monotonic()
                     self._worker = self._start_worker()
-                    if self._worker.throttle is None:  # its start is not counted
+                    if self._worker.share is None:  # its start is not counted
                         self._busy_seconds -= time.monotonic() - started
                 if self._abandoned:
                     raise _Abandoned("close() gave up")
                 return self._worker.call(name, *args)
-            except _WorkerError:
+            except WorkerError:
                 raise  # the function failed in the worker: a measurement error, not a dead worker
             except Exception as error:
                 if self._abandoned:
@@ -1001,29 +995,27 @@ class ClusterabilityTracker:
                     self._worker.stop()
                 self._worker = None
                 warn(
-                    f"the clusterability worker process failed ({_describe(error)}); measuring "
+                    f"the clusterability worker process failed ({describe(error)}); measuring "
                     "in a background thread of the training process from now on, which slows a "
                     "Python-bound training loop while a measurement runs."
                 )
-        return _WORKER_CALLS[name](*args)
+        return run_job(name, *args)
 
-    def _start_worker(self) -> _WorkerProcess:
+    def _start_worker(self) -> WorkerProcess:
         """The measuring child: throttled to :meth:`_share` at normal priority where the
         platform allows (Linux), else at nice 19 and paced by wall time (:meth:`_pace`)."""
-        env = {"CLUSTER_TRACKING_WARM_PLOTS": "1" if self.plots else "0"}
+        env = {PRELOAD_VARIABLE: PLOT_MODULES if self.plots else ""}
         share = self._share()
         if share is not None and can_throttle() and not self._closing.is_set():
             # its start takes a share of the wall time too: importing the plotting libraries
             # (about half a second of CPU, 5 s at a 9% share) waits for the first plot, so the
             # first metrics come sooner
-            env["CLUSTER_TRACKING_WARM_PLOTS"] = "0"
+            env[PRELOAD_VARIABLE] = ""
             # one thread: it runs on one core at a time, so its bursts displace one training
             # thread at most
             env.update({name: "1" for name in _THREAD_VARIABLES})
-            return _WorkerProcess(
-                die_with_thread=True, env=env, nice=False, throttle=share, wait=False
-            )
-        return _WorkerProcess(die_with_thread=True, env=env, nice=share is not None)
+            return WorkerProcess(die_with_thread=True, env=env, nice=False, share=share, wait=False)
+        return WorkerProcess(die_with_thread=True, env=env, nice=share is not None)
 
     def _share(self) -> float | None:
         """The share of wall time the measuring child may run: ``m / (1 + m)`` for
@@ -1057,7 +1049,7 @@ class ClusterabilityTracker:
                 skipped, failed = sorted(self._skipped), sorted(self._failed)
                 last_images = dict(self._last_images[1]) if self._last_images else {}
             files, plot_error = self._run(
-                "summary", reports, last_images, self.params, skipped, failed, self.plots
+                RENDER_SUMMARY, reports, last_images, self.params, skipped, failed, self.plots
             )
             if plot_error:
                 warn(f"clusterability summary plots failed: {plot_error}.")
@@ -1070,7 +1062,7 @@ class ClusterabilityTracker:
                 artifacts[name] = folder / name
             self._log_queue.put(("summary", reports, artifacts))
         except Exception as error:
-            warn(f"clusterability summary failed: {_describe(error)}.")
+            warn(f"clusterability summary failed: {describe(error)}.")
 
     # ------------------------------------------------------------------------ logging thread
 
@@ -1100,7 +1092,7 @@ class ClusterabilityTracker:
                 getattr(sink, method)(*args)
             except Exception as error:
                 warn(
-                    f"{sink!r}.{method}{where} failed: {_describe(error)}. Training goes on; "
+                    f"{sink!r}.{method}{where} failed: {describe(error)}. Training goes on; "
                     "the report stays in the tracker's other sinks."
                 )
 
@@ -1137,7 +1129,7 @@ class ClusterabilityTracker:
                 else:
                     sink.close()
             except Exception as error:
-                warn(f"closing {sink!r} failed: {_describe(error)}.")
+                warn(f"closing {sink!r} failed: {describe(error)}.")
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
         self._template = None
