@@ -96,3 +96,47 @@ def test_the_throttle_survives_its_child(spinner) -> None:
     throttle.stop()
     throttle.close()  # no OSError, no thread left
     assert set(threading.enumerate()) <= before_threads
+
+
+def test_a_child_runs_jobs_by_dotted_name_and_reports_their_errors_as_they_were() -> None:
+    """The child imports a job by its dotted name; an error in it comes back as the original
+    ``Type: message``, which ``describe`` gives as it is."""
+    from cluster_tracking.errors import describe
+    from cluster_tracking.parallel.child import WorkerError, WorkerProcess
+
+    child = WorkerProcess(nice=False)
+    try:
+        assert child.call("os.path:join", "a", "b") == os.path.join("a", "b")
+        with pytest.raises(WorkerError) as raised:
+            child.call("cluster_tracking.config:check_shuffles", 1)
+        assert describe(raised.value).startswith("ConfigError: shuffles=1: a null model needs")
+        with pytest.raises(WorkerError, match="ModuleNotFoundError"):
+            child.call("cluster_tracking.no_such_module:job")
+        assert child.running()  # a failed job leaves the child serving
+    finally:
+        child.stop()
+
+
+def test_the_parallel_runtime_imports_nothing_above_it() -> None:
+    """``parallel/`` is the lowest layer beside ``errors``, ``config``, ``report`` and
+    ``resources``: no module of it imports (even inside a function) a higher one; its child
+    finds the jobs of higher layers by name."""
+    import ast
+
+    import cluster_tracking.parallel
+
+    allowed = ("cluster_tracking.parallel", "cluster_tracking.errors")
+    folder = Path(cluster_tracking.parallel.__file__).parent
+    seen = []
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name.startswith("cluster_tracking") and not name.startswith(allowed):
+                    seen.append(f"{path.name}: {name}")
+    assert seen == []
