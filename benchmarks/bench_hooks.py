@@ -164,12 +164,11 @@ def cpu_seconds(function: Callable[[], object]) -> float:
 def reference_measurement(graph: WeightGraph, shuffles: int) -> None:
     """The paper's pipeline on the graph and ``shuffles`` layer shuffles of it, one thread."""
     from benchmarks.reference import as_int32_csr, reference_labels
-    from cluster_tracking import ncut
-    from cluster_tracking.nulls import baselines
+    from cluster_tracking import ncut, nulls
 
     rng = np.random.default_rng(0)
     graphs = [graph] + [
-        graph.with_weights(baselines.shuffle_weights(graph.weights(), "layer", rng))
+        graph.with_weights(nulls.shuffle_weights(graph.weights(), "layer", rng))
         for _ in range(shuffles)
     ]
     for seed, null in enumerate(graphs):

@@ -73,7 +73,7 @@ def task_ref_measure(net: str, shuffles: int, seed: int) -> dict[str, Any]:
     import cluster_tracking as ct
     from benchmarks.networks import build
     from benchmarks.reference import as_int32_csr, reference_labels
-    from cluster_tracking.nulls import baselines
+    from cluster_tracking import nulls
     from cluster_tracking.spectral.partition import child_seed
 
     graph = ct.weight_graph(build(net))
@@ -81,7 +81,7 @@ def task_ref_measure(net: str, shuffles: int, seed: int) -> dict[str, Any]:
     graphs = [graph]
     for index in range(shuffles):  # the very shuffles measure() draws for this seed
         rng = np.random.default_rng(child_seed(root, 1, index))
-        graphs.append(graph.with_weights(baselines.shuffle_weights(graph.weights(), "layer", rng)))
+        graphs.append(graph.with_weights(nulls.shuffle_weights(graph.weights(), "layer", rng)))
     matrices = [as_int32_csr(g.adjacency) for g in graphs]
     started = time.perf_counter()
     with joblib.parallel_config(backend="loky"):

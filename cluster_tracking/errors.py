@@ -51,11 +51,16 @@ class ClusterTrackingWarning(UserWarning):
 
 def describe(error: BaseException | None) -> str:
     """``"Type: message"`` of an error, on one line (the first line of its message, at most 300
-    characters), for warnings and one-line reports; ``"no error recorded"`` for ``None``."""
+    characters), for warnings and one-line reports; ``"no error recorded"`` for ``None``.
+
+    An error whose class sets ``described = True`` (one re-raised from a worker process, whose
+    message is the original ``Type: message`` already) is given as its message alone."""
     if error is None:
         return "no error recorded"
     lines = str(error).strip().splitlines()
     text = lines[0].strip().rstrip(".")[:300] if lines else ""
+    if getattr(error, "described", False) and text:
+        return text
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 

@@ -34,7 +34,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import cluster_tracking as ct
-from cluster_tracking.nulls import baselines
+from cluster_tracking import nulls
 from cluster_tracking.promote.clusterable_init import clusterable_init_
 from cluster_tracking.spectral import partition as spectral
 
@@ -197,7 +197,7 @@ def null_ncuts_with(graph: ct.WeightGraph, method: str, bandwidth: str, n: int) 
     values = []
     for index in range(n):
         rng = np.random.default_rng([7, index])
-        blocks = baselines.null_blocks(graph.blocks, graph.n_nodes, method, rng, preset)
+        blocks = nulls.null_blocks(graph.blocks, graph.n_nodes, method, rng, preset)
         (value,) = spectral.block_ncuts(blocks, graph.n_nodes, graph.node_layer, [K], seed=index)
         values.append(value)
     return np.array(values)
@@ -223,7 +223,7 @@ def bandwidths(trained: nn.Module, pruned: nn.Module, shuffles: int) -> None:
             nonzero = [w[w != 0] for w in graph.weights()]
             for bandwidth in ("scott", "0.01"):
                 ratios = [
-                    baselines.kde_bandwidth(v, "default" if bandwidth == "scott" else "filan2021")
+                    nulls.kde_bandwidth(v, "default" if bandwidth == "scott" else "filan2021")
                     / float(np.std(v))
                     for v in nonzero
                 ]

@@ -125,7 +125,8 @@ def imports_of(path: Path, known: set[str]) -> list[Import]:
                     loaded = f"{target}.{name}"
                     found.append(Import(source, loaded, (), node.lineno, node.lineno in type_only))
                     names = tuple(n for n in names if n != name)
-            found.append(Import(source, target, names, node.lineno, node.lineno in type_only))
+            if names or not node.names:  # names left that are not submodules
+                found.append(Import(source, target, names, node.lineno, node.lineno in type_only))
     return found
 
 

@@ -441,7 +441,7 @@ def test_closed_option_values_are_listed_in_help_and_match_the_package() -> None
     from cluster_tracking.audit.settings import _BACKENDS
     from cluster_tracking.cli.app import app
     from cluster_tracking.cli.options import Backend, Norm, NullMethod, Preset
-    from cluster_tracking.nulls.baselines import NULL_METHODS, PRESETS
+    from cluster_tracking.config import NULL_METHODS, PRESETS
 
     assert tuple(m.value for m in NullMethod) == NULL_METHODS
     assert tuple(p.value for p in Preset) == PRESETS

@@ -11,7 +11,10 @@ import torch
 from torch import nn
 
 import cluster_tracking as ct
-from cluster_tracking.nulls.baselines import null_statistics, shuffle_tensor
+from cluster_tracking.nulls.local_workers import NULL_WORKER_ENV
+from cluster_tracking.nulls.shuffles import shuffle_tensor
+from cluster_tracking.nulls.statistics import null_statistics
+from cluster_tracking.parallel.pool import WorkerPool, live_pool
 
 
 def planted_mlp(
@@ -124,7 +127,7 @@ def test_planted_modules_reach_the_p_value_floor() -> None:
 @pytest.mark.slow
 def test_p_values_are_calibrated_on_networks_without_structure() -> None:
     """An observed network that is itself a shuffle: p is uniform, 5% false positives at 0.05."""
-    from cluster_tracking.nulls.baselines import shuffle_weights
+    from cluster_tracking.nulls.shuffles import shuffle_weights
 
     base = ct.weight_graph(small_mlp(0, (10, 16, 16, 6)))
     p_values = []
@@ -208,14 +211,19 @@ def test_progress_callback_reaches_the_total() -> None:
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
+def _null_pool() -> WorkerPool:
+    """The kept pool of one null worker (``n_jobs=2``: this process and one worker)."""
+    pool = live_pool(1, NULL_WORKER_ENV)
+    assert pool is not None
+    return pool
+
+
 def test_worker_processes_share_the_nulls_and_a_killed_worker_loses_nothing() -> None:
     """n_jobs=2 runs the shuffles on this process and a worker process (kept alive between calls):
     the same numbers as one process; if the worker dies mid-call, its nulls are measured here."""
     import os
     import signal
-    import sys
 
-    measure_module = sys.modules["cluster_tracking.measure"]
     model = small_mlp(4, (12, 24, 24, 6))
     alone = ct.measure(model, k=4, shuffles=40, seed=9, n_jobs=1)
     shared = ct.measure(model, k=4, shuffles=40, seed=9, n_jobs=2)  # also warms the worker
@@ -223,7 +231,7 @@ def test_worker_processes_share_the_nulls_and_a_killed_worker_loses_nothing() ->
     assert shared.baseline.ncuts == alone.baseline.ncuts
     assert shared.config["backend"] == "loky"
 
-    pool = measure_module._POOLS[1]
+    pool = _null_pool()
     killed: list[int] = []
 
     def kill_the_worker(done: int, total: int) -> None:
@@ -247,20 +255,18 @@ def test_worker_processes_share_the_nulls_and_a_killed_worker_loses_nothing() ->
     assert seen == sorted(seen) and seen[-1] == 40
     # the next call gets a fresh pool
     again = ct.measure(model, k=4, shuffles=40, seed=9, n_jobs=2)
-    assert measure_module._POOLS[1] is not pool and measure_module._POOLS[1].usable()
+    assert _null_pool() is not pool and _null_pool().usable()
     assert again.baseline is not None and again.baseline.ncuts == alone.baseline.ncuts
 
 
 def test_an_interrupted_call_leaves_the_worker_processes_usable() -> None:
     """A call stopped mid-way (Ctrl-C in the progress callback) queues nothing more; the worker
     finishes the task it has and serves the next call, which gets the same numbers."""
-    import sys
 
-    measure_module = sys.modules["cluster_tracking.measure"]
     model = small_mlp(5, (12, 24, 24, 6))
     alone = ct.measure(model, k=4, shuffles=40, seed=3, n_jobs=1)
     ct.measure(model, k=4, shuffles=4, seed=3, n_jobs=2)  # the worker is up
-    pool = measure_module._POOLS[1]
+    pool = _null_pool()
 
     def interrupt(done: int, total: int) -> None:
         raise KeyboardInterrupt
@@ -268,7 +274,7 @@ def test_an_interrupted_call_leaves_the_worker_processes_usable() -> None:
     with pytest.raises(KeyboardInterrupt):
         ct.measure(model, k=4, shuffles=40, seed=3, n_jobs=2, progress=interrupt)
     again = ct.measure(model, k=4, shuffles=40, seed=3, n_jobs=2)
-    assert measure_module._POOLS[1] is pool and pool.usable()
+    assert _null_pool() is pool and pool.usable()
     assert alone.baseline is not None and again.baseline is not None
     assert again.baseline.ncuts == alone.baseline.ncuts
 
@@ -280,11 +286,10 @@ def test_a_forked_child_starts_its_own_workers_and_leaves_the_parents_alone() ->
     the parent's pipes, and its exit leaves the parent's workers running."""
     import multiprocessing
 
-    measure_module = sys.modules["cluster_tracking.measure"]
     graph = ct.weight_graph(small_mlp(6, (12, 24, 24, 6)))  # the child needs no torch
     alone = ct.measure(graph, k=4, shuffles=20, seed=4, n_jobs=1)
     ct.measure(graph, k=4, shuffles=4, seed=4, n_jobs=2)
-    pool = measure_module._POOLS[1]
+    pool = _null_pool()
 
     context = multiprocessing.get_context("fork")
     results = context.Queue()
@@ -304,7 +309,7 @@ def test_a_forked_child_starts_its_own_workers_and_leaves_the_parents_alone() ->
             process.kill()
     assert process.exitcode == 0
     again = ct.measure(graph, k=4, shuffles=20, seed=4, n_jobs=2)
-    assert measure_module._POOLS[1] is pool and pool.usable()
+    assert _null_pool() is pool and pool.usable()
     assert alone.baseline is not None and again.baseline is not None
     assert from_child == again.baseline.ncuts == alone.baseline.ncuts
 
@@ -316,7 +321,7 @@ def test_the_null_workers_import_path_needs_no_torch() -> None:
     import sys
 
     probe = (
-        "import sys, cluster_tracking, cluster_tracking.nulls.baselines, cluster_tracking.measure;"
+        "import sys, cluster_tracking, cluster_tracking.nulls, cluster_tracking.measure;"
         "print(sorted(m for m in ('torch', 'sklearn', 'matplotlib') if m in sys.modules))"
     )
     out = subprocess.run(

@@ -21,14 +21,8 @@ from sklearn.cluster import SpectralClustering
 from torch import nn
 
 import cluster_tracking as ct
-from cluster_tracking.nulls.baselines import (
-    FILAN2021_BANDWIDTH,
-    kde_bandwidth,
-    live_masks,
-    null_blocks,
-    shuffle_tensor,
-    shuffled_ncuts,
-)
+from cluster_tracking.nulls.networks import live_masks, null_blocks, shuffled_ncuts
+from cluster_tracking.nulls.shuffles import FILAN2021_BANDWIDTH, kde_bandwidth, shuffle_tensor
 from cluster_tracking.report import mixed_procedures, procedure_of
 from cluster_tracking.spectral import partition as spectral
 

@@ -121,3 +121,54 @@ def test_state_dict_measures_like_the_model() -> None:
     from_weights = ct.measure(model.state_dict(), k=4, shuffles=4, seed=2, n_jobs=1)
     assert from_weights.ncut == from_model.ncut
     assert from_weights.baseline == from_model.baseline
+
+
+def test_settings_are_validated_once_before_the_graph_is_built() -> None:
+    """MeasureConfig refuses a bad setting with its message, before any work on the model: an
+    object that is no model at all is never looked at when a setting is wrong."""
+    from cluster_tracking.config import MeasureConfig
+
+    not_a_model = object()
+    cases = [
+        ({"k": "many"}, "k must be an integer, a list of integers or 'auto', got 'many'"),
+        ({"k": []}, "k is an empty list"),
+        ({"k": [3, 4, 3]}, r"k lists a value twice: \[3, 4, 3\]"),
+        ({"shuffles": 1}, "at least 2 networks"),
+        ({"shuffle": "rows"}, "unknown null model 'rows'"),
+        ({"preset": "paper"}, "preset must be 'default' or 'filan2021'"),
+        ({"seed": -1}, "seed must be a non-negative integer or None"),
+        ({"scheduler": "tcp://127.0.0.1:1"}, r"scheduler is only used with backend='dask'"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ct.ConfigError, match=message):
+            ct.measure(not_a_model, **options)  # type: ignore[arg-type]
+        with pytest.raises(ct.ConfigError, match=message):
+            MeasureConfig(**options)
+    # without a null model a scheduler is unused, as before: no error
+    MeasureConfig(shuffles=0, scheduler="tcp://127.0.0.1:1")
+
+
+def test_a_config_is_resolved_and_frozen() -> None:
+    import dataclasses
+
+    from cluster_tracking.config import MeasureConfig
+
+    config = MeasureConfig(k=[4, 6], seed=None, layers=["0", "2"], n_jobs=None)
+    assert config.k == (4, 6) and config.sweep
+    assert isinstance(config.seed, int) and config.seed >= 0  # drawn, and recorded
+    assert config.layers_list() == ["0", "2"] and config.jobs == 1
+    assert not config.uses_worker_processes
+    assert MeasureConfig(n_jobs=3).jobs == 3 and MeasureConfig(n_jobs=3).uses_worker_processes
+    assert not MeasureConfig(n_jobs=3, shuffle="random_init").uses_worker_processes
+    assert MeasureConfig(backend="dask").jobs == 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.k = 3  # type: ignore[misc]
+
+
+def test_a_sweep_of_k_returns_one_report_per_k_with_the_config_recorded() -> None:
+    reports = ct.measure(mlp(6), k=[3, 5], shuffles=0, seed=4, layers=["0", "2", "4"])
+    assert [report.k for report in reports] == [3, 5]
+    for report in reports:
+        assert report.config["k"] == report.k and report.config["seed"] == 4
+        assert report.config["layers"] == ["0", "2", "4"]
+        assert report.config["backend"] == "loky" and report.config["method"] == "layer"

@@ -13,7 +13,7 @@ from sklearn.metrics import adjusted_rand_score
 from torch import nn
 
 import cluster_tracking as ct
-from cluster_tracking.nulls.baselines import shuffle_weights
+from cluster_tracking.nulls.shuffles import shuffle_weights
 from cluster_tracking.spectral import partition as spectral
 from cluster_tracking.spectral.adjacency import _edges_of, bipartition
 from cluster_tracking.spectral.cuts import _ncuts_of_pieces

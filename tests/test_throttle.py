@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_tracking.parallel.child import _Throttle, can_throttle
+from cluster_tracking.parallel.throttle import Throttle, can_throttle
 
 pytestmark = pytest.mark.skipif(not can_throttle(), reason="SIGSTOP throttling is Linux-only")
 
@@ -45,7 +45,7 @@ def spinner():
 def test_a_throttled_child_gets_at_most_its_share_and_is_never_left_paused(spinner) -> None:
     share = 0.2
     before_threads = set(threading.enumerate())
-    throttle = _Throttle(spinner.pid, share)
+    throttle = Throttle(spinner.pid, share)
     try:
         for _ in range(2):  # one thread serves every cycle
             before, started = cpu_seconds(spinner.pid), time.monotonic()
@@ -73,7 +73,7 @@ def test_a_throttled_child_gets_at_most_its_share_and_is_never_left_paused(spinn
 
 def test_stop_wakes_a_paused_child_at_once(spinner) -> None:
     """A long pause (a small share) ends as soon as stop() is called, not after the pause."""
-    throttle = _Throttle(spinner.pid, 0.001, burst=0.005)  # pauses of about 5 s
+    throttle = Throttle(spinner.pid, 0.001, burst=0.005)  # pauses of about 5 s
     try:
         throttle.start()
         deadline = time.monotonic() + 5
@@ -88,7 +88,7 @@ def test_stop_wakes_a_paused_child_at_once(spinner) -> None:
 
 def test_the_throttle_survives_its_child(spinner) -> None:
     before_threads = set(threading.enumerate())
-    throttle = _Throttle(spinner.pid, 0.5)
+    throttle = Throttle(spinner.pid, 0.5)
     throttle.start()
     spinner.kill()
     spinner.wait()
@@ -96,3 +96,47 @@ def test_the_throttle_survives_its_child(spinner) -> None:
     throttle.stop()
     throttle.close()  # no OSError, no thread left
     assert set(threading.enumerate()) <= before_threads
+
+
+def test_a_child_runs_jobs_by_dotted_name_and_reports_their_errors_as_they_were() -> None:
+    """The child imports a job by its dotted name; an error in it comes back as the original
+    ``Type: message``, which ``describe`` gives as it is."""
+    from cluster_tracking.errors import describe
+    from cluster_tracking.parallel.child import WorkerError, WorkerProcess
+
+    child = WorkerProcess(nice=False)
+    try:
+        assert child.call("os.path:join", "a", "b") == os.path.join("a", "b")
+        with pytest.raises(WorkerError) as raised:
+            child.call("cluster_tracking.config:check_shuffles", 1)
+        assert describe(raised.value).startswith("ConfigError: shuffles=1: a null model needs")
+        with pytest.raises(WorkerError, match="ModuleNotFoundError"):
+            child.call("cluster_tracking.no_such_module:job")
+        assert child.running()  # a failed job leaves the child serving
+    finally:
+        child.stop()
+
+
+def test_the_parallel_runtime_imports_nothing_above_it() -> None:
+    """``parallel/`` is the lowest layer beside ``errors``, ``config``, ``report`` and
+    ``resources``: no module of it imports (even inside a function) a higher one; its child
+    finds the jobs of higher layers by name."""
+    import ast
+
+    import cluster_tracking.parallel
+
+    allowed = ("cluster_tracking.parallel", "cluster_tracking.errors")
+    folder = Path(cluster_tracking.parallel.__file__).parent
+    seen = []
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name.startswith("cluster_tracking") and not name.startswith(allowed):
+                    seen.append(f"{path.name}: {name}")
+    assert seen == []

@@ -179,7 +179,7 @@ def _bounded_extent(
     """``(ref, nodes, edges)`` of a local safetensors file large enough for the bounded path
     and measurable there; ``None`` for any other source, which the in-memory path reads."""
     from cluster_tracking.graph.lazy import safetensors_extent
-    from cluster_tracking.nulls.baselines import MAGNITUDE_SHUFFLES
+    from cluster_tracking.nulls.preconditions import MAGNITUDE_SHUFFLES
 
     ref = source if isinstance(source, SourceRef) else parse_source(source)
     if ref.kind != "file" or ref.path is None or ref.path.suffix.lower() != ".safetensors":

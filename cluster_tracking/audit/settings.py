@@ -74,7 +74,7 @@ class AuditSettings:
         Raises:
             ConfigError: a value is out of range or settings contradict each other.
         """
-        from cluster_tracking.nulls.baselines import check_method
+        from cluster_tracking.config import check_method
 
         if self.k != "auto" and (isinstance(self.k, bool) or not isinstance(self.k, int)):
             raise ConfigError(f"--k must be a whole number >= 2 or 'auto', got {self.k!r}.")

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 class NullMethod(str, Enum):
-    """``--method``: the null model (:data:`cluster_tracking.nulls.baselines.NULL_METHODS`)."""
+    """``--method``: the null model (:data:`cluster_tracking.config.NULL_METHODS`)."""
 
     layer = "layer"
     layer_nonzero = "layer_nonzero"
@@ -40,7 +40,7 @@ class Norm(str, Enum):
 
 
 class Preset(str, Enum):
-    """``--preset``: the procedure (:data:`cluster_tracking.nulls.baselines.PRESETS`)."""
+    """``--preset``: the procedure (:data:`cluster_tracking.config.PRESETS`)."""
 
     default = "default"
     filan2021 = "filan2021"

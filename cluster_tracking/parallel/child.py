@@ -1,19 +1,23 @@
-"""The tracker's measuring child process: what runs in it, and the pipe that feeds it.
+"""A child Python process that runs jobs, named by dotted name, one at a time, fed by a pipe.
 
 Measuring is CPU-bound Python and numpy code. In a thread of the training process it would hold
 the GIL for milliseconds at a time, and a training loop, which releases and re-takes the GIL at
 every torch call, would wait for it each time: a small loop runs several times slower while a
 measurement runs. So by default the tracker measures in a child process of its own, fed through
-a pipe: the weight graph goes in, the report and the PNG plots come back.
+a pipe: the weight graph goes in, the report and the PNG plots come back
+(:mod:`cluster_tracking.tracking.jobs`); ``measure``'s null workers are children of the same kind
+(:mod:`cluster_tracking.nulls.local_workers`).
 
-This module imports no torch (the weight graph, the measurement and the report need numpy and
-scipy only), so the child starts in well under a second instead of competing with the training
-loop for the seconds torch takes to import.
+A job is named ``"package.module:function"`` and imported in the child on its first call
+(:func:`resolve_job`), so this module imports nothing of the package above the parallel runtime,
+and the child imports only what its jobs need (no torch for the tracker's and the nulls' jobs:
+it starts in well under a second instead of competing with the training loop for the seconds
+torch takes to import).
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import os
 import pickle
 import signal
@@ -22,133 +26,36 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
+from cluster_tracking.parallel.throttle import Throttle, can_throttle
 
-from cluster_tracking.graph.types import WeightGraph
-from cluster_tracking.measure import _shuffled_task, measure
-from cluster_tracking.report import SCHEMA_VERSION, ClusterabilityReport
+#: The environment variable naming the modules a child imports before it is ready
+#: (comma-separated), e.g. the plotting libraries of the tracker's jobs.
+PRELOAD_VARIABLE = "CLUSTER_TRACKING_PRELOAD"
 
-if TYPE_CHECKING:
-    from torch import nn
-
-
-def measure_step(
-    graph: WeightGraph,
-    step: int,
-    options: Mapping[str, Any],
-    plots: bool,
-    module: nn.Module | None = None,
-    weights: Sequence[np.ndarray] | None = None,
-) -> tuple[ClusterabilityReport, dict[str, bytes], str | None]:
-    """Measure one snapshot's weight graph and draw its plots (the worker's job).
-
-    Args:
-        graph: the snapshot's weight graph, or with ``weights`` its topology.
-        step: its training step.
-        options: keyword arguments of :func:`~cluster_tracking.measure.measure` (k, shuffles,
-            shuffle, seed, n_jobs, ...).
-        plots: draw ``adjacency``, ``cluster_matrix`` and ``composition``.
-        module: the model, for the ``random_init`` null model (which re-initialises it).
-        weights: the snapshot's weights, one per block of ``graph``: the graph is rebuilt from
-            them here (its sparse adjacency assembled in the worker, not in the training
-            process, where it would hold the GIL that the training thread needs), and the time
-            it takes is the report's ``graph`` timing.
-
-    Returns:
-        The report (with its ``step``), PNG bytes by plot name, and the error of the plots, if
-        they failed (the report is still good).
-    """
-    rebuild_seconds = 0.0
-    if weights is not None:
-        started = time.perf_counter()
-        graph = graph.with_weights(weights)
-        rebuild_seconds = time.perf_counter() - started
-    report = measure(module if module is not None else graph, **options)
-    report.step = step
-    report.timings["graph"] = report.timings.get("graph", 0.0) + rebuild_seconds
-    report.timings["total"] = report.timings.get("total", 0.0) + rebuild_seconds
-    images: dict[str, bytes] = {}
-    if not plots:
-        return report, images, None
-    started = time.perf_counter()
-    try:
-        from cluster_tracking.viz import plots as figures
-
-        images["adjacency"] = figures.png_bytes(
-            figures.adjacency_figure(
-                graph,
-                report.partition.labels,
-                title=f"Weight graph ordered by cluster, step {step}",
-            )
-        )
-        images["cluster_matrix"] = figures.png_bytes(
-            figures.cluster_matrix_figure(
-                figures.cluster_matrix(graph, report.partition.labels),
-                title=f"Edge weight between clusters / volume, step {step}",
-            )
-        )
-        images["composition"] = figures.png_bytes(figures.composition_figure(report))
-    except Exception as error:
-        return report, images, _describe(error)
-    finally:  # not part of "total" (the measurement): the tracker budgets the plots apart
-        report.timings["plots"] = time.perf_counter() - started
-    return report, images, None
+#: Jobs this process has imported, by dotted name.
+_JOBS: dict[str, Callable[..., Any]] = {}
 
 
-def render_summary(
-    reports: Sequence[ClusterabilityReport],
-    last_images: Mapping[str, bytes],
-    params: Mapping[str, Any],
-    skipped: Sequence[int],
-    failed: Sequence[int],
-    plots: bool,
-) -> tuple[dict[str, bytes], str | None]:
-    """The summary artifacts: ``summary.json``, ``trajectory.png`` and ``report.html``.
-
-    Returns:
-        File contents by name, and the error of the plots or HTML, if they failed.
-    """
-    summary = {
-        "schema_version": SCHEMA_VERSION,
-        "params": dict(params),
-        "steps": [report.step for report in reports],
-        "skipped_steps": list(skipped),
-        "failed_steps": list(failed),
-        "trajectory": [{"step": report.step, **_short_metrics(report)} for report in reports],
-        "reports": [report.to_dict() for report in reports],
-    }
-    files = {"summary.json": json.dumps(summary, indent=1, allow_nan=False).encode("utf-8")}
-    if not plots:
-        return files, None
-    try:
-        from cluster_tracking.viz import html_report
-        from cluster_tracking.viz import plots as figures
-
-        files["trajectory.png"] = figures.png_bytes(
-            figures.trajectory_figure(reports, skipped_steps=skipped)
-        )
-        html = html_report.render_html(
-            reports,
-            images={"trajectory": files["trajectory.png"], **last_images},
-            params=params,
-            skipped_steps=skipped,
-            failed_steps=failed,
-        )
-        files["report.html"] = html.encode("utf-8")
-    except Exception as error:
-        return files, _describe(error)
-    return files, None
+def resolve_job(job: str) -> Callable[..., Any]:
+    """The function named ``job`` (``"package.module:function"``), imported on first use."""
+    function = _JOBS.get(job)
+    if function is None:
+        module, _, name = job.partition(":")
+        if not module or not name:
+            raise ValueError(f"a job is named 'package.module:function', got {job!r}")
+        function = _JOBS[job] = getattr(importlib.import_module(module), name)
+    return function
 
 
-_WORKER_CALLS: dict[str, Any] = {
-    "measure": measure_step,
-    "summary": render_summary,
-    "nulls": _shuffled_task,  # measure()'s null workers
-}
+def run_job(job: str, *args: Any) -> Any:
+    """Run the job ``job`` (see :func:`resolve_job`) in this process: what a child does for
+    :meth:`WorkerProcess.call`, for a caller that has no child."""
+    return resolve_job(job)(*args)
+
 
 # Runs in the child: put the package's folder first on sys.path (so it imports this very copy of
 # cluster_tracking, whatever the training script did to sys.path), then serve requests.
@@ -169,112 +76,15 @@ _WORKER_BOOTSTRAP = (
 )
 
 
-#: Longest stretch the tracker's throttled child runs before it is paused (seconds).
-THROTTLE_BURST_SECONDS = 0.005
+class WorkerError(Exception):
+    """A job raised in the child process; the message is the original ``Type: message``.
 
-
-class _Throttle:
-    """Lets a child process run at most ``share`` of the wall time, in bursts of ``burst`` s.
-
-    One thread of the parent, for the child's whole life: between :meth:`start` and
-    :meth:`stop` it alternates ``SIGCONT`` (the child may run for ``burst`` seconds) and
-    ``SIGSTOP`` (it is paused for ``burst * (1 - share) / share`` seconds); :meth:`stop` returns
-    once the child runs unpaused again, and :meth:`close` ends the thread. The kernel enforces
-    the pause whatever the child is doing (a long numpy or scipy call included), unlike a signal
-    handler in the child, which Python runs only between bytecodes. Why a wall-time share and
-    not a CPU share: a training loop whose threads keep every core busy loses a core while the
-    child runs on it, and its OpenMP threads then wait for each other, so the loop can stall for
-    the whole time the child runs; bounding that time to ``share`` bounds the loop's slowdown to
-    ``1 / (1 - share)``. Short bursts keep each stall to a few milliseconds. (One thread, not
-    one per measurement: every new thread of the training process may get a malloc arena of its
-    own, and the process's memory grew with the number of measurements.)
-
-    A paused child cannot be orphaned: the tracker's child dies with the thread that started it
-    (``PR_SET_PDEATHSIG`` sends ``SIGKILL``, which also ends a stopped process).
+    :func:`~cluster_tracking.errors.describe` gives that message as it is (``described``), not
+    prefixed with ``WorkerError``.
     """
 
-    def __init__(self, pid: int, share: float, burst: float = THROTTLE_BURST_SECONDS) -> None:
-        self._pid = pid
-        self._on = burst
-        self._off = burst * (1.0 - share) / share
-        self._changed = threading.Condition()
-        self._wanted = False  # pause the child in cycles (between start() and stop())
-        self._cycling = False  # the thread is cycling (the child may be paused)
-        self._closed = False
-        #: wall-clock seconds the child was allowed to run (not paused) while cycling, so far
-        self.run_seconds = 0.0
-        self._thread = threading.Thread(
-            target=self._loop, name="cluster-tracking-throttle", daemon=True
-        )
-        self._thread.start()
-
-    def start(self) -> None:
-        """Begin pausing the child in cycles."""
-        with self._changed:
-            if not self._closed:
-                self._wanted = True
-                self._changed.notify_all()
-
-    def stop(self) -> float:
-        """Stop pausing the child; returns once it runs unpaused, with :attr:`run_seconds`."""
-        with self._changed:
-            self._wanted = False
-            self._changed.notify_all()
-            while self._cycling:
-                self._changed.wait()
-            return self.run_seconds
-
-    def close(self) -> None:
-        """Stop pausing the child for good and end the thread (the child runs on)."""
-        with self._changed:
-            self._closed = True
-        self.stop()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        with self._changed:
-            while True:
-                while not self._wanted and not self._closed:
-                    self._changed.wait()
-                if self._closed:
-                    return
-                self._cycling = True
-                self._cycle()
-                self._cycling = False
-                self._changed.notify_all()
-
-    def _cycle(self) -> None:
-        """Pause and resume the child until :meth:`stop` (with ``_changed`` held; its waits
-        release it)."""
-        resumed = time.monotonic()
-        try:
-            while self._wanted:
-                self._changed.wait(self._on)
-                if not self._wanted:
-                    break
-                os.kill(self._pid, signal.SIGSTOP)
-                self.run_seconds += time.monotonic() - resumed
-                self._changed.wait(self._off)  # stop() wakes it at once
-                os.kill(self._pid, signal.SIGCONT)
-                resumed = time.monotonic()
-        except OSError:  # the child is gone
-            self._wanted = False
-        finally:
-            self.run_seconds += time.monotonic() - resumed
-            try:
-                os.kill(self._pid, signal.SIGCONT)  # never leave it paused
-            except OSError:
-                pass
-
-
-def can_throttle() -> bool:
-    """Whether :class:`_Throttle` can pause a child here (POSIX signals and, so that a paused
-    child cannot be orphaned, Linux's ``PR_SET_PDEATHSIG``)."""
-    return sys.platform.startswith("linux") and hasattr(signal, "SIGSTOP")
-
-
-class _WorkerError(Exception):
-    """A worker function raised; the message is the original ``Type: message``."""
+    #: the message already says the original error's type
+    described = True
 
 
 def _write_frame(stream: Any, value: Any) -> None:
@@ -295,8 +105,8 @@ def _read_frame(stream: Any) -> Any:
     return pickle.loads(data)
 
 
-class _WorkerProcess:
-    """A child Python process that runs :data:`_WORKER_CALLS`, one call at a time.
+class WorkerProcess:
+    """A child Python process that runs jobs (:func:`resolve_job`), one call at a time.
 
     Requests and answers are pickled frames on the child's stdin and stdout (its own pipes: only
     its owner talks to it). The tracker's child runs at the lowest CPU priority (``nice``: nice
@@ -315,6 +125,13 @@ class _WorkerProcess:
         wait: wait here until the child has started; otherwise the first :meth:`call` waits.
         die_with_thread: on Linux, kill the child when the thread creating it ends
             (``PR_SET_PDEATHSIG``): for a child owned by one long-lived thread.
+        share: the share of wall time the child may run during a call, enforced by a
+            :class:`~cluster_tracking.parallel.throttle.Throttle` (``None``: no limit); needs
+            ``die_with_thread`` on Linux, so that a paused child cannot be orphaned.
+
+    In the child, the modules named in the environment variable :data:`PRELOAD_VARIABLE`
+    (comma-separated) are imported before it says it is ready: part of its start, not of its
+    first job.
     """
 
     def __init__(
@@ -325,18 +142,19 @@ class _WorkerProcess:
         env: Mapping[str, str] | None = None,
         wait: bool = True,
         die_with_thread: bool = False,
-        throttle: float | None = None,
+        share: float | None = None,
     ) -> None:
-        if throttle is not None and not (die_with_thread and can_throttle()):
-            raise ValueError("throttle needs die_with_thread on Linux (no orphaned paused child)")
-        if throttle is not None and not 0 < throttle < 1:
-            raise ValueError(f"throttle must be a fraction in (0, 1), got {throttle!r}")
+        if share is not None and not (die_with_thread and can_throttle()):
+            raise ValueError("share needs die_with_thread on Linux (no orphaned paused child)")
+        if share is not None and not 0 < share < 1:
+            raise ValueError(f"share must be a fraction in (0, 1), got {share!r}")
         #: the share of wall time the child may run during a call (None: no limit)
-        self.throttle = throttle
+        self.share = share
         #: wall-clock seconds the child was allowed to run during calls (all of a call's wall
         #: time when it is not throttled)
         self.run_seconds = 0.0
-        self._throttle: _Throttle | None = None
+        #: what pauses the child to hold it to ``share`` (None without a share)
+        self._throttle: Throttle | None = None
         package_root = str(Path(__file__).resolve().parents[1])
         self._process = subprocess.Popen(
             [
@@ -365,9 +183,9 @@ class _WorkerProcess:
         self._timer = threading.Timer(start_timeout, give_up)
         self._timer.daemon = True
         self._timer.start()
-        if throttle is not None:
+        if share is not None:
             # a throttled child is throttled while it starts too (its imports take CPU seconds)
-            self._throttle = _Throttle(self.pid, throttle)
+            self._throttle = Throttle(self.pid, share)
             self._throttle.start()
         if wait:
             self._await_ready()
@@ -399,20 +217,21 @@ class _WorkerProcess:
             self.stop()
             raise RuntimeError(f"unexpected first message from the worker: {kind!r}")
 
-    def call(self, name: str, *args: Any) -> Any:
-        """Run ``_WORKER_CALLS[name](*args)`` in the child; raises :class:`_WorkerError` when it
-        raised, ``EOFError``/``OSError`` when the child is gone."""
+    def call(self, job: str, *args: Any) -> Any:
+        """Run the job named ``job`` (``"package.module:function"``, see :func:`resolve_job`) on
+        ``args`` in the child and return its result; raises :class:`WorkerError` when it raised,
+        ``EOFError``/``OSError`` when the child is gone."""
         if not self.running():
             raise EOFError(f"the worker exited with code {self._process.returncode}")
         self._await_ready()
         started = time.monotonic()
-        throttle = self._throttle if self.throttle is not None else None
+        throttle = self._throttle if self.share is not None else None
         run_before = 0.0
         if throttle is not None:
             run_before = throttle.run_seconds
             throttle.start()
         try:
-            _write_frame(self._process.stdin, (name, args))
+            _write_frame(self._process.stdin, (job, args))
             kind, value, cpu = _read_frame(self._process.stdout)
         finally:
             self.run_seconds += (
@@ -420,12 +239,12 @@ class _WorkerProcess:
             )
         self.cpu_seconds = float(cpu)
         if kind == "error":
-            raise _WorkerError(value)
+            raise WorkerError(value)
         return value
 
     def unthrottle(self) -> None:
         """Let the child run at full speed from now on, the call under way included."""
-        self.throttle = None
+        self.share = None
         if self._throttle is not None:
             self._throttle.close()  # for good: a call starting now cannot pause it again
 
@@ -462,7 +281,7 @@ class _WorkerProcess:
 
 
 def _worker_main() -> None:
-    """The worker process's loop (see :class:`_WorkerProcess`)."""
+    """The worker process's loop (see :class:`WorkerProcess`)."""
     requests = os.fdopen(os.dup(0), "rb")
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
@@ -470,14 +289,11 @@ def _worker_main() -> None:
     # Ctrl-C in a terminal reaches the whole process group; the training script decides what
     # happens then (typically tracker.close()), and the worker goes when its pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if os.environ.get("CLUSTER_TRACKING_WARM_PLOTS") == "1":
-        try:  # part of the start, not of the first measurement (the tracker's budget)
-            from cluster_tracking.viz import (
-                html_report,  # noqa: F401
-                plots,  # noqa: F401
-            )
+    for module in filter(None, os.environ.get(PRELOAD_VARIABLE, "").split(",")):
+        try:  # part of the start, not of the first job (the tracker's budget)
+            importlib.import_module(module.strip())
         except Exception:
-            pass
+            pass  # the job that needs it reports the error
     try:
         _write_frame(answers, ("ready", None, time.process_time()))
     except OSError:  # the parent is gone already
@@ -489,24 +305,12 @@ def _worker_main() -> None:
             return
         if request is None:
             return
-        name, args = request
+        job, args = request
         try:
-            answer = ("ok", _WORKER_CALLS[name](*args))
+            answer = ("ok", run_job(job, *args))
         except Exception as error:
             answer = ("error", f"{type(error).__name__}: {str(error).strip()}")
         try:
             _write_frame(answers, (*answer, time.process_time()))
         except OSError:  # the parent closed the pipe (it gave up waiting): leave quietly
             return
-
-
-def _short_metrics(report: ClusterabilityReport) -> dict[str, float]:
-    """``report.metrics()`` without the ``clusterability/`` prefix."""
-    return {key.split("/", 1)[1]: value for key, value in report.metrics().items()}
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, _WorkerError):  # already "Type: message", from the worker process
-        return str(error).strip().rstrip(".")
-    text = str(error).strip().rstrip(".")
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -14,8 +14,7 @@ import shutil
 import time
 from typing import Any
 
-from cluster_tracking.errors import warn
-from cluster_tracking.parallel.child import _describe
+from cluster_tracking.errors import describe, warn
 from cluster_tracking.tracking.state import _STOP, _TrackerState
 
 
@@ -48,7 +47,7 @@ class _FanOut(_TrackerState):
                 getattr(sink, method)(*args)
             except Exception as error:
                 warn(
-                    f"{sink!r}.{method}{where} failed: {_describe(error)}. Training goes on; "
+                    f"{sink!r}.{method}{where} failed: {describe(error)}. Training goes on; "
                     "the report stays in the tracker's other sinks."
                 )
 
@@ -63,4 +62,4 @@ class _FanOut(_TrackerState):
                 else:
                     sink.close()
             except Exception as error:
-                warn(f"closing {sink!r} failed: {_describe(error)}.", stacklevel=4)
+                warn(f"closing {sink!r} failed: {describe(error)}.", stacklevel=4)

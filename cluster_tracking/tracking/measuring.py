@@ -20,10 +20,10 @@ from typing import Any
 
 from torch import nn
 
-from cluster_tracking.errors import warn
+from cluster_tracking.errors import describe, warn
 from cluster_tracking.graph import weight_graph
-from cluster_tracking.parallel.child import _describe, measure_step
 from cluster_tracking.report import ClusterabilityReport
+from cluster_tracking.tracking.jobs import MEASURE_STEP, RENDER_SUMMARY, measure_step
 from cluster_tracking.tracking.settings import step_seed
 from cluster_tracking.tracking.snapshots import Snapshot
 from cluster_tracking.tracking.state import _STOP
@@ -57,7 +57,7 @@ class _Measuring(_WorkerCalls):
                 if not self._abandoned:
                     warn(
                         f"clusterability measurement at step {item.step} failed: "
-                        f"{_describe(error)}. Training goes on; this step is not logged."
+                        f"{describe(error)}. Training goes on; this step is not logged."
                     )
                 continue
             finally:
@@ -103,7 +103,7 @@ class _Measuring(_WorkerCalls):
         """Add one measurement's time to the budget: the time the throttled child could run,
         or else the wall time from request to answer."""
         worker = self._worker
-        if worker is not None and worker.throttle is not None:
+        if worker is not None and worker.share is not None:
             self._busy_seconds += worker.run_seconds - run_before  # time it could run
         else:
             self._busy_seconds += time.monotonic() - started
@@ -188,7 +188,7 @@ class _Measuring(_WorkerCalls):
             )
         else:  # with weights, the worker rebuilds the graph from the traced topology
             report, images, plot_error = self._run(
-                "measure", graph, snapshot.step, options, snapshot.plots, None, snapshot.weights
+                MEASURE_STEP, graph, snapshot.step, options, snapshot.plots, None, snapshot.weights
             )
         if plot_error:
             warn(f"clusterability plots at step {snapshot.step} failed: {plot_error}.")
@@ -221,7 +221,7 @@ class _Measuring(_WorkerCalls):
                 skipped, failed = sorted(self._skipped), sorted(self._failed)
                 last_images = dict(self._last_images[1]) if self._last_images else {}
             files, plot_error = self._run(
-                "summary", reports, last_images, self._params(), skipped, failed, self.plots
+                RENDER_SUMMARY, reports, last_images, self._params(), skipped, failed, self.plots
             )
             if plot_error:
                 warn(f"clusterability summary plots failed: {plot_error}.")
@@ -234,7 +234,7 @@ class _Measuring(_WorkerCalls):
                 artifacts[name] = folder / name
             self._log_queue.put(("summary", reports, artifacts))
         except Exception as error:
-            warn(f"clusterability summary failed: {_describe(error)}.")
+            warn(f"clusterability summary failed: {describe(error)}.")
 
 
 _LIBC: Any = None

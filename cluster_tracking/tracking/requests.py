@@ -17,8 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from cluster_tracking.errors import GraphError, warn
-from cluster_tracking.parallel.child import _describe
+from cluster_tracking.errors import GraphError, describe, warn
 from cluster_tracking.tracking.backlog import _Backlog
 from cluster_tracking.tracking.distributed import is_rank_zero
 from cluster_tracking.tracking.fanout import _FanOut
@@ -94,13 +93,13 @@ class _Requests(_Backlog, _Measuring, _FanOut):
             if not isinstance(error, GraphError):
                 warn(
                     f"could not snapshot the model for clusterability at step {step}: "
-                    f"{_describe(error)}. Training goes on; this step is not measured."
+                    f"{describe(error)}. Training goes on; this step is not measured."
                 )
             elif not self._warned_untraceable:
                 self._warned_untraceable = True
                 warn(
                     f"could not build the weight graph for clusterability at step {step}: "
-                    f"{_describe(error)}. Training goes on; no due step of this model is "
+                    f"{describe(error)}. Training goes on; no due step of this model is "
                     "measured (warned once)."
                 )
             return False

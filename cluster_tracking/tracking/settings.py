@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cluster_tracking.config import check_method
 from cluster_tracking.errors import ConfigError
 from cluster_tracking.graph.selection import parse_layers
-from cluster_tracking.nulls import baselines
 from cluster_tracking.tracking.sinks import Sink
 
 OnBacklog = Literal["skip", "queue"]
@@ -161,7 +161,7 @@ def _check_measurement(arguments: dict[str, Any]) -> str:
             f"shuffles={shuffles}: a null model needs at least 2 networks (20-50 is typical "
             "during training); pass shuffles=0 to skip it."
         )
-    shuffle = baselines.check_method(arguments["shuffle"])
+    shuffle = check_method(arguments["shuffle"])
     norm, preset, layers = arguments["norm"], arguments["preset"], arguments["layers"]
     if norm not in ("l1", "l2"):
         raise ConfigError(f"norm must be 'l1' or 'l2', got {norm!r}.")

@@ -16,7 +16,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from cluster_tracking.parallel.child import _WorkerProcess
+from cluster_tracking.parallel.child import WorkerProcess
 from cluster_tracking.tracking.report_store import ReportStore
 from cluster_tracking.tracking.settings import OnBacklog, TrackerSettings
 from cluster_tracking.tracking.sinks import Sink
@@ -87,7 +87,7 @@ class _TrackerState:
         self._measure_thread: threading.Thread | None = None
         self._log_thread: threading.Thread | None = None
         self._workdir: Path | None = None
-        self._worker: _WorkerProcess | None = None
+        self._worker: WorkerProcess | None = None
         self._worker_failed = False
         # the model and step of the latest hook call, for measure_final (a module is held by
         # weak reference: the tracker never keeps a model alive)

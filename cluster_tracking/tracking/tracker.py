@@ -33,7 +33,7 @@ The tracker is assembled from one module per side: its settings
 Guarantees:
 
 * **Paced to a budget.** On Linux the worker runs at normal priority with one BLAS thread and is
-  throttled (:class:`~cluster_tracking.parallel.child._Throttle`) to run at most ``m / (1 + m)``
+  throttled (:class:`~cluster_tracking.parallel.throttle.Throttle`) to run at most ``m / (1 + m)``
   of the wall time for ``max_overhead=m`` (default 0.1), in 5 ms bursts, which bounds a busy loop's
   slowdown to ``1 + m``; elsewhere it runs at nice 19 and the wall time of its measurements is
   paced to ``max_overhead``. ``close()`` measures what is left at full speed.
@@ -64,8 +64,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from cluster_tracking.errors import warn
-from cluster_tracking.parallel.child import _describe
+from cluster_tracking.errors import describe, warn
 from cluster_tracking.report import ClusterabilityReport
 from cluster_tracking.tracking.closing import _Closing
 from cluster_tracking.tracking.requests import _Requests
@@ -358,7 +357,7 @@ class ClusterabilityTracker(_Requests, _Closing):
             try:
                 self._measure_final()
             except Exception as error:  # close() never raises
-                warn(f"could not measure the final weights: {_describe(error)}.")
+                warn(f"could not measure the final weights: {describe(error)}.")
         with self._lock:
             if self._closed:
                 return
@@ -366,7 +365,7 @@ class ClusterabilityTracker(_Requests, _Closing):
         try:
             self._close(timeout)
         except Exception as error:  # close() is called from training scripts' finally blocks
-            warn(f"closing the clusterability tracker failed: {_describe(error)}.")
+            warn(f"closing the clusterability tracker failed: {describe(error)}.")
 
     def __enter__(self) -> ClusterabilityTracker:
         return self

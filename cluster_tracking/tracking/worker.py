@@ -1,7 +1,7 @@
 """Where a tracker's measurements run: its measuring child process, or a thread.
 
 With ``worker="process"`` (the default) every job of the measuring thread (a measurement, the
-summary) runs in a child Python process (:class:`~cluster_tracking.parallel.child._WorkerProcess`)
+summary) runs in a child Python process (:class:`~cluster_tracking.parallel.child.WorkerProcess`)
 so that it never competes with training for the GIL. On Linux the child runs at normal priority
 with one BLAS thread and is throttled to ``m / (1 + m)`` of the wall time for ``max_overhead=m``;
 elsewhere it runs at nice 19 and the measuring thread paces it by wall time. If the child cannot
@@ -13,14 +13,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from cluster_tracking.errors import warn
-from cluster_tracking.parallel.child import (
-    _WORKER_CALLS,
-    _describe,
-    _WorkerError,
-    _WorkerProcess,
-    can_throttle,
-)
+from cluster_tracking.errors import describe, warn
+from cluster_tracking.parallel.child import PRELOAD_VARIABLE, WorkerError, WorkerProcess, run_job
+from cluster_tracking.parallel.throttle import can_throttle
+from cluster_tracking.tracking.jobs import PLOT_MODULES
 from cluster_tracking.tracking.state import _Abandoned, _TrackerState
 
 #: Thread-count variables of the BLAS/OpenMP libraries, set to 1 in the throttled child.
@@ -45,12 +41,12 @@ class _WorkerCalls(_TrackerState):
                 if self._worker is None:
                     started = time.monotonic()
                     self._worker = self._start_worker()
-                    if self._worker.throttle is None:  # its start is not counted
+                    if self._worker.share is None:  # its start is not counted
                         self._busy_seconds -= time.monotonic() - started
                 if self._abandoned:
                     raise _Abandoned("close() gave up")
                 return self._worker.call(name, *args)
-            except _WorkerError:
+            except WorkerError:
                 raise  # the function failed in the worker: a measurement error, not a dead worker
             except Exception as error:
                 if self._abandoned:
@@ -60,29 +56,27 @@ class _WorkerCalls(_TrackerState):
                     self._worker.stop()
                 self._worker = None
                 warn(
-                    f"the clusterability worker process failed ({_describe(error)}); measuring "
+                    f"the clusterability worker process failed ({describe(error)}); measuring "
                     "in a background thread of the training process from now on, which slows a "
                     "Python-bound training loop while a measurement runs."
                 )
-        return _WORKER_CALLS[name](*args)
+        return run_job(name, *args)
 
-    def _start_worker(self) -> _WorkerProcess:
+    def _start_worker(self) -> WorkerProcess:
         """The measuring child: throttled to :meth:`_share` at normal priority where the
         platform allows (Linux), else at nice 19 and paced by wall time (``_pace``)."""
-        env = {"CLUSTER_TRACKING_WARM_PLOTS": "1" if self.plots else "0"}
+        env = {PRELOAD_VARIABLE: PLOT_MODULES if self.plots else ""}
         share = self._share()
         if share is not None and can_throttle() and not self._closing.is_set():
             # its start takes a share of the wall time too: importing the plotting libraries
             # (about half a second of CPU, 5 s at a 9% share) waits for the first plot, so the
             # first metrics come sooner
-            env["CLUSTER_TRACKING_WARM_PLOTS"] = "0"
+            env[PRELOAD_VARIABLE] = ""
             # one thread: it runs on one core at a time, so its bursts displace one training
             # thread at most
             env.update({name: "1" for name in _THREAD_VARIABLES})
-            return _WorkerProcess(
-                die_with_thread=True, env=env, nice=False, throttle=share, wait=False
-            )
-        return _WorkerProcess(die_with_thread=True, env=env, nice=share is not None)
+            return WorkerProcess(die_with_thread=True, env=env, nice=False, share=share, wait=False)
+        return WorkerProcess(die_with_thread=True, env=env, nice=share is not None)
 
     def _share(self) -> float | None:
         """The share of wall time the measuring child may run: ``m / (1 + m)`` for
