@@ -122,9 +122,8 @@ class ClusterabilityCallback(_CoreViews, _LightningCallback):
             ``plots``...
 
     Attributes:
-        tracker: the :class:`~cluster_tracking.tracking.tracker.ClusterabilityTracker` of the
-        current or
-            last ``fit`` (``None`` before the first measurement and on other ranks).
+        tracker: the :class:`~cluster_tracking.tracking.tracker.ClusterabilityTracker` of
+            the current or last ``fit`` (``None`` before the first measurement and on other ranks).
         selected_layers: the layer names ``layers=`` resolved to at the start of ``fit``.
 
     Raises:

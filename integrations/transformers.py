@@ -132,9 +132,9 @@ class ClusterabilityTrainerCallback(_CoreViews, _TrainerCallback):
             ``plots``...
 
     Attributes:
-        tracker: the :class:`~cluster_tracking.tracking.tracker.ClusterabilityTracker` of the
-        current or
-            last training run (``None`` before the first measurement and on other processes).
+        tracker: the :class:`~cluster_tracking.tracking.tracker.ClusterabilityTracker` of
+            the current or last training run (``None`` before the first measurement and on
+            other processes).
         selected_layers: the layer names ``layers=`` resolved to at the start of training.
 
     Raises:

@@ -20,7 +20,7 @@ import numpy as np
 from cluster_tracking.errors import describe
 from cluster_tracking.graph.types import WeightGraph
 from cluster_tracking.measure import measure
-from cluster_tracking.report import SCHEMA_VERSION, ClusterabilityReport
+from cluster_tracking.report import ClusterabilityReport, summary_document
 
 if TYPE_CHECKING:
     from torch import nn
@@ -111,15 +111,7 @@ def render_summary(
     Returns:
         File contents by name, and the error of the plots or HTML, if they failed.
     """
-    summary = {
-        "schema_version": SCHEMA_VERSION,
-        "params": dict(params),
-        "steps": [report.step for report in reports],
-        "skipped_steps": list(skipped),
-        "failed_steps": list(failed),
-        "trajectory": [{"step": report.step, **_short_metrics(report)} for report in reports],
-        "reports": [report.to_dict() for report in reports],
-    }
+    summary = summary_document(reports, params, skipped, failed)
     files = {"summary.json": json.dumps(summary, indent=1, allow_nan=False).encode("utf-8")}
     if not plots:
         return files, None
@@ -141,8 +133,3 @@ def render_summary(
     except Exception as error:
         return files, describe(error)
     return files, None
-
-
-def _short_metrics(report: ClusterabilityReport) -> dict[str, float]:
-    """``report.metrics()`` without the ``clusterability/`` prefix."""
-    return {key.split("/", 1)[1]: value for key, value in report.metrics().items()}

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cluster_tracking.config import check_method
+from cluster_tracking.config import MeasureConfig
 from cluster_tracking.errors import ConfigError
 from cluster_tracking.graph.selection import parse_layers
 from cluster_tracking.tracking.sinks import Sink
@@ -154,19 +154,13 @@ def _check_measurement(arguments: dict[str, Any]) -> str:
     k, shuffles = arguments["k"], arguments["shuffles"]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
         raise ConfigError(f"k must be an integer >= 2 (the paper uses 12), got {k!r}.")
-    if isinstance(shuffles, bool) or not isinstance(shuffles, (int, np.integer)):
-        raise ConfigError(f"shuffles must be an integer, got {shuffles!r}.")
-    if shuffles == 1 or shuffles < 0:
-        raise ConfigError(
-            f"shuffles={shuffles}: a null model needs at least 2 networks (20-50 is typical "
-            "during training); pass shuffles=0 to skip it."
-        )
-    shuffle = check_method(arguments["shuffle"])
     norm, preset, layers = arguments["norm"], arguments["preset"], arguments["layers"]
     if norm not in ("l1", "l2"):
         raise ConfigError(f"norm must be 'l1' or 'l2', got {norm!r}.")
-    if preset not in ("default", "filan2021"):
-        raise ConfigError(f"preset must be 'default' or 'filan2021', got {preset!r}.")
+    # shuffles, the null model and the preset: measure()'s own checks, with its messages
+    shuffle = MeasureConfig(
+        k=int(k), shuffles=shuffles, shuffle=arguments["shuffle"], preset=preset
+    ).shuffle
     if layers:
         parse_layers(layers)  # a ConfigError now, not at the first due step
     if shuffle == "random_init" and layers is None:
