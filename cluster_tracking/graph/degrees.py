@@ -85,7 +85,7 @@ def _row_col_sums(weights: np.ndarray | sp.csr_array) -> tuple[np.ndarray, np.nd
 def _block_weights(block: EdgeBlock) -> np.ndarray | sp.csr_array:
     """The block's ``[out, in]`` edge weights: dense, or CSR for a grouped convolution."""
     if block.kind == "conv" and block.groups > 1:
-        rows, cols = block._group_pattern()
+        rows, cols = block.group_pattern()
         per_slice = _kernel_slice_norms(np.abs(block.weight), block.norm)
         return sp.csr_array(
             (per_slice.ravel(), (rows.ravel(), cols.ravel())),

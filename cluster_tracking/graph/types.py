@@ -98,11 +98,11 @@ class EdgeBlock:
             return per_slice
         # Grouped convolution: output channel b only reads the input channels of its own group.
         edges = np.zeros((n_out, n_in))
-        rows, cols = self._group_pattern()
+        rows, cols = self.group_pattern()
         edges[rows, cols] = per_slice
         return edges
 
-    def _group_pattern(self) -> tuple[np.ndarray, np.ndarray]:
+    def group_pattern(self) -> tuple[np.ndarray, np.ndarray]:
         """``[out, in / groups]`` row and column indices, into the dense ``[out, in]`` edge matrix,
         of the input channels each output channel of a grouped convolution reads."""
         n_out, n_in = len(self.dst), len(self.src)
@@ -117,7 +117,7 @@ class EdgeBlock:
         convolutions (a depthwise conv over C channels has C edges, not C * C)."""
         if self.kind == "conv" and self.groups > 1:
             per_slice = _kernel_slice_norms(np.abs(self.weight), self.norm)
-            rows, cols = self._group_pattern()
+            rows, cols = self.group_pattern()
             keep = per_slice != 0
             return self.dst[rows[keep]], self.src[cols[keep]], per_slice[keep]
         edges = self.edge_weights()

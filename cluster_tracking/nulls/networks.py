@@ -105,7 +105,7 @@ def live_masks(blocks: Sequence[EdgeBlock], n_nodes: int) -> list[np.ndarray | N
             live = out_live[:, None] & np.repeat(in_live, per_channel)[None, :]
         else:  # conv [out, in / groups, *kernel]: a slice is live when both its channels are
             if block.groups > 1:
-                rows, cols = block._group_pattern()
+                rows, cols = block.group_pattern()
                 slices = out_live[rows] & in_live[cols]
             else:
                 slices = out_live[:, None] & in_live[None, :]

@@ -139,7 +139,7 @@ def _same_module(block: EdgeBlock, labels: np.ndarray) -> np.ndarray:
     elif block.groups == 1:
         src_module = labels[block.src][None, :]  # W[b, a, ...] joins dst[b] and src[a]
     else:
-        _, cols = block._group_pattern()  # W[b, a, ...] joins dst[b], src[g(b) * in/G + a]
+        _, cols = block.group_pattern()  # W[b, a, ...] joins dst[b], src[g(b) * in/G + a]
         src_module = labels[block.src][cols]
     return dst_module == src_module
 

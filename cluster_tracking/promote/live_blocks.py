@@ -152,7 +152,7 @@ def live_block(
     dst = torch.as_tensor(dst_nodes, dtype=torch.int64, device=device)
     group_rows = group_cols = None
     if block.kind == "conv" and block.groups > 1:
-        rows, cols = block._group_pattern()
+        rows, cols = block.group_pattern()
         group_rows = torch.as_tensor(np.ascontiguousarray(rows), device=device)
         group_cols = torch.as_tensor(cols, device=device)
     self_loops = block.dst[:, None] == block.src[None, :]
