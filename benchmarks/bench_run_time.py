@@ -1,6 +1,5 @@
 """The audit's time estimate (:func:`cluster_tracking.resources.limits.run_time_estimate`)
-against real
-partitions on this machine.
+against real partitions on this machine.
 
 For random Glorot MLPs of 0.5 to 16 million stored adjacency entries, times one spectral
 partition (eigenvectors, then k-means restarts) per preset and k on one core (BLAS pinned to one

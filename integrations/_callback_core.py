@@ -2,8 +2,8 @@
 
 Both callbacks turn their framework's events (steps, epochs, checkpoint saves, the end of training)
 into :class:`~cluster_tracking.tracking.tracker.ClusterabilityTracker` calls, pick the sinks for
-the run the
-framework already logs to, and resolve which layers make the graph (:func:`select_layers`). That
+the run the framework already logs to, and resolve which layers make the graph
+(:func:`select_layers`). That
 shared logic lives here so that neither adapter imports the other's framework.
 """
 

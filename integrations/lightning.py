@@ -49,8 +49,8 @@ and a ``module=`` that leads to no ``nn.Module``, are configuration errors: they
 from ``on_fit_start``, before the first training step. A model whose *whole* graph cannot be
 built (the default, ``layers=None``) gives one
 :class:`~cluster_tracking.errors.ClusterTrackingWarning` at the start of ``fit``;
-training then
-runs without measurements. Every later failure (a measurement, a plot, a tracking server) is a
+training then runs without measurements. Every later failure (a measurement, a plot, a tracking
+server) is a
 warning too: the callback never stops training.
 
 Lightning is imported when this module is imported (the callback subclasses

@@ -59,8 +59,8 @@ is a configuration error: it raises :class:`~cluster_tracking.errors.GraphError`
 ``on_train_begin``, before the first training step, with the available layer names. A model whose
 *whole* graph cannot be built (the default, ``layers=None``) gives one
 :class:`~cluster_tracking.errors.ClusterTrackingWarning` at the start of training;
-training then
-runs without measurements. Every later failure (a measurement, a plot, a tracking server) is a
+training then runs without measurements. Every later failure (a measurement, a plot, a tracking
+server) is a
 warning too: the callback never stops training.
 
 Transformers is imported when this module is imported (the callback subclasses

@@ -46,8 +46,8 @@ are opened; symlinks are followed only to regular files); a folder is searched t
 :data:`~cluster_tracking.audit.files.MAX_FOLDER_ENTRIES` entries. Every size a file declares
 (safetensors header and offsets, zip members, ``.pt2`` shapes) is checked against the bytes really
 there and against the memory limit (:mod:`cluster_tracking.resources.limits`, ``--max-memory``)
-before
-anything is allocated; deflated zip members are inflated as a stream against that limit first.
+before anything is allocated; deflated zip members are inflated as a stream against that limit
+first.
 Every path an ``MLmodel`` file names must stay inside the model's folder. Weights whose
 magnitudes mean nothing alone (bool masks, integer tensors without their quantization scales),
 empty layers and all-zero models are refused with a :class:`~cluster_tracking.errors.GraphError`;

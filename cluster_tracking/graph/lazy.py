@@ -137,9 +137,8 @@ def safetensors_graph(
     bf16, fp16 and float32 weights are read exactly; float64 ones are rounded to float32
     (relative 6e-8). Pass it to :func:`~cluster_tracking.measure` or
     :func:`~cluster_tracking.spectral.partition.spectral_partition` as any graph. It records the
-    file it
-    came from (``graph.source``): with ``measure(..., backend="dask")`` each null network is a
-    Dask task that maps the weights from the same path on its worker.
+    file it came from (``graph.source``): with ``measure(..., backend="dask")`` each null network is
+    a Dask task that maps the weights from the same path on its worker.
 
     With ``scheduler`` (a Dask scheduler's address, or a ``distributed.Client``), the weights
     are not read here at all: each worker of the cluster maps a share of the layers from the

@@ -140,8 +140,7 @@ class ReLUWeightNormalizer:
     **Why the regulariser needs it.** The weight graph's edge weights are ``|W|``, which these
     rescalings change but the network's function does not: without normalisation, the
     :class:`~cluster_tracking.promote.regularizer.SpectralRegularizer` (Filan et al. 2021,
-    "Promoting
-    clusterability") can lower its penalty by moving weight magnitude across units along
+    "Promoting clusterability") can lower its penalty by moving weight magnitude across units along
     function-preserving directions (e.g. shrinking one side of a unit's edges until it barely
     connects), a graph that looks clusterable only because of an arbitrary choice of scale.
     Normalising after every optimiser step keeps each unit's scale fixed, so the penalty can only

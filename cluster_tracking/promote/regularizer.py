@@ -146,8 +146,7 @@ class SpectralRegularizer:
     and its outgoing weights by ``1 / c`` leaves the network's function unchanged but changes the
     weight graph, so a regularised run can lower the penalty without becoming any more modular.
     Call a :class:`~cluster_tracking.promote.normalization.ReLUWeightNormalizer` after each
-    optimiser step
-    to close that loophole.
+    optimiser step to close that loophole.
 
     Args:
         model: the network (``nn.Module``; ``DataParallel``/``torch.compile`` wrappers are

@@ -127,8 +127,7 @@ def check_fits(
 ) -> None:
     """Refuse a measurement whose estimated peak passes ``limit`` (``None``: the limit in force,
     :func:`~cluster_tracking.resources.limits.current_memory_limit`: ``--max-memory``, or half the
-    memory
-    available). ``dask``: name keeping the weights on a Dask cluster among the options (not
+    memory available). ``dask``: name keeping the weights on a Dask cluster among the options (not
     where they are there already).
 
     Raises:

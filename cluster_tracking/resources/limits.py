@@ -3,8 +3,7 @@
 A model file can declare anything: a safetensors header or a ``.pt2`` config can name a 640 GB
 tensor in a 2 KB file, and a deflated zip member can inflate a thousandfold. Every reader of
 :mod:`cluster_tracking.audit.sources` therefore *budgets* what a file declares before it allocates
-it:
-:class:`MemoryBudget` adds up the bytes a read will hold and refuses, with the estimate and the
+it: :class:`MemoryBudget` adds up the bytes a read will hold and refuses, with the estimate and the
 limit in one line, as soon as they pass :func:`current_memory_limit`.
 
 The limit is ``--max-memory`` on the command line (:func:`parse_size`: ``512MiB``, ``4G``...),

@@ -93,8 +93,7 @@ class ClusterabilityTracker(_Requests, _Closing):
         sinks: where reports go (:class:`~cluster_tracking.tracking.sinks.LocalDirectorySink`,
             ``cluster_tracking.integrations.mlflow.MlflowSink``, or anything with the
             :class:`~cluster_tracking.tracking.sinks.Sink` methods). No sink: reports are only kept
-            in
-            :attr:`reports`.
+            in :attr:`reports`.
         every_n_steps: measure in :meth:`step` when ``step % every_n_steps == 0``; ``None``: never.
         every_n_epochs: measure in :meth:`epoch_end` after epochs ``n - 1, 2n - 1, ...``
             (0-based, as in ``for epoch in range(epochs)``); ``None``: never.
