@@ -4,12 +4,17 @@ Scenarios, each with a real ``mlflow server`` on 127.0.0.1 (SQLite store, served
 where a slow server is wanted, a TCP proxy started here that delays every request:
 
 1. **Training.** An MLP 64-256-256-10 trained for ``--steps`` steps with torch's default threads,
-   first bare, then with ``ClusterabilityTracker(every_n_steps=50, shuffles=10)`` (every other
-   setting at its default) logging to the server. Prints how many due steps were measured
-   *during* training (before ``close()``), the largest gap between measured steps as a share of
-   the run, the loop's wall time against the bare loop's, the growth of this process's RSS and of
-   the spool and the tracker's working files per 1,000 steps and per measurement, and the time of
-   ``close()``.
+   bare, then with ``ClusterabilityTracker(every_n_steps=50, shuffles=10)`` (every other
+   setting at its default) logging to the server, then bare again (the machine's load drifts;
+   the ratio is against the two bare loops' mean). Prints how many due steps were measured
+   *during* training (before ``close()``), which, and when their reports came, the largest gap
+   between measured steps as a share of the run, the loop's wall time against the bare loop's,
+   the child's CPU time against the time it was allowed to run, the growth of this process's RSS
+   (a least-squares slope over samples every 1,000 steps) and of the spool and the tracker's
+   working files per 1,000 steps and per measurement, and the time of ``close()``. The budget is
+   a share of the run's wall time, so what it buys depends on how long the run is: ``--batch
+   640`` makes the 20,000 steps last about a minute here, as the issue's run of batch 64 did on
+   its machine.
 2. **Slow server.** Shorter runs through the proxy at 0, 1, 2 and 5 s per request, measuring
    without a CPU budget (``max_overhead=None``, as many reports as the machine can make): metrics
    delivered, lost and duplicated (read back from the server), requests (``/health`` probes
@@ -20,6 +25,7 @@ where a slow server is wanted, a TCP proxy started here that delays every reques
 Wall-clock numbers are for people to read; no test asserts on them.
 
     python -m benchmarks.bench_load [--steps 20000] [--delay-steps 2000] [--batch 64]
+    python -m benchmarks.bench_load --skip slow,backlog --batch 640
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -89,6 +96,15 @@ class Loop:
         self.optimiser.step()
 
 
+def bare_loop(steps: int, batch: int) -> float:
+    """Seconds of ``steps`` steps of the loop without a tracker."""
+    loop = Loop(batch)
+    started = time.perf_counter()
+    for _ in range(steps):
+        loop.step()
+    return time.perf_counter() - started
+
+
 def counts_on_server(client: Any, run_id: str) -> dict[str, Counter[int]]:
     return {
         key: Counter(m.step for m in client.get_metric_history(run_id, key)) for key in METRIC_KEYS
@@ -114,11 +130,7 @@ def training(server: MlflowServer, steps: int, batch: int, root: Path) -> None:
 
     from cluster_tracking.integrations.mlflow import MlflowSink
 
-    bare = Loop(batch)
-    started = time.perf_counter()
-    for _ in range(steps):
-        bare.step()
-    bare_seconds = time.perf_counter() - started
+    bare_before = bare_loop(steps, batch)
 
     client = MlflowClient(server.uri)
     run_id = client.create_run("0", run_name="bench-load").info.run_id
@@ -127,12 +139,15 @@ def training(server: MlflowServer, steps: int, batch: int, root: Path) -> None:
     tracker = ClusterabilityTracker([sink], every_n_steps=EVERY, shuffles=SHUFFLES)
     loop = Loop(batch)
     samples: list[tuple[int, int, int, int]] = []  # step, measured, rss KB, spool+work bytes
+    arrivals: list[float] = []  # seconds into the loop at which each report was seen
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(steps):
             loop.step()
             tracker.step(loop.model, step)
+            if step % 100 == 99 and len(tracker._reports) > len(arrivals):
+                arrivals.append(time.perf_counter() - started)
             if step % 1000 == 999:
                 samples.append(
                     (
@@ -147,6 +162,8 @@ def training(server: MlflowServer, steps: int, batch: int, root: Path) -> None:
         closing = time.perf_counter()
         tracker.close()
         close_seconds = time.perf_counter() - closing
+    bare_after = bare_loop(steps, batch)  # the machine's load drifts: a bare loop on each side
+    bare_seconds = (bare_before + bare_after) / 2
     measured = [report.step for report in tracker.reports]
     assert measured == sorted(measured)
     edges = [*measured, steps]
@@ -160,13 +177,32 @@ def training(server: MlflowServer, steps: int, batch: int, root: Path) -> None:
         f"shuffles={SHUFFLES}, max_overhead={tracker.max_overhead}"
     )
     print(
-        f"bare loop {bare_seconds:.1f} s; with the tracker {loop_seconds:.1f} s: "
-        f"wall-time ratio {loop_seconds / bare_seconds:.3f}"
+        f"bare loop {bare_before:.1f} s before and {bare_after:.1f} s after; with the tracker "
+        f"{loop_seconds:.1f} s: wall-time ratio {loop_seconds / bare_seconds:.3f} (against "
+        f"their mean; {loop_seconds / max(bare_before, bare_after):.3f}-"
+        f"{loop_seconds / min(bare_before, bare_after):.3f} against either)"
     )
     print(
         f"measured during training: {during} of {due} due steps; after close(): "
         f"{len(measured)} (skipped {len(tracker.skipped_steps)}, failed "
         f"{len(tracker.failed_steps)})"
+    )
+    seen = ", ".join(f"{t:.1f}" for t in arrivals)
+    print(f"steps measured: {measured}; reports seen at {seen} s into the loop")
+    child = tracker._worker
+    if child is not None:
+        allowed = child.start_run_seconds + child.run_seconds
+        print(
+            f"measuring child: {child.cpu_seconds:.2f} s of CPU ({child.start_cpu_seconds:.2f} "
+            f"s of it to start) in the {allowed:.2f} s it was allowed to run"
+        )
+    costs = [report.timings.get("total", 0.0) for report in tracker.reports]
+    plotted = [r.step for r in tracker.reports if r.timings.get("plots", 0.0) > 0]
+    print(
+        f"child's time per measurement (unthrottled wall time, its own clock): median "
+        f"{sorted(costs)[len(costs) // 2]:.2f} s; plots drawn at steps {plotted}; budget "
+        f"{tracker.max_overhead} x {loop_seconds:.1f} s = "
+        f"{(tracker.max_overhead or 0) * loop_seconds:.1f} s"
     )
     print(f"largest gap between measured steps: {gap} steps = {gap / steps:.1%} of the run")
     print(f"close(): {close_seconds:.1f} s")
@@ -174,10 +210,14 @@ def training(server: MlflowServer, steps: int, batch: int, root: Path) -> None:
     if len(steady) >= 2:
         (s0, m0, r0, _), (s1, m1, r1, _) = steady[0], steady[-1]
         per_k = (r1 - r0) / ((s1 - s0) / 1000)
-        per_m = (r1 - r0) / (m1 - m0) if m1 > m0 else float("nan")
+        counts = np.array([sample[1] for sample in steady], dtype=float)
+        rss = np.array([sample[2] for sample in steady], dtype=float)
+        # least squares over every sample, not two: one sample is at the allocator's mercy
+        per_m = float(np.polyfit(counts, rss, 1)[0]) if np.ptp(counts) > 0 else float("nan")
         print(
             f"RSS: {r0 / 1024:.0f} -> {r1 / 1024:.0f} MB over steps {s0}-{s1}: "
-            f"{per_k:+.1f} KB per 1,000 steps, {per_m:+.2f} KB per measurement ({m1 - m0})"
+            f"{per_k:+.1f} KB per 1,000 steps; {per_m:+.2f} KB per measurement (slope over "
+            f"{len(steady)} samples, {m1 - m0} measurements)"
         )
     spools = [sample[3] for sample in steady]
     print(

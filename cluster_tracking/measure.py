@@ -13,6 +13,7 @@ seed gives the same numbers whatever the number of workers or the joblib backend
 
 from __future__ import annotations
 
+import functools
 import platform
 import sys
 import time
@@ -380,7 +381,13 @@ def _report(
 
 
 def versions() -> dict[str, str]:
-    """Versions of cluster-tracking and of what its numbers depend on."""
+    """Versions of cluster-tracking and of what its numbers depend on (read once per process:
+    the package metadata takes about 10 ms to read, a tracker measures many times)."""
+    return dict(_versions())
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
     from cluster_tracking.version import __version__
 
     found = {"cluster_tracking": __version__, "python": platform.python_version()}

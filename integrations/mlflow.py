@@ -105,10 +105,12 @@ class MlflowSink(BackgroundSender):
             slow or down; older waiting steps keep their metrics only (at least 1).
         upload_threads: artifact uploads under way at once when a backlog drains.
         retry_interval: seconds between delivery attempts while the server is unreachable.
-        close_timeout: the most seconds :meth:`close` spends delivering (default 10; ``None``:
-            as long as it takes). What is not delivered by then stays in the spool, named in one
-            warning with the code that delivers it later; a request still under way is left to
-            finish in the background, and nothing more is sent by this sink.
+        close_timeout: the most seconds :meth:`close` waits for the server's next answer while
+            it delivers (default 10; ``None``: as long as it takes): a slow server that keeps
+            answering gets everything, a hung one holds ``close()`` this long. What is not
+            delivered by then stays in the spool, named in one warning with the code that
+            delivers it later; a request still under way is left to finish in the background,
+            and nothing more is sent by this sink. ``close(timeout=...)`` bounds the whole.
 
     Raises:
         SinkError: mlflow is not installed, or there is no run and none can be created.
@@ -265,9 +267,10 @@ class MlflowSink(BackgroundSender):
         """Deliver what is spooled; finish the run if this sink created it. Idempotent.
 
         Args:
-            timeout: seconds to spend delivering; at most ``close_timeout`` either way
-                (``None``: ``close_timeout``). Whatever is not delivered by then stays in
-                :attr:`spool`, and one warning says where and how to deliver it.
+            timeout: seconds to spend delivering in all (``None``: no bound); it also stops
+                once the server has answered nothing for ``close_timeout`` seconds. Whatever
+                is not delivered by then stays in :attr:`spool`, and one warning says where and
+                how to deliver it.
         """
         if self.inert or not self._finish_delivery(timeout, self.close_timeout):
             return

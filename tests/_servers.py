@@ -183,9 +183,10 @@ class DelayingProxy:
     """A TCP proxy on 127.0.0.1 that delays every request by ``delay`` seconds.
 
     Each connection is relayed in its own thread. Bytes from the client that start a new request
-    (the first bytes after the server's answer, or on a new connection) wait ``delay`` seconds;
-    answers pass at once. ``delay`` may be changed while the proxy runs. ``requests`` counts the
-    requests it delayed.
+    (the first bytes after the server's answer, or on a new connection) wait ``delay`` seconds and
+    then go to the server on a fresh connection (the server's keep-alive timeout may have closed
+    the last one while the request waited); answers pass at once. ``delay`` may be changed while
+    the proxy runs. ``requests`` counts the requests it delayed.
 
     Args:
         target_port: the port of the server on 127.0.0.1.
@@ -227,6 +228,8 @@ class DelayingProxy:
             while not self._closed:
                 readable, _, _ = select.select([client, server], [], [], 1.0)
                 for sock in readable:
+                    if sock is not client and sock is not server:
+                        continue  # the connection replaced for the request just sent
                     data = sock.recv(65536)
                     if not data:
                         return
@@ -238,6 +241,13 @@ class DelayingProxy:
                                 self.request_lines.append(" ".join(line.split(" ")[:2]))
                             time.sleep(self.delay)
                             new_request = False
+                            # the server may have closed the idle connection meanwhile (its
+                            # keep-alive timeout): each request goes on a fresh one, as a slow
+                            # front end would send it, not into a closed socket
+                            server.close()
+                            server = socket.create_connection(
+                                ("127.0.0.1", self.target_port), timeout=30
+                            )
                         server.sendall(data)
                     else:
                         new_request = True

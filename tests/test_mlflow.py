@@ -312,7 +312,9 @@ def test_a_server_answering_in_two_seconds_gets_everything_once(
     client = MlflowClient(server.uri)
     run_id = client.create_run("0").info.run_id
     with DelayingProxy(server.port, delay=2.0) as proxy:
-        sink = MlflowSink(run_id, tracking_uri=proxy.uri, spool_dir=tmp_path, close_timeout=None)
+        # close_timeout bounds the time without an answer, not the whole close(): the backlog
+        # at close() takes several 2-s requests in turn, and all of it arrives
+        sink = MlflowSink(run_id, tracking_uri=proxy.uri, spool_dir=tmp_path, close_timeout=6.0)
         trainer = Trainer(tiny_mlp())
         with warnings.catch_warnings():
             warnings.simplefilter("error", ClusterTrackingWarning)  # slow is not unreachable

@@ -32,16 +32,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from cluster_tracking.errors import GraphError
-from cluster_tracking.graph.selection import list_names, parse_layers, select_layers
-from cluster_tracking.graph.types import Preset, WeightGraph
-
-if TYPE_CHECKING:
-    pass
 from cluster_tracking.graph.mapped import (
     MappedSource,
     _fingerprint,
@@ -55,6 +50,8 @@ from cluster_tracking.graph.mapped_graph import (
     _as_safetensors_graph,
     _finish_chain,
 )
+from cluster_tracking.graph.selection import list_names, parse_layers, select_layers
+from cluster_tracking.graph.types import Preset, WeightGraph
 
 # (The chain builder and the weight readers import torch: they are imported where a graph is
 # built, so that Dask workers, which only map weight blocks, start without it.)

@@ -175,6 +175,9 @@ class WorkerProcess:
         self.cpu_seconds = 0.0
         #: CPU seconds the child used to start (imports), as of its first message.
         self.start_cpu_seconds = 0.0
+        #: wall-clock seconds a throttled child was allowed to run while it started (0 without
+        #: a share)
+        self.start_run_seconds = 0.0
 
         def give_up() -> None:
             if not self._ready.is_set():
@@ -198,6 +201,10 @@ class WorkerProcess:
         """Whether the child is still running."""
         return self._process.poll() is None
 
+    def wait_ready(self) -> None:
+        """Wait until the child has started (raises as :meth:`call` does if it cannot)."""
+        self._await_ready()
+
     def _await_ready(self) -> None:
         """Read the child's first message, which says it has started."""
         if self._ready.is_set():
@@ -211,8 +218,8 @@ class WorkerProcess:
         finally:
             self._ready.set()
             self._timer.cancel()
-            if self._throttle is not None:
-                self._throttle.stop()  # idle, it waits for requests unpaused
+            if self._throttle is not None:  # idle, it waits for requests unpaused
+                self.start_run_seconds = self._throttle.stop()
         if kind != "ready":
             self.stop()
             raise RuntimeError(f"unexpected first message from the worker: {kind!r}")

@@ -21,7 +21,9 @@ class Throttle:
 
     One thread of the parent, for the child's whole life: between :meth:`start` and
     :meth:`stop` it alternates ``SIGCONT`` (the child may run for ``burst`` seconds) and
-    ``SIGSTOP`` (it is paused for ``burst * (1 - share) / share`` seconds); :meth:`stop` returns
+    ``SIGSTOP`` (it is paused for ``(1 - share) / share`` times as long as it ran, which is
+    ``burst`` or more: this thread may wake late while the training thread holds the GIL, and a
+    long burst is paid back by a long pause); :meth:`stop` returns
     once the child runs unpaused again, and :meth:`close` ends the thread. The kernel enforces
     the pause whatever the child is doing (a long numpy or scipy call included), unlike a signal
     handler in the child, which Python runs only between bytecodes. Why a wall-time share and
@@ -39,7 +41,7 @@ class Throttle:
     def __init__(self, pid: int, share: float, burst: float = THROTTLE_BURST_SECONDS) -> None:
         self._pid = pid
         self._on = burst
-        self._off = burst * (1.0 - share) / share
+        self._pause_per_run = (1.0 - share) / share
         self._changed = threading.Condition()
         self._wanted = False  # pause the child in cycles (between start() and stop())
         self._cycling = False  # the thread is cycling (the child may be paused)
@@ -96,8 +98,11 @@ class Throttle:
                 if not self._wanted:
                     break
                 os.kill(self._pid, signal.SIGSTOP)
-                self.run_seconds += time.monotonic() - resumed
-                self._changed.wait(self._off)  # stop() wakes it at once
+                ran = time.monotonic() - resumed
+                self.run_seconds += ran
+                # paused in proportion to how long it really ran: this thread wakes late when
+                # the training thread holds the GIL, and a burst that ran long is paid back
+                self._changed.wait(ran * self._pause_per_run)  # stop() wakes it at once
                 os.kill(self._pid, signal.SIGCONT)
                 resumed = time.monotonic()
         except OSError:  # the child is gone

@@ -2,11 +2,12 @@
 budget, has them measured, and queues each report with its files for the logging thread.
 
 Paced to a budget: since the first due step, the time spent measuring (of every measurement, the
-time the throttled child was allowed to run, or else its wall time; and the logging thread's CPU
-time) stays below ``max_overhead`` times the time elapsed; a measurement starts only when that
-budget allows, and a newer due step replaces the waiting one meanwhile. While measuring cannot
-keep up, the plots are thinned first (:data:`PLOTS_SHARE_WHILE_BEHIND`), and while the sinks
-cannot keep up, new reports reach them without their plots (:data:`LOG_BACKLOG_WITH_PLOTS`).
+time the throttled child was allowed to run, or else its wall time; the child's start; and the
+logging thread's CPU time) stays below ``max_overhead`` times the time elapsed; a measurement
+starts only when that budget allows, and a newer due step replaces the waiting one meanwhile.
+While measuring cannot keep up, the plots are thinned first (:data:`PLOTS_SHARE_WHILE_BEHIND`,
+:data:`PLOTS_DELAY_WHILE_BEHIND`), and while the sinks cannot keep up, new reports reach them
+without their plots (:data:`LOG_BACKLOG_WITH_PLOTS`).
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ from cluster_tracking.report import ClusterabilityReport
 from cluster_tracking.tracking.jobs import MEASURE_STEP, RENDER_SUMMARY, measure_step
 from cluster_tracking.tracking.settings import step_seed
 from cluster_tracking.tracking.snapshots import Snapshot
-from cluster_tracking.tracking.state import _STOP
+from cluster_tracking.tracking.state import _STOP, _Abandoned
 from cluster_tracking.tracking.worker import _WorkerCalls
 
 #: While measuring cannot keep up, drawing the plots takes at most this share of the time spent
 #: measuring: a measurement draws them only while the plots so far took less.
 PLOTS_SHARE_WHILE_BEHIND = 0.25
+#: While measuring cannot keep up, drawing a measurement's plots delays the next metrics by at
+#: most this share of the time since the first due step: a short run's dashboard gets its metrics
+#: without gaps (and its plots at ``close()``), a long run gets plots as it goes.
+PLOTS_DELAY_WHILE_BEHIND = 0.05
 #: Reports waiting for the sinks beyond which a new report goes to them without its plots.
 LOG_BACKLOG_WITH_PLOTS = 8
 
@@ -41,6 +46,12 @@ class _Measuring(_WorkerCalls):
 
     def _measure_loop(self) -> None:
         self._budget_start = time.monotonic()
+        try:
+            # before the first snapshot is taken: due steps that arrive while the child starts
+            # replace the waiting one, so the first measurement is of recent weights
+            self._ensure_worker()
+        except _Abandoned:
+            return
         while True:
             item = self._next_snapshot()
             if item is None:
@@ -89,15 +100,25 @@ class _Measuring(_WorkerCalls):
             item = self._pending.popleft()
             self._behind = self._behind + 1 if self._skipped_since else 0
             self._skipped_since = 0
-            # the plots' cost: as last time, or before any, 4x the last measurement's
-            cost = self._plot_cost or 4 * self._measure_cost
             item.plots = self.plots and (
-                self._closing.is_set()
-                or self._behind == 0
-                or self._plot_seconds + cost
-                <= PLOTS_SHARE_WHILE_BEHIND * (self._busy_seconds + cost)
+                self._closing.is_set() or self._behind == 0 or self._plots_fit_while_behind()
             )
         return item
+
+    def _plots_fit_while_behind(self) -> bool:
+        """Whether a measurement that is behind draws its plots (with the lock held): their
+        cost is known (as last time, or before any, 4x the last measurement's; a tracker behind
+        from its start measures first), the plots so far took less than
+        :data:`PLOTS_SHARE_WHILE_BEHIND` of the time measuring, and drawing them delays the next
+        metrics by at most :data:`PLOTS_DELAY_WHILE_BEHIND` of the run so far."""
+        cost = self._plot_cost or 4 * self._measure_cost
+        if cost <= 0 or self._budget_start is None:
+            return False
+        share = self._plot_seconds + cost <= PLOTS_SHARE_WHILE_BEHIND * (self._busy_seconds + cost)
+        # the wall time the plots take: at max_overhead's rate under a budget
+        delay = cost / self.max_overhead if self.max_overhead else cost
+        elapsed = time.monotonic() - self._budget_start
+        return share and delay <= PLOTS_DELAY_WHILE_BEHIND * elapsed
 
     def _count_busy(self, started: float, run_before: float) -> None:
         """Add one measurement's time to the budget: the time the throttled child could run,
@@ -146,8 +167,9 @@ class _Measuring(_WorkerCalls):
     def _spent(self) -> float:
         """Seconds spent measuring so far: of every measurement, the time the throttled child
         was allowed to run, or else its wall time (in the worker process or this thread, from
-        request to answer); and the logging thread's CPU time."""
-        return self._busy_seconds + self._log_cpu
+        request to answer); of the child's start, the time it was allowed to run; and the
+        logging thread's CPU time."""
+        return self._busy_seconds + self._start_seconds + self._log_cpu
 
     def _pace(self) -> None:
         """Wait until the CPU budget allows the next measurement (``max_overhead``)."""

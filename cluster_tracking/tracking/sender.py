@@ -49,6 +49,7 @@ class BackgroundSender(SpooledSink, abc.ABC):
         self._in_flight: set[int] = set()  # seqs whose files are being uploaded
         self._warned_thinning = False
         self._suspect = False  # a request failed: check harder before the next one
+        self._answered = time.monotonic()  # when the platform last took a part
 
     # ------------------------------------------------------------------ the platform's part
 
@@ -119,17 +120,35 @@ class BackgroundSender(SpooledSink, abc.ABC):
             except Exception as error:  # never let the sender die silently
                 warn(f"the {self.platform} sender failed: {describe(error)}; items stay spooled.")
 
-    def _stop_sender(self, deadline: float | None) -> bool:
+    def _stop_sender(self, deadline: float | None, idle: float | None) -> bool:
         """Stop the sender thread and deliver what is left in a thread of its own, until
-        ``deadline`` at most; False when something is left (then nothing more is sent)."""
+        ``deadline`` at most, and while the platform takes a part at least every ``idle``
+        seconds; False when something is left (then nothing more is sent)."""
         self._stopping = True
         self._wake.set()
-        if self._sender is not None:
-            self._sender.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        delivered = not self._sender_alive() and self._drain_within(deadline)
+        self._answered = time.monotonic()
+        delivered = False
+        if self._sender is None or self._wait_for(self._sender, deadline, idle):
+            delivered = self._drain_within(deadline, idle)
         if not delivered:
             self._abandoned = True  # a request under way may finish; nothing more is sent
         return delivered
+
+    def _wait_for(
+        self, thread: threading.Thread, deadline: float | None, idle: float | None
+    ) -> bool:
+        """Join ``thread`` until ``deadline``, or until the platform took nothing for ``idle``
+        seconds: a slow platform that keeps answering is waited for, a hung one is not. True
+        when the thread ended."""
+        while thread.is_alive():
+            limits = [limit for limit in (deadline,) if limit is not None]
+            if idle is not None:
+                limits.append(self._answered + idle)
+            now = time.monotonic()
+            if limits and now >= min(limits):
+                return False
+            thread.join(min([*(limit - now for limit in limits), 0.25]))
+        return True
 
     def flush(self, timeout: float | None = None) -> bool:
         """Try to deliver everything spooled now, in this thread; True when nothing is left."""
@@ -138,26 +157,27 @@ class BackgroundSender(SpooledSink, abc.ABC):
         return self._drain(None if timeout is None else time.monotonic() + timeout)
 
     def _finish_delivery(self, timeout: float | None, close_timeout: float | None) -> bool:
-        """``close()``'s delivery, within ``timeout`` and ``close_timeout`` (the smaller; ``None``:
-        no bound): True when everything was delivered; else what is left stays in the spool,
-        named in one warning with the code that delivers it later (:meth:`_later`). False
-        also when the sink was closed before."""
-        bounds = [bound for bound in (timeout, close_timeout) if bound is not None]
-        timeout = min(bounds) if bounds else None
+        """``close()``'s delivery, within ``timeout`` seconds (``None``: no bound) and while the
+        platform takes a part at least every ``close_timeout`` seconds (``None``: no bound), so
+        a slow platform that keeps answering gets everything and a hung one holds ``close()``
+        for ``close_timeout`` seconds: True when everything was delivered; else what is left
+        stays in the spool, named in one warning with the code that delivers it later
+        (:meth:`_later`). False also when the sink was closed before."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             if self._closed:
                 return False
             self._closed = True
-        delivered = self._stop_sender(deadline)
+        delivered = self._stop_sender(deadline, close_timeout)
         left = self.pending
         if delivered and not left:
             return True
-        reason = (
-            describe(self._offline_error)
-            if self._offline_error is not None
-            else f"close() ran out of its {timeout} s"
-        )
+        if self._offline_error is not None:
+            reason = describe(self._offline_error)
+        elif deadline is not None and time.monotonic() >= deadline:
+            reason = f"close() ran out of its {timeout} s"
+        else:
+            reason = f"it took nothing for {close_timeout} s"
         self._warn_undelivered(left, reason, self._later())
         return False
 
@@ -181,8 +201,9 @@ class BackgroundSender(SpooledSink, abc.ABC):
 
     # ------------------------------------------------------------------------------ delivery
 
-    def _drain_within(self, deadline: float | None) -> bool:
-        """:meth:`_drain` in a thread of its own, waited for until ``deadline`` at most: a
+    def _drain_within(self, deadline: float | None, idle: float | None = None) -> bool:
+        """:meth:`_drain` in a thread of its own, waited for until ``deadline`` at most, and
+        while the platform takes a part at least every ``idle`` seconds (:meth:`_wait_for`): a
         request to a hung server blocks for the client's request timeout, which the deadline
         checks between requests cannot cut short. False when it ran out."""
         result: list[bool] = []
@@ -192,7 +213,7 @@ class BackgroundSender(SpooledSink, abc.ABC):
             daemon=True,
         )
         drainer.start()
-        drainer.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self._wait_for(drainer, deadline, idle)
         return bool(result and result[0])
 
     def _drain(self, deadline: float | None = None) -> bool:
@@ -265,6 +286,7 @@ class BackgroundSender(SpooledSink, abc.ABC):
         if outcome is Outcome.FAILED:
             self._went_offline(error, self._offline_message(error))
             return False
+        self._answered = time.monotonic()  # progress: close() waits on while it comes
         with self._lock:
             self._outbox.mark(done=keys)
         return True
@@ -277,18 +299,20 @@ class BackgroundSender(SpooledSink, abc.ABC):
             keys = {key: item for key, item in keys.items() if key not in self._outbox.thinned}
             self._in_flight = {item["seq"] for item in keys.values()}
         tasks = [(key, entry, name) for key, entry in keys.items() for name in entry["files"]]
-        jobs: list[Callable[[], bool]] = [
-            functools.partial(self._attempt, [], functools.partial(self._send_file, *task[1:]))
-            for task in tasks
-        ]
+        # the metrics first: on a slow server they must not wait behind every file
+        jobs: list[Callable[[], bool]] = []
         if metric_keys:
             jobs.append(
                 lambda: self._attempt(list(metric_keys), lambda: self._send_metrics(metric_keys))
             )
+        jobs += [
+            functools.partial(self._attempt, [], functools.partial(self._send_file, *task[1:]))
+            for task in tasks
+        ]
         try:
             outcomes = in_daemon_threads(jobs, self.upload_threads, f"{self._thread_name}-upload")
-            results = outcomes[: len(tasks)]
-            metrics_ok = all(outcomes[len(tasks) :])
+            metrics_ok = all(outcomes[: len(jobs) - len(tasks)])
+            results = outcomes[len(jobs) - len(tasks) :]
         finally:
             with self._lock:
                 self._in_flight = set()

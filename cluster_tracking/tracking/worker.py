@@ -10,7 +10,6 @@ start or dies, the tracker warns and runs the jobs in its measuring thread from 
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from cluster_tracking.errors import describe, warn
@@ -33,34 +32,61 @@ _THREAD_VARIABLES = (
 class _WorkerCalls(_TrackerState):
     """The measuring thread's calls into the child process (or, failing that, itself)."""
 
+    def _uses_worker(self) -> bool:
+        """Whether the jobs go to the worker process (else they run in the measuring thread)."""
+        # random_init's null networks need the model itself, so it is measured here anyway.
+        return (
+            self.worker == "process" and self.shuffle != "random_init" and not self._worker_failed
+        )
+
+    def _ensure_worker(self) -> WorkerProcess | None:
+        """The worker process, started and ready (measuring thread); ``None`` when the jobs run
+        here, also when it could not start (after a warning).
+
+        Its start is counted in the budget: the time a throttled child was allowed to run while
+        it started (a child at nice 19 is not counted, as its wall time is mostly waiting)."""
+        if not self._uses_worker():
+            return None
+        if self._worker is None:
+            try:
+                self._worker = self._start_worker()
+                self._worker.wait_ready()
+            except Exception as error:
+                self._worker_broke(error)
+                return None
+            finally:
+                if self._worker is not None:
+                    self._start_seconds += self._worker.start_run_seconds
+        return self._worker
+
     def _run(self, name: str, *args: Any) -> Any:
         """Call a worker function in the worker process (``worker="process"``), else here."""
-        # random_init's null networks need the model itself, so it is measured here anyway.
-        if self.worker == "process" and self.shuffle != "random_init" and not self._worker_failed:
+        worker = self._ensure_worker()
+        if worker is not None:
             try:
-                if self._worker is None:
-                    started = time.monotonic()
-                    self._worker = self._start_worker()
-                    if self._worker.share is None:  # its start is not counted
-                        self._busy_seconds -= time.monotonic() - started
                 if self._abandoned:
                     raise _Abandoned("close() gave up")
-                return self._worker.call(name, *args)
+                return worker.call(name, *args)
             except WorkerError:
                 raise  # the function failed in the worker: a measurement error, not a dead worker
             except Exception as error:
-                if self._abandoned:
-                    raise _Abandoned("close() gave up") from error  # the worker was ended
-                self._worker_failed = True
-                if self._worker is not None:
-                    self._worker.stop()
-                self._worker = None
-                warn(
-                    f"the clusterability worker process failed ({describe(error)}); measuring "
-                    "in a background thread of the training process from now on, which slows a "
-                    "Python-bound training loop while a measurement runs."
-                )
+                self._worker_broke(error)
         return run_job(name, *args)
+
+    def _worker_broke(self, error: Exception) -> None:
+        """The worker process could not start or died: measure in this thread from now on
+        (raises :class:`_Abandoned` when ``close(timeout)`` ended it)."""
+        if self._abandoned:
+            raise _Abandoned("close() gave up") from error  # the worker was ended
+        self._worker_failed = True
+        if self._worker is not None:
+            self._worker.stop()
+        self._worker = None
+        warn(
+            f"the clusterability worker process failed ({describe(error)}); measuring "
+            "in a background thread of the training process from now on, which slows a "
+            "Python-bound training loop while a measurement runs."
+        )
 
     def _start_worker(self) -> WorkerProcess:
         """The measuring child: throttled to :meth:`_share` at normal priority where the

@@ -1,0 +1,128 @@
+"""The tracker's budget while its worker process starts: due steps that arrive meanwhile replace the
+waiting one, the start is counted, and a tracker behind from its start measures before it draws.
+
+Real components: a real worker process, a real model, the real measurement and
+:class:`LocalDirectorySink`; the only stand-in is a gate that holds the worker's start for as
+long as the test wants (a start on a busy machine takes seconds).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from cluster_tracking.errors import ClusterTrackingWarning
+from cluster_tracking.parallel.child import WorkerProcess
+from cluster_tracking.parallel.throttle import can_throttle
+from cluster_tracking.tracking.sinks import LocalDirectorySink
+from cluster_tracking.tracking.tracker import ClusterabilityTracker
+
+SETTINGS: dict[str, Any] = {"k": 3, "shuffles": 4, "worker": "process", "every_n_steps": 1}
+
+
+class SlowStartTracker(ClusterabilityTracker):
+    """A tracker whose worker process starts only once ``gate`` opens."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.starting = threading.Event()
+
+    def _start_worker(self) -> WorkerProcess:
+        self.starting.set()
+        assert self.gate.wait(60), "test gate never opened"
+        return super()._start_worker()
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def nudge(model: nn.Module) -> None:
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01)
+
+
+def wait_for_reports(tracker: ClusterabilityTracker, count: int) -> None:
+    deadline = time.monotonic() + 120
+    while len(tracker._reports) < count:
+        assert time.monotonic() < deadline, "no report came"
+        time.sleep(0.02)
+
+
+def test_due_steps_replace_the_waiting_one_while_the_worker_starts(tmp_path: Path) -> None:
+    """The worker starts before the first snapshot is taken, so the first measurement is of the
+    newest weights, not of the step that was due when the tracker began."""
+    model = mlp()
+    tracker = SlowStartTracker(
+        [LocalDirectorySink(tmp_path)], max_pending=1, plots=False, **SETTINGS
+    )
+    with pytest.warns(ClusterTrackingWarning, match="cannot keep up"):
+        assert tracker.step(model, 0)
+        assert tracker.starting.wait(60)  # step 0 waits while the worker starts
+        for step in (1, 2, 3):
+            nudge(model)
+            assert tracker.step(model, step)  # newest wins; never blocks
+        tracker.gate.set()
+        tracker.close()
+    assert [report.step for report in tracker.reports] == [3]
+    assert tracker.skipped_steps == [0, 1, 2]
+    assert tracker.reports[0].config["worker"] == "process"
+
+
+@pytest.mark.skipif(not can_throttle(), reason="the throttle needs Linux")
+def test_a_throttled_start_is_counted_in_the_budget() -> None:
+    started = time.monotonic()
+    child = WorkerProcess(die_with_thread=True, nice=False, share=0.5, wait=False)
+    try:
+        child.wait_ready()
+        elapsed = time.monotonic() - started
+        # the time it was allowed to run while it started: part of the wall time, not nothing
+        assert 0 < child.start_run_seconds <= elapsed
+        run_before = child.run_seconds
+        assert child.call("builtins:sum", [1, 2]) == 3
+        assert child.run_seconds >= run_before  # calls are counted apart from the start
+    finally:
+        child.stop()
+
+    tracker = ClusterabilityTracker(plots=False, max_overhead=0.1, **SETTINGS)
+    tracker.step(mlp(), 0)
+    wait_for_reports(tracker, 1)  # measured under the budget, before close() lifts it
+    tracker.close()
+    worker = tracker._worker
+    assert worker is not None and worker.start_run_seconds > 0
+    assert tracker._start_seconds == worker.start_run_seconds
+    assert tracker._spent() >= tracker._start_seconds + tracker._busy_seconds
+
+
+def test_a_tracker_behind_from_its_start_measures_before_it_draws(tmp_path: Path) -> None:
+    """Plots cost several measurements' time: a tracker that is behind before its first
+    measurement logs metrics first; the final weights at close() get their plots."""
+    model = mlp()
+    tracker = SlowStartTracker([LocalDirectorySink(tmp_path)], max_pending=1, **SETTINGS)
+    with pytest.warns(ClusterTrackingWarning, match="cannot keep up"):
+        tracker.step(model, 0)
+        assert tracker.starting.wait(60)
+        for step in (1, 2):
+            nudge(model)
+            tracker.step(model, step)
+        tracker.gate.set()
+        wait_for_reports(tracker, 1)  # step 2, measured while behind: no plots yet
+        nudge(model)
+        tracker.step(model, 3)  # not behind (nothing skipped since step 2 was taken)
+        tracker.close()
+    assert [report.step for report in tracker.reports] == [2, 3]
+    folder = tmp_path / "clusterability"
+    assert (folder / "step-2/report.json").exists()
+    assert not (folder / "step-2/adjacency.png").exists()
+    assert "plots" not in tracker.reports[0].timings
+    assert (folder / "step-3/adjacency.png").exists()
+    assert (folder / "report.html").exists()
