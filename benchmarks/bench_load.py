@@ -196,6 +196,11 @@ def training(server: MlflowServer, steps: int, batch: int, root: Path) -> None:
             f"measuring child: {child.cpu_seconds:.2f} s of CPU ({child.start_cpu_seconds:.2f} "
             f"s of it to start) in the {allowed:.2f} s it was allowed to run"
         )
+    print(
+        f"budget spent: {tracker._busy_seconds:.2f} s measuring (time the child could run), "
+        f"{tracker._start_seconds:.2f} s starting the child, {tracker._log_cpu:.2f} s of the "
+        f"logging thread's CPU"
+    )
     costs = [report.timings.get("total", 0.0) for report in tracker.reports]
     plotted = [r.step for r in tracker.reports if r.timings.get("plots", 0.0) > 0]
     print(
@@ -204,7 +209,10 @@ def training(server: MlflowServer, steps: int, batch: int, root: Path) -> None:
         f"{tracker.max_overhead} x {loop_seconds:.1f} s = "
         f"{(tracker.max_overhead or 0) * loop_seconds:.1f} s"
     )
-    print(f"largest gap between measured steps: {gap} steps = {gap / steps:.1%} of the run")
+    print(
+        f"largest gap between measured steps: {gap} steps = {gap / steps:.1%} of the run; "
+        f"before the first one (from step 0): {edges[0]} steps = {edges[0] / steps:.1%}"
+    )
     print(f"close(): {close_seconds:.1f} s")
     steady = [sample for sample in samples if sample[0] > steps // 4] or samples
     if len(steady) >= 2:

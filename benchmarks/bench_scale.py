@@ -3,6 +3,7 @@
     python -m benchmarks.bench_scale                       # 0.1B, 0.3B, 1B; in-memory check at 0.1B
     python -m benchmarks.bench_scale --sizes 0.1B,0.3B,1B,3B --compare 0.1B
     python -m benchmarks.bench_scale --sizes 0.1B,1B --compare "" --dask 0.1B,1B
+    python -m benchmarks.bench_scale --graph residual --sizes 0.1B,0.3B,1B --compare 0.1B
 
 Each model is a Llama-style decoder (embeddings, attention with grouped KV heads, gated MLP,
 RMSNorm weights) with random bf16 weights, written to a safetensors file on the fly, one tensor
@@ -20,7 +21,12 @@ relative). With ``--dask`` the same graph is measured with its weight blocks kep
 each worker maps its half of the layers from the file's path), printing the time, this
 process's peak and each worker's, and whether labels and n-cut equal the bounded local path's.
 On one machine this shows what travels and what each side holds, not a speed-up: the two
-workers share the machine's cores and memory. The files are deleted afterwards.
+workers share the machine's cores and memory. With ``--graph residual`` each model is written as
+a Hugging Face folder instead (``config.json`` for ``LlamaForCausalLM``; RMSNorm weights drawn in
+[0.5, 1.5] so that folding them matters) and its whole graph (the residual stream, attention and
+gated MLPs of every block) is read by
+:func:`cluster_tracking.graph.model_folder.model_folder_graph`; ``--compare`` then loads the
+folder with transformers and traces the model in memory. The files are deleted afterwards.
 
 Wall-clock numbers are for people to read; no test asserts on them.
 """
@@ -32,6 +38,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -114,17 +121,96 @@ def write_model(config: dict[str, int], path: Path, seed: int = 0) -> int:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     generator = torch.Generator().manual_seed(seed)
+    norms = torch.Generator().manual_seed(seed + 1)  # the weights' draws stay as they were
     with open(path, "wb") as handle:
         handle.write(len(raw).to_bytes(8, "little"))
         handle.write(raw)
         for _name, shape in shapes:
-            if len(shape) == 1:
-                tensor = torch.ones(shape, dtype=torch.bfloat16)
+            if len(shape) == 1:  # RMSNorm weights, folded into the layers that read them
+                tensor = (0.5 + torch.rand(shape, generator=norms)).to(torch.bfloat16)
             else:
                 std = 1.0 / math.sqrt(shape[1])
                 tensor = (torch.randn(shape, generator=generator) * std).to(torch.bfloat16)
             handle.write(tensor.view(torch.int16).numpy().tobytes())
     return sum(math.prod(shape) for _, shape in shapes)
+
+
+def write_folder(config: dict[str, int], folder: Path) -> int:
+    """The model as a Hugging Face ``save_pretrained`` folder (``config.json`` for
+    ``LlamaForCausalLM`` and :func:`write_model`'s file); returns its parameter count."""
+    folder.mkdir()
+    hidden = config["hidden"]
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": hidden,
+                "intermediate_size": config["intermediate"],
+                "num_hidden_layers": config["layers"],
+                "num_attention_heads": config["heads"],
+                "num_key_value_heads": config["kv"],
+                "head_dim": hidden // config["heads"],
+                "vocab_size": VOCAB,
+                "max_position_embeddings": 2048,
+                "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": False,
+                "torch_dtype": "bfloat16",
+            }
+        ),
+        encoding="utf-8",
+    )
+    return write_model(config, folder / "model.safetensors")
+
+
+def task_bounded_folder(path: str, layers: list[str]) -> dict[str, Any]:
+    """Audit the whole model's graph (residual stream, attention, MLPs) from its folder in
+    bounded memory (``shuffles=0``)."""
+    import transformers  # noqa: F401  # the architecture's library: in the base, as torch is
+
+    import cluster_tracking as ct
+    import cluster_tracking.graph.chain  # torch: before the base, as for the chain
+    from cluster_tracking.graph.model_folder import model_folder_graph
+
+    del layers
+    base = _current_rss()
+    started = time.perf_counter()
+    graph = model_folder_graph(path)
+    read = time.perf_counter() - started
+    report = ct.measure(graph, k=12, shuffles=0, seed=0)
+    total = time.perf_counter() - started
+    return {
+        "nodes": graph.n_nodes,
+        "edges": sum(block.weight.size for block in graph.blocks),
+        "read_s": read,
+        "partition_s": report.timings["partition"],
+        "total_s": total,
+        "peak": _peak_rss(),
+        "base": base,
+        "ncut": report.ncut,
+        "labels": report.partition.labels,
+    }
+
+
+def task_in_memory_folder(path: str, layers: list[str]) -> dict[str, Any]:
+    """The same graph as transformers loads the folder and ``weight_graph`` traces the model."""
+    import transformers  # noqa: F401  # in the base, as for the bounded path
+
+    import cluster_tracking as ct
+    from cluster_tracking.audit.pretrained import load_model_folder
+
+    del layers
+    base = _current_rss()
+    started = time.perf_counter()
+    graph = ct.weight_graph(load_model_folder(Path(path)))
+    report = ct.measure(graph, k=12, shuffles=0, seed=0)
+    return {
+        "total_s": time.perf_counter() - started,
+        "peak": _peak_rss(),
+        "base": base,
+        "ncut": report.ncut,
+        "labels": report.partition.labels,
+    }
 
 
 def task_bounded(path: str, layers: list[str]) -> dict[str, Any]:
@@ -216,7 +302,13 @@ def task_dask(path: str, layers: list[str]) -> dict[str, Any]:
     }
 
 
-TASKS = {"bounded": task_bounded, "in_memory": task_in_memory, "dask": task_dask}
+TASKS = {
+    "bounded": task_bounded,
+    "in_memory": task_in_memory,
+    "dask": task_dask,
+    "bounded_folder": task_bounded_folder,
+    "in_memory_folder": task_in_memory_folder,
+}
 
 
 def _child(task: str, path: Path, layers: list[str], timeout: float) -> dict[str, Any]:
@@ -262,6 +354,14 @@ def main(argv: list[str] | None = None) -> None:
         "--dir", default=None, help="where the safetensors files go (deleted after)"
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per child process")
+    parser.add_argument(
+        "--graph",
+        choices=("mlp", "residual"),
+        default="mlp",
+        help="mlp: the chain of every block's up_proj and down_proj from the safetensors file; "
+        "residual: the whole traced model (residual stream, attention, gated MLPs) from a "
+        "Hugging Face model folder",
+    )
     args = parser.parse_args(argv)
     sizes = [size for size in args.sizes.split(",") if size]
     compare = {size for size in args.compare.split(",") if size}
@@ -273,33 +373,41 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=args.dir) as folder:
         for size in sizes:
             config = CONFIGS[size]
-            path = Path(folder) / f"llama-{size}.safetensors"
+            residual = args.graph == "residual"
+            path = Path(folder) / (f"llama-{size}" if residual else f"llama-{size}.safetensors")
             print(f"{size}: writing {path.name} ...", flush=True)
             started = time.perf_counter()
-            params = write_model(config, path)
+            params = write_folder(config, path) if residual else write_model(config, path)
             written = time.perf_counter() - started
-            layers = mlp_layers(config)
+            layers = [] if residual else mlp_layers(config)
+            on_disk = (
+                sum(f.stat().st_size for f in path.iterdir()) if residual else path.stat().st_size
+            )
             print(
-                f"{size}: {params / 1e9:.2f}B parameters, {path.stat().st_size / 2**30:.2f} GiB "
-                f"written in {written:.0f} s; auditing the MLP graph ...",
+                f"{size}: {params / 1e9:.2f}B parameters, {on_disk / 2**30:.2f} GiB written in "
+                f"{written:.0f} s; auditing the {args.graph} graph ...",
                 flush=True,
             )
+            suffix = "_folder" if residual else ""
             row: dict[str, Any] = {
                 "size": size,
                 "params": params,
-                **_child("bounded", path, layers, args.timeout),
+                **_child("bounded" + suffix, path, layers, args.timeout),
             }
             if size in compare:
                 print(f"{size}: the in-memory path ...", flush=True)
-                theirs = _child("in_memory", path, layers, args.timeout)
+                theirs = _child("in_memory" + suffix, path, layers, args.timeout)
                 row["memory_total_s"] = theirs["total_s"]
                 row["memory_peak"] = theirs["peak"]
                 row["ncut_rel_diff"] = abs(row["ncut"] - theirs["ncut"]) / theirs["ncut"]
                 row["labels_equal"] = row["labels"] == theirs["labels"]
-            if size in on_dask:
+            if size in on_dask and not residual:
                 print(f"{size}: the weights on 2 Dask workers ...", flush=True)
                 row["dask"] = _child("dask", path, layers, args.timeout)
-            path.unlink()
+            if residual:
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             rows.append(row)
             print(_line(row), flush=True)
     print()

@@ -46,6 +46,38 @@ def tiny_gpt2() -> transformers.PreTrainedModel:
     return transformers.AutoModelForCausalLM.from_config(config)
 
 
+def tiny_bert() -> transformers.PreTrainedModel:
+    """A 2-layer BERT sequence classifier: hidden 16, vocabulary 50, 3 labels."""
+    import transformers
+
+    config = transformers.BertConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vocab_size=50,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+def tiny_vit() -> transformers.PreTrainedModel:
+    """A 1-layer ViT image classifier: 16x16 images in 4x4 patches, hidden 16, 3 labels."""
+    import transformers
+
+    config = transformers.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
+    return transformers.ViTForImageClassification(config)
+
+
 class ResNetBlock(nn.Module):
     """A strided residual block with a 1x1 downsample conv: its state_dict, read in key order,
     would put the downsample conv after conv2."""

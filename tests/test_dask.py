@@ -165,6 +165,26 @@ def test_null_networks_of_a_file_map_it_from_its_path_on_the_workers(
         ct.measure(graph, k=6, shuffles=6, seed=3, backend="dask", scheduler=dask_scheduler)
 
 
+@pytest.mark.slow
+def test_null_networks_of_a_model_folder_give_the_local_numbers_on_dask(
+    dask_scheduler: str, tmp_path: Path
+) -> None:
+    """A Hugging Face folder's graph (read in bounded memory; its blocks are not single stored
+    tensors, so the weights travel to the tasks): the local numbers for the same seed."""
+    from _tiny_models import tiny_llama
+
+    from cluster_tracking.graph.model_folder import model_folder_graph
+
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    graph = model_folder_graph(tmp_path / "llama")
+    local = ct.measure(graph, k=4, shuffles=6, seed=3, n_jobs=1)
+    remote = ct.measure(graph, k=4, shuffles=6, seed=3, backend="dask", scheduler=dask_scheduler)
+    assert local.baseline is not None and remote.baseline is not None
+    assert remote.ncut == local.ncut
+    assert remote.partition.labels == local.partition.labels
+    assert remote.baseline.ncuts == local.baseline.ncuts
+
+
 @pytest.fixture(scope="module")
 def limited_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, int]]:
     """A LocalCluster of 2 worker processes on 127.0.0.1 whose per-worker memory limit lies

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from _tiny_models import ResNetBlock, tiny_gpt2, tiny_llama
+from _tiny_models import ResNetBlock, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 from safetensors.torch import save_file
 from torch import nn
 
@@ -32,32 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "cluster_tracking"]
 
 
-def _bert() -> transformers.PreTrainedModel:
-    config = transformers.BertConfig(
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        vocab_size=50,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(config)
-
-
-def _vit() -> transformers.PreTrainedModel:
-    config = transformers.ViTConfig(
-        image_size=16,
-        patch_size=4,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=3,
-    )
-    return transformers.ViTForImageClassification(config)
-
-
 def _assert_same_graph(a: WeightGraph, b: WeightGraph) -> None:
     assert a.layer_names == b.layer_names
     assert a.widths == b.widths
@@ -65,7 +39,7 @@ def _assert_same_graph(a: WeightGraph, b: WeightGraph) -> None:
 
 
 @pytest.mark.parametrize(
-    "make", [tiny_llama, tiny_gpt2, _bert, _vit], ids=["llama", "gpt2", "bert", "vit"]
+    "make", [tiny_llama, tiny_gpt2, tiny_bert, tiny_vit], ids=["llama", "gpt2", "bert", "vit"]
 )
 def test_a_hugging_face_folder_gives_the_live_models_graph(
     tmp_path: Path, make: Callable[[], transformers.PreTrainedModel]

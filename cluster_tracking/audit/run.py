@@ -176,24 +176,30 @@ BOUNDED_MIN_EDGES = 1 << 24
 def _bounded_extent(
     source: str | SourceRef, settings: AuditSettings
 ) -> tuple[SourceRef, int, int] | None:
-    """``(ref, nodes, edges)`` of a local safetensors file large enough for the bounded path
-    and measurable there; ``None`` for any other source, which the in-memory path reads."""
+    """``(ref, nodes, edges)`` of a local safetensors file, or Hugging Face model folder
+    (without ``--layers``; its size at most, from the headers), large enough for the bounded
+    path and measurable there; ``None`` for any other source, which the in-memory path reads."""
     from cluster_tracking.graph.lazy import safetensors_extent
+    from cluster_tracking.graph.model_folder import model_folder_size
     from cluster_tracking.nulls.preconditions import MAGNITUDE_SHUFFLES
 
     ref = source if isinstance(source, SourceRef) else parse_source(source)
-    if ref.kind != "file" or ref.path is None or ref.path.suffix.lower() != ".safetensors":
+    if ref.kind != "file" or ref.path is None:
         return None
     if settings.arch is not None or (
         settings.shuffles and settings.method not in MAGNITUDE_SHUFFLES
     ):
         return None
     try:
-        if not ref.path.is_file():
+        if ref.path.is_dir() and settings.layers is None:
+            # a model folder: its traced graph has at most this size (embeddings included)
+            n_nodes, n_edges = model_folder_size(ref.path)
+        elif ref.path.is_file() and ref.path.suffix.lower() == ".safetensors":
+            n_nodes, n_edges = safetensors_extent(ref.path, layers=settings.layers)
+        else:
             return None
-        n_nodes, n_edges = safetensors_extent(ref.path, layers=settings.layers)
     except ClusterTrackingError:
-        return None  # the in-memory path reports what is wrong with the file, as for any other
+        return None  # the in-memory path reports what is wrong with the source, as for any other
     if n_edges < BOUNDED_MIN_EDGES:
         return None
     return ref, n_nodes, n_edges
@@ -208,6 +214,8 @@ def _bounded_audit(
     first (a :class:`GraphError`, exit 4, when it would not fit); ``None`` for any other
     source, which the in-memory path reads."""
     from cluster_tracking.graph.lazy import safetensors_graph
+    from cluster_tracking.graph.mapped_graph import SafetensorsGraph
+    from cluster_tracking.graph.model_folder import model_folder_graph
     from cluster_tracking.measure import measure
     from cluster_tracking.resources.estimate import estimate_peak
 
@@ -216,7 +224,9 @@ def _bounded_audit(
         return None
     ref, n_nodes, n_edges = extent
     assert ref.path is not None
-    check_time(settings, n_nodes, 2 * n_edges, ref.path.name)  # stored entries: both directions
+    folder = ref.path.is_dir()
+    if not folder:  # a model folder's own size is known once traced: checked then
+        check_time(settings, n_nodes, 2 * n_edges, ref.path.name)  # stored: both directions
     limit = settings.max_memory if settings.max_memory is not None else current_memory_limit()
     stage = getattr(progress, "stage", None)  # the CLI's progress bar shows every stage
     k = 32 if settings.k == "auto" else int(settings.k)
@@ -227,32 +237,53 @@ def _bounded_audit(
     here = estimate_peak(
         n_nodes, n_edges, k=k, shuffles=shuffles, workers=workers(settings) + 1, bipartite=True
     )
-    remote = on_dask and here.total > limit
+    remote = on_dask and here.total > limit and not folder
     if remote:
         assert settings.scheduler is not None
         check_scheduler(settings.scheduler)
-    graph = safetensors_graph(
-        ref.path,
-        layers=settings.layers,
-        preset=settings.preset,
-        k=k,
-        shuffles=shuffles,
-        workers=workers(settings) + 1,
-        max_memory=limit,
-        stage=stage,
-        scheduler=settings.scheduler if remote else None,
-    )
+    graph: SafetensorsGraph
+    if folder:
+        graph = model_folder_graph(
+            ref.path,
+            preset=settings.preset,
+            norm=settings.norm,
+            k=k,
+            shuffles=shuffles,
+            workers=workers(settings) + 1,
+            max_memory=limit,
+            stage=stage,
+            before_reading=lambda nodes, edges: check_time(
+                settings, nodes, 2 * edges, ref.path.name if ref.path else ref.uri
+            ),
+        )
+    else:
+        graph = safetensors_graph(
+            ref.path,
+            layers=settings.layers,
+            preset=settings.preset,
+            k=k,
+            shuffles=shuffles,
+            workers=workers(settings) + 1,
+            max_memory=limit,
+            stage=stage,
+            scheduler=settings.scheduler if remote else None,
+        )
     where = (
         "kept on the Dask workers, each mapping its layers from the same path"
         if remote
         else "read in bounded memory"
     )
+    what = (
+        "Hugging Face model folder, traced on the meta device"
+        if folder
+        else "safetensors state_dict"
+    )
     loaded = LoadedModel(
         source=ref.uri,
         label=ref.path.name,
         weights={},
-        format=f"safetensors state_dict, {where} (float32 magnitudes)",
-        notes=[f"the layers were {where}: float32 |W|, no sparse adjacency"],
+        format=f"{what}, {where} (float32 magnitudes)",
+        notes=[f"the weight blocks were {where}: float32 |W|, no sparse adjacency"],
     )
     try:
         report = measure(

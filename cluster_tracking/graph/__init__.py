@@ -20,6 +20,8 @@ Filan et al. (2021), section 2. One idea per module:
   memory; :mod:`~cluster_tracking.graph.mapped` reads its weights through a memory map (what a Dask
   worker imports, no torch); :mod:`~cluster_tracking.graph.remote` and
   :mod:`~cluster_tracking.graph.remote_graph` keep its weight blocks on a Dask cluster;
+- :mod:`~cluster_tracking.graph.model_folder`: a Hugging Face model folder's graph (residual
+  stream, attention, MLPs) traced on the meta device and read in bounded memory;
 - :mod:`~cluster_tracking.graph.api`: :func:`weight_graph`, which picks the route.
 
 The torch-free types are imported here directly; the rest on first use.

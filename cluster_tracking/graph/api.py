@@ -47,9 +47,10 @@ needs no torch, and are re-exported here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
 from torch import nn
 
 from cluster_tracking.errors import ConfigError, GraphError
@@ -217,14 +218,27 @@ def _build_graph(
 
 
 def _trace(
-    model: nn.Module, norm: KernelNorm, example_inputs: Any, include_embeddings: bool
+    model: nn.Module,
+    norm: KernelNorm,
+    example_inputs: Any,
+    include_embeddings: bool,
+    deferred: Callable[[str], np.ndarray] | None = None,
 ) -> _Builder:
     """Follow the model's data flow: ``torch.export`` with example inputs where there are some
     (given, or known for Hugging Face and timm models), ``torch.fx`` otherwise (and
-    ``torch.export`` after all when fx cannot follow a model whose inputs are known)."""
+    ``torch.export`` after all when fx cannot follow a model whose inputs are known).
+
+    ``deferred``: the model's weights are not in it (the meta device) but read later, block by
+    block; it gives a parameter's values as the walker asks for them (see
+    :attr:`~cluster_tracking.graph.export_base._WalkerBase.deferred`). Export only."""
     inputs = _as_inputs(example_inputs) if example_inputs is not None else None
-    if inputs is None and (include_embeddings or is_hugging_face(model)):
+    if inputs is None and (include_embeddings or is_hugging_face(model) or deferred):
         inputs = example_inputs_for(model)
+    if inputs is None and deferred is not None:
+        raise GraphError(
+            f"the weight graph of {type(model).__name__} is followed with torch.export, which "
+            "needs example inputs, and none are known for it; pass example_inputs=..."
+        )
     if inputs is None:
         builder = _Builder(norm)
         try:
@@ -237,9 +251,11 @@ def _trace(
     args, kwargs = inputs
     skip = frozenset() if include_embeddings else lm_head_parameters(model)
     builder = _Builder(norm)
-    ExportWalker(
+    walker = ExportWalker(
         model, builder, args, kwargs, include_embeddings=include_embeddings, skip=skip
-    ).run()
+    )
+    walker.deferred = deferred
+    walker.run()
     return builder
 
 

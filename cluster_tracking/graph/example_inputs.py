@@ -41,11 +41,13 @@ def example_inputs_for(model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    """Where the model's weights are (example inputs go there too)."""
-    for tensor in (*model.parameters(), *model.buffers()):
+    """Where the model's weights are (example inputs go there too; the meta device for a model
+    whose weights are all there, traced for its shapes alone)."""
+    tensors = (*model.parameters(), *model.buffers())
+    for tensor in tensors:
         if not tensor.is_meta:
             return tensor.device
-    return torch.device("cpu")
+    return torch.device("meta" if tensors else "cpu")
 
 
 def _float_dtype_of(model: nn.Module) -> torch.dtype:

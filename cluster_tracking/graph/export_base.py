@@ -11,7 +11,7 @@ each op.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -38,7 +38,8 @@ from cluster_tracking.graph.export_units import (
     _varying,
 )
 from cluster_tracking.graph.features import _Feat
-from cluster_tracking.graph.weights import weight_array
+from cluster_tracking.graph.types import WeightSource
+from cluster_tracking.graph.weights import deferred_placeholder, effective_weight, weight_array
 
 
 class _WalkerBase:
@@ -66,6 +67,10 @@ class _WalkerBase:
         self.env: dict[fx.Node, Any] = {}
         self.node: fx.Node | None = None
         self.buffers: set[str] = set()  # the model's buffers, named by run()
+        #: Deferred weights (a model on the meta device, its weights in a file): reads a
+        #: parameter's values (placeholders for large ones, see :meth:`_effective`); ``None``:
+        #: the model's own tensors.
+        self.deferred: Callable[[str], np.ndarray] | None = None
 
     def _carry(self, x: Any, out_shape: Any, *, keep_spec: bool = True) -> Any:
         """``x`` passed through an op that keeps its units (and scales) in place."""
@@ -166,7 +171,17 @@ class _WalkerBase:
         tensor = self.tensors.get(name)
         if tensor is None:
             raise self._error(f"parameter {name!r} is not in the model")
+        if self.deferred is not None:
+            return self.deferred(name)
         return weight_array(tensor, f"parameter {name!r}")
+
+    def _effective(self, raw: np.ndarray, source: WeightSource, label: str) -> np.ndarray:
+        """A block's weight from its parameter's values (:func:`effective_weight`); with
+        deferred weights, a zero-stride placeholder of its shape (no memory): the weights are
+        read afterwards, block by block, through the ``source`` recorded with it."""
+        if self.deferred is None:
+            return effective_weight(raw, source, self._read, label)
+        return deferred_placeholder(raw.shape, source, label)
 
     def _sole_user(self, node: fx.Node | None) -> bool:
         if node is None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from cluster_tracking.errors import GraphError
 from cluster_tracking.graph.export_base import _WalkerBase
 from cluster_tracking.graph.export_units import (
     _OTHER,
@@ -82,6 +83,13 @@ class _ElementwiseRules(_WalkerBase):
                     f"{self._describe(node)} is a functional batch_norm whose parameters are not "
                     "a BatchNorm module's, so its statistics cannot be read again"
                 )
+            if self.deferred is not None:
+                raise GraphError(
+                    f"{self._describe(node)} is a BatchNorm ({module_name!r}) folded into the "
+                    "layer before it; the bounded-memory reader of model folders reads its "
+                    "statistics from no file: audit the model in memory (load it and call "
+                    "measure(model))."
+                )
             scale = batchnorm_scale(module, f"layer {module_name!r}")
             channels = x.ids.reshape(-1).numpy()
             if len(channels) == len(x.spec.dst) and np.array_equal(channels, x.spec.dst):
@@ -115,9 +123,10 @@ class _ElementwiseRules(_WalkerBase):
                 if len(nodes) == len(spec.dst) and np.array_equal(nodes, spec.dst):
                     row_index = _vector(rows.reshape(-1).numpy(), len(spec.dst))
                     values = np.abs(param.offset + self._read(param.name).reshape(-1)[row_index])
-                    spec.weight = spec.weight * values.reshape(
-                        (-1,) + (1,) * (spec.weight.ndim - 1)
-                    )
+                    if self.deferred is None:  # else applied as the weights are read
+                        spec.weight = spec.weight * values.reshape(
+                            (-1,) + (1,) * (spec.weight.ndim - 1)
+                        )
                     base = spec.source or WeightSource(f"{spec.name.split('#')[0]}.weight")
                     spec.source = replace(
                         base,

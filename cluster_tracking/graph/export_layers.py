@@ -30,7 +30,6 @@ from cluster_tracking.graph.export_units import (
     _varying,
 )
 from cluster_tracking.graph.types import BlockKind, WeightSource
-from cluster_tracking.graph.weights import effective_weight
 
 
 class _LayerRules(_MovementRules):
@@ -105,7 +104,7 @@ class _LayerRules(_MovementRules):
             columns=order,
             input_scales=input_scales,
         )
-        weight = effective_weight(raw, source, self._read, param.name)
+        weight = self._effective(raw, source, param.name)
         plain = not transposed and order is None and not input_scales
         name = param.name.removesuffix(".weight").removesuffix("_weight")
         if plain and param.name.endswith(".weight"):
@@ -221,7 +220,7 @@ class _LayerRules(_MovementRules):
         spec = self.builder.add_block(
             module,
             "linear",
-            effective_weight(raw, source, self._read, module),
+            self._effective(raw, source, module),
             vocabulary,
             source=source,
         )
@@ -261,16 +260,12 @@ class _LayerRules(_MovementRules):
                 )
                 w_ih, w_hh = params[base], params[base + 1]
                 source_ih = WeightSource(w_ih.name, gates=gates)
-                weight_ih = effective_weight(
-                    self._read(w_ih.name), source_ih, self._read, w_ih.name
-                )
+                weight_ih = self._effective(self._read(w_ih.name), source_ih, w_ih.name)
                 name_ih = w_ih.name.removesuffix(".weight_ih_l" + w_ih.name.rsplit("_l", 1)[-1])
                 label = f"{name_ih}.l{layer}" + ("_reverse" if direction else "")
                 spec = self.builder.add_block(label, "linear", weight_ih, inputs, source=source_ih)
                 source_hh = WeightSource(w_hh.name, gates=gates)
-                weight_hh = effective_weight(
-                    self._read(w_hh.name), source_hh, self._read, w_hh.name
-                )
+                weight_hh = self._effective(self._read(w_hh.name), source_hh, w_hh.name)
                 self.builder.add_block(
                     f"{label}.hh", "linear", weight_hh, spec.dst, source=source_hh, dst=spec.dst
                 )

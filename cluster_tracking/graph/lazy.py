@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cluster_tracking.errors import GraphError
+from cluster_tracking.errors import GraphError, SourceError
 from cluster_tracking.graph.mapped import (
     MappedSource,
     _fingerprint,
@@ -167,6 +167,12 @@ def safetensors_graph(
     from cluster_tracking.resources.estimate import check_fits, estimate_peak
 
     path = Path(path).absolute()
+    if path.is_dir():
+        raise SourceError(
+            f"{path} is a folder; safetensors_graph reads one .safetensors file. For a Hugging "
+            "Face model folder (config.json and safetensors weights) use "
+            "cluster_tracking.graph.model_folder.model_folder_graph(folder)."
+        )
     tensors = _read_header(path)
     plan = _chain_plan(tensors, layers, path)
     nodes, edges = _extent(plan)

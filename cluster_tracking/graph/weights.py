@@ -181,6 +181,21 @@ def effective_weight(raw: np.ndarray, source: WeightSource, read: Any, label: st
     return weight
 
 
+def deferred_placeholder(shape: tuple[int, ...], source: WeightSource, label: str) -> np.ndarray:
+    """A zero-stride stand-in (ones, no memory) of the shape :func:`effective_weight` would give
+    a parameter of ``shape``: for a graph whose weights are read later, block by block."""
+    out = list(shape)
+    if source.transposed:
+        out[0], out[1] = out[1], out[0]
+    if source.gates > 1:
+        if out[0] % source.gates:
+            raise GraphError(f"{label}: {out[0]} rows do not split into {source.gates} gates.")
+        out[0] //= source.gates
+    if source.columns is not None:
+        out[1] = len(source.columns)
+    return np.broadcast_to(np.float32(1.0), tuple(out))
+
+
 def live_weights(model: nn.Module, graph: WeightGraph) -> list[np.ndarray]:
     """The effective weight of every block of ``graph`` read again from ``model``'s parameters.
 
