@@ -150,7 +150,8 @@ def model_folder_graph(
         preset, include_embeddings, norm: as for :func:`~cluster_tracking.graph.weight_graph`.
         k, shuffles, workers: what the measurement will do, for the memory estimate.
         max_memory: bytes the measurement may use here (``None``: the limit in force).
-        stage: called as ``stage("reading", done, total)`` as the blocks are read.
+        stage: called as ``stage("tracing", done, 1)`` around the trace and
+            ``stage("reading", done, total)`` as the blocks are read.
         before_reading: called as ``before_reading(nodes, edges)`` once the model is traced,
             before the memory check and any weight block is read (a caller's own checks).
 
@@ -163,9 +164,13 @@ def model_folder_graph(
     from cluster_tracking.resources.estimate import check_fits, estimate_peak
 
     folder = Path(folder).absolute()
+    if stage is not None:
+        stage("tracing", 0, 1)
     topology, weights = _trace_folder(
         folder, preset=preset, include_embeddings=include_embeddings, norm=norm
     )
+    if stage is not None:
+        stage("tracing", 1, 1)
     nodes, edges = _extent(topology)
     if before_reading is not None:
         before_reading(nodes, edges)
@@ -173,6 +178,11 @@ def model_folder_graph(
         estimate_peak(nodes, edges, k=k, shuffles=shuffles, workers=workers),
         str(folder),
         max_memory,
+        dask=False,  # a folder's blocks are not kept on Dask workers (chains of one file are)
+        fewer_layers=(
+            "audit a chain of its layers from its safetensors file (cluster-tracking audit "
+            "FILE.safetensors --layers ..., or safetensors_graph(file, layers=...))"
+        ),
     )
     blocks = []
     for done, block in enumerate(topology.blocks, start=1):

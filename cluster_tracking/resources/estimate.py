@@ -123,12 +123,18 @@ def estimate_peak(
 
 
 def check_fits(
-    estimate: MemoryEstimate, what: str, limit: int | None = None, *, dask: bool = True
+    estimate: MemoryEstimate,
+    what: str,
+    limit: int | None = None,
+    *,
+    dask: bool = True,
+    fewer_layers: str = "audit fewer layers (--layers / layers=)",
 ) -> None:
     """Refuse a measurement whose estimated peak passes ``limit`` (``None``: the limit in force,
     :func:`~cluster_tracking.resources.limits.current_memory_limit`: ``--max-memory``, or half the
     memory available). ``dask``: name keeping the weights on a Dask cluster among the options (not
-    where they are there already).
+    where they are there already, nor where they cannot be); ``fewer_layers``: how to measure
+    fewer layers of this source.
 
     Raises:
         GraphError: one line with the estimate, the limit and the options that would fit.
@@ -136,7 +142,7 @@ def check_fits(
     limit = current_memory_limit() if limit is None else limit
     if estimate.total <= limit:
         return
-    options = ["audit fewer layers (--layers / layers=)"]
+    options = [fewer_layers]
     if estimate.shuffles:
         without = BASE_BYTES + estimate.graph + estimate.solver
         if without <= limit:
