@@ -178,13 +178,19 @@ def task_bounded_folder(path: str, layers: list[str]) -> dict[str, Any]:
     graph = model_folder_graph(path)
     read = time.perf_counter() - started
     report = ct.measure(graph, k=12, shuffles=0, seed=0)
-    total = time.perf_counter() - started
+    return _bounded_result(graph, report, base, started, read)
+
+
+def _bounded_result(
+    graph: Any, report: Any, base: int, started: float, read: float
+) -> dict[str, Any]:
+    """What a bounded task reports: the graph's size, times from ``started``, peak and base."""
     return {
         "nodes": graph.n_nodes,
         "edges": sum(block.weight.size for block in graph.blocks),
         "read_s": read,
         "partition_s": report.timings["partition"],
-        "total_s": total,
+        "total_s": time.perf_counter() - started,
         "peak": _peak_rss(),
         "base": base,
         "ncut": report.ncut,
@@ -224,19 +230,7 @@ def task_bounded(path: str, layers: list[str]) -> dict[str, Any]:
     graph = safetensors_graph(path, layers=layers)
     read = time.perf_counter() - started
     report = ct.measure(graph, k=12, shuffles=0, seed=0)
-    total = time.perf_counter() - started
-    edges = sum(block.weight.size for block in graph.blocks)
-    return {
-        "nodes": graph.n_nodes,
-        "edges": edges,
-        "read_s": read,
-        "partition_s": report.timings["partition"],
-        "total_s": total,
-        "peak": _peak_rss(),
-        "base": base,
-        "ncut": report.ncut,
-        "labels": report.partition.labels,
-    }
+    return _bounded_result(graph, report, base, started, read)
 
 
 def task_in_memory(path: str, layers: list[str]) -> dict[str, Any]:

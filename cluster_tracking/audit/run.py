@@ -242,32 +242,25 @@ def _bounded_audit(
         assert settings.scheduler is not None
         check_scheduler(settings.scheduler)
     graph: SafetensorsGraph
+    common: dict[str, Any] = {
+        "preset": settings.preset,
+        "k": k,
+        "shuffles": shuffles,
+        "workers": workers(settings) + 1,
+        "max_memory": limit,
+        "stage": stage,
+    }
     if folder:
+        name = ref.path.name
         graph = model_folder_graph(
             ref.path,
-            preset=settings.preset,
             norm=settings.norm,
-            k=k,
-            shuffles=shuffles,
-            workers=workers(settings) + 1,
-            max_memory=limit,
-            stage=stage,
-            before_reading=lambda nodes, edges: check_time(
-                settings, nodes, 2 * edges, ref.path.name if ref.path else ref.uri
-            ),
+            before_reading=lambda nodes, edges: check_time(settings, nodes, 2 * edges, name),
+            **common,
         )
     else:
-        graph = safetensors_graph(
-            ref.path,
-            layers=settings.layers,
-            preset=settings.preset,
-            k=k,
-            shuffles=shuffles,
-            workers=workers(settings) + 1,
-            max_memory=limit,
-            stage=stage,
-            scheduler=settings.scheduler if remote else None,
-        )
+        scheduler = settings.scheduler if remote else None
+        graph = safetensors_graph(ref.path, layers=settings.layers, scheduler=scheduler, **common)
     where = (
         "kept on the Dask workers, each mapping its layers from the same path"
         if remote

@@ -182,15 +182,7 @@ def _build_graph(
     example_inputs: Any = None,
     include_embeddings: bool = False,
 ) -> WeightGraph:
-    if norm not in ("l1", "l2"):
-        raise ConfigError(f"norm must be 'l1' or 'l2', got {norm!r}.")
-    if preset not in ("default", "filan2021"):
-        raise ConfigError(f"preset must be 'default' or 'filan2021', got {preset!r}.")
-    if preset == "filan2021" and norm != "l1":
-        raise ConfigError(
-            "preset='filan2021' fixes the kernel norm (numpy's induced matrix 1-norm, as in the "
-            "published code); use preset='default' for norm='l2'."
-        )
+    check_graph_options(norm, preset)
     selection = layers if parse_layers(layers) is not None else None
 
     source: object = model_or_state_dict
@@ -215,6 +207,20 @@ def _build_graph(
             "pass the model, its state_dict, or the checkpoint dict."
         )
     return builder.finish(preset, what, assemble=assemble)
+
+
+def check_graph_options(norm: str, preset: str) -> None:
+    """Refuse an unknown ``norm`` or ``preset``, or ``preset="filan2021"`` with ``norm="l2"``
+    (:class:`ConfigError`)."""
+    if norm not in ("l1", "l2"):
+        raise ConfigError(f"norm must be 'l1' or 'l2', got {norm!r}.")
+    if preset not in ("default", "filan2021"):
+        raise ConfigError(f"preset must be 'default' or 'filan2021', got {preset!r}.")
+    if preset == "filan2021" and norm != "l1":
+        raise ConfigError(
+            "preset='filan2021' fixes the kernel norm (numpy's induced matrix 1-norm, as in the "
+            "published code); use preset='default' for norm='l2'."
+        )
 
 
 def _trace(

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cluster_tracking.errors import ConfigError, GraphError, SourceError
+from cluster_tracking.errors import GraphError, SourceError
 from cluster_tracking.graph.mapped import _read_header, _read_magnitudes, _Tensor
 from cluster_tracking.graph.mapped_graph import (
     SafetensorsGraph,
@@ -301,15 +301,9 @@ def _trace_folder(
     zero-stride placeholders) and its files' weights."""
     import torch
 
-    from cluster_tracking.graph.api import _trace
+    from cluster_tracking.graph.api import _trace, check_graph_options
 
-    if preset not in ("default", "filan2021"):
-        raise ConfigError(f"preset must be 'default' or 'filan2021', got {preset!r}.")
-    if preset == "filan2021" and norm != "l1":
-        raise ConfigError(
-            "preset='filan2021' fixes the kernel norm (numpy's induced matrix 1-norm, as in the "
-            "published code); use preset='default' for norm='l2'."
-        )
+    check_graph_options(norm, preset)
     model_class = model_class_for(folder)
     files = _weight_files(folder)
     import transformers
@@ -333,8 +327,6 @@ def _trace_folder(
     model.eval()
     keys, converted = _loader_keys(model, files)
     weights = _FolderWeights(folder, model, files, keys, converted)
-    if norm not in ("l1", "l2"):
-        raise ConfigError(f"norm must be 'l1' or 'l2', got {norm!r}.")
     builder = _trace(model, norm, None, include_embeddings, deferred=weights.deferred)
     return builder.finish(preset, f"the model of {folder}", assemble=False), weights
 
