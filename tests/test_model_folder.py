@@ -190,6 +190,18 @@ def test_a_folder_that_does_not_hold_what_its_config_names_is_refused(tmp_path: 
         model_folder_graph(folder)
 
 
+def test_a_folder_holding_more_than_its_config_names_is_refused_not_cut(tmp_path: Path) -> None:
+    """A config naming fewer blocks than the files hold would audit part of the model: refused,
+    as loading it refuses the unexpected tensors."""
+    folder = tmp_path / "llama"
+    _saved(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 1  # the files hold 2 blocks
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SourceError, match=r"not parameters of the architecture.*layers\.1\."):
+        model_folder_graph(folder)
+
+
 def test_a_batchnorm_to_fold_is_refused_not_guessed(tmp_path: Path) -> None:
     config = transformers.ResNetConfig(
         embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3

@@ -325,13 +325,15 @@ def _trace_folder(
             f"({type(error).__name__}: {first})."
         ) from error
     model.eval()
-    keys, converted = _loader_keys(model, files)
+    keys, converted = _loader_keys(model, files, folder)
     weights = _FolderWeights(folder, model, files, keys, converted)
     builder = _trace(model, norm, None, include_embeddings, deferred=weights.deferred)
     return builder.finish(preset, f"the model of {folder}", assemble=False), weights
 
 
-def _loader_keys(model: Any, files: Mapping[str, Any]) -> tuple[dict[str, str], set[str]]:
+def _loader_keys(
+    model: Any, files: Mapping[str, Any], folder: Path
+) -> tuple[dict[str, str], set[str]]:
     """``(names, converted)``: the model's parameter name of each stored key that transformers'
     loader renames at most (its checkpoint conversion mapping, the base model's prefix added or
     dropped), and the parameters it makes by converting stored tensors."""
@@ -356,6 +358,7 @@ def _loader_keys(model: Any, files: Mapping[str, Any]) -> tuple[dict[str, str], 
     renamings = [entry for entry in mapping if isinstance(entry, WeightRenaming)]
     converters = [entry for entry in mapping if isinstance(entry, WeightConverter)]
     names, converted = {}, set()
+    unused: list[str] = []
     for key in files:  # as the loader does (core_model_loading)
         renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta)
         if renamed not in meta and key in meta:
@@ -367,6 +370,15 @@ def _loader_keys(model: Any, files: Mapping[str, Any]) -> tuple[dict[str, str], 
                 names[renamed] = key
             else:
                 converted.add(renamed)
+        else:
+            unused.append(key)
+    if unused:  # the model would not read them: never audit a part of a folder silently
+        shown = ", ".join(repr(key) for key in unused[:5])
+        raise SourceError(
+            f"{folder}: {len(unused)} stored tensor(s) are not parameters of the architecture "
+            f"its config.json names ({shown}); the folder does not match its config (save "
+            "the model again with save_pretrained)."
+        )
     return names, converted
 
 
