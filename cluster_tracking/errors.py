@@ -49,6 +49,12 @@ class ClusterTrackingWarning(UserWarning):
     """Something went wrong in a hook (a measurement, a plot, a sink) and training went on."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, its runs of whitespace collapsed, at most 300
+    characters: a third-party error (torch.export, transformers) quoted inside one of ours."""
+    return " ".join((str(error).strip().splitlines() or [""])[0].split())[:300]
+
+
 def describe(error: BaseException | None) -> str:
     """``"Type: message"`` of an error, on one line (the first line of its message, at most 300
     characters), for warnings and one-line reports; ``"no error recorded"`` for ``None``.

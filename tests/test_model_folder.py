@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,6 +55,13 @@ def _saved(
     else:
         model.save_pretrained(folder, max_shard_size=shard)
     return model
+
+
+def _edit_config(folder: Path, **values: Any) -> None:
+    """Set ``values`` in the folder's ``config.json``."""
+    config = json.loads((folder / "config.json").read_text())
+    config.update(values)
+    (folder / "config.json").write_text(json.dumps(config))
 
 
 @pytest.mark.parametrize(
@@ -183,9 +191,7 @@ def test_the_memory_check_refuses_before_reading_with_the_estimate(tmp_path: Pat
 def test_a_folder_that_does_not_hold_what_its_config_names_is_refused(tmp_path: Path) -> None:
     folder = tmp_path / "llama"
     _saved(tiny_llama, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["num_hidden_layers"] = 3  # the file holds 2 blocks
-    (folder / "config.json").write_text(json.dumps(config))
+    _edit_config(folder, num_hidden_layers=3)  # the file holds 2 blocks
     with pytest.raises(SourceError, match=r"model\.layers\.2\..*none of its safetensors files"):
         model_folder_graph(folder)
 
@@ -195,9 +201,7 @@ def test_a_folder_holding_more_than_its_config_names_is_refused_not_cut(tmp_path
     as loading it refuses the unexpected tensors."""
     folder = tmp_path / "llama"
     _saved(tiny_llama, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["num_hidden_layers"] = 1  # the files hold 2 blocks
-    (folder / "config.json").write_text(json.dumps(config))
+    _edit_config(folder, num_hidden_layers=1)  # the files hold 2 blocks
     with pytest.raises(SourceError, match=r"not parameters of the architecture.*layers\.1\."):
         model_folder_graph(folder)
 
@@ -217,9 +221,7 @@ def test_remote_code_and_single_file_readers_point_to_the_right_route(tmp_path: 
     _saved(tiny_llama, folder)
     with pytest.raises(SourceError, match=r"is a folder.*model_folder_graph\(folder\)"):
         safetensors_graph(folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
-    (folder / "config.json").write_text(json.dumps(config))
+    _edit_config(folder, auto_map={"AutoModel": "modeling_evil.EvilModel"})
     with pytest.raises(SourceError, match=r"auto_map.*trust_remote_code stays off"):
         model_folder_graph(folder)
 

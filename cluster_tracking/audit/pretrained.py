@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cluster_tracking.errors import SourceError
+from cluster_tracking.errors import SourceError, first_line
 from cluster_tracking.graph.model_folder import is_model_folder, model_class_for
 
 __all__ = ["is_model_folder", "load_model_folder", "model_class_for"]
@@ -40,10 +40,9 @@ def load_model_folder(folder: Path) -> Any:
             output_loading_info=True,
         )
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError) as error:
-        first = " ".join((str(error).strip().splitlines() or [""])[0].split())[:300]
         raise SourceError(
             f"{folder}: transformers cannot build the model from its config.json and weights "
-            f"({type(error).__name__}: {first})."
+            f"({type(error).__name__}: {first_line(error)})."
         ) from error
     model, info = model
     missing = [name for name in info.get("missing_keys", []) if name]

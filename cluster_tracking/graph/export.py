@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from cluster_tracking.errors import GraphError
+from cluster_tracking.errors import GraphError, first_line
 from cluster_tracking.graph.export_layers import _LayerRules
 from cluster_tracking.graph.export_units import (
     _ACTIVATIONS,
@@ -115,11 +115,10 @@ class ExportWalker(_LayerRules):
             with torch.no_grad(), _quiet():
                 return torch.export.export(self.model, self.args, self.kwargs, strict=False)
         except Exception as error:
-            reason = " ".join((str(error).strip().splitlines() or [""])[0].split())[:300]
             raise GraphError(
                 f"torch.export cannot trace {type(self.model).__name__} with the example inputs "
-                f"({type(error).__name__}: {reason}). The weight graph follows the model's data "
-                f"flow by exporting it; {_EXPORT_HINT}."
+                f"({type(error).__name__}: {first_line(error)}). The weight graph follows the "
+                f"model's data flow by exporting it; {_EXPORT_HINT}."
             ) from error
         finally:
             for module, training in modes.items():

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cluster_tracking.errors import GraphError, SourceError
+from cluster_tracking.errors import GraphError, SourceError, first_line
 from cluster_tracking.graph.mapped import _read_header, _read_magnitudes, _Tensor
 from cluster_tracking.graph.mapped_graph import (
     SafetensorsGraph,
@@ -209,6 +209,15 @@ class _FolderWeights:
     keys: dict[str, str]  # parameter name -> file key, as transformers' loader renames them
     converted: set[str]  # parameters the loader makes by converting stored tensors
     small: dict[str, np.ndarray] = field(default_factory=dict)  # float64 per-unit vectors
+    named: dict[str, Any] = field(init=False)  # the model's parameters and buffers by name
+
+    def __post_init__(self) -> None:
+        self.named = dict(
+            [
+                *self.model.named_parameters(remove_duplicate=False),
+                *self.model.named_buffers(remove_duplicate=False),
+            ]
+        )
 
     def deferred(self, name: str) -> np.ndarray:
         """What the trace reads for a parameter: a small one's values, a zero-stride
@@ -270,18 +279,12 @@ class _FolderWeights:
             "its config (save the model again with save_pretrained)."
         )
 
-    def _named(self) -> list[tuple[str, Any]]:
-        return [
-            *self.model.named_parameters(remove_duplicate=False),
-            *self.model.named_buffers(remove_duplicate=False),
-        ]
-
     def _aliases(self, name: str) -> list[str]:
-        target = dict(self._named()).get(name)
-        return [other for other, t in self._named() if t is target and other != name]
+        target = self.named.get(name)
+        return [other for other, t in self.named.items() if t is target and other != name]
 
     def _shape(self, name: str) -> tuple[int, ...]:
-        tensor = dict(self._named()).get(name)
+        tensor = self.named.get(name)
         if tensor is None:
             raise GraphError(f"parameter {name!r} of the weight graph is not in the model.")
         return tuple(tensor.shape)
@@ -291,7 +294,7 @@ class _FolderWeights:
         from cluster_tracking.graph.weights import layer_weight
 
         tensor = layer_weight(self.model, block)
-        return next(name for name, t in self._named() if t is tensor)
+        return next(name for name, t in self.named.items() if t is tensor)
 
 
 def _trace_folder(
@@ -319,10 +322,9 @@ def _trace_folder(
             else:
                 model = model_class(config)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError) as error:
-        first = " ".join((str(error).strip().splitlines() or [""])[0].split())[:300]
         raise SourceError(
             f"{folder}: transformers cannot build the model from its config.json "
-            f"({type(error).__name__}: {first})."
+            f"({type(error).__name__}: {first_line(error)})."
         ) from error
     model.eval()
     keys, converted = _loader_keys(model, files, folder)
@@ -339,32 +341,11 @@ def _loader_keys(
     dropped), and the parameters it makes by converting stored tensors."""
     meta = model.state_dict()
     prefix = getattr(model, "base_model_prefix", None) or None
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            WeightConverter,
-            WeightRenaming,
-            rename_source_key,
-        )
-    except ImportError:  # a transformers without checkpoint conversions: keys as stored
-        names = {}
-        for key in files:
-            for name in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
-                if name in meta:
-                    names[name] = key
-                    break
-        return names, set()
-    mapping = get_model_conversion_mapping(model)
-    renamings = [entry for entry in mapping if isinstance(entry, WeightRenaming)]
-    converters = [entry for entry in mapping if isinstance(entry, WeightConverter)]
+    rename = _loader_renaming(model, meta, prefix)
     names, converted = {}, set()
     unused: list[str] = []
-    for key in files:  # as the loader does (core_model_loading)
-        renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta)
-        if renamed not in meta and key in meta:
-            renamed, pattern = rename_source_key(
-                key, [], [], base_model_prefix=prefix, meta_state_dict=meta
-            )
+    for key in files:
+        renamed, pattern = rename(key)
         if renamed in meta:
             if pattern is None:
                 names[renamed] = key
@@ -380,6 +361,43 @@ def _loader_keys(
             "the model again with save_pretrained)."
         )
     return names, converted
+
+
+def _loader_renaming(
+    model: Any, meta: dict[str, Any], prefix: str | None
+) -> Callable[[str], tuple[str, str | None]]:
+    """``rename(key) -> (parameter name, converter pattern or None)`` for a stored key, as
+    transformers' loader does (``core_model_loading``); a transformers without checkpoint
+    conversions takes the key as stored, the base model's prefix added or dropped."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+    except ImportError:
+
+        def as_stored(key: str) -> tuple[str, str | None]:
+            for name in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
+                if name in meta:
+                    return name, None
+            return key, None
+
+        return as_stored
+    mapping = get_model_conversion_mapping(model)
+    renamings = [entry for entry in mapping if isinstance(entry, WeightRenaming)]
+    converters = [entry for entry in mapping if isinstance(entry, WeightConverter)]
+
+    def as_loaded(key: str) -> tuple[str, str | None]:
+        renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if renamed not in meta and key in meta:
+            renamed, pattern = rename_source_key(
+                key, [], [], base_model_prefix=prefix, meta_state_dict=meta
+            )
+        return renamed, pattern
+
+    return as_loaded
 
 
 def _weight_files(folder: Path) -> dict[str, tuple[Path, _Tensor]]:
