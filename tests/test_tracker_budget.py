@@ -1,5 +1,6 @@
 """The tracker's budget while its worker process starts: due steps that arrive meanwhile replace the
-waiting one, the start is counted, and a tracker behind from its start measures before it draws.
+waiting one, the start is a one-off outside the budget, and the first measurement under a budget
+(behind or not) logs metrics before it draws.
 
 Real components: a real worker process, a real model, the real measurement and
 :class:`LocalDirectorySink`; the only stand-in is a gate that holds the worker's start for as
@@ -79,7 +80,7 @@ def test_due_steps_replace_the_waiting_one_while_the_worker_starts(tmp_path: Pat
 
 
 @pytest.mark.skipif(not can_throttle(), reason="the throttle needs Linux")
-def test_a_throttled_start_is_counted_in_the_budget() -> None:
+def test_a_throttled_start_is_counted_apart_from_the_calls() -> None:
     started = time.monotonic()
     child = WorkerProcess(die_with_thread=True, nice=False, share=0.5, wait=False)
     try:
@@ -87,20 +88,38 @@ def test_a_throttled_start_is_counted_in_the_budget() -> None:
         elapsed = time.monotonic() - started
         # the time it was allowed to run while it started: part of the wall time, not nothing
         assert 0 < child.start_run_seconds <= elapsed
+        assert child._throttle is not None and child._throttle.run_seconds > 0
         run_before = child.run_seconds
         assert child.call("builtins:sum", [1, 2]) == 3
         assert child.run_seconds >= run_before  # calls are counted apart from the start
     finally:
         child.stop()
 
+
+@pytest.mark.skipif(not can_throttle(), reason="the throttle needs Linux")
+def test_the_trackers_child_starts_at_full_speed_outside_the_budget() -> None:
+    """The child's start is a one-off: throttled, it took seconds of a busy machine's wall time
+    and held back the next measurements while the budget paid for it."""
+    child = WorkerProcess(
+        die_with_thread=True, nice=False, share=0.5, wait=False, throttle_start=False
+    )
+    try:
+        child.wait_ready()
+        assert child._throttle is not None and child._throttle.run_seconds == 0  # never paused
+        assert child.start_run_seconds > 0  # all of its start: it could run throughout
+        assert child.call("builtins:sum", [1, 2]) == 3
+        assert child._throttle.run_seconds > 0  # calls are throttled
+    finally:
+        child.stop()
+
     tracker = ClusterabilityTracker(plots=False, max_overhead=0.1, **SETTINGS)
     tracker.step(mlp(), 0)
     wait_for_reports(tracker, 1)  # measured under the budget, before close() lifts it
-    tracker.close()
     worker = tracker._worker
-    assert worker is not None and worker.start_run_seconds > 0
-    assert tracker._start_seconds == worker.start_run_seconds
-    assert tracker._spent() >= tracker._start_seconds + tracker._busy_seconds
+    assert worker is not None and worker.share is not None and not worker._throttled_start
+    assert tracker._busy_seconds > 0
+    assert tracker._spent() == tracker._busy_seconds + tracker._log_cpu  # no start in it
+    tracker.close()
 
 
 def test_a_tracker_behind_from_its_start_measures_before_it_draws(tmp_path: Path) -> None:
@@ -126,3 +145,27 @@ def test_a_tracker_behind_from_its_start_measures_before_it_draws(tmp_path: Path
     assert "plots" not in tracker.reports[0].timings
     assert (folder / "step-3/adjacency.png").exists()
     assert (folder / "report.html").exists()
+
+
+@pytest.mark.parametrize("max_overhead", [0.1, None])
+def test_under_a_budget_the_first_measurement_logs_metrics_before_plots(
+    tmp_path: Path, max_overhead: float | None
+) -> None:
+    """Under a budget the plots (a second of CPU, 11 s of wall time at the default share) wait
+    for the first metrics, even when the tracker keeps up; without one they come with them."""
+    model = mlp()
+    tracker = ClusterabilityTracker(
+        [LocalDirectorySink(tmp_path)], max_pending=1, max_overhead=max_overhead, **SETTINGS
+    )
+    tracker.step(model, 0)
+    wait_for_reports(tracker, 1)  # keeping up: nothing skipped
+    nudge(model)
+    tracker.step(model, 1)
+    wait_for_reports(tracker, 2)
+    tracker.close()
+    assert [report.step for report in tracker.reports] == [0, 1]
+    assert tracker.skipped_steps == []
+    folder = tmp_path / "clusterability"
+    assert (folder / "step-0/report.json").exists()
+    assert (folder / "step-0/adjacency.png").exists() == (max_overhead is None)
+    assert (folder / "step-1/adjacency.png").exists()

@@ -128,6 +128,8 @@ class WorkerProcess:
         share: the share of wall time the child may run during a call, enforced by a
             :class:`~cluster_tracking.parallel.throttle.Throttle` (``None``: no limit); needs
             ``die_with_thread`` on Linux, so that a paused child cannot be orphaned.
+        throttle_start: with a ``share``, hold the child's start (its imports) to it too;
+            ``False`` lets it start at full speed (a one-off, before its first call).
 
     In the child, the modules named in the environment variable :data:`PRELOAD_VARIABLE`
     (comma-separated) are imported before it says it is ready: part of its start, not of its
@@ -143,6 +145,7 @@ class WorkerProcess:
         wait: bool = True,
         die_with_thread: bool = False,
         share: float | None = None,
+        throttle_start: bool = True,
     ) -> None:
         if share is not None and not (die_with_thread and can_throttle()):
             raise ValueError("share needs die_with_thread on Linux (no orphaned paused child)")
@@ -156,6 +159,7 @@ class WorkerProcess:
         #: what pauses the child to hold it to ``share`` (None without a share)
         self._throttle: Throttle | None = None
         package_root = str(Path(__file__).resolve().parents[1])
+        self._spawned = time.monotonic()
         self._process = subprocess.Popen(
             [
                 sys.executable,
@@ -175,8 +179,8 @@ class WorkerProcess:
         self.cpu_seconds = 0.0
         #: CPU seconds the child used to start (imports), as of its first message.
         self.start_cpu_seconds = 0.0
-        #: wall-clock seconds a throttled child was allowed to run while it started (0 without
-        #: a share)
+        #: wall-clock seconds a child with a share was allowed to run while it started (all of
+        #: its start when that was not throttled; 0 without a share)
         self.start_run_seconds = 0.0
 
         def give_up() -> None:
@@ -187,9 +191,10 @@ class WorkerProcess:
         self._timer.daemon = True
         self._timer.start()
         if share is not None:
-            # a throttled child is throttled while it starts too (its imports take CPU seconds)
             self._throttle = Throttle(self.pid, share)
-            self._throttle.start()
+            if throttle_start:  # its imports take CPU seconds too
+                self._throttle.start()
+        self._throttled_start = share is not None and throttle_start
         if wait:
             self._await_ready()
 
@@ -218,8 +223,11 @@ class WorkerProcess:
         finally:
             self._ready.set()
             self._timer.cancel()
-            if self._throttle is not None:  # idle, it waits for requests unpaused
+            if self._throttled_start:  # idle, it waits for requests unpaused
+                assert self._throttle is not None
                 self.start_run_seconds = self._throttle.stop()
+            elif self.share is not None:
+                self.start_run_seconds = time.monotonic() - self._spawned
         if kind != "ready":
             self.stop()
             raise RuntimeError(f"unexpected first message from the worker: {kind!r}")

@@ -2,9 +2,10 @@
 budget, has them measured, and queues each report with its files for the logging thread.
 
 Paced to a budget: since the first due step, the time spent measuring (of every measurement, the
-time the throttled child was allowed to run, or else its wall time; the child's start; and the
-logging thread's CPU time) stays below ``max_overhead`` times the time elapsed; a measurement
-starts only when that budget allows, and a newer due step replaces the waiting one meanwhile.
+time the throttled child was allowed to run, or else its wall time; and the logging thread's CPU
+time; not the child's one-off start) stays below ``max_overhead`` times the time elapsed; a
+measurement starts only when that budget allows, and a newer due step replaces the waiting one
+meanwhile.
 While measuring cannot keep up, the plots are thinned first (:data:`PLOTS_SHARE_WHILE_BEHIND`,
 :data:`PLOTS_DELAY_WHILE_BEHIND`), and while the sinks cannot keep up, new reports reach them
 without their plots (:data:`LOG_BACKLOG_WITH_PLOTS`).
@@ -101,9 +102,18 @@ class _Measuring(_WorkerCalls):
             self._behind = self._behind + 1 if self._skipped_since else 0
             self._skipped_since = 0
             item.plots = self.plots and (
-                self._closing.is_set() or self._behind == 0 or self._plots_fit_while_behind()
+                self._closing.is_set()
+                or (self._behind == 0 and self._first_metrics_came())
+                or self._plots_fit_while_behind()
             )
         return item
+
+    def _first_metrics_came(self) -> bool:
+        """Whether a measurement came before (with the lock held), or there is no budget: under
+        a budget the first measurement logs its metrics before anything is drawn (the plots'
+        libraries and drawing take about a second of CPU, 11 s of wall time at the default
+        share), and its cost is what the plots' share is judged by."""
+        return self.max_overhead is None or self._measure_cost > 0
 
     def _plots_fit_while_behind(self) -> bool:
         """Whether a measurement that is behind draws its plots (with the lock held): their
@@ -167,9 +177,9 @@ class _Measuring(_WorkerCalls):
     def _spent(self) -> float:
         """Seconds spent measuring so far: of every measurement, the time the throttled child
         was allowed to run, or else its wall time (in the worker process or this thread, from
-        request to answer); of the child's start, the time it was allowed to run; and the
-        logging thread's CPU time."""
-        return self._busy_seconds + self._start_seconds + self._log_cpu
+        request to answer); and the logging thread's CPU time. The child's start, a one-off, is
+        not counted (``_start_worker``)."""
+        return self._busy_seconds + self._log_cpu
 
     def _pace(self) -> None:
         """Wait until the CPU budget allows the next measurement (``max_overhead``)."""

@@ -36,7 +36,9 @@ Guarantees:
   throttled (:class:`~cluster_tracking.parallel.throttle.Throttle`) to run at most ``m / (1 + m)``
   of the wall time for ``max_overhead=m`` (default 0.1), in 5 ms bursts, which bounds a busy loop's
   slowdown to ``1 + m``; elsewhere it runs at nice 19 and the wall time of its measurements is
-  paced to ``max_overhead``. ``close()`` measures what is left at full speed.
+  paced to ``max_overhead``. Its one-off start runs at full speed, outside the budget, and the
+  first measurement under a budget logs metrics before any plots are drawn. ``close()`` measures
+  what is left at full speed.
 * **Never blocks training; the newest due step wins.** When ``max_pending`` snapshots already
   wait at a due step, ``on_backlog="skip"`` (the default) replaces the oldest waiting one with the
   new one, so the dashboard follows training; ``on_backlog="queue"`` replaces the newest waiting
@@ -122,8 +124,9 @@ class ClusterabilityTracker(_Requests, _Closing):
             answer) and the logging thread's CPU time stay below ``max_overhead`` times the
             time elapsed; a measurement starts only when that budget allows, and a newer due
             step replaces the waiting one meanwhile. A loop that keeps every core busy slows
-            down mostly while a measurement runs; the worker's one-off start (about 2 s of CPU)
-            and the tracker's threads come on top (``benchmarks/bench_load.py``).
+            down mostly while a measurement runs; the worker's one-off start (about 0.3 s of
+            CPU, at full speed, so that the first metrics come seconds into training) and the
+            tracker's threads come on top (``benchmarks/bench_load.py``).
             ``None``: no limit (measure back to back, which can slow such a loop 2-4x).
             ``close()`` measures what is left without the limit.
         plots: draw the PNG plots and the HTML report (``False``: JSON only, faster). The

@@ -3,9 +3,10 @@
 With ``worker="process"`` (the default) every job of the measuring thread (a measurement, the
 summary) runs in a child Python process (:class:`~cluster_tracking.parallel.child.WorkerProcess`)
 so that it never competes with training for the GIL. On Linux the child runs at normal priority
-with one BLAS thread and is throttled to ``m / (1 + m)`` of the wall time for ``max_overhead=m``;
-elsewhere it runs at nice 19 and the measuring thread paces it by wall time. If the child cannot
-start or dies, the tracker warns and runs the jobs in its measuring thread from then on.
+with one BLAS thread and is throttled to ``m / (1 + m)`` of the wall time for ``max_overhead=m``
+(its one-off start excepted); elsewhere it runs at nice 19 and the measuring thread paces it by
+wall time. If the child cannot start or dies, the tracker warns and runs the jobs in its measuring
+thread from then on.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from cluster_tracking.errors import describe, warn
 from cluster_tracking.parallel.child import PRELOAD_VARIABLE, WorkerError, WorkerProcess, run_job
 from cluster_tracking.parallel.throttle import can_throttle
-from cluster_tracking.tracking.jobs import PLOT_MODULES
+from cluster_tracking.tracking.jobs import MEASURING_MODULES, PLOT_MODULES
 from cluster_tracking.tracking.state import _Abandoned, _TrackerState
 
 #: Thread-count variables of the BLAS/OpenMP libraries, set to 1 in the throttled child.
@@ -43,8 +44,7 @@ class _WorkerCalls(_TrackerState):
         """The worker process, started and ready (measuring thread); ``None`` when the jobs run
         here, also when it could not start (after a warning).
 
-        Its start is counted in the budget: the time a throttled child was allowed to run while
-        it started (a child at nice 19 is not counted, as its wall time is mostly waiting)."""
+        Its start is a one-off outside the budget (see :meth:`_start_worker`)."""
         if not self._uses_worker():
             return None
         if self._worker is None:
@@ -54,9 +54,6 @@ class _WorkerCalls(_TrackerState):
             except Exception as error:
                 self._worker_broke(error)
                 return None
-            finally:
-                if self._worker is not None:
-                    self._start_seconds += self._worker.start_run_seconds
         return self._worker
 
     def _run(self, name: str, *args: Any) -> Any:
@@ -90,18 +87,30 @@ class _WorkerCalls(_TrackerState):
 
     def _start_worker(self) -> WorkerProcess:
         """The measuring child: throttled to :meth:`_share` at normal priority where the
-        platform allows (Linux), else at nice 19 and paced by wall time (``_pace``)."""
+        platform allows (Linux), else at nice 19 and paced by wall time (``_pace``).
+
+        A throttled child starts at full speed, outside the budget: its start (imports of numpy,
+        scipy and the measuring core, about 0.3 s of CPU, once per tracker) would take several
+        seconds at its share and then hold back the next measurements while the budget paid
+        for it, so the first metrics came 12% into a one-minute run
+        (``benchmarks/bench_load.py``). It imports the measuring job too, so that the first
+        measurement is paced like the others; the plotting libraries (about half a second of
+        CPU) wait for the first plot."""
         env = {PRELOAD_VARIABLE: PLOT_MODULES if self.plots else ""}
         share = self._share()
         if share is not None and can_throttle() and not self._closing.is_set():
-            # its start takes a share of the wall time too: importing the plotting libraries
-            # (about half a second of CPU, 5 s at a 9% share) waits for the first plot, so the
-            # first metrics come sooner
-            env[PRELOAD_VARIABLE] = ""
+            env[PRELOAD_VARIABLE] = MEASURING_MODULES
             # one thread: it runs on one core at a time, so its bursts displace one training
             # thread at most
             env.update({name: "1" for name in _THREAD_VARIABLES})
-            return WorkerProcess(die_with_thread=True, env=env, nice=False, share=share, wait=False)
+            return WorkerProcess(
+                die_with_thread=True,
+                env=env,
+                nice=False,
+                share=share,
+                wait=False,
+                throttle_start=False,
+            )
         return WorkerProcess(die_with_thread=True, env=env, nice=share is not None)
 
     def _share(self) -> float | None:
