@@ -89,6 +89,10 @@ def test_preset_restarts_follow_the_published_rule() -> None:
     assert "scikit-learn" in report.config["clustering"]
     default = ct.measure(mlp((20, 16, 8), 0), k=4, shuffles=0, seed=0)
     assert default.config["procedure"] == "default" and default.config["n_init"] == 25
+    # the settings themselves, not the names of the constants that hold them
+    assert "tolerance of 0.003" in default.config["clustering"]
+    assert "capped at 10 iterations" in default.config["clustering"]
+    assert "_TOL" not in default.config["clustering"]
 
 
 def test_preset_nulls_are_clustered_by_scikit_learn_too() -> None:

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 import cluster_tracking as ct
 from cluster_tracking.audit.pretrained import load_model_folder
-from cluster_tracking.errors import GraphError, SourceError
+from cluster_tracking.errors import ConfigError, GraphError, SourceError
 from cluster_tracking.graph import weight_graph
 from cluster_tracking.graph.lazy import safetensors_graph
 from cluster_tracking.graph.model_folder import (
@@ -180,7 +180,7 @@ def test_the_memory_check_refuses_before_reading_with_the_estimate(tmp_path: Pat
     folder = tmp_path / "llama"
     _saved(tiny_llama, folder)
     with pytest.raises(
-        GraphError, match=r"needs about .* more than the memory limit of 1\.0 MiB"
+        ConfigError, match=r"needs about .* more than the memory limit of 1\.0 MiB"
     ) as e:
         model_folder_graph(folder, max_memory=2**20)
     assert "--layers" in str(e.value) and "Dask" not in str(e.value)  # options that apply

@@ -161,8 +161,9 @@ def safetensors_graph(
     Raises:
         SourceError: the file cannot be read, or its header does not match its contents (or a
             worker's file at the same path is not this one).
-        GraphError: the layers do not chain, a weight is not a float or holds NaN/Inf, or the
-            estimated peak memory passes the limit (the message gives the estimate).
+        GraphError: the layers do not chain, or a weight is not a float or holds NaN/Inf.
+        ConfigError: the estimated peak memory passes the limit (the message gives the
+            estimate and the options).
     """
     from cluster_tracking.resources.estimate import check_fits, estimate_peak
 

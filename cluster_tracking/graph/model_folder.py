@@ -159,7 +159,9 @@ def model_folder_graph(
         SourceError: the folder is not a model folder transformers can build without remote
             code, or its files do not match its config.
         GraphError: the data flow cannot be followed (as for a live model), it folds a
-            BatchNorm, a weight holds NaN/Inf, or the estimated peak memory passes the limit.
+            BatchNorm, or a weight holds NaN/Inf.
+        ConfigError: the estimated peak memory passes the limit (the message gives the
+            estimate and the options).
     """
     from cluster_tracking.resources.estimate import check_fits, estimate_peak
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster_tracking.errors import GraphError
+from cluster_tracking.errors import ConfigError, GraphError
 from cluster_tracking.resources.limits import current_memory_limit, format_size
 
 __all__ = [
@@ -137,7 +137,8 @@ def check_fits(
     fewer layers of this source.
 
     Raises:
-        GraphError: one line with the estimate, the limit and the options that would fit.
+        ConfigError: one line with the estimate, the limit and the options that would fit (the
+            CLI's exit 2, as for the in-memory path's estimate: the fix is in the options).
     """
     limit = current_memory_limit() if limit is None else limit
     if estimate.total <= limit:
@@ -153,7 +154,7 @@ def check_fits(
             "safetensors_graph(..., scheduler=...))"
         )
     options.append("raise --max-memory / max_memory if the machine has the memory")
-    raise GraphError(
+    raise ConfigError(
         f"{what}: measuring it needs {estimate.describe()}, more than the memory limit of "
         f"{format_size(limit)}; options: {'; '.join(options)}."
     )

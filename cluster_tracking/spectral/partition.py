@@ -33,7 +33,7 @@ from cluster_tracking.graph.types import EdgeBlock, WeightGraph
 from cluster_tracking.spectral.adjacency import _edges_of
 from cluster_tracking.spectral.cuts import _ncuts_of_pieces
 from cluster_tracking.spectral.eigensolver import EIGENVALUE_TOL, _EigenSolver
-from cluster_tracking.spectral.kmeans import _kmeans_restarts
+from cluster_tracking.spectral.kmeans import KMEANS_MAX_ITER, _kmeans_restarts
 
 #: Default number of k-means restarts (the best n-cut among them is kept), as the paper's 25.
 #: Chosen by n-cut they reach lower n-cuts than scikit-learn's 25 chosen by inertia
@@ -71,8 +71,9 @@ FILAN2021_LARGE_NODES = 2000
 #: Which clustering procedure each preset runs (recorded in ``report.config["clustering"]``).
 CLUSTERING_PROCEDURES = {
     "default": (
-        "cluster-tracking: block-Krylov embedding to PARTITION_TOL in float32, k-means capped at "
-        "KMEANS_MAX_ITER iterations, the restart of lowest n-cut kept"
+        f"cluster-tracking: block-Krylov embedding in float32 to an eigenvalue tolerance of "
+        f"{PARTITION_TOL:g} ({LARGE_PARTITION_TOL:g} above {LARGE_GRAPH_NODES} active nodes), "
+        f"k-means capped at {KMEANS_MAX_ITER} iterations, the restart of lowest n-cut kept"
     ),
     "filan2021": (
         "scikit-learn SpectralClustering(affinity='precomputed', eigen_solver='arpack', "
