@@ -97,7 +97,7 @@ def test_a_throttled_start_is_counted_apart_from_the_calls() -> None:
 
 
 @pytest.mark.skipif(not can_throttle(), reason="the throttle needs Linux")
-def test_the_trackers_child_starts_at_full_speed_outside_the_budget() -> None:
+def test_the_trackers_child_starts_at_full_speed_and_repays_it_over_time() -> None:
     """The child's start is a one-off: throttled, it took seconds of a busy machine's wall time
     and held back the next measurements while the budget paid for it."""
     child = WorkerProcess(
@@ -118,7 +118,11 @@ def test_the_trackers_child_starts_at_full_speed_outside_the_budget() -> None:
     worker = tracker._worker
     assert worker is not None and worker.share is not None and not worker._throttled_start
     assert tracker._busy_seconds > 0
-    assert tracker._spent() == tracker._busy_seconds + tracker._log_cpu  # no start in it
+    # the start is repaid over time, and the tracker's threads count too
+    assert tracker._start_seconds == worker.start_run_seconds > 0
+    assert 0 < tracker._start_debt() <= tracker._start_seconds
+    assert tracker._thread_cpu > 0 and worker.throttle_cpu_seconds > 0
+    assert tracker._spent() >= tracker._busy_seconds + tracker._thread_cpu + tracker._log_cpu
     tracker.close()
 
 
@@ -169,3 +173,18 @@ def test_under_a_budget_the_first_measurement_logs_metrics_before_plots(
     assert (folder / "step-0/report.json").exists()
     assert (folder / "step-0/adjacency.png").exists() == (max_overhead is None)
     assert (folder / "step-1/adjacency.png").exists()
+
+
+def test_the_start_is_repaid_in_proportion_to_the_time_elapsed() -> None:
+    from cluster_tracking.tracking.measuring import START_REPAID_SECONDS
+
+    tracker = ClusterabilityTracker(plots=False, max_overhead=0.1, **SETTINGS)
+    try:
+        assert tracker._start_debt() == 0.0  # nothing started yet
+        tracker._start_seconds = 1.0
+        tracker._budget_start = time.monotonic() - START_REPAID_SECONDS / 2
+        assert 0.5 <= tracker._start_debt() < 0.6  # half the time: half the start
+        tracker._budget_start = time.monotonic() - 2 * START_REPAID_SECONDS
+        assert tracker._start_debt() == 1.0  # then all of it, no more
+    finally:
+        tracker.close()

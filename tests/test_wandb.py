@@ -206,7 +206,8 @@ def test_a_row_measured_in_time_lands_at_its_own_wandb_step_with_its_images(
     wandb_dir: Path, tmp_path: Path
 ) -> None:
     """A loop slower than its measurements (here: it waits for each one): the metrics, images and
-    cluster table of step s land in the loop's own W&B row of step s, beside its loss."""
+    cluster table of step s land in the loop's own W&B row of step s, beside its loss (under the
+    default budget the first measurement logs its metrics before any plots: no images there)."""
     run = start_run(wandb_dir)
     sink = WandbSink(run, spool_dir=tmp_path / "spool", partition_every=1)
     tracker = ClusterabilityTracker([sink], every_n_steps=3, **FAST)
@@ -234,18 +235,23 @@ def test_a_row_measured_in_time_lands_at_its_own_wandb_step_with_its_images(
         artifact.metadata["step"]: artifact
         for artifact in offline.artifacts_named(f"clusterability-partition-{run.id}")
     }
+    drawn = [report.step for report in tracker.reports if "plots" in report.timings]
+    assert drawn == [3, 6, 9, 10]
     for row in rows:
         step = row[STEP_METRIC]
         # the W&B step of the row is the measured step: media panels show it there
         assert row["_step"] == step
         assert "train/loss" in row  # the loop's own row, not one of the sink's
+        assert row["clusterability/clusters"]["_type"] == "table-file"
+        if step not in drawn:
+            assert not any(f"clusterability/{name}" in row for name in IMAGES)
+            continue
         for name in IMAGES:
             image = row[f"clusterability/{name}"]
             assert image["caption"] == image_caption(step) == f"measured at step {step}"
             logged = (offline.files / image["path"]).read_bytes()
             staged = versions[step].files[f"clusterability/step-{step}/{name}.png"]
             assert logged == staged.read_bytes()
-        assert row["clusterability/clusters"]["_type"] == "table-file"
     # the summary row comes after the loop's last step
     (end_row,) = offline.rows_with("clusterability/trajectory_table")
     assert end_row["_step"] == 11
@@ -297,7 +303,8 @@ def test_failing_wandb_spools_keeps_training_and_delivers_each_step_once(
     blocker.write_text("not a folder")
     spool = tmp_path / "spool"
     sink = WandbSink(run, spool_dir=spool, retries=2, backoff=0.01)
-    tracker = ClusterabilityTracker([sink], every_n_steps=2, **FAST)
+    # no budget: every measurement draws its plots, whose images W&B cannot copy
+    tracker = ClusterabilityTracker([sink], every_n_steps=2, max_overhead=None, **FAST)
     with pytest.warns(ClusterTrackingWarning, match="spooled to") as caught:
         losses = train(tiny_mlp(), tracker, run, steps=6)
         assert tracker.flush(timeout=120)

@@ -202,6 +202,11 @@ class WorkerProcess:
     def pid(self) -> int:
         return self._process.pid
 
+    @property
+    def throttle_cpu_seconds(self) -> float:
+        """CPU seconds this process spent pausing and resuming the child (0 without a share)."""
+        return self._throttle.cpu_seconds if self._throttle is not None else 0.0
+
     def running(self) -> bool:
         """Whether the child is still running."""
         return self._process.poll() is None

@@ -48,6 +48,8 @@ class Throttle:
         self._closed = False
         #: wall-clock seconds the child was allowed to run (not paused) while cycling, so far
         self.run_seconds = 0.0
+        #: CPU seconds of the throttling thread itself, so far (it wakes every burst)
+        self.cpu_seconds = 0.0
         self._thread = threading.Thread(
             target=self._loop, name="cluster-tracking-throttle", daemon=True
         )
@@ -100,6 +102,7 @@ class Throttle:
                 os.kill(self._pid, signal.SIGSTOP)
                 ran = time.monotonic() - resumed
                 self.run_seconds += ran
+                self.cpu_seconds = time.thread_time()
                 # paused in proportion to how long it really ran: this thread wakes late when
                 # the training thread holds the GIL, and a burst that ran long is paid back
                 self._changed.wait(ran * self._pause_per_run)  # stop() wakes it at once

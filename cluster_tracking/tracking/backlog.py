@@ -50,8 +50,8 @@ class _Backlog(_TrackerState):
         budget = (
             "no max_overhead limit"
             if self.max_overhead is None
-            else f"max_overhead={self.max_overhead:g}: measuring takes at most "
-            f"{self.max_overhead:.0%} of the wall time"
+            else f"max_overhead={self.max_overhead:g}: measuring slows training by at most "
+            f"{self.max_overhead:.0%}"
         )
         warn(
             f"clusterability cannot keep up with training ({budget}, "

@@ -2,10 +2,10 @@
 budget, has them measured, and queues each report with its files for the logging thread.
 
 Paced to a budget: since the first due step, the time spent measuring (of every measurement, the
-time the throttled child was allowed to run, or else its wall time; and the logging thread's CPU
-time; not the child's one-off start) stays below ``max_overhead`` times the time elapsed; a
-measurement starts only when that budget allows, and a newer due step replaces the waiting one
-meanwhile.
+time the throttled child was allowed to run, or else its wall time; the CPU time of the tracker's
+threads; the child's start, repaid over a minute) stays below ``m / (1 + m)`` of the time elapsed
+for ``max_overhead=m``; a measurement starts only when that budget allows, and a newer due step
+replaces the waiting one meanwhile.
 While measuring cannot keep up, the plots are thinned first (:data:`PLOTS_SHARE_WHILE_BEHIND`,
 :data:`PLOTS_DELAY_WHILE_BEHIND`), and while the sinks cannot keep up, new reports reach them
 without their plots (:data:`LOG_BACKLOG_WITH_PLOTS`).
@@ -40,6 +40,9 @@ PLOTS_SHARE_WHILE_BEHIND = 0.25
 PLOTS_DELAY_WHILE_BEHIND = 0.05
 #: Reports waiting for the sinks beyond which a new report goes to them without its plots.
 LOG_BACKLOG_WITH_PLOTS = 8
+#: The measuring child's start runs at full speed before the first measurement; the budget
+#: counts it in proportion to the time elapsed, in full after this many seconds.
+START_REPAID_SECONDS = 60.0
 
 
 class _Measuring(_WorkerCalls):
@@ -60,6 +63,7 @@ class _Measuring(_WorkerCalls):
             started = time.monotonic()
             run_before = self._worker.run_seconds if self._worker is not None else 0.0
             busy_before = self._busy_seconds
+            cpu_before = time.thread_time()
             try:
                 report, images = self._measure(item)
             except Exception as error:
@@ -76,7 +80,9 @@ class _Measuring(_WorkerCalls):
                 item.release()  # free the copy now
                 self._count_busy(started, run_before)
             self._count_costs(report, self._busy_seconds - busy_before)
-            if not self._hand_over(item.step, report, images):
+            handed = self._hand_over(item.step, report, images)
+            self._count_thread_cpu(time.thread_time() - cpu_before, report)
+            if not handed:
                 break
             del report, images
             _trim_heap()
@@ -139,6 +145,14 @@ class _Measuring(_WorkerCalls):
         else:
             self._busy_seconds += time.monotonic() - started
 
+    def _count_thread_cpu(self, cpu: float, report: ClusterabilityReport) -> None:
+        """Add this thread's CPU time of one measurement to the budget: all of it when the child
+        measured (the weights to it, the report from it, its files), else what the
+        measurement's own time, counted already, does not cover (its files)."""
+        if report.config.get("worker") == "thread":
+            cpu = max(0.0, cpu - report.timings.get("total", 0.0))
+        self._thread_cpu += cpu
+
     def _count_costs(self, report: ClusterabilityReport, spent: float) -> None:
         """Split the ``spent`` seconds of a measurement into measuring and plotting."""
         plot_time = report.timings.get("plots", 0.0)
@@ -177,15 +191,31 @@ class _Measuring(_WorkerCalls):
     def _spent(self) -> float:
         """Seconds spent measuring so far: of every measurement, the time the throttled child
         was allowed to run, or else its wall time (in the worker process or this thread, from
-        request to answer); and the logging thread's CPU time. The child's start, a one-off, is
-        not counted (``_start_worker``)."""
-        return self._busy_seconds + self._log_cpu
+        request to answer); the CPU time of the tracker's threads (this one's outside the
+        child's measurements, the logging thread's, the throttling thread's, the sinks' sender
+        threads'); and the child's start, repaid over :data:`START_REPAID_SECONDS`."""
+        worker = self._worker
+        threads = self._thread_cpu + self._log_cpu
+        threads += worker.throttle_cpu_seconds if worker is not None else 0.0
+        threads += sum(float(getattr(sink, "cpu_seconds", 0.0)) for sink in self.sinks)
+        return self._busy_seconds + threads + self._start_debt()
+
+    def _start_debt(self) -> float:
+        """The part of the child's start counted so far: it ran at full speed before the first
+        measurement, and is counted in proportion to the time elapsed, in full after
+        :data:`START_REPAID_SECONDS`, so it does not hold back the first measurements."""
+        if self._budget_start is None or not self._start_seconds:
+            return 0.0
+        elapsed = time.monotonic() - self._budget_start
+        return self._start_seconds * min(1.0, elapsed / START_REPAID_SECONDS)
 
     def _pace(self) -> None:
-        """Wait until the CPU budget allows the next measurement (``max_overhead``)."""
+        """Wait until the budget allows the next measurement: the time spent measuring at most
+        ``m / (1 + m)`` of the time elapsed for ``max_overhead=m``, so that a loop that stalls
+        while measuring runs takes at most ``1 + m`` times as long."""
         if self.max_overhead is None or self._budget_start is None:
             return
-        rate = self.max_overhead  # seconds measuring per wall-clock second
+        rate = self.max_overhead / (1.0 + self.max_overhead)  # measuring per wall-clock second
         while not self._closing.is_set():
             allowed = rate * (time.monotonic() - self._budget_start)
             over = self._spent() - allowed

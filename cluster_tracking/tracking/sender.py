@@ -44,6 +44,8 @@ class BackgroundSender(SpooledSink, abc.ABC):
         self._send_lock = threading.Lock()  # one delivery pass at a time
         self._wake = threading.Event()
         self._sender: threading.Thread | None = None
+        #: CPU seconds of the sender thread so far (a tracker counts it in its budget)
+        self.cpu_seconds = 0.0
         self._stopping = False
         self._abandoned = False  # close() gave up: send nothing more
         self._in_flight: set[int] = set()  # seqs whose files are being uploaded
@@ -119,6 +121,7 @@ class BackgroundSender(SpooledSink, abc.ABC):
                 self._drain()
             except Exception as error:  # never let the sender die silently
                 warn(f"the {self.platform} sender failed: {describe(error)}; items stay spooled.")
+            self.cpu_seconds = time.thread_time()
 
     def _stop_sender(self, deadline: float | None, idle: float | None) -> bool:
         """Stop the sender thread and deliver what is left in a thread of its own, until

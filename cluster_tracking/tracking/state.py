@@ -101,6 +101,8 @@ class _TrackerState:
         self._skipped_since = 0  # steps skipped since the last measurement began
         self._behind = 0  # measurements in a row that began with skipped steps behind them
         self._busy_seconds = 0.0  # wall time of the measurements so far
+        self._thread_cpu = 0.0  # the measuring thread's CPU outside the child's measurements
+        self._start_seconds = 0.0  # the child's start, at full speed (see _start_debt)
         self._plot_seconds = 0.0  # the part of it spent drawing plots
         self._measure_cost = 0.0  # of the last measurement: without its plots
         self._plot_cost = 0.0  # of the last plots drawn

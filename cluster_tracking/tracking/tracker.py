@@ -36,8 +36,9 @@ Guarantees:
   throttled (:class:`~cluster_tracking.parallel.throttle.Throttle`) to run at most ``m / (1 + m)``
   of the wall time for ``max_overhead=m`` (default 0.1), in 5 ms bursts, which bounds a busy loop's
   slowdown to ``1 + m``; elsewhere it runs at nice 19 and the wall time of its measurements is
-  paced to ``max_overhead``. Its one-off start runs at full speed, outside the budget, and the
-  first measurement under a budget logs metrics before any plots are drawn. ``close()`` measures
+  paced. The budget also counts the CPU time of the tracker's threads and, repaid over a minute,
+  the child's one-off start at full speed; the first measurement under a budget logs metrics
+  before any plots are drawn. ``close()`` measures
   what is left at full speed.
 * **Never blocks training; the newest due step wins.** When ``max_pending`` snapshots already
   wait at a due step, ``on_backlog="skip"`` (the default) replaces the oldest waiting one with the
@@ -119,14 +120,16 @@ class ClusterabilityTracker(_Requests, _Closing):
             ``clusterability/skipped_steps``. Snapshots of :meth:`checkpoint` are never replaced.
         max_pending: how many snapshots may wait while a measurement runs, in both modes (each
             holds a CPU copy of the weights). ``None``: 1 with ``"skip"``, 16 with ``"queue"``.
-        max_overhead: the fraction of training wall time measuring may take: since the first
-            due step, the wall time of the measurements (in the worker, from request to
-            answer) and the logging thread's CPU time stay below ``max_overhead`` times the
-            time elapsed; a measurement starts only when that budget allows, and a newer due
-            step replaces the waiting one meanwhile. A loop that keeps every core busy slows
-            down mostly while a measurement runs; the worker's one-off start (about 0.3 s of
-            CPU, at full speed, so that the first metrics come seconds into training) and the
-            tracker's threads come on top (``benchmarks/bench_load.py``).
+        max_overhead: how much slower measuring may make training, as a fraction (0.1: at most
+            1.1 times the wall time): since the first due step, the time spent measuring (of
+            the measurements, the time the throttled worker could run, else their wall time;
+            the CPU time of the tracker's threads, its sinks' sender threads included; the
+            worker's one-off start, about 0.3 s of CPU at full speed so that the first metrics
+            come seconds into training, repaid over a minute) stays below ``m / (1 + m)`` of the
+            time elapsed for ``max_overhead=m``; a measurement starts only when that budget
+            allows, and a newer due step replaces the waiting one meanwhile. What runs outside
+            this process (a tracking server on the same machine) is not counted
+            (``benchmarks/bench_load.py``).
             ``None``: no limit (measure back to back, which can slow such a loop 2-4x).
             ``close()`` measures what is left without the limit.
         plots: draw the PNG plots and the HTML report (``False``: JSON only, faster). The

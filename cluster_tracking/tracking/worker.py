@@ -4,9 +4,9 @@ With ``worker="process"`` (the default) every job of the measuring thread (a mea
 summary) runs in a child Python process (:class:`~cluster_tracking.parallel.child.WorkerProcess`)
 so that it never competes with training for the GIL. On Linux the child runs at normal priority
 with one BLAS thread and is throttled to ``m / (1 + m)`` of the wall time for ``max_overhead=m``
-(its one-off start excepted); elsewhere it runs at nice 19 and the measuring thread paces it by
-wall time. If the child cannot start or dies, the tracker warns and runs the jobs in its measuring
-thread from then on.
+(its one-off start runs at full speed); elsewhere it runs at nice 19 and the measuring thread
+paces it by wall time. If the child cannot start or dies, the tracker warns and runs the jobs in
+its measuring thread from then on.
 """
 
 from __future__ import annotations
@@ -44,13 +44,15 @@ class _WorkerCalls(_TrackerState):
         """The worker process, started and ready (measuring thread); ``None`` when the jobs run
         here, also when it could not start (after a warning).
 
-        Its start is a one-off outside the budget (see :meth:`_start_worker`)."""
+        Its start, a one-off at full speed, is repaid over time (``_start_debt``)."""
         if not self._uses_worker():
             return None
         if self._worker is None:
             try:
                 self._worker = self._start_worker()
                 self._worker.wait_ready()
+                if self._worker.share is not None:  # repaid over time (see _start_debt)
+                    self._start_seconds = self._worker.start_run_seconds
             except Exception as error:
                 self._worker_broke(error)
                 return None
@@ -89,13 +91,13 @@ class _WorkerCalls(_TrackerState):
         """The measuring child: throttled to :meth:`_share` at normal priority where the
         platform allows (Linux), else at nice 19 and paced by wall time (``_pace``).
 
-        A throttled child starts at full speed, outside the budget: its start (imports of numpy,
-        scipy and the measuring core, about 0.3 s of CPU, once per tracker) would take several
-        seconds at its share and then hold back the next measurements while the budget paid
-        for it, so the first metrics came 12% into a one-minute run
-        (``benchmarks/bench_load.py``). It imports the measuring job too, so that the first
-        measurement is paced like the others; the plotting libraries (about half a second of
-        CPU) wait for the first plot."""
+        A throttled child starts at full speed, and the budget repays its start over a minute
+        (``_start_debt``): its start (imports of numpy, scipy and the measuring core, about 0.3 s
+        of CPU, once per tracker) took several seconds at its share and then held back the next
+        measurements while the budget paid for it, so the first metrics came 12% into a
+        one-minute run (``benchmarks/bench_load.py``). It imports the measuring job too, so
+        that the first measurement is paced like the others; the plotting libraries (about
+        half a second of CPU) wait for the first plot."""
         env = {PRELOAD_VARIABLE: PLOT_MODULES if self.plots else ""}
         share = self._share()
         if share is not None and can_throttle() and not self._closing.is_set():
