@@ -196,20 +196,25 @@ def training(server: MlflowServer, steps: int, batch: int, root: Path) -> None:
     if child is not None:
         print(
             f"measuring child: {child.cpu_seconds:.2f} s of CPU, {child.start_cpu_seconds:.2f} "
-            f"s of it to start (in {child.start_run_seconds:.2f} s at full speed, outside the "
-            f"budget) and the rest in the {child.run_seconds:.2f} s it was allowed to run"
+            f"s of it to start (in {child.start_run_seconds:.2f} s at full speed, repaid over "
+            f"a minute) and the rest in the {child.run_seconds:.2f} s it was allowed to run"
         )
     print(
-        f"budget spent: {tracker._busy_seconds:.2f} s measuring (time the child could run), "
-        f"{tracker._log_cpu:.2f} s of the logging thread's CPU"
+        f"budget spent: {tracker._spent():.2f} s: {tracker._busy_seconds:.2f} s measuring (time "
+        f"the child could run), {tracker._thread_cpu:.2f} s of the measuring thread's CPU "
+        f"around the measurements, {tracker._log_cpu:.2f} s of the logging thread's, "
+        f"{child.throttle_cpu_seconds if child is not None else 0.0:.2f} s of the throttling "
+        f"thread's, {sink.cpu_seconds:.2f} s of the sink's sender thread's, "
+        f"{tracker._start_debt():.2f} s of the child's start"
     )
     costs = [report.timings.get("total", 0.0) for report in tracker.reports]
+    share = (tracker.max_overhead or 0.0) / (1.0 + (tracker.max_overhead or 0.0))
     plotted = [r.step for r in tracker.reports if r.timings.get("plots", 0.0) > 0]
     print(
         f"child's time per measurement (unthrottled wall time, its own clock): median "
         f"{sorted(costs)[len(costs) // 2]:.2f} s; plots drawn at steps {plotted}; budget "
-        f"{tracker.max_overhead} x {loop_seconds:.1f} s = "
-        f"{(tracker.max_overhead or 0) * loop_seconds:.1f} s"
+        f"during training m / (1 + m) x {loop_seconds:.1f} s = {share * loop_seconds:.1f} s "
+        "(the figures above include close(), which measures at full speed)"
     )
     print(
         f"largest gap between measured steps: {gap} steps = {gap / steps:.1%} of the run; "
