@@ -208,7 +208,7 @@ def training(server: MlflowServer, steps: int, batch: int, root: Path) -> None:
         f"{tracker._start_debt():.2f} s of the child's start"
     )
     costs = [report.timings.get("total", 0.0) for report in tracker.reports]
-    share = (tracker.max_overhead or 0.0) / (1.0 + (tracker.max_overhead or 0.0))
+    share = tracker._share() or 0.0
     plotted = [r.step for r in tracker.reports if r.timings.get("plots", 0.0) > 0]
     print(
         f"child's time per measurement (unthrottled wall time, its own clock): median "

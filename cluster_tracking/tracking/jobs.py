@@ -31,7 +31,7 @@ MEASURE_STEP = "cluster_tracking.tracking.jobs:measure_step"
 #: The dotted name of :func:`render_summary`.
 RENDER_SUMMARY = "cluster_tracking.tracking.jobs:render_summary"
 #: The module of the measuring job, for a child to import as it starts (without the plots).
-MEASURING_MODULES = "cluster_tracking.tracking.jobs"
+MEASURING_MODULES = MEASURE_STEP.partition(":")[0]
 #: The modules the jobs' plots need, for the child to import as it starts (its
 #: :data:`~cluster_tracking.parallel.child.PRELOAD_VARIABLE`).
 PLOT_MODULES = "cluster_tracking.viz.plots,cluster_tracking.viz.html_report"

@@ -213,9 +213,9 @@ class _Measuring(_WorkerCalls):
         """Wait until the budget allows the next measurement: the time spent measuring at most
         ``m / (1 + m)`` of the time elapsed for ``max_overhead=m``, so that a loop that stalls
         while measuring runs takes at most ``1 + m`` times as long."""
-        if self.max_overhead is None or self._budget_start is None:
+        rate = self._share()  # seconds measuring per wall-clock second
+        if rate is None or self._budget_start is None:
             return
-        rate = self.max_overhead / (1.0 + self.max_overhead)  # measuring per wall-clock second
         while not self._closing.is_set():
             allowed = rate * (time.monotonic() - self._budget_start)
             over = self._spent() - allowed

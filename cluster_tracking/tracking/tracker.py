@@ -38,8 +38,7 @@ Guarantees:
   slowdown to ``1 + m``; elsewhere it runs at nice 19 and the wall time of its measurements is
   paced. The budget also counts the CPU time of the tracker's threads and, repaid over a minute,
   the child's one-off start at full speed; the first measurement under a budget logs metrics
-  before any plots are drawn. ``close()`` measures
-  what is left at full speed.
+  before any plots are drawn. ``close()`` measures what is left at full speed.
 * **Never blocks training; the newest due step wins.** When ``max_pending`` snapshots already
   wait at a due step, ``on_backlog="skip"`` (the default) replaces the oldest waiting one with the
   new one, so the dashboard follows training; ``on_backlog="queue"`` replaces the newest waiting
