@@ -5,19 +5,23 @@ where a slow server is wanted, a TCP proxy started here that delays every reques
 
 1. **Training.** An MLP 64-256-256-10 trained for ``--steps`` steps with torch's default threads,
    bare, then with ``ClusterabilityTracker(every_n_steps=50, shuffles=10)`` (every other
-   setting at its default) logging to the server, then bare again (the machine's load drifts;
-   the ratio is against the two bare loops' mean). Prints how many due steps were measured
+   setting at its default) logging to the server, then bare again (after a warm-up loop; the
+   machine's load drifts: the ratio is against the two bare loops' mean, and against the
+   tracked loop's own steps taken while the child was idle, which time the bare loop at the
+   same moments; the CPU the rest of the machine spent meanwhile is printed beside). ``--repeats``
+   runs it again. Prints how many due steps were measured
    *during* training (before ``close()``), which, and when their reports came, the largest gap
    between measured steps as a share of the run, the loop's wall time against the bare loop's,
    the child's CPU time against the time it was allowed to run, the growth of this process's RSS
    (a least-squares slope over samples every 1,000 steps) and of the spool and the tracker's
    working files per 1,000 steps and per measurement, and the time of ``close()``. The budget is
    a share of the run's wall time, so what it buys depends on how long the run is: ``--batch
-   640`` makes the 20,000 steps last about a minute here, as the issue's run of batch 64 did on
+   960`` makes the 20,000 steps last about a minute here, as the issue's run of batch 64 did on
    its machine.
 2. **Memory.** The RSS growth per measurement, from a tracker measuring back to back
-   (``max_overhead=None``, hundreds of measurements) after a warm-up tracker: a one-minute run
-   has too few measurements to tell its RSS noise from growth per measurement.
+   (``max_overhead=None``) after a warm-up tracker: a one-minute run has too few measurements
+   to tell its RSS noise from growth per measurement, and the default 60,000 steps (a few
+   hundred) resolve a few KB; ``--memory-steps 400000`` (about 2,000) resolves 0.1 KB.
 3. **Slow server.** Shorter runs through the proxy at 0, 1, 2 and 5 s per request, measuring
    without a CPU budget (``max_overhead=None``, as many reports as the machine can make): metrics
    delivered, lost and duplicated (read back from the server), requests (``/health`` probes
@@ -28,7 +32,8 @@ where a slow server is wanted, a TCP proxy started here that delays every reques
 Wall-clock numbers are for people to read; no test asserts on them.
 
     python -m benchmarks.bench_load [--steps 20000] [--delay-steps 2000] [--batch 64]
-    python -m benchmarks.bench_load --skip memory,slow,backlog --batch 640
+    python -m benchmarks.bench_load --skip memory,slow,backlog --batch 960 --repeats 2
+    python -m benchmarks.bench_load --skip training,slow,backlog --memory-steps 400000
 """
 
 from __future__ import annotations
@@ -52,10 +57,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _servers import DelayingProxy, MlflowServer, free_port
 
 from cluster_tracking.report import METRIC_KEYS
+from cluster_tracking.tracking.measuring import PACE_MARGIN
 from cluster_tracking.tracking.tracker import ClusterabilityTracker
 
 EVERY = 50
 SHUFFLES = 10
+WARM_UP_STEPS = 2000
+#: A step counts as taken while the child was idle after this long without a measurement.
+IDLE_AFTER_SECONDS = 0.1
 
 
 def rss_kb() -> int:
@@ -64,6 +73,63 @@ def rss_kb() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def machine_cpu() -> tuple[float, float]:
+    """CPU seconds this machine has spent busy (every core, steal included) and stolen by its
+    host, so far (Linux ``/proc/stat``)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    return busy / tick, fields[7] / tick
+
+
+def tree_cpu() -> float:
+    """CPU seconds of this process and its descendants alive now (the measuring child, the
+    ``mlflow server`` and its workers), so far (Linux ``/proc``)."""
+    parents: dict[int, int] = {}
+    seconds: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone while we looked
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        parents[int(entry.name)] = int(fields[1])
+        seconds[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    ours = {os.getpid()}
+    grew = True
+    while grew:
+        grew = False
+        for pid, parent in parents.items():
+            if parent in ours and pid not in ours:
+                ours.add(pid)
+                grew = True
+    return sum(seconds.get(pid, 0.0) for pid in ours)
+
+
+class Others:
+    """CPU seconds the rest of the machine spent (busy minus this process tree) and the host
+    stole, from its creation to :meth:`stop`: what makes a loop's wall time move between runs
+    that this benchmark does not control. Stop it while the process tree is whole (a child
+    that exits takes its CPU seconds out of the tree's)."""
+
+    def __init__(self) -> None:
+        self._busy, self._steal = machine_cpu()
+        self._tree = tree_cpu()
+        self.seconds = self.steal = 0.0
+
+    def stop(self) -> Others:
+        busy, steal = machine_cpu()
+        self.seconds = max(0.0, (busy - self._busy) - (tree_cpu() - self._tree))
+        self.steal = steal - self._steal
+        return self
+
+    def __str__(self) -> str:
+        return f"others {self.seconds:.1f} s CPU, stolen {self.steal:.1f} s"
 
 
 def folder_bytes(*folders: Path | None) -> int:
@@ -99,13 +165,54 @@ class Loop:
         self.optimiser.step()
 
 
-def bare_loop(steps: int, batch: int) -> float:
-    """Seconds of ``steps`` steps of the loop without a tracker."""
+class IdleSteps:
+    """The training steps of a tracked loop taken while the measuring child was idle: not
+    measuring (its throttle not cycling, the child started) for :data:`IDLE_AFTER_SECONDS`
+    before the step and during it, and no snapshot at the step. They come every few seconds
+    between measurements all through the run, so their mean is the bare loop's speed at the
+    same moments as the tracked steps', which a bare loop before or after cannot be: the
+    loop's speed here moves by up to 15% between runs a minute apart."""
+
+    def __init__(self, tracker: ClusterabilityTracker) -> None:
+        self._tracker = tracker
+        self.count = 0
+        self.seconds = 0.0
+        self._busy_at = time.perf_counter()
+        self._started: float | None = None
+
+    def _busy_now(self) -> bool:
+        worker = self._tracker._worker
+        if worker is None or worker._throttle is None or not worker.start_run_seconds:
+            return True  # not started, starting at full speed, or not throttled
+        return worker._throttle._cycling
+
+    def before(self, step: int) -> None:
+        now = time.perf_counter()
+        if self._busy_now():
+            self._busy_at = now
+        quiet = now - self._busy_at >= IDLE_AFTER_SECONDS and step % EVERY != 0
+        self._started = now if quiet else None
+
+    def after(self) -> None:
+        if self._started is not None and not self._busy_now():
+            self.count += 1
+            self.seconds += time.perf_counter() - self._started
+
+    @property
+    def mean(self) -> float:
+        return self.seconds / self.count
+
+
+def bare_loop(steps: int, batch: int) -> tuple[float, Others]:
+    """Seconds of ``steps`` steps of the loop without a tracker, and the CPU the rest of the
+    machine spent meanwhile."""
     loop = Loop(batch)
+    others = Others()
     started = time.perf_counter()
     for _ in range(steps):
         loop.step()
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    return seconds, others.stop()
 
 
 def counts_on_server(client: Any, run_id: str) -> dict[str, Counter[int]]:
@@ -133,7 +240,8 @@ def training(server: MlflowServer, steps: int, batch: int, root: Path) -> None:
 
     from cluster_tracking.integrations.mlflow import MlflowSink
 
-    bare_before = bare_loop(steps, batch)
+    bare_loop(WARM_UP_STEPS, batch)  # the first loop of a process runs slower
+    bare_before, others_before = bare_loop(steps, batch)
 
     client = MlflowClient(server.uri)
     run_id = client.create_run("0", run_name="bench-load").info.run_id
@@ -143,11 +251,15 @@ def training(server: MlflowServer, steps: int, batch: int, root: Path) -> None:
     loop = Loop(batch)
     samples: list[tuple[int, int, int, int]] = []  # step, measured, rss KB, spool+work bytes
     arrivals: list[float] = []  # seconds into the loop at which each report was seen
+    idle = IdleSteps(tracker)
+    others_during = Others()
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(steps):
+            idle.before(step)
             loop.step()
+            idle.after()
             tracker.step(loop.model, step)
             if step % 100 == 99 and len(tracker._reports) > len(arrivals):
                 arrivals.append(time.perf_counter() - started)
@@ -161,11 +273,13 @@ def training(server: MlflowServer, steps: int, batch: int, root: Path) -> None:
                     )
                 )
         loop_seconds = time.perf_counter() - started
+        others_during.stop()
         during = len(tracker._reports)
         closing = time.perf_counter()
         tracker.close()
         close_seconds = time.perf_counter() - closing
-    bare_after = bare_loop(steps, batch)  # the machine's load drifts: a bare loop on each side
+    # the machine's load drifts: a bare loop on each side
+    bare_after, others_after = bare_loop(steps, batch)
     bare_seconds = (bare_before + bare_after) / 2
     measured = [report.step for report in tracker.reports]
     assert measured == sorted(measured)
@@ -184,6 +298,18 @@ def training(server: MlflowServer, steps: int, batch: int, root: Path) -> None:
         f"{loop_seconds:.1f} s: wall-time ratio {loop_seconds / bare_seconds:.3f} (against "
         f"their mean; {loop_seconds / max(bare_before, bare_after):.3f}-"
         f"{loop_seconds / min(bare_before, bare_after):.3f} against either)"
+    )
+    paired = (loop_seconds / steps) / idle.mean if idle.count else float("nan")
+    print(
+        f"in the same run, the mean step against the mean of the {idle.count} steps "
+        f"({idle.seconds:.1f} s) taken while the child was idle (no measurement for "
+        f"{IDLE_AFTER_SECONDS:g} s, no snapshot): {paired:.3f} (the loop's speed drifts, "
+        "between the bare loops, less within a run)"
+    )
+    print(
+        f"the rest of the machine (not this process, its child or the mlflow server) "
+        f"meanwhile: {others_before} before, {others_during} with the tracker, {others_after} "
+        "after"
     )
     print(
         f"measured during training: {during} of {due} due steps; after close(): "
@@ -211,10 +337,11 @@ def training(server: MlflowServer, steps: int, batch: int, root: Path) -> None:
     share = tracker._share() or 0.0
     plotted = [r.step for r in tracker.reports if r.timings.get("plots", 0.0) > 0]
     print(
-        f"child's time per measurement (unthrottled wall time, its own clock): median "
+        f"child's time per measurement (its own wall clock, paused time included): median "
         f"{sorted(costs)[len(costs) // 2]:.2f} s; plots drawn at steps {plotted}; budget "
-        f"during training m / (1 + m) x {loop_seconds:.1f} s = {share * loop_seconds:.1f} s "
-        "(the figures above include close(), which measures at full speed)"
+        f"during training m / (1 + m) x {loop_seconds:.1f} s = {share * loop_seconds:.1f} s, "
+        f"paced to {PACE_MARGIN:g} of it (the figures above include close(), which measures at "
+        "full speed)"
     )
     print(
         f"largest gap between measured steps: {gap} steps = {gap / steps:.1%} of the run; "
@@ -254,7 +381,7 @@ def memory(server: MlflowServer, steps: int, batch: int) -> None:
     1-3 MB in ways that do not follow the number of measurements (in one process, 20,000 steps
     with a tracker: +2.8 MB with 211 measurements, +2.6 MB with 15, -0.3 MB with 215; a bare
     loop: under 0.1 MB): divided by 15, that reads as 50-150 KB per measurement whatever the
-    tracker does. Hundreds of measurements resolve about 1 KB per measurement.
+    tracker does. Hundreds of measurements resolve a few KB per measurement, thousands 0.1 KB.
     """
     from mlflow import MlflowClient
 
@@ -398,6 +525,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--delay-steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="training runs, one by one")
     parser.add_argument("--delays", default="0,1,2,5")
     parser.add_argument("--memory-steps", type=int, default=60000)
     parser.add_argument("--skip", default="", help="comma-separated: training,memory,slow,backlog")
@@ -409,7 +537,8 @@ def main() -> None:
         server.start()
         try:
             if "training" not in skip:
-                training(server, args.steps, args.batch, root)
+                for _ in range(args.repeats):
+                    training(server, args.steps, args.batch, root)
             if "memory" not in skip:
                 memory(server, args.memory_steps, args.batch)
             if "slow" not in skip:

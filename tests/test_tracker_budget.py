@@ -175,6 +175,20 @@ def test_under_a_budget_the_first_measurement_logs_metrics_before_plots(
     assert (folder / "step-1/adjacency.png").exists()
 
 
+def test_under_a_budget_a_first_checkpoint_draws_its_plots(tmp_path: Path) -> None:
+    """A checkpoint was asked for and may be the run's only measurement: it draws its plots
+    even when it is the first under a budget and is measured before ``close()``."""
+    tracker = ClusterabilityTracker(
+        [LocalDirectorySink(tmp_path)], max_overhead=0.1, **{**SETTINGS, "every_n_steps": 100}
+    )
+    tracker.checkpoint(mlp(), 7)
+    wait_for_reports(tracker, 1)  # measured before close() began
+    tracker.close()
+    assert [report.step for report in tracker.reports] == [7]
+    assert "plots" in tracker.reports[0].timings
+    assert (tmp_path / "clusterability/step-7/adjacency.png").exists()
+
+
 def test_the_start_is_repaid_in_proportion_to_the_time_elapsed() -> None:
     from cluster_tracking.tracking.measuring import START_REPAID_SECONDS
 
@@ -187,4 +201,45 @@ def test_the_start_is_repaid_in_proportion_to_the_time_elapsed() -> None:
         tracker._budget_start = time.monotonic() - 2 * START_REPAID_SECONDS
         assert tracker._start_debt() == 1.0  # then all of it, no more
     finally:
+        tracker.close()
+
+
+class RecordedWaits(threading.Event):
+    """A closing event whose waits are recorded and end at once (the pace's sleeps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assert timeout is not None
+        self.waits.append(timeout)
+        self.set()  # one wait, then the tracker is closing and the pace returns
+        return True
+
+
+def test_measurements_are_paced_to_a_margin_below_the_budget() -> None:
+    from cluster_tracking.tracking.measuring import PACE_MARGIN
+
+    tracker = ClusterabilityTracker(plots=False, max_overhead=0.1, **SETTINGS)
+    real_closing = tracker._closing
+    try:
+        share = tracker._share()
+        assert share is not None and 0.0 < PACE_MARGIN < 1.0
+        elapsed = 100.0
+        tracker._budget_start = time.monotonic() - elapsed
+        # within the margin: the next measurement starts at once
+        tracker._busy_seconds = 0.8 * PACE_MARGIN * share * elapsed
+        tracker._closing = waits = RecordedWaits()
+        tracker._pace()
+        assert waits.waits == []
+        # inside the budget but beyond the margin: it waits until the margin allows, no longer
+        over = (1.0 - PACE_MARGIN) / 2 * share * elapsed
+        tracker._busy_seconds = PACE_MARGIN * share * elapsed + over
+        tracker._closing = waits = RecordedWaits()
+        tracker._pace()
+        assert len(waits.waits) == 1
+        assert waits.waits[0] == pytest.approx(over / (PACE_MARGIN * share), rel=0.01)
+    finally:
+        tracker._closing = real_closing
         tracker.close()

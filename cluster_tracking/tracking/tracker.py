@@ -37,8 +37,8 @@ Guarantees:
   of the wall time for ``max_overhead=m`` (default 0.1), in 5 ms bursts, which bounds a busy loop's
   slowdown to ``1 + m``; elsewhere it runs at nice 19 and the wall time of its measurements is
   paced. The budget also counts the CPU time of the tracker's threads and, repaid over a minute,
-  the child's one-off start at full speed; the first measurement under a budget logs metrics
-  before any plots are drawn. ``close()`` measures what is left at full speed.
+  the child's one-off start at full speed; the first measurement of a due step under a budget
+  logs metrics before any plots are drawn. ``close()`` measures what is left at full speed.
 * **Never blocks training; the newest due step wins.** When ``max_pending`` snapshots already
   wait at a due step, ``on_backlog="skip"`` (the default) replaces the oldest waiting one with the
   new one, so the dashboard follows training; ``on_backlog="queue"`` replaces the newest waiting
@@ -124,11 +124,12 @@ class ClusterabilityTracker(_Requests, _Closing):
             the measurements, the time the throttled worker could run, else their wall time;
             the CPU time of the tracker's threads, its sinks' sender threads included; the
             worker's one-off start, about 0.3 s of CPU at full speed so that the first metrics
-            come seconds into training, repaid over a minute) stays below ``m / (1 + m)`` of the
-            time elapsed for ``max_overhead=m``; a measurement starts only when that budget
-            allows, and a newer due step replaces the waiting one meanwhile. What runs outside
-            this process (a tracking server on the same machine) is not counted
-            (``benchmarks/bench_load.py``).
+            come seconds into training, repaid over a minute) stays below 90% of ``m / (1 + m)``
+            of the time elapsed for ``max_overhead=m`` (a margin for what cannot be counted,
+            :data:`~cluster_tracking.tracking.measuring.PACE_MARGIN`); a measurement starts only
+            when that budget allows, and a newer due step replaces the waiting one meanwhile.
+            What runs outside this process (a tracking server on the same machine) is not
+            counted (``benchmarks/bench_load.py``).
             ``None``: no limit (measure back to back, which can slow such a loop 2-4x).
             ``close()`` measures what is left without the limit.
         plots: draw the PNG plots and the HTML report (``False``: JSON only, faster). The
