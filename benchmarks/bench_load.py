@@ -171,7 +171,7 @@ class IdleSteps:
     before the step and during it, and no snapshot at the step. They come every few seconds
     between measurements all through the run, so their mean is the bare loop's speed at the
     same moments as the tracked steps', which a bare loop before or after cannot be: the
-    loop's speed here moves by up to 15% between runs a minute apart."""
+    loop's speed here moved by up to 18% between runs a minute apart."""
 
     def __init__(self, tracker: ClusterabilityTracker) -> None:
         self._tracker = tracker
@@ -355,7 +355,7 @@ def training(server: MlflowServer, steps: int, batch: int, root: Path) -> None:
         counts = np.array([sample[1] for sample in steady], dtype=float)
         rss = np.array([sample[2] for sample in steady], dtype=float)
         # least squares over every sample, not two: one sample is at the allocator's mercy
-        per_m = float(np.polyfit(counts, rss, 1)[0]) if np.ptp(counts) > 0 else float("nan")
+        per_m = _slope(counts, rss)[0]
         print(
             f"RSS: {r0 / 1024:.0f} -> {r1 / 1024:.0f} MB over steps {s0}-{s1}: "
             f"{per_k:+.1f} KB per 1,000 steps; {per_m:+.2f} KB per measurement (slope over "
